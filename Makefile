@@ -1,0 +1,24 @@
+# `make demo` and `make test` build their own CPU environment (.venv) on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO := demo_output
+# torch 2.14.1 is the build this project's CI machines carry; any torch >= 2.8 works (see requirements.txt).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_PINS)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 PY=$(PY) DEMO=$(DEMO) bash tools/demo.sh
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(DEMO)

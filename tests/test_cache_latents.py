@@ -1,0 +1,201 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import av
+import pytest
+import torch
+from safetensors import safe_open
+
+import cache_latents
+from conftest import CLIP_ARGS, REPO, run_script
+from cosmos_utils import fit_frames, list_cached_clips, normalize_latents, read_cache_info
+
+
+def cache(model, output_dir, *source, extra=()):
+    args = cache_latents.parse_args(["--pretrained_model_name_or_path", model, "--output_dir", str(output_dir),
+                                     *source, *CLIP_ARGS, *extra])
+    return cache_latents.main(args)
+
+
+def cached_ids(output_dir):
+    return sorted((c["key"], c["clip_index"]) for c in list_cached_clips(str(output_dir)))
+
+
+def report(output_dir, shard=0):
+    with open(os.path.join(output_dir, f"shard_{shard:05d}", "report.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def folder_cache(tiny_model, clips, tmp_path_factory):
+    out = tmp_path_factory.mktemp("folder_cache")
+    assert cache(tiny_model, out, "--video_dir", clips["videos"], extra=["--clip_stride_seconds", "1"]) == 0
+    return out
+
+
+def test_folder_cache_is_complete_and_verifies(folder_cache, clips):
+    ok = cache_latents.print_verify(str(folder_cache))
+    assert ok
+    info = read_cache_info(str(folder_cache))
+    # 4 s videos (120 frames), 17 frames at 8 fps span 2 s: starts at 0 and 1 s fit, 2 s would need frame 120.
+    assert cached_ids(folder_cache) == sorted((k, c) for k in clips["keys"] for c in range(2))
+    assert info["num_clips"] == 12 and info["latent_shape"] == [16, 5, 8, 14]
+    # Each video has its own sidecar caption, stored once as a T5 embedding.
+    hashes = {c["caption_hash"] for c in list_cached_clips(str(folder_cache))}
+    assert len(hashes) == 6
+    assert len(os.listdir(folder_cache / "text_embeds")) == 6
+
+
+def test_tar_shards_and_hub_style_dataset_give_the_same_clips(tiny_model, clips, folder_cache, tmp_path):
+    tar_glob = os.path.join(clips["tars"], "factory*", "**", "*.tar")
+    assert cache(tiny_model, tmp_path / "tars", "--tars", tar_glob, extra=["--clip_stride_seconds", "1"]) == 0
+    # --dataset goes through datasets.load_dataset exactly as a hub id does; here the "hub" is a local folder.
+    assert cache(tiny_model, tmp_path / "hub", "--dataset", clips["tars"], "--data_files", "factory*/**/*.tar",
+                 extra=["--clip_stride_seconds", "1"]) == 0
+    assert cached_ids(tmp_path / "tars") == cached_ids(folder_cache) == cached_ids(tmp_path / "hub")
+    # Captions come from the json member of each tar, so they match the folder's .txt sidecars.
+    folder_captions = {c["key"]: c["caption_hash"] for c in list_cached_clips(str(folder_cache))}
+    assert {c["key"]: c["caption_hash"] for c in list_cached_clips(str(tmp_path / "tars"))} == folder_captions
+    # Same decoded frames, same VAE: the latents agree whichever source they came from.
+    for clip in list_cached_clips(str(tmp_path / "hub"))[:3]:
+        with safe_open(clip["path"], "pt") as a, safe_open(str(folder_cache / "shard_00000" / clip["file"]), "pt") as b:
+            assert torch.equal(a.get_tensor("latents"), b.get_tensor("latents"))
+
+
+def test_cached_latent_equals_direct_vae_encode(tiny_model, clips, folder_cache):
+    from diffusers import AutoencoderKLWan
+
+    clip = next(c for c in list_cached_clips(str(folder_cache)) if c["clip_index"] == 1)
+    with av.open(os.path.join(clips["videos"], clip["key"] + ".mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    # Clip 1 starts at 1 s; frame j is source frame round((1 + j / 8) * 30).
+    picked = torch.stack([torch.from_numpy(frames[round((1 + j / 8) * 30)]) for j in range(17)])
+    x = fit_frames(picked, 64, 112).permute(3, 0, 1, 2).float() / 255 * 2 - 1
+    vae = AutoencoderKLWan.from_pretrained(tiny_model, subfolder="vae")
+    with torch.no_grad():
+        expected = normalize_latents(vae.encode(x[None]).latent_dist.mean, vae.config)[0]
+    with safe_open(clip["path"], "pt") as f:
+        stored = f.get_tensor("latents")
+    assert stored.dtype == torch.bfloat16
+    # Equal up to bfloat16 storage (2^-8 relative) and batch-size-dependent float rounding.
+    torch.testing.assert_close(stored.float(), expected, rtol=8e-3, atol=2e-3)
+
+
+def test_rerun_does_nothing(tiny_model, clips, folder_cache):
+    files = sorted((folder_cache / "shard_00000").glob("*.safetensors"))
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert cache(tiny_model, folder_cache, "--video_dir", clips["videos"], extra=["--clip_stride_seconds", "1"]) == 0
+    assert report(folder_cache) == {"written": 0, "already_cached": 12, "failures": []}
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+def test_killed_run_is_completed_by_a_rerun(tiny_model, clips, folder_cache, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(REPO, "cache_latents.py"), "--pretrained_model_name_or_path", tiny_model,
+           "--output_dir", str(out), "--video_dir", clips["videos"], "--clip_stride_seconds", "1",
+           "--batch_size", "1", *CLIP_ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = out / "shard_00000"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(shard.glob("*.safetensors"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = len(list(shard.glob("*.safetensors")))
+    assert 3 <= written < 12, "the run should be killed part-way"
+    assert run_script("cache_latents.py", *cmd[2:], "--verify").returncode == 0
+    assert not list(out.rglob("*.tmp"))
+    assert cached_ids(out) == cached_ids(folder_cache)
+    assert report(out)["written"] == 12 - written
+
+
+def test_corrupt_and_short_videos_are_skipped_and_reported(tiny_model, clips, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    good = clips["keys"][0]
+    shutil.copy(os.path.join(clips["videos"], good + ".mp4"), videos / "good.mp4")
+    (videos / "garbage.mp4").write_bytes(b"this is not a video" * 100)
+    data = open(os.path.join(clips["videos"], clips["keys"][1] + ".mp4"), "rb").read()
+    (videos / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    import make_synthetic_clips
+
+    short = make_synthetic_clips.render_video(seed=1, num_frames=15, height=256, width=456)  # 0.5 s
+    (videos / "short.mp4").write_bytes(make_synthetic_clips.encode_mp4(short, 30.0, "h264"))
+
+    assert cache(tiny_model, tmp_path / "cache", "--video_dir", str(videos), extra=["--clip_stride_seconds", "1"]) == 0
+    failures = {f["key"]: f["reason"] for f in report(tmp_path / "cache")["failures"]}
+    assert set(failures) == {"garbage", "truncated", "short"}
+    assert failures["short"].startswith("too short")
+    assert {c["key"] for c in list_cached_clips(str(tmp_path / "cache"))} == {"good"}
+    assert cache_latents.print_verify(str(tmp_path / "cache"))
+
+
+def test_only_bad_videos_exit_non_zero(tiny_model, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "garbage.mp4").write_bytes(b"not a video")
+    assert cache(tiny_model, tmp_path / "cache", "--video_dir", str(videos)) == 1
+
+
+def test_shards_are_disjoint_and_complete(tiny_model, clips, folder_cache, tmp_path):
+    for index in (0, 1):
+        assert cache(tiny_model, tmp_path, "--video_dir", clips["videos"],
+                     extra=["--clip_stride_seconds", "1", "--num_shards", "2", "--shard_index", str(index)]) == 0
+    shards = [{(c["key"], c["clip_index"]) for c in map(json.loads, open(tmp_path / f"shard_{i:05d}" / "manifest.jsonl"))}
+              for i in (0, 1)]
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    assert sorted(shards[0] | shards[1]) == cached_ids(folder_cache)
+    assert read_cache_info(str(tmp_path))["num_clips"] == 12
+
+
+def test_shard_index_defaults_from_slurm_array(monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    args = cache_latents.parse_args(["--output_dir", "x", "--video_dir", "y"])
+    assert (args.num_shards, args.shard_index) == (4, 2)
+
+
+def test_dataloader_workers_give_the_same_cache(tiny_model, clips, folder_cache, tmp_path):
+    assert cache(tiny_model, tmp_path, "--video_dir", clips["videos"],
+                 extra=["--clip_stride_seconds", "1", "--num_workers", "2"]) == 0
+    assert cached_ids(tmp_path) == cached_ids(folder_cache)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--num_frames", "64", "--num_frames 64 is not 4k+1 as the Wan VAE needs; nearest valid: 65"),
+    ("--num_frames", "62", "nearest valid: 61"),
+    ("--width", "456", "--width 456 is not a multiple of 16 (8x VAE x 2x2 patch); nearest valid: 448"),
+    ("--height", "250", "nearest valid: 256"),
+])
+def test_invalid_clip_geometry_fails_at_once_in_one_line(tmp_path, flag, value, message):
+    result = run_script("cache_latents.py", "--pretrained_model_name_or_path", str(tmp_path / "no-model"),
+                        "--output_dir", str(tmp_path / "out"), "--video_dir", str(tmp_path), flag, value)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cache_refuses_a_different_config(tiny_model, clips, folder_cache):
+    with pytest.raises(ValueError, match="num_frames=17"):
+        cache(tiny_model, folder_cache, "--video_dir", clips["videos"], extra=["--num_frames", "9"])
+
+
+def test_plan_clips_resamples_and_strides():
+    clips = cache_latents.plan_clips(num_source_frames=120, source_fps=30, num_frames=5, fps=10, stride_seconds=1.5)
+    assert clips == [[0, 3, 6, 9, 12], [45, 48, 51, 54, 57], [90, 93, 96, 99, 102]]
+    assert cache_latents.plan_clips(120, 30, 5, 10, max_clips=2)[1] == [15, 18, 21, 24, 27]
+    assert cache_latents.plan_clips(10, 30, 5, 10) == []
+
+
+def test_fit_frames_centre_crops_456_to_448_without_resampling():
+    frames = torch.randint(0, 255, (2, 256, 456, 3), dtype=torch.uint8)
+    assert torch.equal(fit_frames(frames, 256, 448), frames[:, :, 4:452])
+    assert fit_frames(frames, 64, 112).shape == (2, 64, 112, 3)
+    assert fit_frames(frames, 64, 64, mode="resize").shape == (2, 64, 64, 3)
