@@ -150,3 +150,204 @@ def list_cached_clips(cache_dir):
 
 def text_embed_path(cache_dir, hash_):
     return os.path.join(cache_dir, TEXT_EMBEDS_DIR, f"{hash_}.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Temporal adapters
+# ----------------------------------------------------------------------------------------------------------------
+class TemporalAdapter(torch.nn.Module):
+    """A bottleneck that mixes each spatial token's features along time, added to a transformer block's output.
+
+    LayerNorm -> down-projection (dim / reduction_factor) -> depthwise temporal convolution (kernel 3) -> GELU ->
+    up-projection. The up-projection starts at zero, so a fresh adapter adds exactly nothing.
+    `num_frames` is set before every forward by a hook on the transformer (tokens arrive flattened as T*H*W).
+    """
+
+    def __init__(self, dim, reduction_factor=8, kernel_size=3):
+        super().__init__()
+        hidden = max(1, dim // reduction_factor)
+        self.norm = torch.nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.down = torch.nn.Linear(dim, hidden)
+        self.temporal_conv = torch.nn.Conv1d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden)
+        self.up = torch.nn.Linear(hidden, dim)
+        torch.nn.init.zeros_(self.up.weight)
+        torch.nn.init.zeros_(self.up.bias)
+        self.num_frames = 1
+
+    def forward(self, hidden_states):
+        batch, tokens, _ = hidden_states.shape
+        frames = self.num_frames
+        x = self.down(self.norm(hidden_states.to(self.down.weight.dtype)))
+        x = x.view(batch, frames, tokens // frames, -1).permute(0, 2, 3, 1).flatten(0, 1)  # [B*HW, C, T]
+        x = F.gelu(self.temporal_conv(x))
+        x = x.unflatten(0, (batch, tokens // frames)).permute(0, 3, 1, 2).flatten(1, 2)  # [B, THW, C]
+        return self.up(x).to(hidden_states.dtype)
+
+
+def _add_adapter_output(block, args, output):
+    return output + block.temporal_adapter(output)
+
+
+def _record_num_frames(transformer, args, kwargs):
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    num_frames = hidden_states.shape[2] // transformer.config.patch_size[0]
+    for block in transformer.transformer_blocks:
+        block.temporal_adapter.num_frames = num_frames
+
+
+def add_temporal_adapters(transformer, reduction_factor=8):
+    """Register one TemporalAdapter inside every CosmosTransformerBlock (so FSDP shards it with its block)."""
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    for block in transformer.transformer_blocks:
+        block.temporal_adapter = TemporalAdapter(dim, reduction_factor).to(transformer.device)
+        block.register_forward_hook(_add_adapter_output)
+    transformer.register_forward_pre_hook(_record_num_frames, with_kwargs=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and loading fine-tuned weights
+# ----------------------------------------------------------------------------------------------------------------
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+ADAPTER_WEIGHTS = "temporal_adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def lora_config(rank, alpha, target_modules, dropout=0.0):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout,
+                      init_lora_weights=True)
+
+
+def split_trainable_state_dict(state_dict):
+    """Split a trainable state dict into diffusers-format LoRA layers and the rest (adapters, proj_out)."""
+    lora, other = {}, {}
+    for name, tensor in state_dict.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            lora[name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")] = tensor
+        else:
+            other[name] = tensor
+    return lora, other
+
+
+def save_finetuned_weights(state_dict, output_dir, config):
+    """Write pytorch_lora_weights.safetensors (diffusers format), temporal_adapters.safetensors and the config."""
+    from diffusers.loaders import CosmosLoraLoaderMixin
+    from safetensors.torch import save_file
+
+    lora, other = split_trainable_state_dict(state_dict)
+    os.makedirs(output_dir, exist_ok=True)
+    if lora:
+        metadata = lora_config(config["lora_rank"], config["lora_alpha"], config["lora_target_modules"]).to_dict()
+        CosmosLoraLoaderMixin.save_lora_weights(output_dir, transformer_lora_layers=lora,
+                                                transformer_lora_adapter_metadata=metadata)
+    if other:
+        save_file({k: v.contiguous() for k, v in other.items()}, os.path.join(output_dir, ADAPTER_WEIGHTS))
+    with open(os.path.join(output_dir, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def _check_lora_fits(transformer, lora):
+    modules = dict(transformer.named_modules())
+    for key, tensor in lora.items():
+        module_name, kind = key.removeprefix("transformer.").rsplit(".lora_", 1)
+        module = modules.get(module_name)
+        if not isinstance(module, torch.nn.Linear):
+            raise ValueError(f"LoRA targets {module_name}, which this transformer does not have as a linear layer")
+        expected = module.in_features if kind.startswith("A") else module.out_features
+        actual = tensor.shape[1] if kind.startswith("A") else tensor.shape[0]
+        if actual != expected:
+            raise ValueError(f"LoRA for {module_name} has {actual} features where the model has {expected}: "
+                             "it was trained on another model size")
+
+
+def load_finetuned_weights(transformer, path, lora_scale=1.0):
+    """Load a training output or checkpoint-STEP dir (LoRA + temporal adapters + proj_out) onto a base transformer.
+
+    Returns the adapter config. The LoRA loads through diffusers' `load_lora_adapter(prefix="transformer")`.
+    """
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path} holds no {ADAPTER_CONFIG}: not a train_cosmos_lora.py output or checkpoint")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("use_temporal_adapters"):
+        add_temporal_adapters(transformer, config["adapter_reduction_factor"])
+    adapter_path = os.path.join(path, ADAPTER_WEIGHTS)
+    if os.path.isfile(adapter_path):
+        weights = load_file(adapter_path)
+        own = transformer.state_dict()
+        for name, tensor in weights.items():
+            if name not in own or own[name].shape != tensor.shape:
+                raise ValueError(f"{adapter_path}: {name} {list(tensor.shape)} does not fit this transformer")
+        transformer.load_state_dict(weights, strict=False)
+    lora_path = os.path.join(path, LORA_WEIGHTS)
+    if os.path.isfile(lora_path):
+        _check_lora_fits(transformer, load_file(lora_path))
+        # Naming the directory and weight_name makes diffusers read the LoRA config (alpha, targets) stored in the
+        # file; given the file path alone it silently falls back to alpha = rank.
+        transformer.load_lora_adapter(path, weight_name=LORA_WEIGHTS, prefix="transformer", adapter_name="default")
+        transformer.set_adapters(["default"], weights=[lora_scale])
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Video2World sampling (the math of diffusers' Cosmos2VideoToWorldPipeline, with CFG batched)
+# ----------------------------------------------------------------------------------------------------------------
+SIGMA_MAX = 80.0
+SIGMA_CONDITIONING = 1e-4
+
+
+def set_sampling_schedule(scheduler, num_inference_steps, device):
+    """Karras sigmas from 80 down to 0.002 as the pipeline sets them, with the last sigma repeated."""
+    import numpy as np
+
+    scheduler.register_to_config(sigma_max=SIGMA_MAX, sigma_min=0.002, sigma_data=1.0, final_sigmas_type="sigma_min")
+    scheduler.set_timesteps(sigmas=np.linspace(0, 1, num_inference_steps), device=device)
+    scheduler.sigmas[-1] = scheduler.sigmas[-2]
+
+
+@torch.no_grad()
+def denoise_video2world(transformer, scheduler, noise, cond_latents, num_cond_latent_frames, prompt_embeds,
+                        negative_prompt_embeds=None, guidance_scale=7.0, num_inference_steps=35, pixel_size=None):
+    """Generate normalized latents [B, 16, T, h, w] from noise and clean conditioning frames.
+
+    At each Karras sigma, with t = sigma / (sigma + 1): the transformer sees the conditioning frames clean (timestep
+    t_cond) and the rest as latents * (1 - t); its velocity F gives x0 = (1 - t) * latents - t * F; the conditioning
+    frames of x0 are replaced by the clean ones; CFG is x0_c + g * (x0_c - x0_u); Euler steps on (latents - x0) / sigma.
+    `noise` is standard normal; it is scaled by sigma_max here. The transformer gets fps=None, as in training.
+    """
+    dtype = transformer.dtype
+    device = noise.device
+    set_sampling_schedule(scheduler, num_inference_steps, device)
+    latents = noise.float() * SIGMA_MAX
+    cond_latents = cond_latents.float()
+    batch, _, frames, height, width = latents.shape
+    cond = torch.zeros(1, 1, frames, 1, 1, device=device)
+    cond[:, :, :num_cond_latent_frames] = 1.0
+    cond_mask = cond.expand(batch, 1, frames, height, width).to(dtype)
+    padding_mask = latents.new_zeros(1, 1, *(pixel_size or (height * VAE_SPATIAL_FACTOR, width * VAE_SPATIAL_FACTOR)),
+                                     dtype=dtype)
+    sigma_cond = torch.tensor(SIGMA_CONDITIONING, dtype=torch.float32, device=device)
+    t_cond = sigma_cond / (sigma_cond + 1)
+    use_cfg = guidance_scale > 1.0
+    text = torch.cat([prompt_embeds, negative_prompt_embeds]) if use_cfg else prompt_embeds
+    copies = 2 if use_cfg else 1
+    for i, timestep in enumerate(scheduler.timesteps):
+        sigma = scheduler.sigmas[i]
+        t = sigma / (sigma + 1)
+        model_input = (cond * cond_latents + (1 - cond) * latents * (1 - t)).to(dtype)
+        frame_t = (cond * t_cond + (1 - cond) * t.view(1, 1, 1, 1, 1)).expand(batch, 1, frames, 1, 1).to(dtype)
+        velocity = transformer(hidden_states=model_input.repeat(copies, 1, 1, 1, 1),
+                               timestep=frame_t.repeat(copies, 1, 1, 1, 1), encoder_hidden_states=text, fps=None,
+                               condition_mask=cond_mask.repeat(copies, 1, 1, 1, 1), padding_mask=padding_mask,
+                               return_dict=False)[0]
+        x0 = ((1 - t) * latents.repeat(copies, 1, 1, 1, 1) - t * velocity.float()).to(dtype)
+        x0 = cond * cond_latents.repeat(copies, 1, 1, 1, 1) + (1 - cond) * x0
+        if use_cfg:
+            x0_cond, x0_uncond = x0.chunk(2)
+            x0 = x0_cond + guidance_scale * (x0_cond - x0_uncond)
+        latents = scheduler.step((latents - x0) / sigma, timestep, latents, return_dict=False)[0]
+    return latents

@@ -35,5 +35,34 @@ def run_script(script, *args, **kwargs):
     """Run one of the project's scripts in a subprocess, the way a user does."""
     import subprocess
 
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], capture_output=True,
+    script = script if script.startswith("-") else os.path.join(REPO, script)  # "-m" runs a module
+    return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True,
                           text=True, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), **kwargs)
+
+
+def cache_clips(model, output_dir, *args):
+    import cache_latents
+
+    argv = ["--pretrained_model_name_or_path", model, "--output_dir", str(output_dir), *CLIP_ARGS, *map(str, args)]
+    return cache_latents.main(cache_latents.parse_args(argv))
+
+
+@pytest.fixture(scope="session")
+def latent_cache(tiny_model, clips, tmp_path_factory):
+    """The six videos cached as 12 clips (starts every second), with per-video captions."""
+    out = tmp_path_factory.mktemp("latent_cache")
+    assert cache_clips(tiny_model, out, "--video_dir", clips["videos"], "--clip_stride_seconds", "1") == 0
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def one_clip_cache(tiny_model, clips, tmp_path_factory):
+    """A cache of a single clip (the first video's first 17 frames)."""
+    import shutil
+
+    videos = tmp_path_factory.mktemp("one_video")
+    shutil.copy(os.path.join(clips["videos"], clips["keys"][0] + ".mp4"), videos)
+    out = tmp_path_factory.mktemp("one_clip_cache")
+    assert cache_clips(tiny_model, out, "--video_dir", videos, "--max_clips_per_video", "1",
+                       "--prompt", "a worker's hands") == 0
+    return str(out)

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import av
 import pytest
@@ -32,10 +33,8 @@ def report(output_dir, shard=0):
 
 
 @pytest.fixture(scope="module")
-def folder_cache(tiny_model, clips, tmp_path_factory):
-    out = tmp_path_factory.mktemp("folder_cache")
-    assert cache(tiny_model, out, "--video_dir", clips["videos"], extra=["--clip_stride_seconds", "1"]) == 0
-    return out
+def folder_cache(latent_cache):
+    return Path(latent_cache)
 
 
 def test_folder_cache_is_complete_and_verifies(folder_cache, clips):

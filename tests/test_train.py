@@ -1,0 +1,281 @@
+import json
+import os
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import train_cosmos_lora as train
+from conftest import REPO, run_script
+from cosmos_utils import (
+    ADAPTER_WEIGHTS,
+    CACHE_INFO,
+    LORA_WEIGHTS,
+    load_finetuned_weights,
+    save_finetuned_weights,
+)
+
+ALL_LINEAR = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+              "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"]
+# Settings that make the tiny model memorize one clip quickly.
+OVERFIT_ARGS = ["--learning_rate", "3e-3", "--lr_scheduler", "constant", "--train_batch_size", "4", "--text_dropout",
+                "0", "--conditioning_frames", "1", "--lora_rank", "16", "--lora_alpha", "16",
+                "--lora_target_modules", *ALL_LINEAR]
+
+
+def train_args(model, cache, output_dir, *extra):
+    return train.parse_args(["--pretrained_model_name_or_path", model, "--cache_dir", *([cache] if isinstance(
+        cache, str) else cache), "--output_dir", str(output_dir), "--dataloader_num_workers", "0",
+                             "--num_validation_clips", "0", "--report_to", "none", *map(str, extra)])
+
+
+def losses(output_dir):
+    with open(os.path.join(output_dir, "losses.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def random_inputs(transformer, frames=5, height=8, width=14, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.zeros(2, 1, frames, 1, 1)
+    cond[:, :, :1] = 1
+    return dict(hidden_states=torch.randn(2, 16, frames, height, width, generator=g),
+                timestep=(cond * 1e-4 + (1 - cond) * torch.rand(2, 1, 1, 1, 1, generator=g)),
+                encoder_hidden_states=torch.randn(2, 512, transformer.config.text_embed_dim, generator=g), fps=None,
+                condition_mask=cond.expand(2, 1, frames, height, width).clone(),
+                padding_mask=torch.zeros(1, 1, height * 8, width * 8), return_dict=False)
+
+
+def output(transformer, inputs):
+    with torch.no_grad():
+        return transformer(**inputs)[0]
+
+
+def test_fresh_adapters_give_exactly_the_base_output(tiny_model, latent_cache):
+    from diffusers import CosmosTransformer3DModel
+
+    base = CosmosTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer")
+    adapted = train.load_transformer(train_args(tiny_model, latent_cache, "unused", "--lora_target_modules",
+                                                *ALL_LINEAR), torch.float32)
+    inputs = random_inputs(base)
+    assert torch.equal(output(base, inputs), output(adapted, inputs))
+    groups = Counter(train.parameter_group(n) for n, p in adapted.named_parameters() if p.requires_grad)
+    assert set(groups) == {"LoRA", "temporal adapters", "proj_out"}
+    assert all(not p.requires_grad for n, p in adapted.named_parameters() if train.parameter_group(n) == "frozen")
+
+
+def test_trainable_parameter_table_lists_each_group(tiny_model, latent_cache):
+    table = train.trainable_parameter_table(train.load_transformer(train_args(tiny_model, latent_cache, "x"),
+                                                                   torch.float32))
+    for group in ("LoRA", "temporal adapters", "proj_out", "trainable total", "model total"):
+        assert group in table
+
+
+def test_temporal_adapter_mixes_along_time_only():
+    from cosmos_utils import TemporalAdapter
+
+    adapter = TemporalAdapter(dim=32, reduction_factor=4)
+    torch.nn.init.normal_(adapter.up.weight)
+    adapter.num_frames = 4
+    x = torch.randn(1, 4 * 6, 32)  # 4 frames of 6 spatial tokens, flattened T-major
+    y = adapter(x)
+    x2 = x.clone()
+    x2[0, 6 * 0 + 2] += 1.0  # change spatial token 2 of frame 0
+    changed = (adapter(x2) - y).abs().sum(-1).view(4, 6) > 0
+    # Kernel 3 over time: frames 0 and 1 of the same spatial token change, nothing else.
+    assert changed[:, 2].tolist() == [True, True, False, False]
+    assert changed.sum() == 2
+
+
+def test_overfitting_one_clip_lowers_the_loss(tiny_model, one_clip_cache, tmp_path):
+    assert train.main(train_args(tiny_model, one_clip_cache, tmp_path, "--max_train_steps", 200,
+                                 "--checkpointing_steps", 1000, *OVERFIT_ARGS)) == 0
+    curve = [row["loss"] for row in losses(tmp_path)]
+    first, last = sum(curve[:20]) / 20, sum(curve[-20:]) / 20
+    # Measured: about 1.1 over the first 20 steps and 0.56 over the last 20.
+    assert last < 0.65 * first
+
+
+def test_resume_is_exact(tiny_model, latent_cache, tmp_path):
+    # A constant schedule, so that a run told to stop at step 3 has the same learning rates as the 6-step run.
+    common = ["--train_batch_size", 2, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 3,
+              "--learning_rate", 1e-3, "--lr_scheduler", "constant", "--lr_warmup_steps", 2, "--lora_dropout", 0.1,
+              "--num_validation_clips", 2, "--validation_steps", 2]
+    assert train.main(train_args(tiny_model, latent_cache, tmp_path / "full", "--max_train_steps", 6, *common)) == 0
+    assert train.main(train_args(tiny_model, latent_cache, tmp_path / "half", "--max_train_steps", 3, *common)) == 0
+    assert train.main(train_args(tiny_model, latent_cache, tmp_path / "half", "--max_train_steps", 6,
+                                 "--resume_from_checkpoint", "latest", *common)) == 0
+    # 10 training clips, batches of 2, 2 micro-steps a step: the 6 steps cross two epoch boundaries.
+    assert losses(tmp_path / "half") == losses(tmp_path / "full")
+    assert [row["step"] for row in losses(tmp_path / "full")] == [1, 2, 3, 4, 5, 6]
+    for name in (LORA_WEIGHTS, ADAPTER_WEIGHTS):
+        full, half = load_file(tmp_path / "full" / name), load_file(tmp_path / "half" / name)
+        assert full.keys() == half.keys() and all(torch.equal(full[k], half[k]) for k in full)
+    assert sorted(os.listdir(tmp_path / "full")) == sorted(os.listdir(tmp_path / "half"))
+
+
+def test_resume_from_a_mid_run_checkpoint_with_a_decaying_schedule(tiny_model, latent_cache, tmp_path):
+    common = ["--max_train_steps", 6, "--checkpointing_steps", 3, "--learning_rate", 1e-3, "--lr_warmup_steps", 2]
+    assert train.main(train_args(tiny_model, latent_cache, tmp_path / "full", *common)) == 0
+    os.makedirs(tmp_path / "resumed")
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    assert train.main(train_args(tiny_model, latent_cache, tmp_path / "resumed", "--resume_from_checkpoint",
+                                 "latest", *common)) == 0
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")[3:]
+    full, resumed = load_file(tmp_path / "full" / LORA_WEIGHTS), load_file(tmp_path / "resumed" / LORA_WEIGHTS)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tiny_model, latent_cache, tmp_path):
+    assert train.main(train_args(tiny_model, latent_cache, tmp_path, "--max_train_steps", 5, "--checkpointing_steps",
+                                 1, "--checkpoints_total_limit", 2)) == 0
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_exported_weights_reload_onto_a_fresh_base(tiny_model, latent_cache, tmp_path):
+    from diffusers import CosmosTransformer3DModel
+
+    args = train_args(tiny_model, latent_cache, tmp_path, "--lora_target_modules", *ALL_LINEAR, "--lora_alpha", 8)
+    model = train.load_transformer(args, torch.float32)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    dataset = train.CachedClips(train.load_caches([latent_cache], tiny_model)[0][0][1])
+    batch = {k: torch.stack([dataset[0][k], dataset[1][k]]) for k in ("latents", "prompt_embeds")}
+    for _ in range(3):
+        train.training_loss(model, batch, args).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    save_finetuned_weights(train.trainable_state_dict(model), tmp_path, train.adapter_config(args))
+
+    fresh = CosmosTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer")
+    inputs = random_inputs(fresh)
+    base_output = output(fresh, inputs)
+    load_finetuned_weights(fresh, str(tmp_path))
+    assert torch.equal(output(fresh, inputs), output(model, inputs))
+    assert not torch.allclose(output(fresh, inputs), base_output)
+    # The LoRA file is in diffusers' format: transformer.-prefixed keys, no peft adapter name.
+    keys = load_file(tmp_path / LORA_WEIGHTS).keys()
+    assert all(k.startswith("transformer.transformer_blocks.") and ".default." not in k for k in keys)
+
+
+def test_mixture_sampler_draws_datasets_in_ratio():
+    sampler = train.MixtureSampler(sizes=[10, 30], weights=[0.7, 0.3], num_samples=20000, seed=0)
+    draws = list(sampler)
+    share = sum(i < 10 for i in draws) / len(draws)
+    assert abs(share - 0.7) < 0.015
+    assert draws == list(sampler)  # deterministic for a seed and epoch
+    sampler.set_epoch(1)
+    assert draws != list(sampler)
+    # One dataset: an epoch is a permutation of its clips.
+    assert sorted(train.MixtureSampler(sizes=[10], weights=[1.0], num_samples=10, seed=0)) == list(range(10))
+
+
+def test_cache_spec_parsing():
+    assert train.parse_cache_spec("ego=/data/c:0.7") == ("ego", "/data/c", 0.7)
+    assert train.parse_cache_spec("/data/c:2") == ("c", "/data/c", 2.0)
+    assert train.parse_cache_spec("/data/c") == ("c", "/data/c", None)
+
+
+def test_two_caches_are_mixed_in_training(tiny_model, latent_cache, one_clip_cache, tmp_path):
+    args = train_args(tiny_model, [f"a={latent_cache}:0.5", f"b={one_clip_cache}:0.5"], tmp_path)
+    caches, _ = train.load_caches(args.cache_dir, tiny_model)
+    loader = train.build_train_dataloader(caches, args, num_processes=1)
+    paths = [loader.dataset.clips[i]["path"] for i in loader.sampler]
+    from_b = sum(p.startswith(one_clip_cache) for p in paths)
+    assert 0.2 < from_b / len(paths) < 0.8
+
+
+def test_held_out_videos_never_train(latent_cache):
+    from cosmos_utils import list_cached_clips
+
+    clips = list_cached_clips(latent_cache)
+    trainable, held = train.hold_out_clips(clips, 3, seed=0)
+    assert len(held) == 3 and {c["key"] for c in held}.isdisjoint({c["key"] for c in trainable})
+
+
+def copy_cache(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def edit_cache_info(cache, **changes):
+    path = os.path.join(cache, CACHE_INFO)
+    info = json.load(open(path))
+    info.update(changes)
+    json.dump(info, open(path, "w"))
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("empty", "holds no clips"),
+    ("normalization", "normalized with another VAE"),
+    ("shape", "mix only caches of one clip shape"),
+    ("missing", "is not a latent cache"),
+])
+def test_bad_caches_fail_before_the_model_loads(tiny_model, latent_cache, tmp_path, problem, message):
+    bad = copy_cache(latent_cache, tmp_path / "bad")
+    caches = [bad]
+    if problem == "empty":
+        for shard in os.listdir(bad):
+            if shard.startswith("shard_"):
+                shutil.rmtree(os.path.join(bad, shard))
+    elif problem == "normalization":
+        info = json.load(open(os.path.join(bad, CACHE_INFO)))
+        info["vae_normalization"]["latents_std"][0] *= 2
+        edit_cache_info(bad, vae_normalization=info["vae_normalization"])
+    elif problem == "shape":
+        edit_cache_info(bad, latent_shape=[16, 9, 8, 14])
+        caches = [latent_cache, bad]
+    else:
+        caches = [str(tmp_path / "nowhere")]
+    # A missing model proves nothing was loaded before the error... except the small VAE/transformer configs.
+    result = run_script("train_cosmos_lora.py", "--pretrained_model_name_or_path", tiny_model, "--cache_dir", *caches,
+                        "--output_dir", tmp_path / "out")
+    assert result.returncode != 0
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_loss_stops_with_the_step_named_and_keeps_the_checkpoint(tiny_model, one_clip_cache, tmp_path):
+    cache = copy_cache(one_clip_cache, tmp_path / "cache")
+    out = tmp_path / "out"
+    common = ["--train_batch_size", 1, "--checkpointing_steps", 2]
+    assert train.main(train_args(tiny_model, cache, out, "--max_train_steps", 2, *common)) == 0
+    before = {n: open(out / "checkpoint-2" / n, "rb").read() for n in os.listdir(out / "checkpoint-2")}
+    clip = next(p for p in (tmp_path / "cache" / "shard_00000").glob("*.safetensors"))
+    latents = load_file(clip)["latents"]
+    save_file({"latents": torch.full_like(latents, float("nan"))}, clip)
+    with pytest.raises(RuntimeError, match=r"loss is nan at step 3.*checkpoint-2"):
+        train.main(train_args(tiny_model, cache, out, "--max_train_steps", 4, "--resume_from_checkpoint", "latest",
+                              *common))
+    assert {n: open(out / "checkpoint-2" / n, "rb").read() for n in os.listdir(out / "checkpoint-2")} == before
+    assert not (out / "checkpoint-4").exists()
+
+
+def test_yaml_config_sets_defaults_and_flags_win(tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text("learning_rate: 0.0005\nlora_rank: 8\ncache_dir: [/data/ego]\n")
+    args = train.parse_args(["--config", str(config), "--lora_rank", "4"])
+    assert (args.learning_rate, args.lora_rank, args.cache_dir) == (5e-4, 4, ["/data/ego"])
+    config.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        train.parse_args(["--config", str(config)])
+
+
+def test_example_config_parses():
+    args = train.parse_args(["--config", os.path.join(REPO, "configs", "egocentric100k.yaml")])
+    assert args.cache_dir and args.output_dir
+
+
+def test_two_process_cpu_run_trains_and_saves_once(tiny_model, latent_cache, tmp_path):
+    result = run_script("-m", "accelerate.commands.launch", "--config_file",
+                        os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"),
+                        os.path.join(REPO, "train_cosmos_lora.py"), "--pretrained_model_name_or_path", tiny_model,
+                        "--cache_dir", latent_cache, "--output_dir", tmp_path, "--max_train_steps", 4,
+                        "--checkpointing_steps", 2, "--train_batch_size", 1, "--dataloader_num_workers", 0,
+                        "--num_validation_clips", 0, "--report_to", "none", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["step"] for row in losses(tmp_path)] == [1, 2, 3, 4]
+    assert result.stdout.count("trainable total") == 1
+    assert result.stdout.count(f"in {tmp_path}") == 1
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    assert load_file(tmp_path / LORA_WEIGHTS)

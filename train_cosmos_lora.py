@@ -1,0 +1,658 @@
+#!/usr/bin/env python
+"""Parameter-efficient fine-tuning of Cosmos-Predict2 Video2World on a latent cache made by cache_latents.py.
+
+What trains: LoRA (peft) on the cross-attention projections, one temporal adapter per transformer block, and the
+output projection `proj_out`. Everything else is frozen. The VAE and T5 are not loaded: the cache holds their outputs.
+
+    accelerate launch --config_file accelerate_configs/fsdp3.yaml train_cosmos_lora.py \\
+        --pretrained_model_name_or_path nvidia/Cosmos-Predict2-2B-Video2World \\
+        --cache_dir /scratch/cache --output_dir outputs/ego-lora --max_train_steps 10000
+
+Outputs in --output_dir: checkpoint-STEP/ folders (full training state, written atomically), the final
+pytorch_lora_weights.safetensors + temporal_adapters.safetensors + adapter_config.json, training_args.json,
+losses.jsonl (one row per optimizer step) and logs for TensorBoard / W&B.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from cosmos_utils import (
+    ADAPTER_WEIGHTS,
+    LORA_WEIGHTS,
+    SIGMA_CONDITIONING,
+    VAE_SPATIAL_FACTOR,
+    add_temporal_adapters,
+    list_cached_clips,
+    lora_config,
+    read_cache_info,
+    save_finetuned_weights,
+    text_embed_path,
+    vae_normalization,
+)
+
+logger = get_logger(__name__)
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGUSR1; the SLURM wrapper requeues the job
+DEFAULT_LORA_TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+VALIDATION_TIMESTEPS = [0.1, 0.3, 0.5, 0.7, 0.9]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None,
+                        help="YAML file of defaults (keys are these flags without dashes); command-line flags win.")
+    parser.add_argument("--pretrained_model_name_or_path", default="nvidia/Cosmos-Predict2-2B-Video2World",
+                        help="Hub id or local diffusers directory of the base Cosmos-Predict2 Video2World model.")
+    parser.add_argument("--cache_dir", nargs="+", default=None,
+                        help="One or more latent caches from cache_latents.py, each `PATH`, `PATH:WEIGHT` or "
+                             "`NAME=PATH:WEIGHT`, e.g. `ego=/c/ego:0.7 other=/c/other:0.3`. Weights set how often each "
+                             "cache is drawn (default: in proportion to its size).")
+    parser.add_argument("--output_dir", default="outputs/cosmos-lora", help="Where checkpoints and weights go.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for data order, noise and held-out clips.")
+
+    model = parser.add_argument_group("what trains")
+    model.add_argument("--lora_rank", type=int, default=16, help="LoRA rank.")
+    model.add_argument("--lora_alpha", type=float, default=32, help="LoRA alpha (the update is scaled by alpha/rank).")
+    model.add_argument("--lora_target_modules", nargs="+", default=DEFAULT_LORA_TARGETS,
+                       help="Module name suffixes that get LoRA, e.g. add attn1.to_q or ff.net.0.proj.")
+    model.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA input.")
+    model.add_argument("--use_temporal_adapters", action=argparse.BooleanOptionalAction, default=True,
+                       help="Add a temporal adapter to every transformer block (--no_temporal_adapters to skip).")
+    model.add_argument("--adapter_reduction_factor", type=int, default=8,
+                       help="Temporal adapter bottleneck width is hidden_size / this.")
+    model.add_argument("--train_proj_out", action=argparse.BooleanOptionalAction, default=True,
+                       help="Train the output projection proj_out (--no-train_proj_out freezes it).")
+
+    objective = parser.add_argument_group("objective")
+    objective.add_argument("--timestep_shift", type=float, default=math.sqrt(24),
+                           help="Shift s of the logit-normal noise level: t = s*t0 / (1 + (s-1)*t0).")
+    objective.add_argument("--conditioning_frames", default="1,2",
+                           help="Comma-separated choices for the number of clean leading latent frames per sample.")
+    objective.add_argument("--text_dropout", type=float, default=0.2,
+                           help="Probability of replacing a sample's text embedding with zeros.")
+
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--train_batch_size", type=int, default=2, help="Clips per GPU per micro-step.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimizer step.")
+    optim.add_argument("--max_train_steps", type=int, default=None,
+                       help="Optimizer steps to train; overrides --num_train_epochs.")
+    optim.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, used when --max_train_steps is unset.")
+    optim.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate of AdamW.")
+    optim.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay.")
+    optim.add_argument("--lr_scheduler", choices=["cosine", "linear", "constant"], default="cosine",
+                       help="Learning-rate schedule after warmup; cosine and linear decay to --min_lr.")
+    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="Linear warmup steps.")
+    optim.add_argument("--min_lr", type=float, default=1e-6, help="Floor of the cosine and linear schedules.")
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    optim.add_argument("--mixed_precision", choices=["no", "bf16"], default=None,
+                       help="Override the accelerate config's mixed precision. bf16 keeps frozen weights in bf16.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataloader_num_workers", type=int, default=4, help="DataLoader workers per process.")
+    data.add_argument("--num_validation_clips", type=int, default=4,
+                      help="Clips held out from the first cache (whole videos) that never train.")
+
+    run = parser.add_argument_group("checkpoints, validation, logging")
+    run.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
+    run.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    run.add_argument("--resume_from_checkpoint", default=None,
+                     help="`latest` (the newest checkpoint in --output_dir, if any) or a checkpoint-STEP path.")
+    run.add_argument("--validation_steps", type=int, default=500,
+                     help="Every N steps, compute the held-out loss at fixed noise levels.")
+    run.add_argument("--report_to", choices=["tensorboard", "wandb", "all", "none"], default="tensorboard",
+                     help="Experiment tracker. W&B runs offline when WANDB_API_KEY is unset.")
+    run.add_argument("--tracker_project_name", default="cosmos-finetune", help="Project name for the tracker.")
+
+    config_args, _ = parser.parse_known_args(argv)
+    if config_args.config:
+        parser.set_defaults(**load_yaml_defaults(config_args.config, parser))
+    args = parser.parse_args(argv)
+    args.conditioning_frames = [int(n) for n in str(args.conditioning_frames).split(",")]
+    return args
+
+
+def load_yaml_defaults(path, parser):
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}")
+    return values
+
+
+def validate_args(args):
+    if not args.cache_dir:
+        raise ValueError("give at least one --cache_dir")
+    if any(n < 1 for n in args.conditioning_frames):
+        raise ValueError(f"--conditioning_frames must be positive, got {args.conditioning_frames}")
+    if not 0 <= args.text_dropout <= 1:
+        raise ValueError(f"--text_dropout must be in [0, 1], got {args.text_dropout}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+def parse_cache_spec(spec):
+    """`NAME=PATH:WEIGHT`, `PATH:WEIGHT` or `PATH` -> (name, path, weight or None)."""
+    name, _, rest = spec.rpartition("=") if "=" in spec else ("", "", spec)
+    path, weight = rest, None
+    head, sep, tail = rest.rpartition(":")
+    if sep and re.fullmatch(r"[0-9.]+", tail):
+        path, weight = head, float(tail)
+    return name or os.path.basename(os.path.normpath(path)), path, weight
+
+
+def load_caches(specs, pretrained_model_name_or_path):
+    """Read and check every cache before any model loads; return [(name, clips, weight)] and the shared info."""
+    from diffusers import AutoencoderKLWan, CosmosTransformer3DModel
+
+    vae_config = AutoencoderKLWan.load_config(pretrained_model_name_or_path, subfolder="vae")
+    text_dim = CosmosTransformer3DModel.load_config(pretrained_model_name_or_path, subfolder="transformer")[
+        "text_embed_dim"]
+    caches, first = [], None
+    for spec in specs:
+        name, path, weight = parse_cache_spec(spec)
+        info = read_cache_info(path)
+        clips = list_cached_clips(path)
+        if not clips:
+            raise ValueError(f"cache {path} holds no clips; run cache_latents.py on it first")
+        if info["vae_normalization"] != vae_normalization(vae_config):
+            raise ValueError(f"cache {path} was normalized with another VAE's latents_mean/std than "
+                             f"{pretrained_model_name_or_path}; re-cache it with this model")
+        if info["text_embed_shape"][1] != text_dim:
+            raise ValueError(f"cache {path} has {info['text_embed_shape'][1]}-dim text embeddings, the transformer "
+                             f"expects {text_dim}")
+        first = first or (path, info)
+        if info["latent_shape"] != first[1]["latent_shape"]:
+            raise ValueError(f"cache {path} has latents {info['latent_shape']} but {first[0]} has "
+                             f"{first[1]['latent_shape']}; mix only caches of one clip shape")
+        for clip in clips:
+            clip["text_path"] = text_embed_path(path, clip["caption_hash"])
+        caches.append((name, clips, weight))
+    return caches, first[1]
+
+
+def hold_out_clips(clips, num_clips, seed):
+    """Split whole videos off until num_clips clips are held out, so no held-out video ever trains."""
+    if num_clips <= 0:
+        return clips, []
+    keys = sorted({c["key"] for c in clips})
+    random.Random(seed).shuffle(keys)
+    held_keys = set()
+    for key in keys:
+        if sum(c["key"] in held_keys for c in clips) >= num_clips:
+            break
+        held_keys.add(key)
+    train = [c for c in clips if c["key"] not in held_keys]
+    if not train:
+        raise ValueError(f"--num_validation_clips {num_clips} leaves no clip to train on")
+    return train, [c for c in clips if c["key"] in held_keys][:num_clips]
+
+
+class CachedClips(torch.utils.data.Dataset):
+    def __init__(self, clips):
+        self.clips = clips
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, index):
+        clip = self.clips[index]
+        return {"latents": load_file(clip["path"])["latents"].float(),
+                "prompt_embeds": load_file(clip["text_path"])["prompt_embeds"].float()}
+
+
+class MixtureSampler(torch.utils.data.Sampler):
+    """Draws indices of a concatenation of datasets with fixed probabilities; deterministic under (seed, epoch).
+
+    Each dataset is walked in its own shuffled order, reshuffled whenever it runs out.
+    """
+
+    def __init__(self, sizes, weights, num_samples, seed):
+        self.sizes, self.num_samples, self.seed, self.epoch = sizes, num_samples, seed, 0
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        choices = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist()
+        orders, positions = [[] for _ in self.sizes], [0] * len(self.sizes)
+        for d in choices:
+            if positions[d] == len(orders[d]):
+                orders[d], positions[d] = torch.randperm(self.sizes[d], generator=generator).tolist(), 0
+            yield self.offsets[d] + orders[d][positions[d]]
+            positions[d] += 1
+
+
+def build_train_dataloader(caches, args, num_processes):
+    """An epoch draws as many clips as the caches hold (at least one batch per process), mixed by weight."""
+    clips = [c for _, cache_clips, _ in caches for c in cache_clips]
+    sizes = [len(cache_clips) for _, cache_clips, _ in caches]
+    weights = [w if w is not None else size for (_, _, w), size in zip(caches, sizes)]
+    num_samples = max(sum(sizes), args.train_batch_size * num_processes)
+    sampler = MixtureSampler(sizes, weights, num_samples=num_samples, seed=args.seed)
+    loader = torch.utils.data.DataLoader(CachedClips(clips), batch_size=args.train_batch_size, sampler=sampler,
+                                         num_workers=args.dataloader_num_workers, drop_last=True,
+                                         pin_memory=torch.cuda.is_available())
+    return loader
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+def load_transformer(args, weight_dtype):
+    """Frozen base transformer in weight_dtype with LoRA, temporal adapters and proj_out trainable in fp32."""
+    from diffusers import CosmosTransformer3DModel
+
+    transformer = CosmosTransformer3DModel.from_pretrained(args.pretrained_model_name_or_path,
+                                                           subfolder="transformer", torch_dtype=weight_dtype)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(lora_config(args.lora_rank, args.lora_alpha, args.lora_target_modules, args.lora_dropout))
+    if args.use_temporal_adapters:
+        add_temporal_adapters(transformer, args.adapter_reduction_factor)
+    transformer.proj_out.requires_grad_(args.train_proj_out)
+    for param in transformer.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return transformer
+
+
+def parameter_group(name):
+    if ".lora_" in name:
+        return "LoRA"
+    if "temporal_adapter" in name:
+        return "temporal adapters"
+    return "proj_out" if name.startswith("proj_out") else "frozen"
+
+
+def trainable_parameter_table(model):
+    counts = {}
+    for name, param in model.named_parameters():
+        group = parameter_group(name) if param.requires_grad else "frozen"
+        counts[group] = counts.get(group, 0) + param.numel()
+    total = sum(counts.values())
+    trainable = total - counts.get("frozen", 0)
+    lines = [f"{'group':<20}{'parameters':>15}{'% of model':>12}"]
+    for group in ("LoRA", "temporal adapters", "proj_out"):
+        if group in counts:
+            lines.append(f"{group:<20}{counts[group]:>15,}{100 * counts[group] / total:>11.3f}%")
+    lines.append(f"{'trainable total':<20}{trainable:>15,}{100 * trainable / total:>11.3f}%")
+    lines.append(f"{'model total':<20}{total:>15,}")
+    return "\n".join(lines)
+
+
+def adapter_config(args):
+    return {"base_model": args.pretrained_model_name_or_path, "lora_rank": args.lora_rank,
+            "lora_alpha": args.lora_alpha, "lora_target_modules": args.lora_target_modules,
+            "lora_dropout": args.lora_dropout, "use_temporal_adapters": args.use_temporal_adapters,
+            "adapter_reduction_factor": args.adapter_reduction_factor, "train_proj_out": args.train_proj_out}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Objective
+# ----------------------------------------------------------------------------------------------------------------
+def flow_matching_loss(transformer, latents, prompt_embeds, t, noise, num_cond_frames):
+    """Cosmos-Predict2 video2world objective: uniform MSE on the rectified-flow velocity.
+
+    For clean latents z0 [B, C, T, H, W], noise level t in (0, 1) per sample and noise eps ~ N(0, I):
+        x_t     = (1 - t) * z0 + t * eps
+        input   = z0 on the first `num_cond_frames` latent frames (clean conditioning), x_t elsewhere
+        timestep: t per frame, t_cond = 1e-4 / (1 + 1e-4) on conditioning frames; condition_mask = 1 there
+        target  = eps - z0   (the velocity; the sampler's x0 = (1 - t) * x_t - t * F inverts it exactly)
+        loss    = mean over non-conditioning frames of (F(input, t) - target)^2, in fp32
+    This equals NVIDIA's ||x0 - x0_hat||^2 * (1 + sigma)^2 / sigma^2 with sigma = t / (1 - t).
+    t is drawn by `sample_timesteps`; the transformer gets fps=None and a zero padding mask, as the sampler does.
+    """
+    batch, _, frames, height, width = latents.shape
+    frame_index = torch.arange(frames, device=latents.device).view(1, 1, frames, 1, 1)
+    cond = (frame_index < num_cond_frames.view(-1, 1, 1, 1, 1)).float()  # [B, 1, T, 1, 1]
+    t = t.view(-1, 1, 1, 1, 1)
+    noisy = (1 - t) * latents + t * noise
+    model_input = cond * latents + (1 - cond) * noisy
+    t_cond = SIGMA_CONDITIONING / (1 + SIGMA_CONDITIONING)
+    timestep = cond * t_cond + (1 - cond) * t
+    dtype = transformer.dtype
+    padding_mask = latents.new_zeros(1, 1, height * VAE_SPATIAL_FACTOR, width * VAE_SPATIAL_FACTOR, dtype=dtype)
+    velocity = transformer(hidden_states=model_input.to(dtype), timestep=timestep.to(dtype),
+                           encoder_hidden_states=prompt_embeds.to(dtype), fps=None,
+                           condition_mask=cond.expand(-1, 1, frames, height, width).to(dtype),
+                           padding_mask=padding_mask, return_dict=False)[0]
+    squared_error = (velocity.float() - (noise - latents)) ** 2 * (1 - cond)
+    return squared_error.sum() / ((1 - cond).sum() * squared_error.shape[1] * height * width)
+
+
+def sample_timesteps(batch, shift, device):
+    """Logit-normal t0 = sigmoid(N(0, 1)), shifted towards noise: t = shift * t0 / (1 + (shift - 1) * t0)."""
+    t0 = torch.sigmoid(torch.randn(batch, device=device))
+    return shift * t0 / (1 + (shift - 1) * t0)
+
+
+def training_loss(transformer, batch, args):
+    """Draw noise level, noise, conditioning frames and text dropout for a batch and return the loss."""
+    latents, prompt_embeds = batch["latents"], batch["prompt_embeds"]
+    size, device = latents.shape[0], latents.device
+    t = sample_timesteps(size, args.timestep_shift, device)
+    noise = torch.randn_like(latents)
+    choices = torch.tensor(args.conditioning_frames, device=device)
+    num_cond = choices[torch.randint(len(choices), (size,), device=device)]
+    keep_text = (torch.rand(size, device=device) >= args.text_dropout).float().view(-1, 1, 1)
+    return flow_matching_loss(transformer, latents, prompt_embeds * keep_text, t, noise, num_cond)
+
+
+@torch.no_grad()
+def validation_losses(transformer, dataset, device, seed):
+    """Held-out loss at fixed noise levels and fixed noise (one conditioning frame, no text dropout)."""
+    losses = {t: 0.0 for t in VALIDATION_TIMESTEPS}
+    for index in range(len(dataset)):
+        item = dataset[index]
+        latents, embeds = item["latents"][None].to(device), item["prompt_embeds"][None].to(device)
+        generator = torch.Generator().manual_seed(seed + index)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        for t in VALIDATION_TIMESTEPS:
+            loss = flow_matching_loss(transformer, latents, embeds, torch.full((1,), t, device=device), noise,
+                                      torch.ones(1, device=device, dtype=torch.long))
+            losses[t] += loss.item() / len(dataset)
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+def trainable_state_dict(model):
+    """Full fp32 trainable weights with clean names on CPU. A collective under FSDP: call it on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
+
+
+def load_trainable_state_dict(model, directory):
+    """Inverse of save_finetuned_weights: map the exported files back onto the model's parameter names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = {}
+    if os.path.isfile(os.path.join(directory, LORA_WEIGHTS)):
+        for name, tensor in load_file(os.path.join(directory, LORA_WEIGHTS)).items():
+            name = re.sub(r"\.lora_([AB])\.", r".lora_\1.default.", name.removeprefix("transformer."))
+            state[name] = tensor
+    if os.path.isfile(os.path.join(directory, ADAPTER_WEIGHTS)):
+        state.update(load_file(os.path.join(directory, ADAPTER_WEIGHTS)))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def optimizer_state_dict(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+
+
+def save_checkpoint(accelerator, model, optimizer, lr_scheduler, step, batches_consumed, args):
+    """Write OUTPUT/checkpoint-STEP atomically: trainable weights, optimizer, scheduler and data position."""
+    weights = trainable_state_dict(model)
+    optim_state = optimizer_state_dict(model, optimizer.optimizer)
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    if accelerator.is_main_process:
+        tmp = f"{final}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_finetuned_weights(weights, tmp, adapter_config(args))
+        torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
+        torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        with open(os.path.join(tmp, "training_state.json"), "w") as f:
+            json.dump({"global_step": step, "batches_consumed": batches_consumed}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+        logger.info(f"saved {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoint dirs, oldest first (a `.tmp` dir is an interrupted save and never counts)."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = [int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
+    return [os.path.join(output_dir, f"checkpoint-{s}") for s in sorted(steps)]
+
+
+def prune_checkpoints(output_dir, limit):
+    if limit:
+        for path in list_checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(path)
+
+
+def resolve_resume_path(args):
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        return checkpoints[-1] if checkpoints else None
+    if not os.path.isfile(os.path.join(args.resume_from_checkpoint, "training_state.json")):
+        raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint dir")
+    return args.resume_from_checkpoint
+
+
+def load_checkpoint(path, model, optimizer, lr_scheduler):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    load_trainable_state_dict(model, path)
+    optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
+    set_optimizer_state_dict(model, optimizer.optimizer, optim_state,
+                             options=StateDictOptions(full_state_dict=True))
+    lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+    with open(os.path.join(path, "training_state.json")) as f:
+        state = json.load(f)
+    return state["global_step"], state["batches_consumed"]
+
+
+def truncate_loss_log(path, step):
+    """Drop loss rows after `step` (written by a run that died after its last checkpoint)."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loop helpers
+# ----------------------------------------------------------------------------------------------------------------
+def lr_lambda(args, total_steps):
+    def factor(step):
+        if step < args.lr_warmup_steps:
+            return (step + 1) / args.lr_warmup_steps
+        if args.lr_scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - args.lr_warmup_steps) / max(1, total_steps - args.lr_warmup_steps))
+        floor = args.min_lr / args.learning_rate
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_scheduler == "cosine" else 1 - progress
+        return floor + (1 - floor) * shape
+
+    return factor
+
+
+class StopSignal:
+    """Remembers a SIGUSR1 (SLURM's warning before the time limit) until the current step is done."""
+
+    def __init__(self):
+        self.received = False
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = True
+
+
+def step_seed(seed, step, micro_step, process_index):
+    """Per-micro-step seed: noise and dropout depend only on position, which makes resume exact."""
+    return (seed * 1_000_003 + step * 1009 + micro_step * 31 + process_index) % (2 ** 63)
+
+
+def init_trackers(accelerator, args):
+    if args.report_to in ("wandb", "all") and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+    accelerator.init_trackers(args.tracker_project_name, config=config)
+
+
+def main(args):
+    validate_args(args)
+    caches, info = load_caches(args.cache_dir, args.pretrained_model_name_or_path)
+    name, first_clips, weight = caches[0]
+    train_clips, validation_clips = hold_out_clips(first_clips, args.num_validation_clips, args.seed)
+    caches[0] = (name, train_clips, weight)
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir,
+                                                                                                  "logs")))
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    stop = StopSignal()
+
+    train_dataloader = build_train_dataloader(caches, args, accelerator.num_processes)
+    weight_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    transformer = load_transformer(args, weight_dtype)
+    if accelerator.is_main_process:
+        print(trainable_parameter_table(transformer))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    transformer, optimizer, train_dataloader = accelerator.prepare(transformer, optimizer, train_dataloader)
+
+    batches_per_epoch = len(train_dataloader)
+    steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_lambda(args, max_steps))
+
+    global_step, batches_consumed = 0, 0
+    resume_path = resolve_resume_path(args)
+    if resume_path:
+        global_step, batches_consumed = load_checkpoint(resume_path, transformer, optimizer, lr_scheduler)
+        accelerator.print(f"resumed from {resume_path} at step {global_step}")
+    loss_log = os.path.join(args.output_dir, "losses.jsonl")
+    if accelerator.is_main_process:
+        truncate_loss_log(loss_log, global_step)
+    if args.report_to != "none":
+        init_trackers(accelerator, args)
+
+    validation_set = CachedClips(validation_clips)
+    tokens_per_sample = math.prod(info["latent_shape"][1:]) // 4  # 2x2 spatial patches
+    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    last_checkpoint = resume_path
+    step_start = time.time()
+    transformer.train()
+    while global_step < max_steps:
+        # Accelerate also ends an accumulation window at the end of each epoch, so count batches, not steps.
+        epoch, skip = divmod(batches_consumed, batches_per_epoch)
+        loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        loader.set_epoch(epoch)  # accelerate passes it on to MixtureSampler
+        micro_step, loss_sum = 0, 0.0
+        for batch in loader:
+            torch.manual_seed(step_seed(args.seed, global_step, micro_step, accelerator.process_index))
+            with accelerator.accumulate(transformer):
+                loss = training_loss(transformer, batch, args)
+                # One small collective: the mean loss and whether any rank got SIGUSR1.
+                stats = accelerator.reduce(torch.stack([loss.detach().float(), torch.tensor(
+                    float(stop.received), device=loss.device)]), reduction="sum")
+                mean_loss = stats[0].item() / accelerator.num_processes
+                if not math.isfinite(mean_loss):
+                    raise RuntimeError(f"loss is {mean_loss} at step {global_step + 1}; stopping before the update "
+                                       f"(last checkpoint: {last_checkpoint or 'none'})")
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += mean_loss
+            micro_step += 1
+            batches_consumed += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            lr_scheduler.step()
+            global_step += 1
+            step_loss = loss_sum / micro_step
+            micro_step, loss_sum = 0, 0.0
+            elapsed, step_start = time.time() - step_start, time.time()
+            samples = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": samples / elapsed,
+                    "latent_tokens_per_s": samples * tokens_per_sample / elapsed}
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            if torch.cuda.is_available():
+                logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            if accelerator.is_main_process:
+                with open(loss_log, "a") as f:
+                    f.write(json.dumps({"step": global_step, "loss": step_loss}) + "\n")
+            accelerator.log(logs, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
+
+            if validation_clips and global_step % args.validation_steps == 0:
+                transformer.eval()
+                losses = validation_losses(transformer, validation_set, accelerator.device, args.seed)
+                transformer.train()
+                accelerator.log({f"val/loss_t{t}": v for t, v in losses.items()}
+                                | {"val/loss": sum(losses.values()) / len(losses)}, step=global_step)
+            stop_requested = stats[1].item() > 0
+            if global_step % args.checkpointing_steps == 0 or stop_requested:
+                last_checkpoint = save_checkpoint(accelerator, transformer, optimizer, lr_scheduler, global_step,
+                                                  batches_consumed, args)
+            if stop_requested:
+                accelerator.print(f"SIGUSR1: saved {last_checkpoint}; exiting with {REQUEUE_EXIT_CODE} to requeue")
+                accelerator.end_training()
+                return REQUEUE_EXIT_CODE
+            if global_step >= max_steps:
+                break
+
+    weights = trainable_state_dict(transformer)
+    if accelerator.is_main_process:
+        export_final_weights(weights, args)
+    accelerator.end_training()
+    return 0
+
+
+def export_final_weights(weights, args):
+    """Write the final weights next to the checkpoints, each file replaced atomically."""
+    tmp = os.path.join(args.output_dir, ".export.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_finetuned_weights(weights, tmp, adapter_config(args))
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
+    os.rmdir(tmp)
+    print(f"saved {', '.join(sorted(os.listdir(args.output_dir)))} in {args.output_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(parse_args()))
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
