@@ -20,13 +20,11 @@ Rerunning skips finished clips, and all writes are atomic, so a killed job is fi
 
 import argparse
 import glob
-import io
 import json
 import os
 import sys
 import time
 
-import av
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -39,11 +37,15 @@ from cosmos_utils import (
     TEXT_EMBEDS_DIR,
     caption_hash,
     check_clip_geometry,
+    decode_frames,
     encode_prompts,
     fit_frames,
     frames_to_vae_input,
     latent_shape,
     normalize_latents,
+    open_video,
+    plan_clips,
+    probe_video,
     read_manifest,
     shard_dirs,
     text_embed_path,
@@ -216,51 +218,6 @@ def iter_part_videos(args, captions, part, num_parts):
         video = example[args.video_column]
         video = video["bytes"] if isinstance(video, dict) else video
         yield key, video, captions.get(key) or meta.get(args.caption_field) or args.prompt
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Decoding and clip planning
-# ----------------------------------------------------------------------------------------------------------------
-def open_video(video):
-    return av.open(io.BytesIO(video) if isinstance(video, (bytes, bytearray)) else video)
-
-
-def probe_video(container):
-    """(frame count, frames per second) of the first video stream, from the container's metadata."""
-    stream = container.streams.video[0]
-    fps = float(stream.average_rate or stream.guessed_rate)
-    num_frames = stream.frames
-    if not num_frames:
-        duration = float(stream.duration * stream.time_base) if stream.duration else container.duration / 1e6
-        num_frames = int(duration * fps)
-    return num_frames, fps
-
-
-def plan_clips(num_source_frames, source_fps, num_frames, fps, stride_seconds=None, max_clips=None):
-    """Source frame indices of every clip: clip c, frame j is the source frame nearest to start_c + j / fps."""
-    stride_seconds = stride_seconds or num_frames / fps
-    clips = []
-    start = 0.0
-    while max_clips is None or len(clips) < max_clips:
-        indices = [round((start + j / fps) * source_fps) for j in range(num_frames)]
-        if indices[-1] >= num_source_frames:
-            break
-        clips.append(indices)
-        start += stride_seconds
-    return clips
-
-
-def decode_frames(container, wanted):
-    """{source index: RGB uint8 array [H, W, 3]} for the wanted indices, decoding sequentially once."""
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    last, frames = max(wanted), {}
-    for index, frame in enumerate(container.decode(stream)):
-        if index in wanted:
-            frames[index] = frame.to_ndarray(format="rgb24")
-        if index >= last:
-            break
-    return frames
 
 
 def clip_file_name(key, clip_index):

@@ -5,9 +5,12 @@ latent (de)normalization, reading the latent cache, and the temporal adapters wi
 """
 
 import hashlib
+import io
 import json
 import os
+import random
 
+import av
 import torch
 import torch.nn.functional as F
 
@@ -71,6 +74,51 @@ def fit_frames(frames, height, width, mode="crop"):
 def frames_to_vae_input(frames):
     """uint8 [T, H, W, 3] -> float [3, T, H, W] in [-1, 1], as the pipeline's video processor produces."""
     return frames.permute(3, 0, 1, 2).float() / 255.0 * 2.0 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Video decoding and clip planning
+# ----------------------------------------------------------------------------------------------------------------
+def open_video(video):
+    return av.open(io.BytesIO(video) if isinstance(video, (bytes, bytearray)) else video)
+
+
+def probe_video(container):
+    """(frame count, frames per second) of the first video stream, from the container's metadata."""
+    stream = container.streams.video[0]
+    fps = float(stream.average_rate or stream.guessed_rate)
+    num_frames = stream.frames
+    if not num_frames:
+        duration = float(stream.duration * stream.time_base) if stream.duration else container.duration / 1e6
+        num_frames = int(duration * fps)
+    return num_frames, fps
+
+
+def plan_clips(num_source_frames, source_fps, num_frames, fps, stride_seconds=None, max_clips=None):
+    """Source frame indices of every clip: clip c, frame j is the source frame nearest to start_c + j / fps."""
+    stride_seconds = stride_seconds or num_frames / fps
+    clips = []
+    start = 0.0
+    while max_clips is None or len(clips) < max_clips:
+        indices = [round((start + j / fps) * source_fps) for j in range(num_frames)]
+        if indices[-1] >= num_source_frames:
+            break
+        clips.append(indices)
+        start += stride_seconds
+    return clips
+
+
+def decode_frames(container, wanted):
+    """{source index: RGB uint8 array [H, W, 3]} for the wanted indices, decoding sequentially once."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    last, frames = max(wanted), {}
+    for index, frame in enumerate(container.decode(stream)):
+        if index in wanted:
+            frames[index] = frame.to_ndarray(format="rgb24")
+        if index >= last:
+            break
+    return frames
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,6 +200,23 @@ def text_embed_path(cache_dir, hash_):
     return os.path.join(cache_dir, TEXT_EMBEDS_DIR, f"{hash_}.safetensors")
 
 
+def hold_out_clips(clips, num_clips, seed):
+    """Split whole videos off until num_clips clips are held out, so no held-out video ever trains."""
+    if num_clips <= 0:
+        return clips, []
+    keys = sorted({c["key"] for c in clips})
+    random.Random(seed).shuffle(keys)
+    held_keys = set()
+    for key in keys:
+        if sum(c["key"] in held_keys for c in clips) >= num_clips:
+            break
+        held_keys.add(key)
+    train = [c for c in clips if c["key"] not in held_keys]
+    if not train:
+        raise ValueError(f"--num_validation_clips {num_clips} leaves no clip to train on")
+    return train, [c for c in clips if c["key"] in held_keys][:num_clips]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Temporal adapters
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,7 +225,8 @@ class TemporalAdapter(torch.nn.Module):
 
     LayerNorm -> down-projection (dim / reduction_factor) -> depthwise temporal convolution (kernel 3) -> GELU ->
     up-projection. The up-projection starts at zero, so a fresh adapter adds exactly nothing.
-    `num_frames` is set before every forward by a hook on the transformer (tokens arrive flattened as T*H*W).
+    `num_frames` is set before every forward by a hook on the transformer (tokens arrive flattened as T*H*W);
+    `scale` lets sample.py weaken or switch off a trained adapter.
     """
 
     def __init__(self, dim, reduction_factor=8, kernel_size=3):
@@ -173,6 +239,7 @@ class TemporalAdapter(torch.nn.Module):
         torch.nn.init.zeros_(self.up.weight)
         torch.nn.init.zeros_(self.up.bias)
         self.num_frames = 1
+        self.scale = 1.0
 
     def forward(self, hidden_states):
         batch, tokens, _ = hidden_states.shape
@@ -181,7 +248,7 @@ class TemporalAdapter(torch.nn.Module):
         x = x.view(batch, frames, tokens // frames, -1).permute(0, 2, 3, 1).flatten(0, 1)  # [B*HW, C, T]
         x = F.gelu(self.temporal_conv(x))
         x = x.unflatten(0, (batch, tokens // frames)).permute(0, 3, 1, 2).flatten(1, 2)  # [B, THW, C]
-        return self.up(x).to(hidden_states.dtype)
+        return (self.up(x) * self.scale).to(hidden_states.dtype)
 
 
 def _add_adapter_output(block, args, output):
@@ -261,10 +328,12 @@ def _check_lora_fits(transformer, lora):
                              "it was trained on another model size")
 
 
-def load_finetuned_weights(transformer, path, lora_scale=1.0):
+def load_finetuned_weights(transformer, path, scale=1.0):
     """Load a training output or checkpoint-STEP dir (LoRA + temporal adapters + proj_out) onto a base transformer.
 
-    Returns the adapter config. The LoRA loads through diffusers' `load_lora_adapter(prefix="transformer")`.
+    `scale` sets the strength of the whole fine-tune: the LoRA scale, the adapters' output scale, and proj_out as
+    base + scale * (trained - base). 0 gives the base model back, 1 the trained one. Returns the adapter config.
+    The LoRA loads through diffusers' `load_lora_adapter(prefix="transformer")`.
     """
     from safetensors.torch import load_file
 
@@ -282,14 +351,19 @@ def load_finetuned_weights(transformer, path, lora_scale=1.0):
         for name, tensor in weights.items():
             if name not in own or own[name].shape != tensor.shape:
                 raise ValueError(f"{adapter_path}: {name} {list(tensor.shape)} does not fit this transformer")
+            if name.startswith("proj_out.") and scale != 1.0:
+                weights[name] = own[name].float() + scale * (tensor - own[name].float())
         transformer.load_state_dict(weights, strict=False)
+        for module in transformer.modules():
+            if isinstance(module, TemporalAdapter):
+                module.scale = scale
     lora_path = os.path.join(path, LORA_WEIGHTS)
     if os.path.isfile(lora_path):
         _check_lora_fits(transformer, load_file(lora_path))
         # Naming the directory and weight_name makes diffusers read the LoRA config (alpha, targets) stored in the
         # file; given the file path alone it silently falls back to alpha = rank.
         transformer.load_lora_adapter(path, weight_name=LORA_WEIGHTS, prefix="transformer", adapter_name="default")
-        transformer.set_adapters(["default"], weights=[lora_scale])
+        transformer.set_adapters(["default"], weights=[scale])
     return config
 
 

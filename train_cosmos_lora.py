@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -38,6 +37,7 @@ from cosmos_utils import (
     SIGMA_CONDITIONING,
     VAE_SPATIAL_FACTOR,
     add_temporal_adapters,
+    hold_out_clips,
     list_cached_clips,
     lora_config,
     read_cache_info,
@@ -186,23 +186,6 @@ def load_caches(specs, pretrained_model_name_or_path):
             clip["text_path"] = text_embed_path(path, clip["caption_hash"])
         caches.append((name, clips, weight))
     return caches, first[1]
-
-
-def hold_out_clips(clips, num_clips, seed):
-    """Split whole videos off until num_clips clips are held out, so no held-out video ever trains."""
-    if num_clips <= 0:
-        return clips, []
-    keys = sorted({c["key"] for c in clips})
-    random.Random(seed).shuffle(keys)
-    held_keys = set()
-    for key in keys:
-        if sum(c["key"] in held_keys for c in clips) >= num_clips:
-            break
-        held_keys.add(key)
-    train = [c for c in clips if c["key"] not in held_keys]
-    if not train:
-        raise ValueError(f"--num_validation_clips {num_clips} leaves no clip to train on")
-    return train, [c for c in clips if c["key"] in held_keys][:num_clips]
 
 
 class CachedClips(torch.utils.data.Dataset):

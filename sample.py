@@ -1,0 +1,474 @@
+#!/usr/bin/env python
+"""Video2World generation with a Cosmos-Predict2 model fine-tuned by train_cosmos_lora.py.
+
+Each input is a job: a video (its first 1 or 5 frames condition the generation), an image, or a cached clip from
+cache_latents.py (its first 1 or 2 latent frames condition it; the rest is the ground truth). Writes one mp4 per job,
+a ground truth | generated mp4 where ground truth exists, video_grid.mp4, contact_sheet.png and results.json with the
+settings and PSNR/SSIM against the ground truth.
+
+    python sample.py --pretrained_model_name_or_path nvidia/Cosmos-Predict2-2B-Video2World \\
+        --lora_path outputs/ego-lora --from_cache /scratch/cache --num_videos 8 --output_dir samples/
+
+`accelerate launch sample.py ...` splits the jobs across processes; a job's result does not depend on how many.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from PIL import Image
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from cosmos_utils import (
+    VAE_TEMPORAL_FACTOR,
+    check_clip_geometry,
+    decode_frames,
+    denoise_video2world,
+    denormalize_latents,
+    encode_prompts,
+    fit_frames,
+    frames_to_vae_input,
+    hold_out_clips,
+    list_cached_clips,
+    load_finetuned_weights,
+    normalize_latents,
+    open_video,
+    plan_clips,
+    probe_video,
+    read_cache_info,
+    text_embed_path,
+)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov")
+DEFAULT_PROMPT = "An egocentric video from a head-mounted camera of a worker's hands doing manual work in a factory."
+
+
+def default_negative_prompt():
+    from diffusers.pipelines.cosmos.pipeline_cosmos2_video2world import DEFAULT_NEGATIVE_PROMPT
+
+    return DEFAULT_NEGATIVE_PROMPT
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained_model_name_or_path", default="nvidia/Cosmos-Predict2-2B-Video2World",
+                        help="Hub id or local diffusers directory of the base Cosmos-Predict2 Video2World model.")
+    parser.add_argument("--lora_path", default=None,
+                        help="A train_cosmos_lora.py output dir or one of its checkpoint-STEP dirs. Default: the base "
+                             "model alone.")
+    parser.add_argument("--lora_scale", type=float, default=1.0,
+                        help="Strength of the fine-tune (LoRA, adapters and proj_out): 0 is the base model.")
+    parser.add_argument("--fuse_lora", action="store_true", help="Fuse the LoRA into the weights for speed.")
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument("--input", nargs="*", default=[],
+                        help="Videos, images, cached clip .safetensors files, or folders of them; one job each.")
+    inputs.add_argument("--from_cache", default=None,
+                        help="A latent cache: generate from clips held out of training (the same choice "
+                             "train_cosmos_lora.py makes with the same --seed).")
+    inputs.add_argument("--num_videos", type=int, default=4, help="With --from_cache: how many clips.")
+    inputs.add_argument("--num_conditioning_frames", type=int, choices=[1, 5], default=1,
+                        help="Video inputs condition on their first 1 or 5 frames (1 or 2 latent frames); cached "
+                             "clips on the same number of latent frames.")
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--prompt", default=None,
+                     help=f"Text prompt. Default: a cached clip's own caption, else {DEFAULT_PROMPT!r}.")
+    gen.add_argument("--negative_prompt", default=None, help="Negative prompt. Default: the diffusers pipeline's.")
+    gen.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance (1 disables it).")
+    gen.add_argument("--num_inference_steps", type=int, default=35, help="Denoising steps.")
+    gen.add_argument("--num_frames", type=int, default=61,
+                     help="Frames to generate (4k+1). Cached clips use their own length.")
+    gen.add_argument("--height", type=int, default=256, help="Height in pixels, a multiple of 16 (cached: own).")
+    gen.add_argument("--width", type=int, default=448, help="Width in pixels, a multiple of 16 (cached: own).")
+    gen.add_argument("--fps", type=float, default=8.0,
+                     help="Frame rate video inputs are sampled at and the mp4s are written with (cached: own).")
+    gen.add_argument("--resize_mode", choices=["crop", "resize"], default="crop",
+                     help="How inputs are fitted to --height x --width, as in cache_latents.py.")
+    gen.add_argument("--seed", type=int, default=0, help="Job i uses seed + i, whatever the batch or process count.")
+    gen.add_argument("--batch_size", type=int, default=1, help="Jobs per denoising batch.")
+    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                     help="Model dtype; auto is bfloat16 on GPU and float32 on CPU.")
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--output_dir", required=True, help="Where the mp4s, grid, contact sheet and JSON go.")
+    out.add_argument("--disable_safety_checker", action="store_true",
+                     help="Skip NVIDIA's Cosmos guardrail (cosmos-guardrail). Only for offline tests; the model "
+                          "license does not allow bypassing it in use.")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Jobs
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    name: str
+    kind: str  # video, image or cached
+    source: str
+    cond_frames: torch.Tensor = None  # uint8 [n, H, W, 3] for video and image jobs
+    truth_frames: torch.Tensor = None  # uint8 [T, H, W, 3] where the input holds ground truth
+    latents: torch.Tensor = None  # cached clip latents [16, T, h, w]
+    prompt_embeds: torch.Tensor = None  # a cached clip's own caption embedding
+    shape: tuple = field(default=None)  # (num_frames, height, width) of the generation
+    fps: float = 8.0
+
+
+def expand_inputs(paths):
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+                            if f.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS + (".safetensors",)))
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"--input {path} does not exist")
+    return files
+
+
+def video_job(path, args):
+    with open_video(path) as container:
+        num_source_frames, source_fps = probe_video(container)
+        clips = plan_clips(num_source_frames, source_fps, args.num_frames, args.fps, max_clips=1)
+        if clips:  # long enough: the whole clip is ground truth
+            indices = clips[0]
+        else:
+            indices = plan_clips(num_source_frames, source_fps, args.num_conditioning_frames, args.fps, max_clips=1)
+            if not indices:
+                raise ValueError(f"{path} has fewer than {args.num_conditioning_frames} frames at {args.fps} fps")
+            indices = indices[0]
+        decoded = decode_frames(container, set(indices))
+    frames = fit_frames(torch.stack([torch.from_numpy(decoded[i]) for i in indices]), args.height, args.width,
+                        args.resize_mode)
+    return Job(name=os.path.splitext(os.path.basename(path))[0], kind="video", source=path,
+               cond_frames=frames[:args.num_conditioning_frames], truth_frames=frames if clips else None,
+               shape=(args.num_frames, args.height, args.width), fps=args.fps)
+
+
+def image_job(path, args):
+    image = torch.from_numpy(np.array(Image.open(path).convert("RGB")))[None]
+    return Job(name=os.path.splitext(os.path.basename(path))[0], kind="image", source=path,
+               cond_frames=fit_frames(image, args.height, args.width, args.resize_mode),
+               shape=(args.num_frames, args.height, args.width), fps=args.fps)
+
+
+def cached_job(path, cache_dir=None):
+    with safe_open(path, "pt") as f:
+        latents, meta = f.get_tensor("latents").float(), f.metadata()
+    if "caption_hash" not in meta:
+        raise ValueError(f"{path} is not a clip file of cache_latents.py")
+    cache_dir = cache_dir or os.path.dirname(os.path.dirname(path))
+    embeds_path = text_embed_path(cache_dir, meta["caption_hash"])
+    embeds = None
+    if os.path.isfile(embeds_path):
+        with safe_open(embeds_path, "pt") as f:
+            embeds = f.get_tensor("prompt_embeds").float()
+    return Job(name=os.path.splitext(os.path.basename(path))[0], kind="cached", source=path, latents=latents,
+               prompt_embeds=embeds, shape=(int(meta["num_frames"]), int(meta["height"]), int(meta["width"])),
+               fps=float(meta["fps"]))
+
+
+def collect_jobs(args):
+    """Read every input into a job; bad inputs fail here, before any model loads."""
+    jobs = []
+    for path in expand_inputs(args.input):
+        lower = path.lower()
+        try:
+            if lower.endswith(".safetensors"):
+                jobs.append(cached_job(path))
+            elif lower.endswith(IMAGE_EXTENSIONS):
+                jobs.append(image_job(path, args))
+            elif lower.endswith(VIDEO_EXTENSIONS):
+                jobs.append(video_job(path, args))
+            else:
+                raise ValueError("unknown file type")
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as error:
+            raise ValueError(f"cannot read --input {path}: {type(error).__name__}: {error}".splitlines()[0])
+    if args.from_cache:
+        read_cache_info(args.from_cache)
+        _, held = hold_out_clips(list_cached_clips(args.from_cache), args.num_videos, args.seed)
+        jobs += [cached_job(clip["path"], args.from_cache) for clip in held]
+    if not jobs:
+        raise ValueError("nothing to generate: give --input or --from_cache")
+    names = [job.name for job in jobs]
+    for i, job in enumerate(jobs):
+        if names.count(job.name) > 1:
+            job.name = f"{i:03d}_{job.name}"
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+def load_pipeline_components(args, device):
+    from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    path = args.pretrained_model_name_or_path
+    transformer = CosmosTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+    if args.lora_path:
+        load_finetuned_weights(transformer, args.lora_path, scale=1.0 if args.fuse_lora else args.lora_scale)
+        if args.fuse_lora and getattr(transformer, "peft_config", None):
+            transformer.fuse_lora(lora_scale=args.lora_scale)
+    components = dict(
+        transformer=transformer.to(device).eval(),
+        vae=AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype).to(device).eval(),
+        text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype).to(device),
+        tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
+    )
+    components["safety_checker"] = None if args.disable_safety_checker else load_safety_checker()
+    return components
+
+
+def load_safety_checker():
+    try:
+        from cosmos_guardrail import CosmosSafetyChecker
+    except ImportError:
+        raise ValueError("the Cosmos guardrail is not installed: `pip install cosmos-guardrail`, or pass "
+                         "--disable_safety_checker for offline tests (the model license requires it in use)") from None
+    return CosmosSafetyChecker()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------------------
+def conditioning_latents(job, vae, generator, device):
+    """Clean latents the generation is conditioned on, and how many latent frames of them count.
+
+    Image and video jobs follow the pipeline: the conditioning frames padded to the clip length with the last frame,
+    encoded by sampling the VAE posterior with the job's generator, then normalized.
+    """
+    if job.kind == "cached":
+        return job.latents[None].to(device), None
+    num_frames = job.shape[0]
+    frames = job.cond_frames
+    padded = torch.cat([frames, frames[-1:].expand(num_frames - len(frames), -1, -1, -1)])
+    x = frames_to_vae_input(padded)[None].to(device, vae.dtype)
+    latents = vae.encode(x).latent_dist.sample(generator).float()
+    return normalize_latents(latents, vae.config), (len(frames) - 1) // VAE_TEMPORAL_FACTOR + 1
+
+
+@torch.no_grad()
+def generate_latents(jobs, components, args, first_index):
+    """Generate one batch of jobs of equal shape; returns normalized latents and the conditioning latent frames."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    transformer, vae = components["transformer"], components["vae"]
+    device, dtype = transformer.device, transformer.dtype
+    num_frames, height, width = jobs[0].shape
+    cond_latents, noises, num_cond = [], [], []
+    for offset, job in enumerate(jobs):
+        generator = torch.Generator(device="cpu").manual_seed(args.seed + first_index + offset)
+        latents, n = conditioning_latents(job, vae, generator, device)
+        n = n or (1 if args.num_conditioning_frames == 1 else 2)
+        cond_latents.append(latents)
+        noises.append(randn_tensor(latents.shape, generator=generator, device=device, dtype=torch.float32))
+        num_cond.append(n)
+    if len(set(num_cond)) > 1:
+        raise ValueError("a batch mixes 1 and 2 conditioning latent frames; use --batch_size 1")
+    prompt_embeds = torch.cat([prompt_embeddings(job, components, args) for job in jobs]).to(device, dtype)
+    negative = None
+    if args.guidance_scale > 1.0:
+        text = [args.negative_prompt or default_negative_prompt()] * len(jobs)
+        negative = encode_prompts(components["tokenizer"], components["text_encoder"], text, device).to(dtype)
+    latents = denoise_video2world(transformer, components["scheduler"], torch.cat(noises), torch.cat(cond_latents),
+                                  num_cond[0], prompt_embeds, negative, args.guidance_scale, args.num_inference_steps,
+                                  pixel_size=(height, width))
+    return latents, num_cond[0]
+
+
+def prompt_embeddings(job, components, args):
+    if args.prompt is None and job.prompt_embeds is not None:
+        return job.prompt_embeds[None]
+    prompt = args.prompt or DEFAULT_PROMPT
+    checker = components["safety_checker"]
+    if checker is not None and not checker.check_text_safety(prompt):
+        raise ValueError(f"the guardrail rejected the prompt {prompt!r}")
+    return encode_prompts(components["tokenizer"], components["text_encoder"], [prompt],
+                          components["transformer"].device)
+
+
+def decode_to_frames(vae, latents):
+    """Normalized latents [B, 16, T, h, w] -> uint8 frames [B, T, H, W, 3]."""
+    video = vae.decode(denormalize_latents(latents.float(), vae.config).to(vae.dtype), return_dict=False)[0]
+    video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return video.permute(0, 2, 3, 4, 1).cpu()
+
+
+def ground_truth(job, vae):
+    if job.kind == "cached":
+        return decode_to_frames(vae, job.latents[None].to(vae.device))[0]
+    return job.truth_frames
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs and metrics
+# ----------------------------------------------------------------------------------------------------------------
+def write_mp4(path, frames, fps):
+    """Write uint8 frames [T, H, W, 3] as H.264 mp4 with imageio-ffmpeg, atomically."""
+    frames = np.ascontiguousarray(frames)
+    tmp = f"{path}.tmp.mp4"
+    writer = imageio_ffmpeg.write_frames(tmp, (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264",
+                                         pix_fmt_out="yuv420p", macro_block_size=1, quality=8,
+                                         output_params=["-loglevel", "error"])
+    writer.send(None)
+    for frame in frames:
+        writer.send(frame.tobytes())
+    writer.close()
+    os.replace(tmp, path)
+
+
+def read_mp4(path):
+    reader = imageio_ffmpeg.read_frames(path)
+    meta = reader.__next__()
+    width, height = meta["size"]
+    return np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
+
+
+def psnr(a, b):
+    mse = F.mse_loss(a.float(), b.float())
+    return float("inf") if mse == 0 else float(10 * torch.log10(255.0 ** 2 / mse))
+
+
+def ssim(a, b):
+    """Mean SSIM of uint8 frames [T, H, W, 3] (Gaussian window 11, sigma 1.5, per channel)."""
+    x, y = (t.permute(0, 3, 1, 2).float() / 255 for t in (a, b))
+    coords = torch.arange(11, dtype=torch.float32) - 5
+    g = torch.exp(-coords ** 2 / (2 * 1.5 ** 2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11)
+
+    def blur(t):
+        return F.conv2d(t, window, groups=3)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return float(value.mean())
+
+
+def frame_metrics(generated, truth, num_cond_pixel_frames):
+    """PSNR/SSIM over the generated (non-conditioning) frames that have ground truth."""
+    end = min(len(generated), len(truth))
+    gen, ref = generated[num_cond_pixel_frames:end], truth[num_cond_pixel_frames:end]
+    return {"psnr": psnr(gen, ref), "ssim": ssim(gen, ref)}
+
+
+def video_grid(videos):
+    """Tile videos [T, H, W, 3] (padded to the longest with their last frame) into one video."""
+    length = max(len(v) for v in videos)
+    height, width = max(v.shape[1] for v in videos), max(v.shape[2] for v in videos)
+    cols = math.ceil(math.sqrt(len(videos)))
+    rows = math.ceil(len(videos) / cols)
+    grid = np.zeros((length, rows * height, cols * width, 3), np.uint8)
+    for i, video in enumerate(videos):
+        video = np.concatenate([video, np.repeat(video[-1:], length - len(video), 0)])
+        r, c = divmod(i, cols)
+        grid[:, r * height:r * height + video.shape[1], c * width:c * width + video.shape[2]] = video
+    return grid
+
+
+def contact_sheet(videos, frames_per_row=8):
+    """One row of evenly spaced frames per video, as one image."""
+    rows = []
+    width = max(v.shape[2] for v in videos) * frames_per_row
+    for video in videos:
+        picks = np.linspace(0, len(video) - 1, frames_per_row).round().astype(int)
+        row = np.concatenate(list(video[picks]), axis=1)
+        rows.append(np.pad(row, ((0, 2), (0, width - row.shape[1]), (0, 0))))
+    return np.concatenate(rows)
+
+
+def run_jobs(jobs, indices, components, args, progress):
+    """Generate the given jobs in batches of equal shape; write their mp4s; return their results."""
+    results = []
+    for start in range(0, len(jobs), args.batch_size):
+        batch, batch_indices = jobs[start:start + args.batch_size], indices[start:start + args.batch_size]
+        if len({job.shape for job in batch}) > 1:
+            raise ValueError("a batch mixes clip shapes; use --batch_size 1")
+        latents, num_cond = generate_latents(batch, components, args, batch_indices[0])
+        videos = decode_to_frames(components["vae"], latents)
+        for job, index, video in zip(batch, batch_indices, videos.numpy()):
+            if components["safety_checker"] is not None:
+                video = components["safety_checker"].check_video_safety(video)
+            result = {"index": index, "name": job.name, "input": job.source, "kind": job.kind, "fps": job.fps,
+                      "video": f"{job.name}.mp4"}
+            write_mp4(os.path.join(args.output_dir, result["video"]), video, job.fps)
+            truth = ground_truth(job, components["vae"])
+            if truth is not None:
+                truth = truth.numpy()
+                num_cond_pixels = 1 if num_cond == 1 else 1 + VAE_TEMPORAL_FACTOR * (num_cond - 1)
+                result.update(frame_metrics(torch.from_numpy(video), torch.from_numpy(truth), num_cond_pixels))
+                side_by_side = np.concatenate([truth[:len(video)], video[:len(truth)]], axis=2)
+                result["side_by_side"] = f"{job.name}_truth_vs_generated.mp4"
+                write_mp4(os.path.join(args.output_dir, result["side_by_side"]), side_by_side, job.fps)
+            results.append(result)
+            progress.update(1)
+    return results
+
+
+def summarize(results, args):
+    videos = [read_mp4(os.path.join(args.output_dir, r["video"])) for r in results]
+    write_mp4(os.path.join(args.output_dir, "video_grid.mp4"), video_grid(videos), results[0]["fps"])
+    Image.fromarray(contact_sheet(videos)).save(os.path.join(args.output_dir, "contact_sheet.png"))
+    scored = [r for r in results if "psnr" in r]
+    summary = {"settings": vars(args), "videos": results}
+    if scored:
+        summary["mean_psnr"] = sum(r["psnr"] for r in scored) / len(scored)
+        summary["mean_ssim"] = sum(r["ssim"] for r in scored) / len(scored)
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    for r in scored:
+        print(f"{r['name']}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}")
+    if scored:
+        print(f"mean over {len(scored)} videos: PSNR {summary['mean_psnr']:.2f} dB, SSIM {summary['mean_ssim']:.4f}")
+    print(f"wrote {len(results)} videos, video_grid.mp4, contact_sheet.png and results.json to {args.output_dir}")
+    return summary
+
+
+def validate_args(args):
+    check_clip_geometry(args.num_frames, args.height, args.width)
+    if args.lora_path and not os.path.isdir(args.lora_path):
+        raise FileNotFoundError(f"--lora_path {args.lora_path} is not a directory")
+    if args.batch_size < 1 or args.num_inference_steps < 1:
+        raise ValueError("--batch_size and --num_inference_steps must be at least 1")
+
+
+def main(args):
+    from accelerate.utils import gather_object
+
+    validate_args(args)
+    jobs = collect_jobs(args)
+    state = PartialState()
+    os.makedirs(args.output_dir, exist_ok=True)
+    components = load_pipeline_components(args, state.device)
+    progress = tqdm(total=len(jobs), desc="videos", disable=not state.is_local_main_process)
+    indexed = list(enumerate(jobs))
+    with state.split_between_processes(indexed) as mine:
+        results = run_jobs([job for _, job in mine], [i for i, _ in mine], components, args, progress)
+    progress.close()
+    results = sorted(gather_object(results), key=lambda r: r["index"])
+    if state.is_main_process:
+        return summarize(results, args)
+    return None
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
