@@ -27,7 +27,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -101,6 +101,17 @@ def parse_args(argv=None):
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
     optim.add_argument("--mixed_precision", choices=["no", "bf16"], default=None,
                        help="Override the accelerate config's mixed precision. bf16 keeps frozen weights in bf16.")
+
+    speed = parser.add_argument_group("speed and memory")
+    speed.add_argument("--gradient_checkpointing", choices=["none", "full", "selective"], default="none",
+                       help="Recompute activations in the backward pass, per transformer block: `full` keeps only "
+                            "block inputs; `selective` keeps matmul and attention outputs and recomputes the cheap "
+                            "elementwise work. Works under FSDP2.")
+    speed.add_argument("--compile", action="store_true",
+                       help="Compile each transformer block in place with torch.compile (regional, FSDP2-safe).")
+    speed.add_argument("--attention_backend", default=None,
+                       help="diffusers attention backend, e.g. native, _native_cudnn, _native_flash, flash. "
+                            "Default: native SDPA.")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataloader_num_workers", type=int, default=4, help="DataLoader workers per process.")
@@ -259,7 +270,47 @@ def load_transformer(args, weight_dtype):
     for param in transformer.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    if args.attention_backend:
+        transformer.set_attention_backend(args.attention_backend)
+    if args.gradient_checkpointing != "none":
+        apply_gradient_checkpointing(transformer, args.gradient_checkpointing)
     return transformer
+
+
+def apply_gradient_checkpointing(transformer, mode):
+    """Wrap every CosmosTransformerBlock in torch's non-reentrant checkpoint wrapper, as accelerate does for FSDP2.
+
+    diffusers' own `enable_gradient_checkpointing()` fails under FSDP2 at the first backward; wrapping the blocks
+    before `prepare` works, and the exported weights keep clean names because saving goes through
+    torch.distributed.checkpoint's state-dict API.
+    """
+    import functools
+
+    from diffusers.models.transformers.transformer_cosmos import CosmosTransformerBlock
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    kwargs = {"checkpoint_impl": CheckpointImpl.NO_REENTRANT}
+    if mode == "selective":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, selective_checkpoint_policy)
+    apply_activation_checkpointing(transformer, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, **kwargs),
+                                   check_fn=lambda module: isinstance(module, CosmosTransformerBlock))
+
+
+def selective_checkpoint_policy(ctx, op, *args, **kwargs):
+    """Keep the outputs of matmuls and attention kernels; recompute norms, activations and other elementwise ops."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    saved = {aten.mm.default, aten.addmm.default, aten.bmm.default,
+             aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
+             aten._scaled_dot_product_cudnn_attention.default}
+    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def parameter_group(name):
@@ -316,7 +367,7 @@ def flow_matching_loss(transformer, latents, prompt_embeds, t, noise, num_cond_f
     model_input = cond * latents + (1 - cond) * noisy
     t_cond = SIGMA_CONDITIONING / (1 + SIGMA_CONDITIONING)
     timestep = cond * t_cond + (1 - cond) * t
-    dtype = transformer.dtype
+    dtype = getattr(transformer, "module", transformer).dtype  # DDP wraps the model in .module
     padding_mask = latents.new_zeros(1, 1, height * VAE_SPATIAL_FACTOR, width * VAE_SPATIAL_FACTOR, dtype=dtype)
     velocity = transformer(hidden_states=model_input.to(dtype), timestep=timestep.to(dtype),
                            encoder_hidden_states=prompt_embeds.to(dtype), fps=None,
@@ -477,6 +528,33 @@ def lr_lambda(args, total_steps):
     return factor
 
 
+def timed(loader, clock):
+    """Iterate a dataloader, adding the seconds spent waiting for each batch to clock["data_wait"]."""
+    iterator = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        clock["data_wait"] += time.perf_counter() - start
+        yield batch
+
+
+def step_logs(loss, lr_scheduler, grad_norm, clock, samples, tokens_per_sample):
+    """Metrics of one optimizer step; resets the step clock."""
+    elapsed = time.perf_counter() - clock["step_start"]
+    logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "step_time_s": elapsed, "samples_per_s":
+            samples / elapsed, "latent_tokens_per_s": samples * tokens_per_sample / elapsed,
+            "data_wait_fraction": clock["data_wait"] / elapsed}
+    if grad_norm is not None:
+        logs["grad_norm"] = float(grad_norm)
+    if torch.cuda.is_available():
+        logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    clock["step_start"], clock["data_wait"] = time.perf_counter(), 0.0
+    return logs
+
+
 class StopSignal:
     """Remembers a SIGUSR1 (SLURM's warning before the time limit) until the current step is done."""
 
@@ -510,6 +588,7 @@ def main(args):
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if args.compile else None,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir,
                                                                                                   "logs")))
@@ -549,7 +628,7 @@ def main(args):
     tokens_per_sample = math.prod(info["latent_shape"][1:]) // 4  # 2x2 spatial patches
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     last_checkpoint = resume_path
-    step_start = time.time()
+    clock = {"step_start": time.perf_counter(), "data_wait": 0.0}
     transformer.train()
     while global_step < max_steps:
         # Accelerate also ends an accumulation window at the end of each epoch, so count batches, not steps.
@@ -557,7 +636,7 @@ def main(args):
         loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
         loader.set_epoch(epoch)  # accelerate passes it on to MixtureSampler
         micro_step, loss_sum = 0, 0.0
-        for batch in loader:
+        for batch in timed(loader, clock):
             torch.manual_seed(step_seed(args.seed, global_step, micro_step, accelerator.process_index))
             with accelerator.accumulate(transformer):
                 loss = training_loss(transformer, batch, args)
@@ -583,18 +662,12 @@ def main(args):
             lr_scheduler.step()
             global_step += 1
             step_loss = loss_sum / micro_step
+            logs = step_logs(step_loss, lr_scheduler, grad_norm, clock, micro_step * accelerator.num_processes *
+                             args.train_batch_size, tokens_per_sample)
             micro_step, loss_sum = 0, 0.0
-            elapsed, step_start = time.time() - step_start, time.time()
-            samples = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": samples / elapsed,
-                    "latent_tokens_per_s": samples * tokens_per_sample / elapsed}
-            if grad_norm is not None:
-                logs["grad_norm"] = float(grad_norm)
-            if torch.cuda.is_available():
-                logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             if accelerator.is_main_process:
                 with open(loss_log, "a") as f:
-                    f.write(json.dumps({"step": global_step, "loss": step_loss}) + "\n")
+                    f.write(json.dumps({"step": global_step, **logs}) + "\n")
             accelerator.log(logs, step=global_step)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
@@ -615,6 +688,7 @@ def main(args):
                 return REQUEUE_EXIT_CODE
             if global_step >= max_steps:
                 break
+            clock["step_start"] = time.perf_counter()  # validation and checkpoints do not count as step time
 
     weights = trainable_state_dict(transformer)
     if accelerator.is_main_process:

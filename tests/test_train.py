@@ -32,8 +32,9 @@ def train_args(model, cache, output_dir, *extra):
 
 
 def losses(output_dir):
+    """(step, loss) rows of losses.jsonl, without the timing columns."""
     with open(os.path.join(output_dir, "losses.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [{"step": row["step"], "loss": row["loss"]} for row in map(json.loads, f)]
 
 
 def random_inputs(transformer, frames=5, height=8, width=14, seed=0):
@@ -279,3 +280,47 @@ def test_two_process_cpu_run_trains_and_saves_once(tiny_model, latent_cache, tmp
     assert result.stdout.count(f"in {tmp_path}") == 1
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
     assert load_file(tmp_path / LORA_WEIGHTS)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, latent_cache, mode):
+    def loss_and_grads(*extra):
+        torch.manual_seed(0)  # same LoRA initialization in both models
+        args = train_args(tiny_model, latent_cache, "unused", "--lora_target_modules", *ALL_LINEAR, *extra)
+        model = train.load_transformer(args, torch.float32)
+        # Non-zero up-projections, so gradients reach every trainable group.
+        for name, param in model.named_parameters():
+            if name.endswith("up.weight"):
+                torch.nn.init.normal_(param, std=0.02)
+        dataset = train.CachedClips(train.load_caches([latent_cache], tiny_model)[0][0][1])
+        batch = {k: torch.stack([dataset[0][k], dataset[1][k]]) for k in ("latents", "prompt_embeds")}
+        torch.manual_seed(0)
+        loss = train.training_loss(model, batch, args)
+        loss.backward()
+        named = train.trainable_state_dict(model)  # clean names even through the checkpoint wrappers
+        grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()
+                 if p.requires_grad}
+        return loss, grads, named
+
+    loss, grads, names = loss_and_grads()
+    checkpointed_loss, checkpointed_grads, checkpointed_names = loss_and_grads("--gradient_checkpointing", mode)
+    assert checkpointed_names.keys() == names.keys()
+    torch.testing.assert_close(checkpointed_loss, loss)
+    assert grads.keys() == checkpointed_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(checkpointed_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_two_process_run_with_gradient_checkpointing_resumes(tiny_model, latent_cache, tmp_path):
+    common = ["-m", "accelerate.commands.launch", "--config_file",
+              os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"), os.path.join(REPO, "train_cosmos_lora.py"),
+              "--pretrained_model_name_or_path", tiny_model, "--cache_dir", latent_cache, "--output_dir", tmp_path,
+              "--checkpointing_steps", 2, "--train_batch_size", 1, "--dataloader_num_workers", 0,
+              "--num_validation_clips", 0, "--report_to", "none", "--gradient_checkpointing", "full",
+              "--lr_scheduler", "constant"]
+    assert run_script(*common, "--max_train_steps", 2, timeout=600).returncode == 0
+    result = run_script(*common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    assert [row["step"] for row in losses(tmp_path)] == [1, 2, 3, 4]
+    assert load_file(tmp_path / "checkpoint-4" / LORA_WEIGHTS).keys() == load_file(tmp_path / LORA_WEIGHTS).keys()
