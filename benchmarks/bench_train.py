@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""Training throughput of the real train_cosmos_lora.py on the 2B model, one command, one GPU machine.
+
+1. measures the bf16 matmul peak of GPU 0;
+2. writes the random-weight 2B checkpoint (tools/make_random_cosmos.py --size 2b);
+3. writes a synthetic latent cache at the reference clip (61 frames at 256x448 -> latents [16, 16, 32, 56]);
+4. runs `accelerate launch ... train_cosmos_lora.py` for each config for --steps steps and reads its losses.jsonl;
+5. prints a table and writes results.json / results.md: samples/s, latent tokens/s, step time, peak memory per GPU,
+   useful TFLOP/s per GPU, fraction of the measured matmul peak, and the time spent waiting for data.
+
+Single-GPU configs run on the last GPU while multi-GPU configs run on the first three, two lanes at once.
+
+    python benchmarks/bench_train.py --workdir /tmp/bench --out results/
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+# name: (GPUs, accelerate config, extra launcher flags, extra train flags, (frames, height, width), batch per GPU)
+REFERENCE = (61, 256, 448)
+FAST = ["--compile", "--attention_backend", "_native_cudnn"]
+NO_RESHARD = ["--fsdp_reshard_after_forward", "false"]
+CONFIGS = {
+    "1gpu_naive": (1, "single_gpu.yaml", [], [], REFERENCE, 2),
+    "1gpu_compile": (1, "single_gpu.yaml", [], ["--compile"], REFERENCE, 2),
+    "1gpu_compile_cudnn": (1, "single_gpu.yaml", [], FAST, REFERENCE, 2),
+    "1gpu_memory_93x480x832_full_gc": (1, "single_gpu.yaml", [], ["--gradient_checkpointing", "full"],
+                                       (93, 480, 832), 1),
+    "3gpu_fsdp2_naive": (3, "fsdp3.yaml", [], [], REFERENCE, 2),
+    "3gpu_ddp_compile_cudnn": (3, "ddp3.yaml", [], FAST, REFERENCE, 2),
+    "3gpu_fsdp2_compile_cudnn": (3, "fsdp3.yaml", [], FAST, REFERENCE, 2),
+    "3gpu_fsdp2_compile_cudnn_no_reshard": (3, "fsdp3.yaml", NO_RESHARD, FAST, REFERENCE, 2),
+    "3gpu_fsdp2_full_gc": (3, "fsdp3.yaml", [], ["--gradient_checkpointing", "full"], REFERENCE, 2),
+    "3gpu_fsdp2_selective_gc": (3, "fsdp3.yaml", [], ["--gradient_checkpointing", "selective"], REFERENCE, 2),
+    "3gpu_fsdp2_full_gc_compile_cudnn": (3, "fsdp3.yaml", [], ["--gradient_checkpointing", "full", *FAST],
+                                         REFERENCE, 2),
+    "3gpu_fsdp2_selective_gc_compile_cudnn": (3, "fsdp3.yaml", [], ["--gradient_checkpointing", "selective", *FAST],
+                                              REFERENCE, 2),
+    "1gpu_memory_93x480x832_full_gc_compile_cudnn": (1, "single_gpu.yaml", [], ["--gradient_checkpointing", "full",
+                                                                                 *FAST], (93, 480, 832), 1),
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="Where the checkpoint, caches and runs go.")
+    parser.add_argument("--out", required=True, help="Where results.json and results.md go.")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="Configs to run (default: all).")
+    parser.add_argument("--steps", type=int, default=14, help="Optimizer steps per run.")
+    parser.add_argument("--warmup", type=int, default=6, help="Leading steps left out of the averages (compile).")
+    parser.add_argument("--timeout", type=int, default=400, help="Seconds one run may take.")
+    return parser.parse_args()
+
+
+def matmul_peak_tflops(size=8192, repeats=20):
+    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def useful_flops_per_sample(frames, height, width, dim=2048, layers=28, text_len=512, text_dim=1024, mlp=4):
+    """Matmul FLOPs of one training sample with frozen weights (no weight gradients; recomputation not counted).
+
+    Forward: 2*N*D*D for each of q, k, v, out (self), q, out (cross), 2*N*D*4D twice (MLP), 2*L*Dt*D for cross k, v,
+    attention 4*N*N*D (self) and 4*N*L*D (cross). Backward: the same linear FLOPs once (input gradients only) and the
+    attention FLOPs twice.
+    """
+    tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    linear = 2 * tokens * dim * dim * 6 + 2 * 2 * tokens * dim * mlp * dim + 2 * 2 * text_len * text_dim * dim
+    attention = 4 * tokens * tokens * dim + 4 * tokens * text_len * dim
+    return layers * (2 * linear + 3 * attention), tokens
+
+
+def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48):
+    """A cache in cache_latents.py's format holding random latents, for throughput only."""
+    import cache_latents
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import save_file
+
+    from cosmos_utils import caption_hash, latent_shape, text_embed_path
+
+    if os.path.isfile(os.path.join(path, "cache_info.json")):
+        return
+    vae_config = AutoencoderKLWan.load_config(model_dir, subfolder="vae")
+    args = argparse.Namespace(num_frames=frames, fps=8.0, height=height, width=width, resize_mode="crop",
+                              pretrained_model_name_or_path=model_dir)
+    config = cache_latents.cache_config(args, vae_config, text_dim=1024)
+    shard = os.path.join(path, "shard_00000")
+    os.makedirs(shard, exist_ok=True)
+    os.makedirs(os.path.dirname(text_embed_path(path, "x")), exist_ok=True)
+    caption = "synthetic"
+    save_file({"prompt_embeds": torch.randn(512, 1024).to(torch.bfloat16)}, text_embed_path(path, caption_hash(caption)))
+    shape = latent_shape(frames, height, width)
+    for i in range(num_clips):
+        meta = {"key": f"clip{i:04d}", "clip_index": "0", "start_seconds": "0", "caption_hash": caption_hash(caption)}
+        save_file({"latents": torch.randn(shape).to(torch.bfloat16)}, os.path.join(shard, f"clip{i:04d}__000.safetensors"),
+                  metadata=meta)
+    cache_latents.rebuild_manifest(shard)
+    cache_latents.write_cache_info(path, config)
+
+
+def run_config(name, args, model_dir, gpus):
+    num_gpus, config_file, launch_flags, extra, (frames, height, width), batch = CONFIGS[name]
+    cache = os.path.join(args.workdir, f"cache_{frames}x{height}x{width}")
+    output = os.path.join(args.workdir, "runs", name)
+    subprocess.run(["rm", "-rf", output], check=True)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "accelerate_configs", config_file), "--num_processes", str(num_gpus),
+           *launch_flags, os.path.join(REPO, "train_cosmos_lora.py"), "--pretrained_model_name_or_path", model_dir,
+           "--cache_dir", cache, "--output_dir", output, "--max_train_steps", str(args.steps),
+           "--checkpointing_steps", "100000", "--num_validation_clips", "0", "--report_to", "none",
+           "--train_batch_size", str(batch), "--dataloader_num_workers", "4", "--lr_scheduler", "constant", *extra]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
+    start = time.time()
+    with open(os.path.join(args.out, f"{name}.log"), "w") as log:
+        try:
+            code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    result = {"name": name, "gpus": num_gpus, "flags": " ".join(launch_flags + extra), "clip": f"{frames}x{height}x{width}",
+              "batch_per_gpu": batch, "exit": code, "wall_s": round(time.time() - start, 1)}
+    rows = []
+    if os.path.isfile(os.path.join(output, "losses.jsonl")):
+        rows = [json.loads(line) for line in open(os.path.join(output, "losses.jsonl"))]
+    measured = rows[args.warmup:]
+    if measured:
+        flops, tokens = useful_flops_per_sample(frames, height, width)
+        samples_per_s = sum(r["samples_per_s"] for r in measured) / len(measured)
+        result.update(
+            steps_measured=len(measured), samples_per_s=round(samples_per_s, 3),
+            samples_per_s_per_gpu=round(samples_per_s / num_gpus, 3),
+            latent_tokens_per_s=round(samples_per_s * tokens),
+            step_time_s=round(sum(r["step_time_s"] for r in measured) / len(measured), 3),
+            peak_memory_gib=round(max(r.get("peak_memory_gib", 0) for r in rows), 1),
+            useful_tflops_per_gpu=round(samples_per_s * flops / num_gpus / 1e12, 1),
+            data_wait_fraction=round(sum(r["data_wait_fraction"] for r in measured) / len(measured), 4),
+            final_loss=round(rows[-1]["loss"], 4), export_ok=export_ok(output))
+    return result
+
+
+def export_ok(output):
+    """The exported files hold every trained tensor in full (not empty, not a rank's slice, not all zeros)."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(output, "pytorch_lora_weights.safetensors")
+    if not os.path.isfile(path):
+        return False
+    lora = load_file(path)
+    adapters = load_file(os.path.join(output, "temporal_adapters.safetensors"))
+    full_shapes = all(t.shape[0] == 16 or t.shape[1] == 16 for k, t in lora.items())
+    b_trained = all(t.abs().sum() > 0 for k, t in lora.items() if ".lora_B." in k)
+    return len(lora) == 28 * 4 * 2 and len(adapters) == 28 * 6 + 1 and full_shapes and b_trained
+
+
+def lane(names, args, model_dir, gpus, results, lock):
+    for name in names:
+        result = run_config(name, args, model_dir, gpus)
+        with lock:
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            write_results(results, args)
+
+
+def write_results(results, args):
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"matmul_peak_tflops": args.peak, "device": torch.cuda.get_device_name(0), "results": results}, f,
+                  indent=2)
+    header = ["name", "gpus", "clip", "batch_per_gpu", "samples_per_s", "samples_per_s_per_gpu", "latent_tokens_per_s",
+              "step_time_s", "peak_memory_gib", "useful_tflops_per_gpu", "data_wait_fraction", "export_ok", "exit"]
+    lines = ["| " + " | ".join(header) + " | peak fraction |", "|" + "---|" * (len(header) + 1)]
+    for r in results:
+        fraction = r["useful_tflops_per_gpu"] / args.peak if "useful_tflops_per_gpu" in r else None
+        lines.append("| " + " | ".join(str(r.get(h, "")) for h in header) + f" | {fraction and round(fraction, 3)} |")
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(f"bf16 matmul peak measured: {args.peak:.0f} TFLOP/s on {torch.cuda.get_device_name(0)}\n\n")
+        f.write("\n".join(lines) + "\n")
+
+
+def main(args):
+    import make_random_cosmos
+
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.workdir, exist_ok=True)
+    args.peak = round(matmul_peak_tflops(), 1)
+    print(f"bf16 matmul peak: {args.peak} TFLOP/s", flush=True)
+    model_dir = os.path.join(args.workdir, "random-cosmos-2b")
+    if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
+        start = time.time()
+        make_random_cosmos.main(make_random_cosmos.parse_args(["--size", "2b", "--output_dir", model_dir]))
+        print(f"2B checkpoint written in {time.time() - start:.0f} s", flush=True)
+    for name in args.configs:
+        write_synthetic_cache(os.path.join(args.workdir, "cache_{}x{}x{}".format(*CONFIGS[name][4])), model_dir,
+                              *CONFIGS[name][4])
+    count = torch.cuda.device_count()
+    single = [n for n in args.configs if CONFIGS[n][0] == 1]
+    multi = [n for n in args.configs if CONFIGS[n][0] > 1]
+    results, lock = [], threading.Lock()
+    lanes = [threading.Thread(target=lane, args=(multi, args, model_dir, list(range(3)), results, lock)),
+             threading.Thread(target=lane, args=(single, args, model_dir, [count - 1], results, lock))]
+    for thread in lanes:
+        thread.start()
+    for thread in lanes:
+        thread.join()
+    print(open(os.path.join(args.out, "results.md")).read())
+
+
+if __name__ == "__main__":
+    main(parse_args())
