@@ -10,7 +10,6 @@ import json
 import os
 import random
 
-import av
 import torch
 import torch.nn.functional as F
 
@@ -80,6 +79,8 @@ def frames_to_vae_input(frames):
 # Video decoding and clip planning
 # ----------------------------------------------------------------------------------------------------------------
 def open_video(video):
+    import av  # only the scripts that decode videos need PyAV
+
     return av.open(io.BytesIO(video) if isinstance(video, (bytes, bytearray)) else video)
 
 

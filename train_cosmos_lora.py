@@ -607,11 +607,16 @@ def main(args):
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     transformer, optimizer, train_dataloader = accelerator.prepare(transformer, optimizer, train_dataloader)
+    params = [p for p in transformer.parameters() if p.requires_grad]  # FSDP2 replaced them with sharded ones
 
     batches_per_epoch = len(train_dataloader)
     steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_lambda(args, max_steps))
+    accelerator.print(f"num_processes={accelerator.num_processes} ({accelerator.distributed_type.value}), "
+                      f"{sum(len(c) for _, c, _ in caches)} training clips, {len(validation_clips)} held out, "
+                      f"{max_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
+                      f"{accelerator.num_processes} clips")
 
     global_step, batches_consumed = 0, 0
     resume_path = resolve_resume_path(args)

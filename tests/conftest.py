@@ -31,13 +31,17 @@ def clips(tmp_path_factory):
     return {"root": root, "videos": os.path.join(root, "videos"), "tars": os.path.join(root, "tars"), "keys": keys}
 
 
-def run_script(script, *args, **kwargs):
+def run_script(script, *args, env=None, **kwargs):
     """Run one of the project's scripts in a subprocess, the way a user does."""
     import subprocess
 
     script = script if script.startswith("-") else os.path.join(REPO, script)  # "-m" runs a module
     return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), **kwargs)
+                          text=True, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})), **kwargs)
+
+
+# accelerate_configs/cpu_2proc.yaml starts two gloo processes only with this variable set.
+TWO_CPU_PROCESSES = {"ACCELERATE_USE_CPU": "1"}
 
 
 def cache_clips(model, output_dir, *args):

@@ -5,8 +5,9 @@ Debian's `slurmctld slurmd slurm-client munge` when they are missing, writes a p
 directories under a temporary directory, starts `munged`, `slurmctld` and `slurmd` in the foreground as child
 processes, and waits for the node to be idle. `stop()` cancels the jobs and ends exactly the processes it started.
 
-The node advertises 8 count-only GPUs (no device files), so the scripts' `#SBATCH --gres=gpu:N` lines are accepted
-as they are; the jobs themselves run on the CPU.
+The node advertises 8 fake GPUs (their device files are copies of /dev/null), so the scripts' `#SBATCH --gres=gpu:N`
+lines are accepted as they are; the jobs themselves run on the CPU. A requeued job may start again after 11 s
+(cred_expire=10) instead of SLURM's default 121 s, which keeps the preemption tests short.
 
     python tests/slurm_cluster.py   # start one, print how to use it, stop it on Ctrl-C or SIGTERM
 """
@@ -47,8 +48,8 @@ def _answers(env=None):
         return False
 
 
-def install_packages(log):
-    """apt-get install the SLURM and munge packages that are missing (root only)."""
+def install_packages():
+    """apt-get install the SLURM and munge packages when any is missing (root only)."""
     if all(shutil.which(b) for b in BINARIES):
         return
     if os.geteuid() != 0:
@@ -57,15 +58,21 @@ def install_packages(log):
         raise SlurmUnavailable("SLURM is not installed and there is no apt-get to install it")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
+    output = ""
     for attempt in range(2):
-        if attempt:  # the package lists may be missing or stale
-            subprocess.run(["apt-get", "update", "-q"], stdout=log, stderr=subprocess.STDOUT, env=env, timeout=600)
-        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=900).returncode == 0:
+        try:
+            if attempt:  # the package lists may be missing or stale
+                subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
+            result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        except subprocess.TimeoutExpired as error:
+            raise SlurmUnavailable(f"apt-get timed out: {error}")
+        output = result.stdout + result.stderr
+        if result.returncode == 0:
             break
     missing = [b for b in BINARIES if not shutil.which(b)]
     if missing:
-        raise SlurmUnavailable(f"apt-get could not install {' '.join(PACKAGES)} (missing {' '.join(missing)}); "
-                               f"see {log.name}")
+        raise SlurmUnavailable(f"apt-get could not install {' '.join(PACKAGES)} (missing {' '.join(missing)}): "
+                               f"{output[-1500:]}")
 
 
 class SlurmCluster:
@@ -74,17 +81,22 @@ class SlurmCluster:
         self.env = dict(os.environ)
         self.processes = {}  # name -> Popen, only what this object started
         self.started = False
+        self.sbatch_args = []  # options every test job needs on this cluster
 
     # ------------------------------------------------------------------------------------------------------------
     def start(self, timeout=60):
         if _answers():
             self.node = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True,
                                        env=self.env).stdout.split()[0]
+            gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, env=self.env).stdout
+            if "gpu" not in gres:  # the scripts' --gres=gpu:N lines would be refused
+                self.sbatch_args = ["--gres=none"]
             return self
+        install_packages()
+        if os.geteuid() != 0:
+            raise SlurmUnavailable("no SLURM answers, and starting one (SlurmUser=root) needs root")
         self.root = tempfile.mkdtemp(prefix="slurm-test-")
         os.chmod(self.root, 0o755)
-        with open(os.path.join(self.root, "install.log"), "w") as log:
-            install_packages(log)
         self.node = socket.gethostname().split(".")[0]
         self._write_config()
         self.env["SLURM_CONF"] = self.conf
@@ -205,7 +217,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
         if not self.started:
             return
         if "slurmctld" in self.processes and self.processes["slurmctld"].poll() is None:
-            self.scontrol_quiet(["scancel", "--full", "--user", str(os.getuid())])
+            self._quiet(["scancel", "--full", "--user", str(os.getuid())])
             deadline = time.time() + 20
             while time.time() < deadline and self.squeue():
                 time.sleep(0.5)
@@ -230,7 +242,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
             raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({result.returncode}): {result.stderr}")
         return result
 
-    def scontrol_quiet(self, cmd):
+    def _quiet(self, cmd):
         subprocess.run(cmd, capture_output=True, env=self.env, timeout=30)
 
     def node_state(self):
@@ -241,10 +253,15 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
         result = self.run("squeue", "-h", "-o", "%i %T", check=False)
         return result.stdout.split("\n") if result.stdout.strip() else []
 
+    def job_env(self, env):
+        """env (a whole environment) plus what the SLURM commands need to reach this cluster."""
+        return dict(env, SLURM_CONF=self.env["SLURM_CONF"]) if "SLURM_CONF" in self.env else dict(env)
+
     def sbatch(self, script, *args, env=None, cwd=None, sbatch_args=()):
-        """Submit script with extra sbatch options and script arguments; return the job id."""
-        result = self.run("sbatch", "--parsable", *sbatch_args, script, *args, env=dict(self.env, **(env or {})),
-                          cwd=cwd)
+        """Submit script with extra sbatch options and script arguments; return the job id. env is the whole
+        environment sbatch exports to the job (default: this process's)."""
+        result = self.run("sbatch", "--parsable", *self.sbatch_args, *sbatch_args, script, *args,
+                          env=self.job_env(self.env if env is None else env), cwd=cwd)
         return result.stdout.strip().split(";")[0]
 
     def jobs(self, job_id):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import train_cosmos_lora as train
-from conftest import REPO, run_script
+from conftest import REPO, TWO_CPU_PROCESSES, run_script
 from cosmos_utils import (
     ADAPTER_WEIGHTS,
     CACHE_INFO,
@@ -273,9 +273,11 @@ def test_two_process_cpu_run_trains_and_saves_once(tiny_model, latent_cache, tmp
                         os.path.join(REPO, "train_cosmos_lora.py"), "--pretrained_model_name_or_path", tiny_model,
                         "--cache_dir", latent_cache, "--output_dir", tmp_path, "--max_train_steps", 4,
                         "--checkpointing_steps", 2, "--train_batch_size", 1, "--dataloader_num_workers", 0,
-                        "--num_validation_clips", 0, "--report_to", "none", timeout=600)
+                        "--num_validation_clips", 0, "--report_to", "none", env=TWO_CPU_PROCESSES, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [row["step"] for row in losses(tmp_path)] == [1, 2, 3, 4]
+    # Both ranks trained (each draws its own batches), but only the main process printed, logged and saved.
+    assert "num_processes=2" in result.stdout
     assert result.stdout.count("trainable total") == 1
     assert result.stdout.count(f"in {tmp_path}") == 1
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
@@ -318,8 +320,9 @@ def test_two_process_run_with_gradient_checkpointing_resumes(tiny_model, latent_
               "--checkpointing_steps", 2, "--train_batch_size", 1, "--dataloader_num_workers", 0,
               "--num_validation_clips", 0, "--report_to", "none", "--gradient_checkpointing", "full",
               "--lr_scheduler", "constant"]
-    assert run_script(*common, "--max_train_steps", 2, timeout=600).returncode == 0
-    result = run_script(*common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest", timeout=600)
+    assert run_script(*common, "--max_train_steps", 2, env=TWO_CPU_PROCESSES, timeout=600).returncode == 0
+    result = run_script(*common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest", env=TWO_CPU_PROCESSES,
+                        timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
     assert [row["step"] for row in losses(tmp_path)] == [1, 2, 3, 4]

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Sample videos with a trained LoRA, conditioned on clips from the latent cache, and tile them into video_grid.mp4.
+#
+#   mkdir -p logs
+#   sbatch slurm/sample.sh /scratch/runs/lora                   # a training output dir (its exported LoRA)
+#   sbatch slurm/sample.sh /scratch/runs/lora/checkpoint-2000   # or one checkpoint
+#   CHECKPOINT=/scratch/runs/lora NUM_VIDEOS=16 sbatch slurm/sample.sh --num_inference_steps 35
+#
+# The checkpoint is the first argument or CHECKPOINT; further arguments go to sample.py. Videos and video_grid.mp4
+# are written to SAMPLE_OUTPUT_DIR (default CHECKPOINT/samples).
+# The Cosmos safety checker stays on unless you pass --disable_safety_checker (the NVIDIA Open Model License does
+# not allow bypassing it in use); it needs the cosmos-guardrail package and its models in the Hugging Face cache,
+# since compute nodes are usually offline.
+#
+# The #SBATCH lines below are defaults; sbatch options override them (`sbatch --account=ACCOUNT --partition=gpu
+# --time=1:00:00 slurm/sample.sh RUN`), and so do SBATCH_ACCOUNT, SBATCH_PARTITION and SBATCH_TIMELIMIT in the
+# environment. Logs go to logs/JOBNAME_JOBID.out (mkdir -p logs first).
+#
+#SBATCH --job-name=cosmos_sample
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --gres=gpu:1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=02:00:00
+#SBATCH --output=logs/%x_%j.out
+## Site-specific; uncomment or pass to sbatch:
+##SBATCH --account=YOUR_ACCOUNT
+##SBATCH --partition=YOUR_GPU_PARTITION
+set -euo pipefail
+
+# ---- site settings (each can be set in the environment of `sbatch`) -------------------------------------------
+# Repository checkout; SLURM runs a copy of this script, so it cannot find the repository by itself.
+REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+# Command that activates the Python environment, run in REPO_DIR ("" keeps the environment sbatch exported).
+ENV_ACTIVATE=${ENV_ACTIVATE-source .venv/bin/activate}
+# Shared base directory for models, caches and runs.
+COSMOS_ROOT=${COSMOS_ROOT:-${SCRATCH:-$HOME}/cosmos}
+# The base model the LoRA was trained on: local diffusers checkpoint or hub id.
+MODEL=${MODEL:-$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World}
+# Latent cache whose clips give the conditioning frames.
+CACHE_DIR=${CACHE_DIR:-$COSMOS_ROOT/cache}
+# Training output dir or one of its checkpoint-STEP dirs (the first argument wins).
+CHECKPOINT=${CHECKPOINT:-$COSMOS_ROOT/runs/lora}
+NUM_VIDEOS=${NUM_VIDEOS:-8}
+# ---------------------------------------------------------------------------------------------------------------
+
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
+  CHECKPOINT=$1
+  shift
+fi
+# Where the videos go.
+SAMPLE_OUTPUT_DIR=${SAMPLE_OUTPUT_DIR:-$CHECKPOINT/samples}
+
+if [ ! -f "$REPO_DIR/slurm/common.sh" ]; then
+  echo "REPO_DIR=$REPO_DIR is not this repository: submit from the repository root or set REPO_DIR" >&2
+  exit 1
+fi
+# shellcheck source=slurm/common.sh
+source "$REPO_DIR/slurm/common.sh"
+enter_repo
+set_offline_env "$MODEL" "$CACHE_DIR"
+log_job
+
+cmd=(python sample.py --pretrained_model_name_or_path "$MODEL" --lora_path "$CHECKPOINT"
+     --output_dir "$SAMPLE_OUTPUT_DIR" --from_cache "$CACHE_DIR" --num_videos "$NUM_VIDEOS" "$@")
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  echo "DRY_RUN: $(quote_cmd "${cmd[@]}")"
+  exit 0
+fi
+log "running: $(quote_cmd "${cmd[@]}")"
+rc=0
+"${cmd[@]}" || rc=$?
+if [ "$rc" -eq 0 ]; then
+  log "videos in $SAMPLE_OUTPUT_DIR (grid: $SAMPLE_OUTPUT_DIR/video_grid.mp4)"
+fi
+finish "$rc"

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# LoRA fine-tuning on several nodes: one `accelerate launch` per node (srun, one task per node), FSDP2 across all
+# GPUs. Node 0 (the first host of the allocation) hosts the rendezvous.
+#
+#   mkdir -p logs && sbatch slurm/train_multinode.sh                     # 2 nodes x 8 GPUs
+#   sbatch --nodes=4 slurm/train_multinode.sh --learning_rate 5e-5      # extra arguments go to train_cosmos_lora.py
+#   GPUS_PER_NODE=4 sbatch --nodes=2 --gres=gpu:4 slurm/train_multinode.sh
+#   DRY_RUN=1 sbatch slurm/train_multinode.sh                           # each node prints its command instead
+#
+# Keep one task per node: the number of machines is the number of tasks (SLURM_NTASKS), and each task's rank is its
+# SLURM_PROCID. GPUS_PER_NODE must match --gres=gpu:N and the accelerate config.
+#
+# The #SBATCH lines below are defaults; sbatch options override them (`sbatch --account=ACCOUNT --partition=gpu
+# --time=12:00:00 --nodes=4 slurm/train_multinode.sh`), and so do SBATCH_ACCOUNT, SBATCH_PARTITION and
+# SBATCH_TIMELIMIT in the environment. Logs go to logs/JOBNAME_JOBID.out (mkdir -p logs first).
+#
+# Time limit and preemption work as in slurm/train.sh: SIGUSR1 300 s before the limit reaches this shell, which
+# forwards it to srun, which passes it to every node; the training saves OUTPUT_DIR/checkpoint-STEP and exits 75 on
+# every rank, and this script requeues the job, which resumes from the latest checkpoint.
+#
+#SBATCH --job-name=cosmos_lora_multinode
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=24:00:00
+#SBATCH --output=logs/%x_%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+## Site-specific; uncomment or pass to sbatch:
+##SBATCH --account=YOUR_ACCOUNT
+##SBATCH --partition=YOUR_GPU_PARTITION
+set -euo pipefail
+
+# ---- site settings (each can be set in the environment of `sbatch`) -------------------------------------------
+# Repository checkout; SLURM runs a copy of this script, so it cannot find the repository by itself.
+REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+# Command that activates the Python environment, run in REPO_DIR ("" keeps the environment sbatch exported); srun
+# passes the activated environment on to every node.
+ENV_ACTIVATE=${ENV_ACTIVATE-source .venv/bin/activate}
+# Shared base directory for models, caches and runs; it must be on a file system every node sees.
+COSMOS_ROOT=${COSMOS_ROOT:-${SCRATCH:-$HOME}/cosmos}
+MODEL=${MODEL:-$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World}
+# Latent cache written by slurm/cache_latents.sh. Several caches, space-separated, are mixed: each may be
+# NAME=PATH:WEIGHT (e.g. "ego=/scratch/cache/ego:0.7 lab=/scratch/cache/lab:0.3"; see the README).
+CACHE_DIR=${CACHE_DIR:-$COSMOS_ROOT/cache}
+OUTPUT_DIR=${OUTPUT_DIR:-$COSMOS_ROOT/runs/lora_multinode}
+# accelerate config, relative to REPO_DIR (its machine count, rank and address are given on the command line).
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/fsdp_multinode.yaml}
+# Processes per node, normally the GPUs per node.
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+# Rendezvous port on the head node, derived from the job id so that jobs sharing a node do not collide.
+MAIN_PORT=${MAIN_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+# Interconnect settings belong here too, e.g. export NCCL_SOCKET_IFNAME=ib0 (ask your site).
+# ---------------------------------------------------------------------------------------------------------------
+
+if [ ! -f "$REPO_DIR/slurm/common.sh" ]; then
+  echo "REPO_DIR=$REPO_DIR is not this repository: submit from the repository root or set REPO_DIR" >&2
+  exit 1
+fi
+# shellcheck source=slurm/common.sh
+source "$REPO_DIR/slurm/common.sh"
+enter_repo
+read -r -a cache_dirs <<< "$CACHE_DIR"
+set_offline_env "$MODEL"  # the caches are local files anyway
+set_wandb_env
+log_job
+
+num_machines=${SLURM_NTASKS:-1}
+if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+  head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+else
+  head_node=$(hostname -s)
+fi
+log "$num_machines machines x $GPUS_PER_NODE processes, rendezvous at $head_node:$MAIN_PORT"
+
+# --kill-on-bad-exit=0: after USR1 the nodes exit 75 one after the other; the first must not kill the others while
+# rank 0 may still be writing the checkpoint.
+srun_args=(--ntasks="$num_machines" --kill-on-bad-exit=0)
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+  srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")  # srun 22.05 does not take it from the job
+fi
+# Runs on every node; $SLURM_PROCID is evaluated there. A node whose training stops after USR1 exits 75.
+# shellcheck disable=SC2016
+per_node='source slurm/common.sh && run_launcher accelerate launch --machine_rank "$SLURM_PROCID" "$@"'
+rc=0
+run_srun srun "${srun_args[@]}" bash -c "$per_node" per_node \
+  --config_file "$ACCELERATE_CONFIG" --num_machines "$num_machines" \
+  --num_processes "$((num_machines * GPUS_PER_NODE))" \
+  --main_process_ip "$head_node" --main_process_port "$MAIN_PORT" \
+  train_cosmos_lora.py --pretrained_model_name_or_path "$MODEL" --cache_dir "${cache_dirs[@]}" \
+  --output_dir "$OUTPUT_DIR" --resume_from_checkpoint latest "$@" || rc=$?
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  exit "$rc"
+fi
+finish "$rc"
