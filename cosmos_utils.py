@@ -10,6 +10,7 @@ import json
 import os
 import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -377,8 +378,6 @@ SIGMA_CONDITIONING = 1e-4
 
 def set_sampling_schedule(scheduler, num_inference_steps, device):
     """Karras sigmas from 80 down to 0.002 as the pipeline sets them, with the last sigma repeated."""
-    import numpy as np
-
     scheduler.register_to_config(sigma_max=SIGMA_MAX, sigma_min=0.002, sigma_data=1.0, final_sigmas_type="sigma_min")
     scheduler.set_timesteps(sigmas=np.linspace(0, 1, num_inference_steps), device=device)
     scheduler.sigmas[-1] = scheduler.sigmas[-2]
@@ -394,7 +393,7 @@ def denoise_video2world(transformer, scheduler, noise, cond_latents, num_cond_la
     frames of x0 are replaced by the clean ones; CFG is x0_c + g * (x0_c - x0_u); Euler steps on (latents - x0) / sigma.
     `noise` is standard normal; it is scaled by sigma_max here. The transformer gets fps=None, as in training.
     """
-    dtype = transformer.dtype
+    dtype = getattr(transformer, "module", transformer).dtype  # DDP wraps the model in .module
     device = noise.device
     set_sampling_schedule(scheduler, num_inference_steps, device)
     latents = noise.float() * SIGMA_MAX
@@ -426,3 +425,40 @@ def denoise_video2world(transformer, scheduler, noise, cond_latents, num_cond_la
             x0 = x0_cond + guidance_scale * (x0_cond - x0_uncond)
         latents = scheduler.step((latents - x0) / sigma, timestep, latents, return_dict=False)[0]
     return latents
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Video output
+# ----------------------------------------------------------------------------------------------------------------
+def decode_to_frames(vae, latents):
+    """Normalized latents [B, 16, T, h, w] -> uint8 frames [B, T, H, W, 3]."""
+    video = vae.decode(denormalize_latents(latents.float(), vae.config).to(vae.dtype), return_dict=False)[0]
+    video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return video.permute(0, 2, 3, 4, 1).cpu()
+
+
+def write_mp4(path, frames, fps):
+    """Write uint8 frames [T, H, W, 3] as H.264 mp4 with imageio-ffmpeg, atomically."""
+    import imageio_ffmpeg  # imported here: training needs it only for validation videos
+
+    frames = np.ascontiguousarray(frames)
+    tmp = f"{path}.tmp.mp4"
+    writer = imageio_ffmpeg.write_frames(tmp, (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264",
+                                         pix_fmt_out="yuv420p", macro_block_size=1, quality=8,
+                                         output_params=["-loglevel", "error"])
+    writer.send(None)
+    for frame in frames:
+        writer.send(frame.tobytes())
+    writer.close()
+    os.replace(tmp, path)
+
+
+def contact_sheet(videos, frames_per_row=8):
+    """One row of evenly spaced frames per video, as one image."""
+    rows = []
+    width = max(v.shape[2] for v in videos) * frames_per_row
+    for video in videos:
+        picks = np.linspace(0, len(video) - 1, frames_per_row).round().astype(int)
+        row = np.concatenate(list(video[picks]), axis=1)
+        rows.append(np.pad(row, ((0, 2), (0, width - row.shape[1]), (0, 0))))
+    return np.concatenate(rows)

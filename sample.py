@@ -23,7 +23,7 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import PartialState
+from accelerate import Accelerator
 from PIL import Image
 from safetensors import safe_open
 from tqdm.auto import tqdm
@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 from cosmos_utils import (
     VAE_TEMPORAL_FACTOR,
     check_clip_geometry,
+    contact_sheet,
     decode_frames,
+    decode_to_frames,
     denoise_video2world,
     denormalize_latents,
     encode_prompts,
@@ -46,6 +48,7 @@ from cosmos_utils import (
     probe_video,
     read_cache_info,
     text_embed_path,
+    write_mp4,
 )
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -301,13 +304,6 @@ def prompt_embeddings(job, components, args):
                           components["transformer"].device)
 
 
-def decode_to_frames(vae, latents):
-    """Normalized latents [B, 16, T, h, w] -> uint8 frames [B, T, H, W, 3]."""
-    video = vae.decode(denormalize_latents(latents.float(), vae.config).to(vae.dtype), return_dict=False)[0]
-    video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return video.permute(0, 2, 3, 4, 1).cpu()
-
-
 def ground_truth(job, vae):
     if job.kind == "cached":
         return decode_to_frames(vae, job.latents[None].to(vae.device))[0]
@@ -317,20 +313,6 @@ def ground_truth(job, vae):
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs and metrics
 # ----------------------------------------------------------------------------------------------------------------
-def write_mp4(path, frames, fps):
-    """Write uint8 frames [T, H, W, 3] as H.264 mp4 with imageio-ffmpeg, atomically."""
-    frames = np.ascontiguousarray(frames)
-    tmp = f"{path}.tmp.mp4"
-    writer = imageio_ffmpeg.write_frames(tmp, (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264",
-                                         pix_fmt_out="yuv420p", macro_block_size=1, quality=8,
-                                         output_params=["-loglevel", "error"])
-    writer.send(None)
-    for frame in frames:
-        writer.send(frame.tobytes())
-    writer.close()
-    os.replace(tmp, path)
-
-
 def read_mp4(path):
     reader = imageio_ffmpeg.read_frames(path)
     meta = reader.__next__()
@@ -380,17 +362,6 @@ def video_grid(videos):
         r, c = divmod(i, cols)
         grid[:, r * height:r * height + video.shape[1], c * width:c * width + video.shape[2]] = video
     return grid
-
-
-def contact_sheet(videos, frames_per_row=8):
-    """One row of evenly spaced frames per video, as one image."""
-    rows = []
-    width = max(v.shape[2] for v in videos) * frames_per_row
-    for video in videos:
-        picks = np.linspace(0, len(video) - 1, frames_per_row).round().astype(int)
-        row = np.concatenate(list(video[picks]), axis=1)
-        rows.append(np.pad(row, ((0, 2), (0, width - row.shape[1]), (0, 0))))
-    return np.concatenate(rows)
 
 
 def run_jobs(jobs, indices, components, args, progress):
@@ -453,7 +424,7 @@ def main(args):
 
     validate_args(args)
     jobs = collect_jobs(args)
-    state = PartialState()
+    state = Accelerator()  # reads the launcher's settings (incl. ACCELERATE_USE_CPU), unlike PartialState
     os.makedirs(args.output_dir, exist_ok=True)
     components = load_pipeline_components(args, state.device)
     progress = tqdm(total=len(jobs), desc="videos", disable=not state.is_local_main_process)

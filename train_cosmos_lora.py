@@ -37,6 +37,9 @@ from cosmos_utils import (
     SIGMA_CONDITIONING,
     VAE_SPATIAL_FACTOR,
     add_temporal_adapters,
+    contact_sheet,
+    decode_to_frames,
+    denoise_video2world,
     hold_out_clips,
     list_cached_clips,
     lora_config,
@@ -44,6 +47,7 @@ from cosmos_utils import (
     save_finetuned_weights,
     text_embed_path,
     vae_normalization,
+    write_mp4,
 )
 
 logger = get_logger(__name__)
@@ -125,6 +129,11 @@ def parse_args(argv=None):
                      help="`latest` (the newest checkpoint in --output_dir, if any) or a checkpoint-STEP path.")
     run.add_argument("--validation_steps", type=int, default=500,
                      help="Every N steps, compute the held-out loss at fixed noise levels.")
+    run.add_argument("--validation_videos", type=int, default=0,
+                     help="Every --validation_steps, also generate this many held-out clips from their first latent "
+                          "frame with sample.py's sampler (no CFG: training loads no T5) and write ground truth | "
+                          "generated mp4s to OUTPUT/validation/step-N/. Loads the VAE.")
+    run.add_argument("--validation_inference_steps", type=int, default=35, help="Denoising steps of those videos.")
     run.add_argument("--report_to", choices=["tensorboard", "wandb", "all", "none"], default="tensorboard",
                      help="Experiment tracker. W&B runs offline when WANDB_API_KEY is unset.")
     run.add_argument("--tracker_project_name", default="cosmos-finetune", help="Project name for the tracker.")
@@ -411,6 +420,47 @@ def validation_losses(transformer, dataset, device, seed):
     return losses
 
 
+@torch.no_grad()
+def validation_videos(transformer, vae, scheduler, dataset, args, step, accelerator):
+    """Generate held-out clips from their first latent frame; the main process writes truth | generated mp4s."""
+    paths, sheets = [], []
+    directory = os.path.join(args.output_dir, "validation", f"step-{step}")
+    for index in range(min(args.validation_videos, len(dataset))):
+        item = dataset[index]
+        truth = item["latents"][None].to(accelerator.device)
+        noise = torch.randn(truth.shape, generator=torch.Generator().manual_seed(args.seed + index))
+        latents = denoise_video2world(transformer, scheduler, noise.to(truth.device), truth, 1,
+                                      item["prompt_embeds"][None].to(truth.device), guidance_scale=1.0,
+                                      num_inference_steps=args.validation_inference_steps)
+        frames = torch.cat([decode_to_frames(vae, truth), decode_to_frames(vae, latents)], dim=3)[0].numpy()
+        if accelerator.is_main_process:
+            os.makedirs(directory, exist_ok=True)
+            paths.append(os.path.join(directory, f"{index:02d}_truth_vs_generated.mp4"))
+            write_mp4(paths[-1], frames, fps=8)
+            sheets.append(frames)
+    if accelerator.is_main_process and sheets:
+        log_validation_videos(accelerator, paths, contact_sheet(sheets), step)
+
+
+def log_validation_videos(accelerator, paths, sheet, step):
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"val/truth_vs_generated": sheet[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"val/truth_vs_generated": [wandb.Video(path, format="mp4") for path in paths]}, step=step)
+
+
+def load_validation_decoder(args, dtype, device):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+
+    vae = AutoencoderKLWan.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", torch_dtype=dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(args.pretrained_model_name_or_path,
+                                                                subfolder="scheduler")
+    return vae.to(device).eval(), scheduler
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
@@ -630,6 +680,9 @@ def main(args):
         init_trackers(accelerator, args)
 
     validation_set = CachedClips(validation_clips)
+    decoder = None
+    if validation_clips and args.validation_videos > 0:
+        decoder = load_validation_decoder(args, weight_dtype, accelerator.device)
     tokens_per_sample = math.prod(info["latent_shape"][1:]) // 4  # 2x2 spatial patches
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     last_checkpoint = resume_path
@@ -680,9 +733,11 @@ def main(args):
             if validation_clips and global_step % args.validation_steps == 0:
                 transformer.eval()
                 losses = validation_losses(transformer, validation_set, accelerator.device, args.seed)
-                transformer.train()
                 accelerator.log({f"val/loss_t{t}": v for t, v in losses.items()}
                                 | {"val/loss": sum(losses.values()) / len(losses)}, step=global_step)
+                if decoder:
+                    validation_videos(transformer, *decoder, validation_set, args, global_step, accelerator)
+                transformer.train()
             stop_requested = stats[1].item() > 0
             if global_step % args.checkpointing_steps == 0 or stop_requested:
                 last_checkpoint = save_checkpoint(accelerator, transformer, optimizer, lr_scheduler, global_step,

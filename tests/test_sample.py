@@ -199,3 +199,22 @@ def test_safety_checker_is_required_unless_disabled(tiny_model, image, tmp_path)
                         "--input", image, "--height", 64, "--width", 112, "--num_frames", 17)
     assert result.returncode != 0
     assert "cosmos-guardrail" in result.stderr and "--disable_safety_checker" in result.stderr
+
+
+def test_two_processes_split_the_jobs_and_the_main_one_writes_the_grid(tiny_model, latent_cache, tmp_path):
+    from conftest import REPO, TWO_CPU_PROCESSES
+
+    result = run_script("-m", "accelerate.commands.launch", "--config_file",
+                        os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"), os.path.join(REPO, "sample.py"),
+                        "--pretrained_model_name_or_path", tiny_model, "--output_dir", tmp_path, *TINY,
+                        "--from_cache", latent_cache, "--num_videos", 3, "--num_inference_steps", 2,
+                        env=TWO_CPU_PROCESSES, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.load(open(tmp_path / "results.json"))
+    assert [v["index"] for v in summary["videos"]] == [0, 1, 2]
+    assert result.stdout.count("wrote 3 videos") == 1
+    # The same jobs in one process give the same videos: job i always uses seed + i.
+    single = sample.main(sample_args(tiny_model, tmp_path / "single", "--from_cache", latent_cache, "--num_videos", 3,
+                                     "--num_inference_steps", 2))
+    for a, b in zip(summary["videos"], single["videos"]):
+        assert a["name"] == b["name"] and abs(a["psnr"] - b["psnr"]) < 1e-3  # thread counts differ

@@ -327,3 +327,20 @@ def test_two_process_run_with_gradient_checkpointing_resumes(tiny_model, latent_
     assert "resumed from" in result.stdout
     assert [row["step"] for row in losses(tmp_path)] == [1, 2, 3, 4]
     assert load_file(tmp_path / "checkpoint-4" / LORA_WEIGHTS).keys() == load_file(tmp_path / LORA_WEIGHTS).keys()
+
+
+def test_validation_videos_are_written_and_logged(tiny_model, latent_cache, tmp_path):
+    assert train.main(train_args(tiny_model, latent_cache, tmp_path, "--max_train_steps", 2, "--validation_steps", 2,
+                                 "--num_validation_clips", 2, "--validation_videos", 2,
+                                 "--validation_inference_steps", 3, "--report_to", "tensorboard")) == 0
+    from sample import read_mp4
+
+    videos = sorted((tmp_path / "validation" / "step-2").glob("*.mp4"))
+    assert len(videos) == 2
+    assert read_mp4(str(videos[0])).shape == (17, 64, 224, 3)  # ground truth | generated
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert "val/truth_vs_generated" in events.Tags()["images"]
+    assert {"val/loss", "loss", "samples_per_s"} <= set(events.Tags()["scalars"])
