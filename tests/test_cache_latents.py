@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import cache_latents
 from conftest import CLIP_ARGS, REPO, run_script
-from cosmos_utils import fit_frames, list_cached_clips, normalize_latents, read_cache_info
+from cosmos_utils import fit_frames, list_cached_clips, normalize_latents, plan_clips, read_cache_info
 
 
 def cache(model, output_dir, *source, extra=()):
@@ -187,10 +187,10 @@ def test_cache_refuses_a_different_config(tiny_model, clips, folder_cache):
 
 
 def test_plan_clips_resamples_and_strides():
-    clips = cache_latents.plan_clips(num_source_frames=120, source_fps=30, num_frames=5, fps=10, stride_seconds=1.5)
+    clips = plan_clips(num_source_frames=120, source_fps=30, num_frames=5, fps=10, stride_seconds=1.5)
     assert clips == [[0, 3, 6, 9, 12], [45, 48, 51, 54, 57], [90, 93, 96, 99, 102]]
-    assert cache_latents.plan_clips(120, 30, 5, 10, max_clips=2)[1] == [15, 18, 21, 24, 27]
-    assert cache_latents.plan_clips(10, 30, 5, 10) == []
+    assert plan_clips(120, 30, 5, 10, max_clips=2)[1] == [15, 18, 21, 24, 27]
+    assert plan_clips(10, 30, 5, 10) == []
 
 
 def test_fit_frames_centre_crops_456_to_448_without_resampling():

@@ -75,6 +75,25 @@ def test_latents_match_the_diffusers_pipeline(tiny_model, image, tmp_path, guida
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_five_frame_video_conditioning_matches_the_pipeline(tiny_model, clips, tmp_path):
+    from diffusers import Cosmos2VideoToWorldPipeline
+
+    video = os.path.join(clips["videos"], clips["keys"][1] + ".mp4")
+    args = sample_args(tiny_model, tmp_path, "--input", video, "--num_conditioning_frames", 5, "--prompt",
+                       "hands at a bench", "--num_inference_steps", 3, "--seed", 5)
+    jobs = sample.collect_jobs(args)
+    components = sample.load_pipeline_components(args, torch.device("cpu"))
+    ours, num_cond = sample.generate_latents(jobs, components, args, first_index=0)
+    pipe = Cosmos2VideoToWorldPipeline.from_pretrained(tiny_model, safety_checker=StandInSafetyChecker())
+    frames = [Image.fromarray(frame.numpy()) for frame in jobs[0].cond_frames]
+    theirs = pipe(video=frames, prompt="hands at a bench", height=64, width=112, num_frames=17, num_inference_steps=3,
+                  fps=None, output_type="latent", generator=torch.Generator().manual_seed(5)).frames
+    assert num_cond == 2 and len(frames) == 5  # 5 pixel frames are 2 latent frames
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # The 4 s input holds the whole 17-frame clip at 8 fps, so it is also the ground truth.
+    assert jobs[0].truth_frames.shape == (17, 64, 112, 3)
+
+
 def test_sample_script_frames_match_the_pipeline(tiny_model, image, tmp_path):
     args = sample_args(tiny_model, tmp_path, "--input", image, "--prompt", "a worker picks up a tool",
                        "--num_inference_steps", 4, "--seed", 3)

@@ -187,10 +187,10 @@ def test_two_caches_are_mixed_in_training(tiny_model, latent_cache, one_clip_cac
 
 
 def test_held_out_videos_never_train(latent_cache):
-    from cosmos_utils import list_cached_clips
+    from cosmos_utils import hold_out_clips, list_cached_clips
 
     clips = list_cached_clips(latent_cache)
-    trainable, held = train.hold_out_clips(clips, 3, seed=0)
+    trainable, held = hold_out_clips(clips, 3, seed=0)
     assert len(held) == 3 and {c["key"] for c in held}.isdisjoint({c["key"] for c in trainable})
 
 
