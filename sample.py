@@ -35,7 +35,6 @@ from cosmos_utils import (
     decode_frames,
     decode_to_frames,
     denoise_video2world,
-    denormalize_latents,
     encode_prompts,
     fit_frames,
     frames_to_vae_input,

@@ -106,12 +106,13 @@ def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48):
     os.makedirs(shard, exist_ok=True)
     os.makedirs(os.path.dirname(text_embed_path(path, "x")), exist_ok=True)
     caption = "synthetic"
-    save_file({"prompt_embeds": torch.randn(512, 1024).to(torch.bfloat16)}, text_embed_path(path, caption_hash(caption)))
+    embeds = torch.randn(512, 1024).to(torch.bfloat16)
+    save_file({"prompt_embeds": embeds}, text_embed_path(path, caption_hash(caption)))
     shape = latent_shape(frames, height, width)
     for i in range(num_clips):
         meta = {"key": f"clip{i:04d}", "clip_index": "0", "start_seconds": "0", "caption_hash": caption_hash(caption)}
-        save_file({"latents": torch.randn(shape).to(torch.bfloat16)}, os.path.join(shard, f"clip{i:04d}__000.safetensors"),
-                  metadata=meta)
+        latents = torch.randn(shape).to(torch.bfloat16)
+        save_file({"latents": latents}, os.path.join(shard, f"clip{i:04d}__000.safetensors"), metadata=meta)
     cache_latents.rebuild_manifest(shard)
     cache_latents.write_cache_info(path, config)
 
@@ -134,7 +135,8 @@ def run_config(name, args, model_dir, gpus):
             code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
-    result = {"name": name, "gpus": num_gpus, "flags": " ".join(launch_flags + extra), "clip": f"{frames}x{height}x{width}",
+    result = {"name": name, "gpus": num_gpus, "flags": " ".join(launch_flags + extra),
+              "clip": f"{frames}x{height}x{width}",
               "batch_per_gpu": batch, "exit": code, "wall_s": round(time.time() - start, 1)}
     rows = []
     if os.path.isfile(os.path.join(output, "losses.jsonl")):

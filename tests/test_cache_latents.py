@@ -14,7 +14,14 @@ from safetensors import safe_open
 
 import cache_latents
 from conftest import CLIP_ARGS, REPO, run_script
-from cosmos_utils import fit_frames, list_cached_clips, normalize_latents, plan_clips, read_cache_info
+from cosmos_utils import (
+    fit_frames,
+    list_cached_clips,
+    normalize_latents,
+    plan_clips,
+    read_cache_info,
+    read_manifest,
+)
 
 
 def cache(model, output_dir, *source, extra=()):
@@ -145,7 +152,7 @@ def test_shards_are_disjoint_and_complete(tiny_model, clips, folder_cache, tmp_p
     for index in (0, 1):
         assert cache(tiny_model, tmp_path, "--video_dir", clips["videos"],
                      extra=["--clip_stride_seconds", "1", "--num_shards", "2", "--shard_index", str(index)]) == 0
-    shards = [{(c["key"], c["clip_index"]) for c in map(json.loads, open(tmp_path / f"shard_{i:05d}" / "manifest.jsonl"))}
+    shards = [{(row["key"], row["clip_index"]) for row in read_manifest(str(tmp_path / f"shard_{i:05d}"))}
               for i in (0, 1)]
     assert shards[0] and shards[1] and not shards[0] & shards[1]
     assert sorted(shards[0] | shards[1]) == cached_ids(folder_cache)

@@ -34,7 +34,8 @@ TRANSFORMER_CONFIGS = {
 }
 # `2b` keeps the Wan2.1 VAE at its default (real) size; `tiny` shrinks its widths only.
 VAE_CONFIGS = {
-    "tiny": dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]),
+    "tiny": dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                 temperal_downsample=[False, True, True]),
     "2b": dict(),
 }
 # A small T5 is enough for random weights: what the transformer sees is the embedding shape [512, d_model].
