@@ -451,6 +451,7 @@ def load_models(args, device):
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.vae_dtype]
     path = args.pretrained_model_name_or_path
     vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype).to(device).eval()
+    vae.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
     text_encoder = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
     return vae, tokenizer, text_encoder

@@ -430,6 +430,7 @@ def denoise_video2world(transformer, scheduler, noise, cond_latents, num_cond_la
 # ----------------------------------------------------------------------------------------------------------------
 # Video output
 # ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
 def decode_to_frames(vae, latents):
     """Normalized latents [B, 16, T, h, w] -> uint8 frames [B, T, H, W, 3]."""
     video = vae.decode(denormalize_latents(latents.float(), vae.config).to(vae.dtype), return_dict=False)[0]

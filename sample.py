@@ -19,7 +19,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -225,9 +224,11 @@ def load_pipeline_components(args, device):
         if args.fuse_lora and getattr(transformer, "peft_config", None):
             transformer.fuse_lora(lora_scale=args.lora_scale)
     components = dict(
-        transformer=transformer.to(device).eval(),
-        vae=AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype).to(device).eval(),
-        text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype).to(device),
+        transformer=transformer.to(device).eval().requires_grad_(False),
+        vae=AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype).to(device).eval()
+        .requires_grad_(False),
+        text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype).to(device)
+        .requires_grad_(False),
         tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
     )
@@ -313,6 +314,8 @@ def ground_truth(job, vae):
 # Outputs and metrics
 # ----------------------------------------------------------------------------------------------------------------
 def read_mp4(path):
+    import imageio_ffmpeg
+
     reader = imageio_ffmpeg.read_frames(path)
     meta = reader.__next__()
     width, height = meta["size"]

@@ -237,3 +237,13 @@ def test_two_processes_split_the_jobs_and_the_main_one_writes_the_grid(tiny_mode
                                      "--num_inference_steps", 2))
     for a, b in zip(summary["videos"], single["videos"]):
         assert a["name"] == b["name"] and abs(a["psnr"] - b["psnr"]) < 1e-3  # thread counts differ
+
+
+def test_generation_builds_no_autograd_graph(tiny_model, image, tmp_path):
+    args = sample_args(tiny_model, tmp_path, "--input", image, "--num_inference_steps", 2)
+    components = sample.load_pipeline_components(args, torch.device("cpu"))
+    latents, _ = sample.generate_latents(sample.collect_jobs(args), components, args, 0)
+    frames = sample.decode_to_frames(components["vae"], latents)
+    assert not latents.requires_grad and not frames.requires_grad
+    assert not any(p.requires_grad for name in ("transformer", "vae", "text_encoder")
+                   for p in components[name].parameters())
