@@ -98,6 +98,11 @@ def parse_args(argv=None):
     gen.add_argument("--batch_size", type=int, default=1, help="Jobs per denoising batch.")
     gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                      help="Model dtype; auto is bfloat16 on GPU and float32 on CPU.")
+    gen.add_argument("--compile", action="store_true",
+                     help="Compile each transformer block with torch.compile (1.7x faster on an H100; the first "
+                          "video pays the compile time).")
+    gen.add_argument("--attention_backend", default=None,
+                     help="diffusers attention backend, e.g. _native_cudnn or flash. Default: native SDPA.")
     out = parser.add_argument_group("outputs")
     out.add_argument("--output_dir", required=True, help="Where the mp4s, grid, contact sheet and JSON go.")
     out.add_argument("--disable_safety_checker", action="store_true",
@@ -223,6 +228,11 @@ def load_pipeline_components(args, device):
         load_finetuned_weights(transformer, args.lora_path, scale=1.0 if args.fuse_lora else args.lora_scale)
         if args.fuse_lora and getattr(transformer, "peft_config", None):
             transformer.fuse_lora(lora_scale=args.lora_scale)
+    if args.attention_backend:
+        transformer.set_attention_backend(args.attention_backend)
+    if args.compile:
+        for block in transformer.transformer_blocks:
+            block.compile()
     components = dict(
         transformer=transformer.to(device).eval().requires_grad_(False),
         vae=AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype).to(device).eval()

@@ -81,6 +81,7 @@ def main():
         sample.decode_to_frames(components["vae"], latents)
         return latents
 
+    # The same steps as sample.py's --attention_backend and --compile, applied one after the other.
     variants = [("batched_cfg", None, False), ("batched_cfg_cudnn", "_native_cudnn", False),
                 ("batched_cfg_cudnn_compile", "_native_cudnn", True)]
     for name, backend, compile_blocks in variants:

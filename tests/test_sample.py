@@ -247,3 +247,15 @@ def test_generation_builds_no_autograd_graph(tiny_model, image, tmp_path):
     assert not latents.requires_grad and not frames.requires_grad
     assert not any(p.requires_grad for name in ("transformer", "vae", "text_encoder")
                    for p in components[name].parameters())
+
+
+def test_compiled_sampling_matches_eager(tiny_model, one_clip_cache, overfit_run, tmp_path):
+    clip = sample.list_cached_clips(one_clip_cache)[0]["path"]
+
+    def latents(*extra):
+        args = sample_args(tiny_model, tmp_path, "--input", clip, "--num_inference_steps", 2, "--lora_path",
+                           overfit_run, *extra)
+        components = sample.load_pipeline_components(args, torch.device("cpu"))
+        return sample.generate_latents(sample.collect_jobs(args), components, args, 0)[0]
+
+    torch.testing.assert_close(latents("--compile"), latents(), rtol=1e-3, atol=1e-3)
