@@ -205,3 +205,14 @@ def test_fit_frames_centre_crops_456_to_448_without_resampling():
     assert torch.equal(fit_frames(frames, 256, 448), frames[:, :, 4:452])
     assert fit_frames(frames, 64, 112).shape == (2, 64, 112, 3)
     assert fit_frames(frames, 64, 64, mode="resize").shape == (2, 64, 64, 3)
+
+
+def test_bfloat16_vae_encoding_stays_within_bf16_tolerance_of_float32(tiny_model, clips, folder_cache, tmp_path):
+    assert cache(tiny_model, tmp_path, "--video_dir", clips["videos"],
+                 extra=["--clip_stride_seconds", "1", "--max_clips_per_video", "1", "--vae_dtype", "bfloat16"]) == 0
+    for clip in list_cached_clips(str(tmp_path)):
+        with safe_open(clip["path"], "pt") as a, safe_open(str(folder_cache / "shard_00000" / clip["file"]), "pt") as b:
+            fast, exact = a.get_tensor("latents").float(), b.get_tensor("latents").float()
+        # Measured: mean difference 0.3% of the mean magnitude, correlation 0.99999.
+        assert (fast - exact).abs().mean() < 0.01 * exact.abs().mean()
+        assert torch.corrcoef(torch.stack([fast.flatten(), exact.flatten()]))[0, 1] > 0.9999
