@@ -4,15 +4,18 @@ Only what two scripts truly share lives here: clip geometry checks, frame croppi
 latent (de)normalization, reading the latent cache, and the temporal adapters with their save/load functions.
 """
 
+import functools
 import hashlib
 import io
 import json
 import os
 import random
+from collections import Counter
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 VAE_TEMPORAL_FACTOR = 4  # Wan2.1 VAE: 4x in time (causal), 8x in space
 VAE_SPATIAL_FACTOR = 8
@@ -202,17 +205,27 @@ def text_embed_path(cache_dir, hash_):
     return os.path.join(cache_dir, TEXT_EMBEDS_DIR, f"{hash_}.safetensors")
 
 
+@functools.lru_cache(maxsize=64)
+def load_text_embeds(path):
+    """A caption's T5 embedding [512, D] (bf16) from a cache. Most clips share a few captions, so recent ones stay
+    in memory instead of being read again for every clip. Callers must not change the tensor in place."""
+    with safe_open(path, "pt") as f:
+        return f.get_tensor("prompt_embeds")
+
+
 def hold_out_clips(clips, num_clips, seed):
     """Split whole videos off until num_clips clips are held out, so no held-out video ever trains."""
     if num_clips <= 0:
         return clips, []
     keys = sorted({c["key"] for c in clips})
     random.Random(seed).shuffle(keys)
-    held_keys = set()
+    clips_per_key = Counter(c["key"] for c in clips)
+    held_keys, held = set(), 0
     for key in keys:
-        if sum(c["key"] in held_keys for c in clips) >= num_clips:
+        if held >= num_clips:
             break
         held_keys.add(key)
+        held += clips_per_key[key]
     train = [c for c in clips if c["key"] not in held_keys]
     if not train:
         raise ValueError(f"--num_validation_clips {num_clips} leaves no clip to train on")

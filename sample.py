@@ -40,6 +40,7 @@ from cosmos_utils import (
     hold_out_clips,
     list_cached_clips,
     load_finetuned_weights,
+    load_text_embeds,
     normalize_latents,
     open_video,
     plan_clips,
@@ -173,10 +174,7 @@ def cached_job(path, cache_dir=None):
         raise ValueError(f"{path} is not a clip file of cache_latents.py")
     cache_dir = cache_dir or os.path.dirname(os.path.dirname(path))
     embeds_path = text_embed_path(cache_dir, meta["caption_hash"])
-    embeds = None
-    if os.path.isfile(embeds_path):
-        with safe_open(embeds_path, "pt") as f:
-            embeds = f.get_tensor("prompt_embeds").float()
+    embeds = load_text_embeds(embeds_path).float() if os.path.isfile(embeds_path) else None
     return Job(name=os.path.splitext(os.path.basename(path))[0], kind="cached", source=path, latents=latents,
                prompt_embeds=embeds, shape=(int(meta["num_frames"]), int(meta["height"]), int(meta["width"])),
                fps=float(meta["fps"]))

@@ -42,6 +42,7 @@ from cosmos_utils import (
     denoise_video2world,
     hold_out_clips,
     list_cached_clips,
+    load_text_embeds,
     lora_config,
     read_cache_info,
     save_finetuned_weights,
@@ -218,7 +219,7 @@ class CachedClips(torch.utils.data.Dataset):
     def __getitem__(self, index):
         clip = self.clips[index]
         return {"latents": load_file(clip["path"])["latents"].float(),
-                "prompt_embeds": load_file(clip["text_path"])["prompt_embeds"].float()}
+                "prompt_embeds": load_text_embeds(clip["text_path"]).float()}
 
 
 class MixtureSampler(torch.utils.data.Sampler):
