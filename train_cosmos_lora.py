@@ -473,10 +473,8 @@ def trainable_state_dict(model):
     return get_model_state_dict(model, options=options)
 
 
-def load_trainable_state_dict(model, directory):
-    """Inverse of save_finetuned_weights: map the exported files back onto the model's parameter names."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
+def read_exported_weights(directory):
+    """Inverse of save_finetuned_weights: the exported tensors under the model's own (peft) parameter names."""
     state = {}
     if os.path.isfile(os.path.join(directory, LORA_WEIGHTS)):
         for name, tensor in load_file(os.path.join(directory, LORA_WEIGHTS)).items():
@@ -484,7 +482,14 @@ def load_trainable_state_dict(model, directory):
             state[name] = tensor
     if os.path.isfile(os.path.join(directory, ADAPTER_WEIGHTS)):
         state.update(load_file(os.path.join(directory, ADAPTER_WEIGHTS)))
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    return state
+
+
+def load_trainable_state_dict(model, directory):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, read_exported_weights(directory),
+                         options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def optimizer_state_dict(model, optimizer):

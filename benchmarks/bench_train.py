@@ -88,7 +88,7 @@ def useful_flops_per_sample(frames, height, width, dim=2048, layers=28, text_len
     return layers * (2 * linear + 3 * attention), tokens
 
 
-def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48):
+def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48, text_dim=1024):
     """A cache in cache_latents.py's format holding random latents, for throughput only."""
     import cache_latents
     from diffusers import AutoencoderKLWan
@@ -101,12 +101,12 @@ def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48):
     vae_config = AutoencoderKLWan.load_config(model_dir, subfolder="vae")
     args = argparse.Namespace(num_frames=frames, fps=8.0, height=height, width=width, resize_mode="crop",
                               pretrained_model_name_or_path=model_dir)
-    config = cache_latents.cache_config(args, vae_config, text_dim=1024)
+    config = cache_latents.cache_config(args, vae_config, text_dim=text_dim)
     shard = os.path.join(path, "shard_00000")
     os.makedirs(shard, exist_ok=True)
     os.makedirs(os.path.dirname(text_embed_path(path, "x")), exist_ok=True)
     caption = "synthetic"
-    embeds = torch.randn(512, 1024).to(torch.bfloat16)
+    embeds = torch.randn(512, text_dim).to(torch.bfloat16)
     save_file({"prompt_embeds": embeds}, text_embed_path(path, caption_hash(caption)))
     shape = latent_shape(frames, height, width)
     for i in range(num_clips):

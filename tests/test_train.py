@@ -344,3 +344,15 @@ def test_validation_videos_are_written_and_logged(tiny_model, latent_cache, tmp_
     events.Reload()
     assert "val/truth_vs_generated" in events.Tags()["images"]
     assert {"val/loss", "loss", "samples_per_s"} <= set(events.Tags()["scalars"])
+
+
+def test_two_process_export_holds_what_each_rank_trained(tiny_model, tmp_path):
+    """benchmarks/check_export.py's per-rank check (run on 3 GPUs under FSDP2 for the benchmark) on 2 CPU processes."""
+    result = run_script("benchmarks/check_export.py", "--workdir", tmp_path, "--out", tmp_path, "--model", tiny_model,
+                        "--config_file", os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"), "--steps", 2,
+                        "--modes", "full", "--train_args", "--train_batch_size", 1, env=TWO_CPU_PROCESSES, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check = json.loads((tmp_path / "export_check.json").read_text())["full"]
+    assert check.get("ok"), check
+    assert [r["rank"] for r in check["ranks"]] == [0, 1]
+    assert all(r["trainable"] == r["exported"] == 29 for r in check["ranks"])
