@@ -299,8 +299,7 @@ def encode_clips(vae, frames, vae_config):
 
     The clips travel to the GPU as uint8 (a quarter of the bytes of float32) and are converted there.
     """
-    clips = torch.stack([f.to(vae.device, non_blocking=True) for f in frames])
-    x = torch.stack([frames_to_vae_input(clip) for clip in clips]).to(vae.dtype)
+    x = torch.stack([frames_to_vae_input(f.to(vae.device, non_blocking=True)) for f in frames]).to(vae.dtype)
     if vae.device.type == "cuda":  # cuDNN's 3D convolutions run channels-last; this saves a layout copy per conv
         x = x.contiguous(memory_format=torch.channels_last_3d)
     latents = vae.encode(x).latent_dist.mean.float()

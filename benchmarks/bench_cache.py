@@ -31,12 +31,11 @@ from safetensors.torch import load_file, save_file
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
+import bench_train  # noqa: E402
 import cache_latents  # noqa: E402
 import make_synthetic_clips  # noqa: E402
-from cosmos_utils import (decode_frames, fit_frames, frames_to_vae_input, normalize_latents, open_video,  # noqa: E402
-                          plan_clips, probe_video)
-
-NUM_FRAMES, FPS, HEIGHT, WIDTH = 61, 8.0, 256, 448
+from bench_decode import video_clips  # noqa: E402
+from cosmos_utils import frames_to_vae_input, normalize_latents  # noqa: E402
 
 
 def parse_args():
@@ -51,14 +50,6 @@ def parse_args():
     parser.add_argument("--stages", nargs="+", choices=["end_to_end", "vae_only"], default=["end_to_end", "vae_only"],
                         help="end_to_end: decode cost, naive loop and cache_latents.py; vae_only: the VAE variants.")
     return parser.parse_args()
-
-
-def build_model(workdir):
-    path = os.path.join(workdir, "random-cosmos-2b")
-    if not os.path.isdir(path):
-        subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_random_cosmos.py"), "--size", "2b",
-                        "--output_dir", path], check=True)
-    return path
 
 
 def write_video(task):
@@ -77,15 +68,6 @@ def make_videos(workdir, num_videos, seconds):
     return folder, [t[2] for t in tasks]
 
 
-def video_clips(path):
-    """The reference clips of one video as uint8 [T, H, W, 3], the way cache_latents.py cuts them."""
-    with open_video(path) as container:
-        num_frames, fps = probe_video(container)
-        clips = plan_clips(num_frames, fps, NUM_FRAMES, FPS)
-        frames = decode_frames(container, {i for clip in clips for i in clip})
-    return [fit_frames(torch.stack([torch.from_numpy(frames[i]) for i in clip]), HEIGHT, WIDTH) for clip in clips]
-
-
 def load_vae(model, dtype=torch.bfloat16):
     from diffusers import AutoencoderKLWan
 
@@ -94,7 +76,7 @@ def load_vae(model, dtype=torch.bfloat16):
 
 @torch.no_grad()
 def encode(vae, clips_uint8, memory_format=torch.contiguous_format):
-    x = (clips_uint8.permute(0, 4, 1, 2, 3).float() / 255.0 * 2.0 - 1.0).to(vae.dtype)
+    x = torch.stack([frames_to_vae_input(clip) for clip in clips_uint8]).to(vae.dtype)
     return vae.encode(x.contiguous(memory_format=memory_format)).latent_dist.mean.float()
 
 
@@ -239,10 +221,11 @@ def compare_latents(naive_dir, script_dir):
 def main():
     args = parse_args()
     os.makedirs(args.out, exist_ok=True)
-    model = build_model(args.workdir)
+    os.makedirs(args.workdir, exist_ok=True)
+    model = bench_train.random_2b_checkpoint(args.workdir)
     video_dir, paths = make_videos(args.workdir, args.num_videos, args.seconds)
     results = {"device": torch.cuda.get_device_name(0), "cpu_count": os.cpu_count(), "args": vars(args),
-               "date": time.strftime("%Y-%m-%d"), "clip": f"{NUM_FRAMES}x{HEIGHT}x{WIDTH} at {FPS} fps",
+               "date": time.strftime("%Y-%m-%d"), "clip": "61x256x448 at 8 fps",
                "source": f"H.265 456x256 30 fps, {args.seconds:.0f} s each"}
 
     def record(name, value):  # saved after every stage, so a cut-off run keeps what it measured

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cache_latents import clip_file_name, rebuild_manifest  # noqa: E402
 from cosmos_utils import list_cached_clips  # noqa: E402
 
 CLIPS_PER_SHARD = 1000
@@ -52,16 +53,12 @@ def make_clip_cache(root, num_clips, shape, seed):
     for shard in range(math.ceil(num_clips / CLIPS_PER_SHARD)):
         shard_dir = os.path.join(root, f"shard_{shard:05d}")
         os.makedirs(shard_dir)
-        rows = []
         for i in range(shard * CLIPS_PER_SHARD, min(num_clips, (shard + 1) * CLIPS_PER_SHARD)):
             key, clip_index = f"synthetic/video_{i // 8:06d}", i % 8
-            name = f"{key.replace('/', '--')}__{clip_index:03d}.safetensors"
             latents = torch.randn(shape, generator=generator).to(torch.bfloat16)
-            save_file({"latents": latents}, os.path.join(shard_dir, name),
-                      {"key": key, "clip_index": str(clip_index), "caption_hash": "0" * 16})
-            rows.append({"file": name, "key": key, "clip_index": clip_index, "caption_hash": "0" * 16})
-        with open(os.path.join(shard_dir, "manifest.jsonl"), "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+            save_file({"latents": latents}, os.path.join(shard_dir, clip_file_name(key, clip_index)),
+                      {"key": key, "clip_index": str(clip_index), "start_seconds": "0", "caption_hash": "0" * 16})
+        rebuild_manifest(shard_dir)
     return list_cached_clips(root)
 
 

@@ -41,14 +41,18 @@ def decode_all_imageio(path, threads):
     return sum(1 for _ in reader)
 
 
-def clips_of_video(path):
+def video_clips(path):
+    """The reference clips (61 frames at 8 fps, 256x448) of one video as uint8 [T, H, W, 3], cut as cache_latents.py
+    cuts them."""
     with open_video(path) as container:
         num_frames, fps = probe_video(container)
         clips = plan_clips(num_frames, fps, 61, 8.0)
         frames = decode_frames(container, {i for clip in clips for i in clip})
-    for clip in clips:
-        fit_frames(torch.stack([torch.from_numpy(frames[i]) for i in clip]), 256, 448)
-    return len(clips)
+    return [fit_frames(torch.stack([torch.from_numpy(frames[i]) for i in clip]), 256, 448) for clip in clips]
+
+
+def clips_of_video(path):
+    return len(video_clips(path))
 
 
 def rate(fn, *args):

@@ -195,18 +195,24 @@ def write_results(results, args):
         f.write("\n".join(lines) + "\n")
 
 
-def main(args):
+def random_2b_checkpoint(workdir):
+    """WORKDIR/random-cosmos-2b, written by tools/make_random_cosmos.py --size 2b unless it is already there."""
     import make_random_cosmos
 
-    os.makedirs(args.out, exist_ok=True)
-    os.makedirs(args.workdir, exist_ok=True)
-    args.peak = round(matmul_peak_tflops(), 1)
-    print(f"bf16 matmul peak: {args.peak} TFLOP/s", flush=True)
-    model_dir = os.path.join(args.workdir, "random-cosmos-2b")
+    model_dir = os.path.join(workdir, "random-cosmos-2b")
     if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
         start = time.time()
         make_random_cosmos.main(make_random_cosmos.parse_args(["--size", "2b", "--output_dir", model_dir]))
         print(f"2B checkpoint written in {time.time() - start:.0f} s", flush=True)
+    return model_dir
+
+
+def main(args):
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.workdir, exist_ok=True)
+    args.peak = round(matmul_peak_tflops(), 1)
+    print(f"bf16 matmul peak: {args.peak} TFLOP/s", flush=True)
+    model_dir = random_2b_checkpoint(args.workdir)
     for name in args.configs:
         write_synthetic_cache(os.path.join(args.workdir, "cache_{}x{}x{}".format(*CONFIGS[name][4])), model_dir,
                               *CONFIGS[name][4])

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -102,19 +103,18 @@ def probe(train_argv, report_path):
 
 def run_mode(args, model, cache, mode):
     output = os.path.join(args.workdir, f"export_check_{mode}")
-    subprocess.run(["rm", "-rf", output], check=True)
-    report = os.path.join(args.workdir, f"export_check_{mode}")
+    shutil.rmtree(output, ignore_errors=True)  # also removes rank reports of an earlier run
     train_argv = ["--pretrained_model_name_or_path", model, "--cache_dir", cache, "--output_dir", output,
                   "--max_train_steps", str(args.steps), "--checkpointing_steps", "1000", "--num_validation_clips", "0",
                   "--report_to", "none", "--lr_scheduler", "constant", "--learning_rate", "1e-2",
                   "--gradient_checkpointing", mode, *args.train_args]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.config_file,
-               os.path.abspath(__file__), "--probe", report, *train_argv]
+               os.path.abspath(__file__), "--probe", os.path.join(output, "export_check"), *train_argv]
     log = subprocess.run(command, capture_output=True, text=True)
     if log.returncode:
         return {"error": (log.stdout + log.stderr)[-1500:]}
-    ranks = [json.load(open(os.path.join(args.workdir, name))) for name in sorted(os.listdir(args.workdir))
-             if name.startswith(f"export_check_{mode}.rank")]
+    ranks = [json.load(open(os.path.join(output, name))) for name in sorted(os.listdir(output))
+             if name.startswith("export_check.rank")]
     ok = all(not r["missing_from_export"] and not r["extra_in_export"] and not r["num_mismatched"]
              and not r["zero_initialised_not_moved"] for r in ranks)
     return {"ok": ok and len(ranks) == ranks[0]["world_size"], "ranks": ranks}
@@ -126,11 +126,7 @@ def main():
         return
     args = parse_args()
     os.makedirs(args.out, exist_ok=True)
-    model = args.model or os.path.join(args.workdir, "random-cosmos-2b")
-    if not os.path.isfile(os.path.join(model, "model_index.json")):
-        import make_random_cosmos
-
-        make_random_cosmos.main(make_random_cosmos.parse_args(["--size", "2b", "--output_dir", model]))
+    model = args.model or bench_train.random_2b_checkpoint(args.workdir)
     from diffusers import CosmosTransformer3DModel
 
     text_dim = CosmosTransformer3DModel.load_config(model, subfolder="transformer")["text_embed_dim"]

@@ -53,11 +53,7 @@ def main():
     parser.add_argument("--out", required=True, help="Where fsdp_resume.json and the log go.")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    model = os.path.join(args.workdir, "random-cosmos-2b")
-    if not os.path.isfile(os.path.join(model, "model_index.json")):
-        import make_random_cosmos
-
-        make_random_cosmos.main(make_random_cosmos.parse_args(["--size", "2b", "--output_dir", model]))
+    model = bench_train.random_2b_checkpoint(args.workdir)
     cache = os.path.join(args.workdir, "cache_61x256x448")
     bench_train.write_synthetic_cache(cache, model, 61, 256, 448)
     log = os.path.join(args.out, "fsdp_resume.log")
