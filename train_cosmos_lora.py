@@ -27,7 +27,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -644,6 +644,7 @@ def main(args):
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),  # batches come pinned: copy them asynchronously
         dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if args.compile else None,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir,

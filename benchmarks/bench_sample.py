@@ -54,7 +54,7 @@ def timed(fn, repeats):
 
 
 def kernel_ms_by_category(fn):
-    from profile_step import category
+    from profile_train import category
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()

@@ -60,6 +60,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=14, help="Optimizer steps per run.")
     parser.add_argument("--warmup", type=int, default=6, help="Leading steps left out of the averages (compile).")
     parser.add_argument("--timeout", type=int, default=400, help="Seconds one run may take.")
+    parser.add_argument("--script", default=os.path.join(REPO, "train_cosmos_lora.py"),
+                        help="Training script to run (a copy being tuned, say).")
     return parser.parse_args()
 
 
@@ -117,6 +119,17 @@ def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48, 
     cache_latents.write_cache_info(path, config)
 
 
+def synthetic_cache_for(model_dir, workdir):
+    """A synthetic cache at the reference clip for the 2B model, or at a small clip for a tiny one; its path."""
+    from diffusers import CosmosTransformer3DModel
+
+    text_dim = CosmosTransformer3DModel.load_config(model_dir, subfolder="transformer")["text_embed_dim"]
+    size = REFERENCE if text_dim == 1024 else (9, 64, 112)
+    cache = os.path.join(workdir, "cache_{}x{}x{}".format(*size))
+    write_synthetic_cache(cache, model_dir, *size, text_dim=text_dim)
+    return cache
+
+
 def run_config(name, args, model_dir, gpus):
     num_gpus, config_file, launch_flags, extra, (frames, height, width), batch = CONFIGS[name]
     cache = os.path.join(args.workdir, f"cache_{frames}x{height}x{width}")
@@ -124,7 +137,7 @@ def run_config(name, args, model_dir, gpus):
     subprocess.run(["rm", "-rf", output], check=True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(REPO, "accelerate_configs", config_file), "--num_processes", str(num_gpus),
-           *launch_flags, os.path.join(REPO, "train_cosmos_lora.py"), "--pretrained_model_name_or_path", model_dir,
+           *launch_flags, os.path.abspath(args.script), "--pretrained_model_name_or_path", model_dir,
            "--cache_dir", cache, "--output_dir", output, "--max_train_steps", str(args.steps),
            "--checkpointing_steps", "100000", "--num_validation_clips", "0", "--report_to", "none",
            "--train_batch_size", str(batch), "--dataloader_num_workers", "4", "--lr_scheduler", "constant", *extra]

@@ -127,12 +127,7 @@ def main():
     args = parse_args()
     os.makedirs(args.out, exist_ok=True)
     model = args.model or bench_train.random_2b_checkpoint(args.workdir)
-    from diffusers import CosmosTransformer3DModel
-
-    text_dim = CosmosTransformer3DModel.load_config(model, subfolder="transformer")["text_embed_dim"]
-    size = (61, 256, 448) if text_dim == 1024 else (9, 64, 112)  # the reference clip, or a small one for a tiny model
-    cache = os.path.join(args.workdir, "cache_{}x{}x{}".format(*size))
-    bench_train.write_synthetic_cache(cache, model, *size, text_dim=text_dim)
+    cache = bench_train.synthetic_cache_for(model, args.workdir)
     results = {"config_file": os.path.basename(args.config_file), "steps": args.steps}
     for mode in args.modes:
         results[mode] = run_mode(args, model, cache, mode)

@@ -356,3 +356,37 @@ def test_two_process_export_holds_what_each_rank_trained(tiny_model, tmp_path):
     assert check.get("ok"), check
     assert [r["rank"] for r in check["ranks"]] == [0, 1]
     assert all(r["trainable"] == r["exported"] == 29 for r in check["ranks"])
+
+
+def test_profile_summary_splits_busy_idle_and_exposed_communication():
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from profile_train import summarize_trace
+
+    events = [  # microseconds; one step of 1.2 ms
+        {"cat": "kernel", "name": "sm90_xmma_gemm", "ts": 0, "dur": 100, "tid": 7},
+        {"cat": "kernel", "name": "ncclDevKernel_AllGather", "ts": 50, "dur": 200, "tid": 8},  # 150 us exposed
+        {"cat": "kernel", "name": "cudnn_flash_fwd", "ts": 600, "dur": 400, "tid": 7},  # after a 350 us gap
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 0, "dur": 5, "tid": 1},
+        {"cat": "cpu_op", "name": "training step", "ts": 0, "dur": 1200, "tid": 1},
+        {"cat": "cpu_op", "name": "aten::item", "ts": 240, "dur": 400, "tid": 1},
+        {"cat": "cpu_op", "name": "pin_memory", "ts": 300, "dur": 10, "tid": 99},  # not a launching thread
+    ]
+    summary = summarize_trace(events, steps=1, wall_s=0.0012)
+    assert summary["kernel_ms"] == {"attention": 0.4, "communication": 0.2, "matmul": 0.1}
+    assert summary["gpu_busy_ms"] == 0.7 and summary["gpu_idle_ms"] == 0.5
+    assert summary["exposed_communication_ms"] == 0.1  # 150 us, rounded to 0.1 ms
+    assert summary["largest_gaps"] == [{"ms": 0.35, "at_ms": 0.25, "host": "aten::item"}]
+
+
+def test_profile_runs_the_real_script_on_every_rank(tiny_model, tmp_path):
+    """benchmarks/profile_train.py (3 GPUs under FSDP2 for the benchmark) on 2 CPU processes: one report per rank."""
+    result = run_script("benchmarks/profile_train.py", "--workdir", tmp_path, "--out", tmp_path, "--model", tiny_model,
+                        "--configs", "cpu_2proc.yaml", "--warmup", 2, "--profile_steps", 2,
+                        "--train_args", "--train_batch_size", 1, env=TWO_CPU_PROCESSES, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = json.loads((tmp_path / "profile_cpu_2proc.json").read_text())["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["steps"] == 2 and r["step_ms"] > 0 and r["python_gc_runs"] >= 0 for r in ranks)
+    assert (tmp_path / "profile_runs" / "cpu_2proc" / "trace_rank1.json").is_file()
