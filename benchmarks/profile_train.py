@@ -7,7 +7,8 @@ profile_<config>.json (one summary per rank) plus each rank's Chrome trace in th
 - wall time, and kernel time by category (attention, matmul, communication, elementwise and other);
 - GPU busy time (some kernel on some stream) and idle time (none at all);
 - exposed communication: time when only communication kernels run, which includes waiting for a slower rank;
-- the largest idle gaps, each with the innermost CPU work running during it (data loading, a host sync, launching).
+- the largest idle gaps, each with the innermost CPU work running during it (data loading, a host sync, launching);
+- host time spent in Python's garbage collector.
 
     python benchmarks/profile_train.py --workdir /tmp/bench --out results/ --configs single_gpu.yaml fsdp3.yaml
 """
