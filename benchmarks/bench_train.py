@@ -119,20 +119,24 @@ def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48, 
     cache_latents.write_cache_info(path, config)
 
 
+def cache_path(workdir, frames, height, width):
+    return os.path.join(workdir, f"cache_{frames}x{height}x{width}")
+
+
 def synthetic_cache_for(model_dir, workdir):
     """A synthetic cache at the reference clip for the 2B model, or at a small clip for a tiny one; its path."""
     from diffusers import CosmosTransformer3DModel
 
     text_dim = CosmosTransformer3DModel.load_config(model_dir, subfolder="transformer")["text_embed_dim"]
     size = REFERENCE if text_dim == 1024 else (9, 64, 112)
-    cache = os.path.join(workdir, "cache_{}x{}x{}".format(*size))
+    cache = cache_path(workdir, *size)
     write_synthetic_cache(cache, model_dir, *size, text_dim=text_dim)
     return cache
 
 
 def run_config(name, args, model_dir, gpus):
     num_gpus, config_file, launch_flags, extra, (frames, height, width), batch = CONFIGS[name]
-    cache = os.path.join(args.workdir, f"cache_{frames}x{height}x{width}")
+    cache = cache_path(args.workdir, frames, height, width)
     output = os.path.join(args.workdir, "runs", name)
     subprocess.run(["rm", "-rf", output], check=True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -227,8 +231,7 @@ def main(args):
     print(f"bf16 matmul peak: {args.peak} TFLOP/s", flush=True)
     model_dir = random_2b_checkpoint(args.workdir)
     for name in args.configs:
-        write_synthetic_cache(os.path.join(args.workdir, "cache_{}x{}x{}".format(*CONFIGS[name][4])), model_dir,
-                              *CONFIGS[name][4])
+        write_synthetic_cache(cache_path(args.workdir, *CONFIGS[name][4]), model_dir, *CONFIGS[name][4])
     count = torch.cuda.device_count()
     single = [n for n in args.configs if CONFIGS[n][0] == 1]
     multi = [n for n in args.configs if CONFIGS[n][0] > 1]

@@ -71,10 +71,6 @@ def merge_intervals(intervals):
     return merged
 
 
-def covered(intervals):
-    return sum(end - start for start, end in merge_intervals(intervals))
-
-
 def host_work_at(cpu_events, threads, times):
     """For each time, the name of the shortest CPU event running then on a kernel-launching thread (what the host
     was doing), else on another thread ('other thread: ...'), else 'nothing traced'."""
@@ -114,8 +110,9 @@ def summarize_trace(events, steps, wall_s, top_gaps=8, min_gap_us=100):
         by_category[category(e["name"])] = by_category.get(category(e["name"]), 0) + e["dur"]
     everything = [(e["ts"], e["ts"] + e["dur"]) for e in kernels]
     compute = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if category(e["name"]) != "communication"]
-    busy, busy_compute = covered(everything), covered(compute)
     merged = merge_intervals(everything)
+    busy = sum(end - start for start, end in merged)
+    busy_compute = sum(end - start for start, end in merge_intervals(compute))
     gaps = [(nxt[0] - prev[1], prev[1], nxt[0]) for prev, nxt in zip(merged, merged[1:])
             if nxt[0] - prev[1] >= min_gap_us]
     hosts = host_work_at(cpu_events, threads, [(start + end) / 2 for _, start, end in gaps])
