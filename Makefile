@@ -17,8 +17,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 PY=$(PY) DEMO=$(DEMO) bash tools/demo.sh
 
+# Format and lint first (a violation fails the run), then the suite; prints how long it all took.
 test: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	@start=$$(date +%s); \
+	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check . && \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests; status=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s"; exit $$status
 
 clean:
 	rm -rf $(DEMO)

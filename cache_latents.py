@@ -30,87 +30,137 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from cosmos_utils import (
-    CACHE_INFO,
+from cosmos_cache import (
     TEXT_EMBEDS_DIR,
+    atomic_save,
+    atomic_write_text,
+    cache_config,
     caption_hash,
+    check_cache_compatible,
+    clip_file_name,
+    rebuild_manifest,
+    remove_stale_temp_files,
+    text_embed_path,
+    verify_cache,
+    write_cache_info,
+    write_clips,
+)
+from cosmos_model import encode_prompts, normalize_latents
+from cosmos_video import (
     check_clip_geometry,
     decode_frames,
-    encode_prompts,
     fit_frames,
     frames_to_vae_input,
-    latent_shape,
-    normalize_latents,
     open_video,
     plan_clips,
     probe_video,
-    read_manifest,
-    shard_dirs,
-    text_embed_path,
-    vae_normalization,
 )
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov")
 DEFAULT_PROMPT = "An egocentric video from a head-mounted camera of a worker's hands doing manual work in a factory."
 # Settings that must match for clips to share one cache.
-CACHE_CONFIG_KEYS = ("num_frames", "fps", "height", "width", "resize_mode", "latent_shape", "vae_normalization")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained_model_name_or_path", default="nvidia/Cosmos-Predict2-2B-Video2World",
-                        help="Hub id or local diffusers directory of a Cosmos-Predict2 Video2World checkpoint. "
-                             "Its vae/, text_encoder/ and tokenizer/ are used.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        default="nvidia/Cosmos-Predict2-2B-Video2World",
+        help="Hub id or local diffusers directory of a Cosmos-Predict2 Video2World checkpoint. "
+        "Its vae/, text_encoder/ and tokenizer/ are used.",
+    )
     parser.add_argument("--output_dir", required=True, help="Cache directory to create or complete.")
     source = parser.add_argument_group("source (exactly one, except with --verify alone)")
     source.add_argument("--video_dir", help="Local folder searched recursively for .mp4/.mkv/.webm/.mov files.")
-    source.add_argument("--tars", help="Glob of local WebDataset tar shards holding KEY.mp4 (+ KEY.json), "
-                                       "e.g. '/data/ego/factory*/**/*.tar'.")
-    source.add_argument("--dataset", help="Hugging Face dataset id (or local dataset folder) streamed with "
-                                          "`datasets`, e.g. builddotai/Egocentric-100K. Gated datasets read the "
-                                          "token from the environment (HF_TOKEN or `hf auth login`).")
-    source.add_argument("--data_files", default=None, help="With --dataset: glob of files to stream, e.g. "
-                                                            "'factory001/**/*.tar'.")
+    source.add_argument(
+        "--tars",
+        help="Glob of local WebDataset tar shards holding KEY.mp4 (+ KEY.json), e.g. '/data/ego/factory*/**/*.tar'.",
+    )
+    source.add_argument(
+        "--dataset",
+        help="Hugging Face dataset id (or local dataset folder) streamed with "
+        "`datasets`, e.g. builddotai/Egocentric-100K. Gated datasets read the "
+        "token from the environment (HF_TOKEN or `hf auth login`).",
+    )
+    source.add_argument(
+        "--data_files", default=None, help="With --dataset: glob of files to stream, e.g. 'factory001/**/*.tar'."
+    )
     source.add_argument("--split", default="train", help="With --dataset: split to stream.")
     source.add_argument("--video_column", default="mp4", help="With --tars/--dataset: column holding the video.")
     clips = parser.add_argument_group("clips")
-    clips.add_argument("--num_frames", type=int, default=61, help="Frames per clip; must be 4k+1 (61 -> 16 latent "
-                                                                   "frames).")
+    clips.add_argument(
+        "--num_frames", type=int, default=61, help="Frames per clip; must be 4k+1 (61 -> 16 latent frames)."
+    )
     clips.add_argument("--fps", type=float, default=8.0, help="Frame rate the clips are resampled to.")
     clips.add_argument("--height", type=int, default=256, help="Clip height in pixels, a multiple of 16.")
-    clips.add_argument("--width", type=int, default=448, help="Clip width in pixels, a multiple of 16 (456-wide "
-                                                              "Egocentric-100K videos are centre-cropped to 448).")
-    clips.add_argument("--resize_mode", choices=["crop", "resize"], default="crop",
-                       help="crop: scale to cover the target size and centre-crop; resize: stretch to it.")
-    clips.add_argument("--clip_stride_seconds", type=float, default=None,
-                       help="Seconds between clip starts within a video. Default: the clip length (back to back).")
+    clips.add_argument(
+        "--width",
+        type=int,
+        default=448,
+        help="Clip width in pixels, a multiple of 16 (456-wide Egocentric-100K videos are centre-cropped to 448).",
+    )
+    clips.add_argument(
+        "--resize_mode",
+        choices=["crop", "resize"],
+        default="crop",
+        help="crop: scale to cover the target size and centre-crop; resize: stretch to it.",
+    )
+    clips.add_argument(
+        "--clip_stride_seconds",
+        type=float,
+        default=None,
+        help="Seconds between clip starts within a video. Default: the clip length (back to back).",
+    )
     clips.add_argument("--max_clips_per_video", type=int, default=None, help="Cap on clips taken from one video.")
     text = parser.add_argument_group("captions")
-    text.add_argument("--prompt", default=DEFAULT_PROMPT,
-                      help="Caption for videos without one (Egocentric-100K has no captions).")
-    text.add_argument("--caption_field", default="caption",
-                      help="Field read from KEY.json sidecars, the tar json, or --captions_file rows.")
-    text.add_argument("--captions_file", default=None,
-                      help="jsonl or csv with a `key` column and the --caption_field column; keys are video keys "
-                           "(folder: path relative to --video_dir without extension; tars: the member name).")
+    text.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="Caption for videos without one (Egocentric-100K has no captions)."
+    )
+    text.add_argument(
+        "--caption_field",
+        default="caption",
+        help="Field read from KEY.json sidecars, the tar json, or --captions_file rows.",
+    )
+    text.add_argument(
+        "--captions_file",
+        default=None,
+        help="jsonl or csv with a `key` column and the --caption_field column; keys are video keys "
+        "(folder: path relative to --video_dir without extension; tars: the member name).",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--batch_size", type=int, default=8, help="Clips per VAE encode call.")
-    run.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
-                     help="DataLoader workers decoding videos (0 decodes in the main process).")
-    run.add_argument("--vae_dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                     help="VAE and T5 compute dtype; auto is bfloat16 on GPU and float32 on CPU.")
-    run.add_argument("--num_shards", type=int, default=None,
-                     help="Split the videos into this many disjoint shards. Default: SLURM_ARRAY_TASK_COUNT or 1.")
-    run.add_argument("--shard_index", type=int, default=None,
-                     help="Which shard this run caches (0-based). Default: SLURM_ARRAY_TASK_ID minus "
-                          "SLURM_ARRAY_TASK_MIN, or 0.")
-    run.add_argument("--verify", action="store_true",
-                     help="Check every file of the cache and print its statistics. Alone (no source) it only "
-                          "verifies; with a source it verifies after caching.")
+    run.add_argument(
+        "--num_workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="DataLoader workers decoding videos (0 decodes in the main process).",
+    )
+    run.add_argument(
+        "--vae_dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="VAE and T5 compute dtype; auto is bfloat16 on GPU and float32 on CPU.",
+    )
+    run.add_argument(
+        "--num_shards",
+        type=int,
+        default=None,
+        help="Split the videos into this many disjoint shards. Default: SLURM_ARRAY_TASK_COUNT or 1.",
+    )
+    run.add_argument(
+        "--shard_index",
+        type=int,
+        default=None,
+        help="Which shard this run caches (0-based). Default: SLURM_ARRAY_TASK_ID minus SLURM_ARRAY_TASK_MIN, or 0.",
+    )
+    run.add_argument(
+        "--verify",
+        action="store_true",
+        help="Check every file of the cache and print its statistics. Alone (no source) it only "
+        "verifies; with a source it verifies after caching.",
+    )
     args = parser.parse_args(argv)
     resolve_shard_args(args)
     return args
@@ -137,8 +187,9 @@ def validate_args(args):
     if args.clip_stride_seconds is not None and args.clip_stride_seconds <= 0:
         raise ValueError(f"--clip_stride_seconds must be positive, got {args.clip_stride_seconds}")
     if not 0 <= args.shard_index < args.num_shards:
-        raise ValueError(f"--shard_index {args.shard_index} is outside 0..{args.num_shards - 1} (--num_shards "
-                         f"{args.num_shards})")
+        raise ValueError(
+            f"--shard_index {args.shard_index} is outside 0..{args.num_shards - 1} (--num_shards {args.num_shards})"
+        )
     if args.video_dir and not os.path.isdir(args.video_dir):
         raise FileNotFoundError(f"--video_dir {args.video_dir} is not a directory")
     if args.tars and not glob.glob(args.tars, recursive=True):
@@ -222,10 +273,6 @@ def iter_part_videos(args, captions, part, num_parts):
         yield key, video, captions.get(key) or meta.get(args.caption_field) or args.prompt
 
 
-def clip_file_name(key, clip_index):
-    return f"{key.replace('/', '--')}__{clip_index:03d}.safetensors"
-
-
 class VideoClips(torch.utils.data.IterableDataset):
     """Decodes this process's videos in DataLoader workers and yields clips still missing from the cache.
 
@@ -241,8 +288,9 @@ class VideoClips(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # Worker w of process-part p reads sub-part p + w * num_parts of num_parts * num_workers.
-        videos = iter_part_videos(self.args, self.captions, self.part + worker * self.num_parts,
-                                  self.num_parts * num_workers)
+        videos = iter_part_videos(
+            self.args, self.captions, self.part + worker * self.num_parts, self.num_parts * num_workers
+        )
         for key, video, caption in videos:
             try:
                 yield from self.video_clips(key, video, caption)
@@ -253,44 +301,48 @@ class VideoClips(torch.utils.data.IterableDataset):
         a = self.args
         with open_video(video) as container:
             num_source_frames, source_fps = probe_video(container)
-            clips = plan_clips(num_source_frames, source_fps, a.num_frames, a.fps, a.clip_stride_seconds,
-                               a.max_clips_per_video)
+            clips = plan_clips(
+                num_source_frames, source_fps, a.num_frames, a.fps, a.clip_stride_seconds, a.max_clips_per_video
+            )
             if not clips:
-                yield {"key": key, "error": f"too short: {num_source_frames / source_fps:.2f} s, a clip needs "
-                                            f"{(a.num_frames - 1) / a.fps:.2f} s"}
+                yield {
+                    "key": key,
+                    "error": f"too short: {num_source_frames / source_fps:.2f} s, a clip needs "
+                    f"{(a.num_frames - 1) / a.fps:.2f} s",
+                }
                 return
-            todo = [c for c in range(len(clips))
-                    if not os.path.exists(os.path.join(self.shard_dir, clip_file_name(key, c)))]
+            todo = [
+                c
+                for c in range(len(clips))
+                if not os.path.exists(os.path.join(self.shard_dir, clip_file_name(key, c)))
+            ]
             if not todo:
                 yield {"skipped": len(clips)}
                 return
             frames = decode_frames(container, {i for c in todo for i in clips[c]})
         for c in todo:
             if clips[c][-1] not in frames:
-                yield {"key": key, "error": f"truncated: clip {c} needs frame {clips[c][-1]}, decoded "
-                                            f"{len(frames)} wanted frames"}
+                yield {
+                    "key": key,
+                    "error": f"truncated: clip {c} needs frame {clips[c][-1]}, decoded {len(frames)} wanted frames",
+                }
                 break
-            clip = fit_frames(torch.stack([torch.from_numpy(frames[i]) for i in clips[c]]), a.height, a.width,
-                              a.resize_mode)
-            yield {"key": key, "clip_index": c, "frames": clip, "caption": caption,
-                   "start_seconds": clips[c][0] / source_fps, "source_fps": source_fps}
+            clip = fit_frames(
+                torch.stack([torch.from_numpy(frames[i]) for i in clips[c]]), a.height, a.width, a.resize_mode
+            )
+            yield {
+                "key": key,
+                "clip_index": c,
+                "frames": clip,
+                "caption": caption,
+                "start_seconds": clips[c][0] / source_fps,
+                "source_fps": source_fps,
+            }
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Encoding and writing
 # ----------------------------------------------------------------------------------------------------------------
-def atomic_save(tensors, path, metadata=None):
-    """Write safetensors to a temporary name and rename it, so a killed job never leaves a partial file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path, text):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -324,121 +376,9 @@ class TextEmbedCache:
         return hash_
 
 
-def write_clips(batch, latents, caption_hashes, shard_dir, args):
-    for item, latent, hash_ in zip(batch, latents, caption_hashes):
-        metadata = {
-            "key": item["key"], "clip_index": str(item["clip_index"]), "start_seconds": f"{item['start_seconds']:.4f}",
-            "source_fps": f"{item['source_fps']:.4f}", "fps": str(args.fps), "num_frames": str(args.num_frames),
-            "height": str(args.height), "width": str(args.width), "caption_hash": hash_,
-            "model": args.pretrained_model_name_or_path,
-        }
-        atomic_save({"latents": latent.contiguous()}, os.path.join(shard_dir, clip_file_name(item["key"],
-                                                                                              item["clip_index"])),
-                    metadata)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Cache bookkeeping
 # ----------------------------------------------------------------------------------------------------------------
-def cache_config(args, vae_config, text_dim):
-    return {
-        "num_frames": args.num_frames, "fps": args.fps, "height": args.height, "width": args.width,
-        "resize_mode": args.resize_mode, "latent_shape": latent_shape(args.num_frames, args.height, args.width,
-                                                                      vae_config["z_dim"]),
-        "latent_dtype": "bfloat16", "text_embed_shape": [512, text_dim],
-        "vae_normalization": vae_normalization(vae_config), "model": args.pretrained_model_name_or_path,
-    }
-
-
-def check_cache_compatible(output_dir, config):
-    path = os.path.join(output_dir, CACHE_INFO)
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        existing = json.load(f)
-    for key in CACHE_CONFIG_KEYS:
-        if existing.get(key) != config[key]:
-            raise ValueError(f"{output_dir} was cached with {key}={existing.get(key)}, this run asks for "
-                             f"{config[key]}; use a new --output_dir")
-
-
-def write_cache_info(output_dir, config):
-    """cache_info.json: the config plus counts over all shards (safe to rewrite from any array task)."""
-    clips = [row for shard in shard_dirs(output_dir) for row in read_manifest(shard)]
-    info = dict(config, num_clips=len(clips), num_videos=len({row["key"] for row in clips}),
-                num_shards=len(shard_dirs(output_dir)))
-    atomic_write_text(os.path.join(output_dir, CACHE_INFO), json.dumps(info, indent=2))
-    return info
-
-
-def rebuild_manifest(shard_dir):
-    """Rewrite manifest.jsonl from the clip files present, reading only headers of files it does not list yet."""
-    rows = {row["file"]: row for row in read_manifest(shard_dir)}
-    files = sorted(f for f in os.listdir(shard_dir) if f.endswith(".safetensors"))
-    for name in files:
-        if name not in rows:
-            with safe_open(os.path.join(shard_dir, name), "pt") as f:
-                meta = f.metadata()
-            rows[name] = {"file": name, "key": meta["key"], "clip_index": int(meta["clip_index"]),
-                          "start_seconds": float(meta["start_seconds"]), "caption_hash": meta["caption_hash"]}
-    atomic_write_text(os.path.join(shard_dir, "manifest.jsonl"),
-                      "".join(json.dumps(rows[name]) + "\n" for name in files))
-    return len(files)
-
-
-def remove_stale_temp_files(directory):
-    for path in glob.glob(os.path.join(directory, "*.tmp")):
-        os.remove(path)
-
-
-def verify_cache(output_dir):
-    """Check every clip and text file; return (statistics, problems)."""
-    with open(os.path.join(output_dir, CACHE_INFO)) as f:
-        info = json.load(f)
-    problems, num_clips, keys, clip_bytes, failures = [], 0, set(), 0, 0
-    hashes = set()
-    for shard in shard_dirs(output_dir):
-        listed = {row["file"] for row in read_manifest(shard)}
-        for name in sorted(f for f in os.listdir(shard) if f.endswith(".safetensors")):
-            path = os.path.join(shard, name)
-            try:
-                with safe_open(path, "pt") as f:
-                    latents, meta = f.get_tensor("latents"), f.metadata()
-            except Exception as error:
-                problems.append(f"{path}: unreadable ({error})")
-                continue
-            if list(latents.shape) != info["latent_shape"] or latents.dtype != torch.bfloat16:
-                problems.append(f"{path}: {latents.dtype} {list(latents.shape)}, expected bfloat16 "
-                                f"{info['latent_shape']}")
-            elif not torch.isfinite(latents).all():
-                problems.append(f"{path}: holds NaN or inf")
-            if name not in listed:
-                problems.append(f"{path}: missing from the shard manifest")
-            num_clips += 1
-            keys.add(meta["key"])
-            hashes.add(meta["caption_hash"])
-            clip_bytes += os.path.getsize(path)
-        report = os.path.join(shard, "report.json")
-        if os.path.isfile(report):
-            with open(report) as f:
-                failures += len(json.load(f)["failures"])
-    for hash_ in sorted(hashes):
-        path = text_embed_path(output_dir, hash_)
-        try:
-            with safe_open(path, "pt") as f:
-                embeds = f.get_tensor("prompt_embeds")
-            if list(embeds.shape) != info["text_embed_shape"] or not torch.isfinite(embeds.float()).all():
-                problems.append(f"{path}: shape {list(embeds.shape)} or values are wrong")
-        except Exception as error:
-            problems.append(f"{path}: unreadable or missing ({error})")
-    clip_seconds = info["num_frames"] / info["fps"]
-    stats = {
-        "clips": num_clips, "videos": len(keys), "shards": len(shard_dirs(output_dir)), "captions": len(hashes),
-        "video_hours": round(num_clips * clip_seconds / 3600, 4), "bytes": clip_bytes,
-        "bytes_per_clip": clip_bytes // max(num_clips, 1), "failed_videos_last_runs": failures,
-        "latent_shape": info["latent_shape"], "problems": len(problems),
-    }
-    return stats, problems
 
 
 def print_verify(output_dir):
@@ -454,8 +394,11 @@ def load_models(args, device):
     from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, T5EncoderModel
 
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.vae_dtype]
+    dtype = {
+        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+    }[args.vae_dtype]
     path = args.pretrained_model_name_or_path
     vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype).to(device).eval()
     vae.requires_grad_(False)
@@ -481,8 +424,12 @@ def cache_videos(args, accelerator):
     captions = read_captions_file(args.captions_file, args.caption_field) if args.captions_file else {}
     num_parts = args.num_shards * accelerator.num_processes
     part = args.shard_index * accelerator.num_processes + accelerator.process_index
-    loader = torch.utils.data.DataLoader(VideoClips(args, shard_dir, captions, part, num_parts), batch_size=None,
-                                         num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        VideoClips(args, shard_dir, captions, part, num_parts),
+        batch_size=None,
+        num_workers=args.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     text_cache = TextEmbedCache(args.output_dir, tokenizer, text_encoder)
     written, skipped, failures, batch = 0, 0, [], []
     start = time.time()
@@ -494,7 +441,7 @@ def cache_videos(args, accelerator):
         nonlocal written
         hashes = [text_cache.ensure(item["caption"]) for item in batch]
         latents = encode_clips(vae, [item["frames"] for item in batch], vae.config)
-        pending.append(writer.submit(write_clips, list(batch), latents, hashes, shard_dir, args))
+        pending.append(writer.submit(write_clips, list(batch), latents, hashes, shard_dir, config))
         while len(pending) > 2:
             pending.popleft().result()  # re-raises a failed write here
         written += len(batch)
@@ -523,17 +470,22 @@ def cache_videos(args, accelerator):
     results = gather_object([{"written": written, "skipped": skipped, "failures": failures, "seconds": seconds}])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        report = {"written": sum(r["written"] for r in results), "already_cached": sum(r["skipped"] for r in results),
-                  "failures": [f for r in results for f in r["failures"]],
-                  "seconds": round(max(r["seconds"] for r in results), 2)}
+        report = {
+            "written": sum(r["written"] for r in results),
+            "already_cached": sum(r["skipped"] for r in results),
+            "failures": [f for r in results for f in r["failures"]],
+            "seconds": round(max(r["seconds"] for r in results), 2),
+        }
         report["clips_per_second"] = round(report["written"] / max(report["seconds"], 1e-9), 3)
         atomic_write_text(os.path.join(shard_dir, "report.json"), json.dumps(report, indent=2))
         rebuild_manifest(shard_dir)
         info = write_cache_info(args.output_dir, config)
-        print(f"shard {args.shard_index}/{args.num_shards}: wrote {report['written']} clips in {report['seconds']} s "
-              f"({report['clips_per_second']} clips/s), "
-              f"{report['already_cached']} already cached, {len(report['failures'])} videos skipped; "
-              f"cache holds {info['num_clips']} clips")
+        print(
+            f"shard {args.shard_index}/{args.num_shards}: wrote {report['written']} clips in {report['seconds']} s "
+            f"({report['clips_per_second']} clips/s), "
+            f"{report['already_cached']} already cached, {len(report['failures'])} videos skipped; "
+            f"cache holds {info['num_clips']} clips"
+        )
         return report
     return None
 

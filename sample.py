@@ -14,7 +14,6 @@ settings and PSNR/SSIM against the ground truth.
 
 import argparse
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -27,26 +26,26 @@ from PIL import Image
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from cosmos_utils import (
+from cosmos_cache import hold_out_clips, list_cached_clips, load_text_embeds, read_cache_info, text_embed_path
+from cosmos_model import (
+    decode_to_frames,
+    denoise_video2world,
+    encode_prompts,
+    load_finetuned_weights,
+    normalize_latents,
+)
+from cosmos_video import (
     VAE_TEMPORAL_FACTOR,
     check_clip_geometry,
     contact_sheet,
     decode_frames,
-    decode_to_frames,
-    denoise_video2world,
-    encode_prompts,
     fit_frames,
     frames_to_vae_input,
-    hold_out_clips,
-    list_cached_clips,
-    load_finetuned_weights,
-    load_text_embeds,
-    normalize_latents,
     open_video,
     plan_clips,
     probe_video,
-    read_cache_info,
-    text_embed_path,
+    read_mp4,
+    video_grid,
     write_mp4,
 )
 
@@ -63,52 +62,96 @@ def default_negative_prompt():
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained_model_name_or_path", default="nvidia/Cosmos-Predict2-2B-Video2World",
-                        help="Hub id or local diffusers directory of the base Cosmos-Predict2 Video2World model.")
-    parser.add_argument("--lora_path", default=None,
-                        help="A train_cosmos_lora.py output dir or one of its checkpoint-STEP dirs. Default: the base "
-                             "model alone.")
-    parser.add_argument("--lora_scale", type=float, default=1.0,
-                        help="Strength of the fine-tune (LoRA, adapters and proj_out): 0 is the base model.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        default="nvidia/Cosmos-Predict2-2B-Video2World",
+        help="Hub id or local diffusers directory of the base Cosmos-Predict2 Video2World model.",
+    )
+    parser.add_argument(
+        "--lora_path",
+        default=None,
+        help="A train_cosmos_lora.py output dir or one of its checkpoint-STEP dirs. Default: the base model alone.",
+    )
+    parser.add_argument(
+        "--lora_scale",
+        type=float,
+        default=1.0,
+        help="Strength of the fine-tune (LoRA, adapters and proj_out): 0 is the base model.",
+    )
     parser.add_argument("--fuse_lora", action="store_true", help="Fuse the LoRA into the weights for speed.")
     inputs = parser.add_argument_group("inputs")
-    inputs.add_argument("--input", nargs="*", default=[],
-                        help="Videos, images, cached clip .safetensors files, or folders of them; one job each.")
-    inputs.add_argument("--from_cache", default=None,
-                        help="A latent cache: generate from clips held out of training (the same choice "
-                             "train_cosmos_lora.py makes with the same --seed).")
+    inputs.add_argument(
+        "--input",
+        nargs="*",
+        default=[],
+        help="Videos, images, cached clip .safetensors files, or folders of them; one job each.",
+    )
+    inputs.add_argument(
+        "--from_cache",
+        default=None,
+        help="A latent cache: generate from clips held out of training (the same choice "
+        "train_cosmos_lora.py makes with the same --seed).",
+    )
     inputs.add_argument("--num_videos", type=int, default=4, help="With --from_cache: how many clips.")
-    inputs.add_argument("--num_conditioning_frames", type=int, choices=[1, 5], default=1,
-                        help="Video inputs condition on their first 1 or 5 frames (1 or 2 latent frames); cached "
-                             "clips on the same number of latent frames.")
+    inputs.add_argument(
+        "--num_conditioning_frames",
+        type=int,
+        choices=[1, 5],
+        default=1,
+        help="Video inputs condition on their first 1 or 5 frames (1 or 2 latent frames); cached "
+        "clips on the same number of latent frames.",
+    )
     gen = parser.add_argument_group("generation")
-    gen.add_argument("--prompt", default=None,
-                     help=f"Text prompt. Default: a cached clip's own caption, else {DEFAULT_PROMPT!r}.")
+    gen.add_argument(
+        "--prompt", default=None, help=f"Text prompt. Default: a cached clip's own caption, else {DEFAULT_PROMPT!r}."
+    )
     gen.add_argument("--negative_prompt", default=None, help="Negative prompt. Default: the diffusers pipeline's.")
     gen.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance (1 disables it).")
     gen.add_argument("--num_inference_steps", type=int, default=35, help="Denoising steps.")
-    gen.add_argument("--num_frames", type=int, default=61,
-                     help="Frames to generate (4k+1). Cached clips use their own length.")
+    gen.add_argument(
+        "--num_frames", type=int, default=61, help="Frames to generate (4k+1). Cached clips use their own length."
+    )
     gen.add_argument("--height", type=int, default=256, help="Height in pixels, a multiple of 16 (cached: own).")
     gen.add_argument("--width", type=int, default=448, help="Width in pixels, a multiple of 16 (cached: own).")
-    gen.add_argument("--fps", type=float, default=8.0,
-                     help="Frame rate video inputs are sampled at and the mp4s are written with (cached: own).")
-    gen.add_argument("--resize_mode", choices=["crop", "resize"], default="crop",
-                     help="How inputs are fitted to --height x --width, as in cache_latents.py.")
+    gen.add_argument(
+        "--fps",
+        type=float,
+        default=8.0,
+        help="Frame rate video inputs are sampled at and the mp4s are written with (cached: own).",
+    )
+    gen.add_argument(
+        "--resize_mode",
+        choices=["crop", "resize"],
+        default="crop",
+        help="How inputs are fitted to --height x --width, as in cache_latents.py.",
+    )
     gen.add_argument("--seed", type=int, default=0, help="Job i uses seed + i, whatever the batch or process count.")
     gen.add_argument("--batch_size", type=int, default=1, help="Jobs per denoising batch.")
-    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                     help="Model dtype; auto is bfloat16 on GPU and float32 on CPU.")
-    gen.add_argument("--compile", action="store_true",
-                     help="Compile each transformer block with torch.compile (1.7x faster on an H100; the first "
-                          "video pays the compile time).")
-    gen.add_argument("--attention_backend", default=None,
-                     help="diffusers attention backend, e.g. _native_cudnn or flash. Default: native SDPA.")
+    gen.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="Model dtype; auto is bfloat16 on GPU and float32 on CPU.",
+    )
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help="Compile each transformer block with torch.compile (1.7x faster on an H100; the first "
+        "video pays the compile time).",
+    )
+    gen.add_argument(
+        "--attention_backend",
+        default=None,
+        help="diffusers attention backend, e.g. _native_cudnn or flash. Default: native SDPA.",
+    )
     out = parser.add_argument_group("outputs")
     out.add_argument("--output_dir", required=True, help="Where the mp4s, grid, contact sheet and JSON go.")
-    out.add_argument("--disable_safety_checker", action="store_true",
-                     help="Skip NVIDIA's Cosmos guardrail (cosmos-guardrail). Only for offline tests; the model "
-                          "license does not allow bypassing it in use.")
+    out.add_argument(
+        "--disable_safety_checker",
+        action="store_true",
+        help="Skip NVIDIA's Cosmos guardrail (cosmos-guardrail). Only for offline tests; the model "
+        "license does not allow bypassing it in use.",
+    )
     return parser.parse_args(argv)
 
 
@@ -132,8 +175,12 @@ def expand_inputs(paths):
     files = []
     for path in paths:
         if os.path.isdir(path):
-            files += sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
-                            if f.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS + (".safetensors",)))
+            files += sorted(
+                os.path.join(root, f)
+                for root, _, names in os.walk(path)
+                for f in names
+                if f.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS + (".safetensors",))
+            )
         elif os.path.isfile(path):
             files.append(path)
         else:
@@ -153,18 +200,30 @@ def video_job(path, args):
                 raise ValueError(f"{path} has fewer than {args.num_conditioning_frames} frames at {args.fps} fps")
             indices = indices[0]
         decoded = decode_frames(container, set(indices))
-    frames = fit_frames(torch.stack([torch.from_numpy(decoded[i]) for i in indices]), args.height, args.width,
-                        args.resize_mode)
-    return Job(name=os.path.splitext(os.path.basename(path))[0], kind="video", source=path,
-               cond_frames=frames[:args.num_conditioning_frames], truth_frames=frames if clips else None,
-               shape=(args.num_frames, args.height, args.width), fps=args.fps)
+    frames = fit_frames(
+        torch.stack([torch.from_numpy(decoded[i]) for i in indices]), args.height, args.width, args.resize_mode
+    )
+    return Job(
+        name=os.path.splitext(os.path.basename(path))[0],
+        kind="video",
+        source=path,
+        cond_frames=frames[: args.num_conditioning_frames],
+        truth_frames=frames if clips else None,
+        shape=(args.num_frames, args.height, args.width),
+        fps=args.fps,
+    )
 
 
 def image_job(path, args):
     image = torch.from_numpy(np.array(Image.open(path).convert("RGB")))[None]
-    return Job(name=os.path.splitext(os.path.basename(path))[0], kind="image", source=path,
-               cond_frames=fit_frames(image, args.height, args.width, args.resize_mode),
-               shape=(args.num_frames, args.height, args.width), fps=args.fps)
+    return Job(
+        name=os.path.splitext(os.path.basename(path))[0],
+        kind="image",
+        source=path,
+        cond_frames=fit_frames(image, args.height, args.width, args.resize_mode),
+        shape=(args.num_frames, args.height, args.width),
+        fps=args.fps,
+    )
 
 
 def cached_job(path, cache_dir=None):
@@ -175,9 +234,15 @@ def cached_job(path, cache_dir=None):
     cache_dir = cache_dir or os.path.dirname(os.path.dirname(path))
     embeds_path = text_embed_path(cache_dir, meta["caption_hash"])
     embeds = load_text_embeds(embeds_path).float() if os.path.isfile(embeds_path) else None
-    return Job(name=os.path.splitext(os.path.basename(path))[0], kind="cached", source=path, latents=latents,
-               prompt_embeds=embeds, shape=(int(meta["num_frames"]), int(meta["height"]), int(meta["width"])),
-               fps=float(meta["fps"]))
+    return Job(
+        name=os.path.splitext(os.path.basename(path))[0],
+        kind="cached",
+        source=path,
+        latents=latents,
+        prompt_embeds=embeds,
+        shape=(int(meta["num_frames"]), int(meta["height"]), int(meta["width"])),
+        fps=float(meta["fps"]),
+    )
 
 
 def collect_jobs(args):
@@ -197,7 +262,7 @@ def collect_jobs(args):
         except (ValueError, FileNotFoundError):
             raise
         except Exception as error:
-            raise ValueError(f"cannot read --input {path}: {type(error).__name__}: {error}".splitlines()[0])
+            raise ValueError(f"cannot read --input {path}: {type(error).__name__}: {error}".splitlines()[0]) from None
     if args.from_cache:
         read_cache_info(args.from_cache)
         _, held = hold_out_clips(list_cached_clips(args.from_cache), args.num_videos, args.seed)
@@ -218,8 +283,11 @@ def load_pipeline_components(args, device):
     from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer, T5EncoderModel
 
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = {
+        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+    }[args.dtype]
     path = args.pretrained_model_name_or_path
     transformer = CosmosTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
     if args.lora_path:
@@ -233,9 +301,12 @@ def load_pipeline_components(args, device):
             block.compile()
     components = dict(
         transformer=transformer.to(device).eval().requires_grad_(False),
-        vae=AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype).to(device).eval()
+        vae=AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        .to(device)
+        .eval()
         .requires_grad_(False),
-        text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype).to(device)
+        text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
+        .to(device)
         .requires_grad_(False),
         tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
@@ -248,8 +319,10 @@ def load_safety_checker():
     try:
         from cosmos_guardrail import CosmosSafetyChecker
     except ImportError:
-        raise ValueError("the Cosmos guardrail is not installed: `pip install cosmos-guardrail`, or pass "
-                         "--disable_safety_checker for offline tests (the model license requires it in use)") from None
+        raise ValueError(
+            "the Cosmos guardrail is not installed: `pip install cosmos-guardrail`, or pass "
+            "--disable_safety_checker for offline tests (the model license requires it in use)"
+        ) from None
     return CosmosSafetyChecker()
 
 
@@ -295,9 +368,17 @@ def generate_latents(jobs, components, args, first_index):
     if args.guidance_scale > 1.0:
         text = [args.negative_prompt or default_negative_prompt()] * len(jobs)
         negative = encode_prompts(components["tokenizer"], components["text_encoder"], text, device).to(dtype)
-    latents = denoise_video2world(transformer, components["scheduler"], torch.cat(noises), torch.cat(cond_latents),
-                                  num_cond[0], prompt_embeds, negative, args.guidance_scale, args.num_inference_steps,
-                                  pixel_size=(height, width))
+    latents = denoise_video2world(
+        transformer,
+        components["scheduler"],
+        torch.cat(noises),
+        torch.cat(cond_latents),
+        num_cond[0],
+        prompt_embeds,
+        negative,
+        args.guidance_scale,
+        args.num_inference_steps,
+    )
     return latents, num_cond[0]
 
 
@@ -308,8 +389,9 @@ def prompt_embeddings(job, components, args):
     checker = components["safety_checker"]
     if checker is not None and not checker.check_text_safety(prompt):
         raise ValueError(f"the guardrail rejected the prompt {prompt!r}")
-    return encode_prompts(components["tokenizer"], components["text_encoder"], [prompt],
-                          components["transformer"].device)
+    return encode_prompts(
+        components["tokenizer"], components["text_encoder"], [prompt], components["transformer"].device
+    )
 
 
 def ground_truth(job, vae):
@@ -321,35 +403,28 @@ def ground_truth(job, vae):
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs and metrics
 # ----------------------------------------------------------------------------------------------------------------
-def read_mp4(path):
-    import imageio_ffmpeg
-
-    reader = imageio_ffmpeg.read_frames(path)
-    meta = reader.__next__()
-    width, height = meta["size"]
-    return np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
 
 
 def psnr(a, b):
     mse = F.mse_loss(a.float(), b.float())
-    return float("inf") if mse == 0 else float(10 * torch.log10(255.0 ** 2 / mse))
+    return float("inf") if mse == 0 else float(10 * torch.log10(255.0**2 / mse))
 
 
 def ssim(a, b):
     """Mean SSIM of uint8 frames [T, H, W, 3] (Gaussian window 11, sigma 1.5, per channel)."""
     x, y = (t.permute(0, 3, 1, 2).float() / 255 for t in (a, b))
     coords = torch.arange(11, dtype=torch.float32) - 5
-    g = torch.exp(-coords ** 2 / (2 * 1.5 ** 2))
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
     window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11)
 
     def blur(t):
         return F.conv2d(t, window, groups=3)
 
     mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2
+    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
     cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    c1, c2 = 0.01**2, 0.03**2
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return float(value.mean())
 
 
@@ -360,41 +435,33 @@ def frame_metrics(generated, truth, num_cond_pixel_frames):
     return {"psnr": psnr(gen, ref), "ssim": ssim(gen, ref)}
 
 
-def video_grid(videos):
-    """Tile videos [T, H, W, 3] (padded to the longest with their last frame) into one video."""
-    length = max(len(v) for v in videos)
-    height, width = max(v.shape[1] for v in videos), max(v.shape[2] for v in videos)
-    cols = math.ceil(math.sqrt(len(videos)))
-    rows = math.ceil(len(videos) / cols)
-    grid = np.zeros((length, rows * height, cols * width, 3), np.uint8)
-    for i, video in enumerate(videos):
-        video = np.concatenate([video, np.repeat(video[-1:], length - len(video), 0)])
-        r, c = divmod(i, cols)
-        grid[:, r * height:r * height + video.shape[1], c * width:c * width + video.shape[2]] = video
-    return grid
-
-
 def run_jobs(jobs, indices, components, args, progress):
     """Generate the given jobs in batches of equal shape; write their mp4s; return their results."""
     results = []
     for start in range(0, len(jobs), args.batch_size):
-        batch, batch_indices = jobs[start:start + args.batch_size], indices[start:start + args.batch_size]
+        batch, batch_indices = jobs[start : start + args.batch_size], indices[start : start + args.batch_size]
         if len({job.shape for job in batch}) > 1:
             raise ValueError("a batch mixes clip shapes; use --batch_size 1")
         latents, num_cond = generate_latents(batch, components, args, batch_indices[0])
         videos = decode_to_frames(components["vae"], latents)
-        for job, index, video in zip(batch, batch_indices, videos.numpy()):
+        for job, index, video in zip(batch, batch_indices, videos.numpy(), strict=True):
             if components["safety_checker"] is not None:
                 video = components["safety_checker"].check_video_safety(video)
-            result = {"index": index, "name": job.name, "input": job.source, "kind": job.kind, "fps": job.fps,
-                      "video": f"{job.name}.mp4"}
+            result = {
+                "index": index,
+                "name": job.name,
+                "input": job.source,
+                "kind": job.kind,
+                "fps": job.fps,
+                "video": f"{job.name}.mp4",
+            }
             write_mp4(os.path.join(args.output_dir, result["video"]), video, job.fps)
             truth = ground_truth(job, components["vae"])
             if truth is not None:
                 truth = truth.numpy()
                 num_cond_pixels = 1 if num_cond == 1 else 1 + VAE_TEMPORAL_FACTOR * (num_cond - 1)
                 result.update(frame_metrics(torch.from_numpy(video), torch.from_numpy(truth), num_cond_pixels))
-                side_by_side = np.concatenate([truth[:len(video)], video[:len(truth)]], axis=2)
+                side_by_side = np.concatenate([truth[: len(video)], video[: len(truth)]], axis=2)
                 result["side_by_side"] = f"{job.name}_truth_vs_generated.mp4"
                 write_mp4(os.path.join(args.output_dir, result["side_by_side"]), side_by_side, job.fps)
             results.append(result)

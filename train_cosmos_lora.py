@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import yaml
@@ -31,25 +32,19 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, Torc
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from cosmos_utils import (
-    ADAPTER_WEIGHTS,
-    LORA_WEIGHTS,
+from cosmos_cache import hold_out_clips, list_cached_clips, load_text_embeds, read_cache_info, text_embed_path
+from cosmos_model import (
     SIGMA_CONDITIONING,
-    VAE_SPATIAL_FACTOR,
     add_temporal_adapters,
-    contact_sheet,
     decode_to_frames,
     denoise_video2world,
-    hold_out_clips,
-    list_cached_clips,
-    load_text_embeds,
     lora_config,
-    read_cache_info,
+    predict_velocity,
+    read_exported_weights,
     save_finetuned_weights,
-    text_embed_path,
     vae_normalization,
-    write_mp4,
 )
+from cosmos_video import contact_sheet, write_mp4
 
 logger = get_logger(__name__)
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGUSR1; the SLURM wrapper requeues the job
@@ -59,84 +54,158 @@ VALIDATION_TIMESTEPS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None,
-                        help="YAML file of defaults (keys are these flags without dashes); command-line flags win.")
-    parser.add_argument("--pretrained_model_name_or_path", default="nvidia/Cosmos-Predict2-2B-Video2World",
-                        help="Hub id or local diffusers directory of the base Cosmos-Predict2 Video2World model.")
-    parser.add_argument("--cache_dir", nargs="+", default=None,
-                        help="One or more latent caches from cache_latents.py, each `PATH`, `PATH:WEIGHT` or "
-                             "`NAME=PATH:WEIGHT`, e.g. `ego=/c/ego:0.7 other=/c/other:0.3`. Weights set how often each "
-                             "cache is drawn (default: in proportion to its size).")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML file of defaults (keys are these flags without dashes); command-line flags win.",
+    )
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        default="nvidia/Cosmos-Predict2-2B-Video2World",
+        help="Hub id or local diffusers directory of the base Cosmos-Predict2 Video2World model.",
+    )
+    parser.add_argument(
+        "--cache_dir",
+        nargs="+",
+        default=None,
+        help="One or more latent caches from cache_latents.py, each `PATH`, `PATH:WEIGHT` or "
+        "`NAME=PATH:WEIGHT`, e.g. `ego=/c/ego:0.7 other=/c/other:0.3`. Weights set how often each "
+        "cache is drawn (default: in proportion to its size).",
+    )
     parser.add_argument("--output_dir", default="outputs/cosmos-lora", help="Where checkpoints and weights go.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for data order, noise and held-out clips.")
 
     model = parser.add_argument_group("what trains")
     model.add_argument("--lora_rank", type=int, default=16, help="LoRA rank.")
     model.add_argument("--lora_alpha", type=float, default=32, help="LoRA alpha (the update is scaled by alpha/rank).")
-    model.add_argument("--lora_target_modules", nargs="+", default=DEFAULT_LORA_TARGETS,
-                       help="Module name suffixes that get LoRA, e.g. add attn1.to_q or ff.net.0.proj.")
+    model.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        default=DEFAULT_LORA_TARGETS,
+        help="Module name suffixes that get LoRA, e.g. add attn1.to_q or ff.net.0.proj.",
+    )
     model.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA input.")
-    model.add_argument("--use_temporal_adapters", action=argparse.BooleanOptionalAction, default=True,
-                       help="Add a temporal adapter to every transformer block (--no_temporal_adapters to skip).")
-    model.add_argument("--adapter_reduction_factor", type=int, default=8,
-                       help="Temporal adapter bottleneck width is hidden_size / this.")
-    model.add_argument("--train_proj_out", action=argparse.BooleanOptionalAction, default=True,
-                       help="Train the output projection proj_out (--no-train_proj_out freezes it).")
+    model.add_argument(
+        "--use_temporal_adapters",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Add a temporal adapter to every transformer block (--no_temporal_adapters to skip).",
+    )
+    model.add_argument(
+        "--adapter_reduction_factor",
+        type=int,
+        default=8,
+        help="Temporal adapter bottleneck width is hidden_size / this.",
+    )
+    model.add_argument(
+        "--train_proj_out",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Train the output projection proj_out (--no-train_proj_out freezes it).",
+    )
 
     objective = parser.add_argument_group("objective")
-    objective.add_argument("--timestep_shift", type=float, default=math.sqrt(24),
-                           help="Shift s of the logit-normal noise level: t = s*t0 / (1 + (s-1)*t0).")
-    objective.add_argument("--conditioning_frames", default="1,2",
-                           help="Comma-separated choices for the number of clean leading latent frames per sample.")
-    objective.add_argument("--text_dropout", type=float, default=0.2,
-                           help="Probability of replacing a sample's text embedding with zeros.")
+    objective.add_argument(
+        "--timestep_shift",
+        type=float,
+        default=math.sqrt(24),
+        help="Shift s of the logit-normal noise level: t = s*t0 / (1 + (s-1)*t0).",
+    )
+    objective.add_argument(
+        "--conditioning_frames",
+        default="1,2",
+        help="Comma-separated choices for the number of clean leading latent frames per sample.",
+    )
+    objective.add_argument(
+        "--text_dropout",
+        type=float,
+        default=0.2,
+        help="Probability of replacing a sample's text embedding with zeros.",
+    )
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--train_batch_size", type=int, default=2, help="Clips per GPU per micro-step.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimizer step.")
-    optim.add_argument("--max_train_steps", type=int, default=None,
-                       help="Optimizer steps to train; overrides --num_train_epochs.")
+    optim.add_argument(
+        "--max_train_steps", type=int, default=None, help="Optimizer steps to train; overrides --num_train_epochs."
+    )
     optim.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, used when --max_train_steps is unset.")
     optim.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate of AdamW.")
     optim.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay.")
-    optim.add_argument("--lr_scheduler", choices=["cosine", "linear", "constant"], default="cosine",
-                       help="Learning-rate schedule after warmup; cosine and linear decay to --min_lr.")
+    optim.add_argument(
+        "--lr_scheduler",
+        choices=["cosine", "linear", "constant"],
+        default="cosine",
+        help="Learning-rate schedule after warmup; cosine and linear decay to --min_lr.",
+    )
     optim.add_argument("--lr_warmup_steps", type=int, default=0, help="Linear warmup steps.")
     optim.add_argument("--min_lr", type=float, default=1e-6, help="Floor of the cosine and linear schedules.")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
-    optim.add_argument("--mixed_precision", choices=["no", "bf16"], default=None,
-                       help="Override the accelerate config's mixed precision. bf16 keeps frozen weights in bf16.")
+    optim.add_argument(
+        "--mixed_precision",
+        choices=["no", "bf16"],
+        default=None,
+        help="Override the accelerate config's mixed precision. bf16 keeps frozen weights in bf16.",
+    )
 
     speed = parser.add_argument_group("speed and memory")
-    speed.add_argument("--gradient_checkpointing", choices=["none", "full", "selective"], default="none",
-                       help="Recompute activations in the backward pass, per transformer block: `full` keeps only "
-                            "block inputs; `selective` keeps matmul and attention outputs and recomputes the cheap "
-                            "elementwise work. Works under FSDP2.")
-    speed.add_argument("--compile", action="store_true",
-                       help="Compile each transformer block in place with torch.compile (regional, FSDP2-safe).")
-    speed.add_argument("--attention_backend", default=None,
-                       help="diffusers attention backend, e.g. native, _native_cudnn, _native_flash, flash. "
-                            "Default: native SDPA.")
+    speed.add_argument(
+        "--gradient_checkpointing",
+        choices=["none", "full", "selective"],
+        default="none",
+        help="Recompute activations in the backward pass, per transformer block: `full` keeps only "
+        "block inputs; `selective` keeps matmul and attention outputs and recomputes the cheap "
+        "elementwise work. Works under FSDP2.",
+    )
+    speed.add_argument(
+        "--compile",
+        action="store_true",
+        help="Compile each transformer block in place with torch.compile (regional, FSDP2-safe).",
+    )
+    speed.add_argument(
+        "--attention_backend",
+        default=None,
+        help="diffusers attention backend, e.g. native, _native_cudnn, _native_flash, flash. Default: native SDPA.",
+    )
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataloader_num_workers", type=int, default=4, help="DataLoader workers per process.")
-    data.add_argument("--num_validation_clips", type=int, default=4,
-                      help="Clips held out from the first cache (whole videos) that never train.")
+    data.add_argument(
+        "--num_validation_clips",
+        type=int,
+        default=4,
+        help="Clips held out from the first cache (whole videos) that never train.",
+    )
 
     run = parser.add_argument_group("checkpoints, validation, logging")
     run.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
     run.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    run.add_argument("--resume_from_checkpoint", default=None,
-                     help="`latest` (the newest checkpoint in --output_dir, if any) or a checkpoint-STEP path.")
-    run.add_argument("--validation_steps", type=int, default=500,
-                     help="Every N steps, compute the held-out loss at fixed noise levels.")
-    run.add_argument("--validation_videos", type=int, default=0,
-                     help="Every --validation_steps, also generate this many held-out clips from their first latent "
-                          "frame with sample.py's sampler (no CFG: training loads no T5) and write ground truth | "
-                          "generated mp4s to OUTPUT/validation/step-N/. Loads the VAE.")
+    run.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="`latest` (the newest checkpoint in --output_dir, if any) or a checkpoint-STEP path.",
+    )
+    run.add_argument(
+        "--validation_steps",
+        type=int,
+        default=500,
+        help="Every N steps, compute the held-out loss at fixed noise levels.",
+    )
+    run.add_argument(
+        "--validation_videos",
+        type=int,
+        default=0,
+        help="Every --validation_steps, also generate this many held-out clips from their first latent "
+        "frame with sample.py's sampler (no CFG: training loads no T5) and write ground truth | "
+        "generated mp4s to OUTPUT/validation/step-N/. Loads the VAE.",
+    )
     run.add_argument("--validation_inference_steps", type=int, default=35, help="Denoising steps of those videos.")
-    run.add_argument("--report_to", choices=["tensorboard", "wandb", "all", "none"], default="tensorboard",
-                     help="Experiment tracker. W&B runs offline when WANDB_API_KEY is unset.")
+    run.add_argument(
+        "--report_to",
+        choices=["tensorboard", "wandb", "all", "none"],
+        default="tensorboard",
+        help="Experiment tracker. W&B runs offline when WANDB_API_KEY is unset.",
+    )
     run.add_argument("--tracker_project_name", default="cosmos-finetune", help="Project name for the tracker.")
 
     config_args, _ = parser.parse_known_args(argv)
@@ -179,13 +248,24 @@ def parse_cache_spec(spec):
     return name or os.path.basename(os.path.normpath(path)), path, weight
 
 
+@dataclass
+class Cache:
+    """One latent cache given to --cache_dir: its clips (manifest rows) and the weight it is drawn with."""
+
+    name: str
+    path: str
+    clips: list
+    weight: float | None  # None: in proportion to its size
+
+
 def load_caches(specs, pretrained_model_name_or_path):
-    """Read and check every cache before any model loads; return [(name, clips, weight)] and the shared info."""
+    """Read and check every cache before any model loads; return [Cache] and the shared cache info."""
     from diffusers import AutoencoderKLWan, CosmosTransformer3DModel
 
     vae_config = AutoencoderKLWan.load_config(pretrained_model_name_or_path, subfolder="vae")
     text_dim = CosmosTransformer3DModel.load_config(pretrained_model_name_or_path, subfolder="transformer")[
-        "text_embed_dim"]
+        "text_embed_dim"
+    ]
     caches, first = [], None
     for spec in specs:
         name, path, weight = parse_cache_spec(spec)
@@ -194,18 +274,24 @@ def load_caches(specs, pretrained_model_name_or_path):
         if not clips:
             raise ValueError(f"cache {path} holds no clips; run cache_latents.py on it first")
         if info["vae_normalization"] != vae_normalization(vae_config):
-            raise ValueError(f"cache {path} was normalized with another VAE's latents_mean/std than "
-                             f"{pretrained_model_name_or_path}; re-cache it with this model")
+            raise ValueError(
+                f"cache {path} was normalized with another VAE's latents_mean/std than "
+                f"{pretrained_model_name_or_path}; re-cache it with this model"
+            )
         if info["text_embed_shape"][1] != text_dim:
-            raise ValueError(f"cache {path} has {info['text_embed_shape'][1]}-dim text embeddings, the transformer "
-                             f"expects {text_dim}")
+            raise ValueError(
+                f"cache {path} has {info['text_embed_shape'][1]}-dim text embeddings, the transformer "
+                f"expects {text_dim}"
+            )
         first = first or (path, info)
         if info["latent_shape"] != first[1]["latent_shape"]:
-            raise ValueError(f"cache {path} has latents {info['latent_shape']} but {first[0]} has "
-                             f"{first[1]['latent_shape']}; mix only caches of one clip shape")
+            raise ValueError(
+                f"cache {path} has latents {info['latent_shape']} but {first[0]} has "
+                f"{first[1]['latent_shape']}; mix only caches of one clip shape"
+            )
         for clip in clips:
             clip["text_path"] = text_embed_path(path, clip["caption_hash"])
-        caches.append((name, clips, weight))
+        caches.append(Cache(name, path, clips, weight))
     return caches, first[1]
 
 
@@ -218,8 +304,10 @@ class CachedClips(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         clip = self.clips[index]
-        return {"latents": load_file(clip["path"])["latents"].float(),
-                "prompt_embeds": load_text_embeds(clip["text_path"]).float()}
+        return {
+            "latents": load_file(clip["path"])["latents"].float(),
+            "prompt_embeds": load_text_embeds(clip["text_path"]).float(),
+        }
 
 
 class MixtureSampler(torch.utils.data.Sampler):
@@ -252,14 +340,19 @@ class MixtureSampler(torch.utils.data.Sampler):
 
 def build_train_dataloader(caches, args, num_processes):
     """An epoch draws as many clips as the caches hold (at least one batch per process), mixed by weight."""
-    clips = [c for _, cache_clips, _ in caches for c in cache_clips]
-    sizes = [len(cache_clips) for _, cache_clips, _ in caches]
-    weights = [w if w is not None else size for (_, _, w), size in zip(caches, sizes)]
+    clips = [clip for cache in caches for clip in cache.clips]
+    sizes = [len(cache.clips) for cache in caches]
+    weights = [len(cache.clips) if cache.weight is None else cache.weight for cache in caches]
     num_samples = max(sum(sizes), args.train_batch_size * num_processes)
     sampler = MixtureSampler(sizes, weights, num_samples=num_samples, seed=args.seed)
-    loader = torch.utils.data.DataLoader(CachedClips(clips), batch_size=args.train_batch_size, sampler=sampler,
-                                         num_workers=args.dataloader_num_workers, drop_last=True,
-                                         pin_memory=torch.cuda.is_available())
+    loader = torch.utils.data.DataLoader(
+        CachedClips(clips),
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+    )
     return loader
 
 
@@ -270,8 +363,9 @@ def load_transformer(args, weight_dtype):
     """Frozen base transformer in weight_dtype with LoRA, temporal adapters and proj_out trainable in fp32."""
     from diffusers import CosmosTransformer3DModel
 
-    transformer = CosmosTransformer3DModel.from_pretrained(args.pretrained_model_name_or_path,
-                                                           subfolder="transformer", torch_dtype=weight_dtype)
+    transformer = CosmosTransformer3DModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="transformer", torch_dtype=weight_dtype
+    )
     transformer.requires_grad_(False)
     transformer.add_adapter(lora_config(args.lora_rank, args.lora_alpha, args.lora_target_modules, args.lora_dropout))
     if args.use_temporal_adapters:
@@ -308,8 +402,11 @@ def apply_gradient_checkpointing(transformer, mode):
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, selective_checkpoint_policy)
-    apply_activation_checkpointing(transformer, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, **kwargs),
-                                   check_fn=lambda module: isinstance(module, CosmosTransformerBlock))
+    apply_activation_checkpointing(
+        transformer,
+        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, **kwargs),
+        check_fn=lambda module: isinstance(module, CosmosTransformerBlock),
+    )
 
 
 def selective_checkpoint_policy(ctx, op, *args, **kwargs):
@@ -317,9 +414,14 @@ def selective_checkpoint_policy(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
 
     aten = torch.ops.aten
-    saved = {aten.mm.default, aten.addmm.default, aten.bmm.default,
-             aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
-             aten._scaled_dot_product_cudnn_attention.default}
+    saved = {
+        aten.mm.default,
+        aten.addmm.default,
+        aten.bmm.default,
+        aten._scaled_dot_product_flash_attention.default,
+        aten._scaled_dot_product_efficient_attention.default,
+        aten._scaled_dot_product_cudnn_attention.default,
+    }
     return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -348,10 +450,16 @@ def trainable_parameter_table(model):
 
 
 def adapter_config(args):
-    return {"base_model": args.pretrained_model_name_or_path, "lora_rank": args.lora_rank,
-            "lora_alpha": args.lora_alpha, "lora_target_modules": args.lora_target_modules,
-            "lora_dropout": args.lora_dropout, "use_temporal_adapters": args.use_temporal_adapters,
-            "adapter_reduction_factor": args.adapter_reduction_factor, "train_proj_out": args.train_proj_out}
+    return {
+        "base_model": args.pretrained_model_name_or_path,
+        "lora_rank": args.lora_rank,
+        "lora_alpha": args.lora_alpha,
+        "lora_target_modules": args.lora_target_modules,
+        "lora_dropout": args.lora_dropout,
+        "use_temporal_adapters": args.use_temporal_adapters,
+        "adapter_reduction_factor": args.adapter_reduction_factor,
+        "train_proj_out": args.train_proj_out,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,7 +475,7 @@ def flow_matching_loss(transformer, latents, prompt_embeds, t, noise, num_cond_f
         target  = eps - z0   (the velocity; the sampler's x0 = (1 - t) * x_t - t * F inverts it exactly)
         loss    = mean over non-conditioning frames of (F(input, t) - target)^2, in fp32
     This equals NVIDIA's ||x0 - x0_hat||^2 * (1 + sigma)^2 / sigma^2 with sigma = t / (1 - t).
-    t is drawn by `sample_timesteps`; the transformer gets fps=None and a zero padding mask, as the sampler does.
+    t is drawn by `sample_timesteps`; the transformer is called by `predict_velocity`, as in the sampler.
     """
     batch, _, frames, height, width = latents.shape
     frame_index = torch.arange(frames, device=latents.device).view(1, 1, frames, 1, 1)
@@ -377,13 +485,8 @@ def flow_matching_loss(transformer, latents, prompt_embeds, t, noise, num_cond_f
     model_input = cond * latents + (1 - cond) * noisy
     t_cond = SIGMA_CONDITIONING / (1 + SIGMA_CONDITIONING)
     timestep = cond * t_cond + (1 - cond) * t
-    dtype = getattr(transformer, "module", transformer).dtype  # DDP wraps the model in .module
-    padding_mask = latents.new_zeros(1, 1, height * VAE_SPATIAL_FACTOR, width * VAE_SPATIAL_FACTOR, dtype=dtype)
-    velocity = transformer(hidden_states=model_input.to(dtype), timestep=timestep.to(dtype),
-                           encoder_hidden_states=prompt_embeds.to(dtype), fps=None,
-                           condition_mask=cond.expand(-1, 1, frames, height, width).to(dtype),
-                           padding_mask=padding_mask, return_dict=False)[0]
-    squared_error = (velocity.float() - (noise - latents)) ** 2 * (1 - cond)
+    velocity = predict_velocity(transformer, model_input, timestep, prompt_embeds, cond)
+    squared_error = (velocity - (noise - latents)) ** 2 * (1 - cond)
     return squared_error.sum() / ((1 - cond).sum() * squared_error.shape[1] * height * width)
 
 
@@ -415,14 +518,28 @@ def validation_losses(transformer, dataset, device, seed):
         generator = torch.Generator().manual_seed(seed + index)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         for t in VALIDATION_TIMESTEPS:
-            loss = flow_matching_loss(transformer, latents, embeds, torch.full((1,), t, device=device), noise,
-                                      torch.ones(1, device=device, dtype=torch.long))
+            loss = flow_matching_loss(
+                transformer,
+                latents,
+                embeds,
+                torch.full((1,), t, device=device),
+                noise,
+                torch.ones(1, device=device, dtype=torch.long),
+            )
             losses[t] += loss.item() / len(dataset)
     return losses
 
 
+@dataclass
+class ValidationDecoder:
+    """What validation videos need beside the transformer: the VAE to decode and the sampler's scheduler."""
+
+    vae: torch.nn.Module
+    scheduler: object
+
+
 @torch.no_grad()
-def validation_videos(transformer, vae, scheduler, dataset, args, step, accelerator):
+def validation_videos(transformer, decoder, dataset, args, step, accelerator):
     """Generate held-out clips from their first latent frame; the main process writes truth | generated mp4s."""
     paths, sheets = [], []
     directory = os.path.join(args.output_dir, "validation", f"step-{step}")
@@ -430,10 +547,18 @@ def validation_videos(transformer, vae, scheduler, dataset, args, step, accelera
         item = dataset[index]
         truth = item["latents"][None].to(accelerator.device)
         noise = torch.randn(truth.shape, generator=torch.Generator().manual_seed(args.seed + index))
-        latents = denoise_video2world(transformer, scheduler, noise.to(truth.device), truth, 1,
-                                      item["prompt_embeds"][None].to(truth.device), guidance_scale=1.0,
-                                      num_inference_steps=args.validation_inference_steps)
-        frames = torch.cat([decode_to_frames(vae, truth), decode_to_frames(vae, latents)], dim=3)[0].numpy()
+        latents = denoise_video2world(
+            transformer,
+            decoder.scheduler,
+            noise.to(truth.device),
+            truth,
+            1,
+            item["prompt_embeds"][None].to(truth.device),
+            guidance_scale=1.0,
+            num_inference_steps=args.validation_inference_steps,
+        )
+        frames = torch.cat([decode_to_frames(decoder.vae, truth), decode_to_frames(decoder.vae, latents)], dim=3)
+        frames = frames[0].numpy()
         if accelerator.is_main_process:
             os.makedirs(directory, exist_ok=True)
             paths.append(os.path.join(directory, f"{index:02d}_truth_vs_generated.mp4"))
@@ -457,9 +582,10 @@ def load_validation_decoder(args, dtype, device):
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 
     vae = AutoencoderKLWan.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", torch_dtype=dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(args.pretrained_model_name_or_path,
-                                                                subfolder="scheduler")
-    return vae.to(device).eval(), scheduler
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler"
+    )
+    return ValidationDecoder(vae.to(device).eval(), scheduler)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,30 +599,18 @@ def trainable_state_dict(model):
     return get_model_state_dict(model, options=options)
 
 
-def read_exported_weights(directory):
-    """Inverse of save_finetuned_weights: the exported tensors under the model's own (peft) parameter names."""
-    state = {}
-    if os.path.isfile(os.path.join(directory, LORA_WEIGHTS)):
-        for name, tensor in load_file(os.path.join(directory, LORA_WEIGHTS)).items():
-            name = re.sub(r"\.lora_([AB])\.", r".lora_\1.default.", name.removeprefix("transformer."))
-            state[name] = tensor
-    if os.path.isfile(os.path.join(directory, ADAPTER_WEIGHTS)):
-        state.update(load_file(os.path.join(directory, ADAPTER_WEIGHTS)))
-    return state
-
-
 def load_trainable_state_dict(model, directory):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, read_exported_weights(directory),
-                         options=StateDictOptions(full_state_dict=True, strict=False))
+    set_model_state_dict(
+        model, read_exported_weights(directory), options=StateDictOptions(full_state_dict=True, strict=False)
+    )
 
 
 def optimizer_state_dict(model, optimizer):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                               cpu_offload=True))
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_checkpoint(accelerator, model, optimizer, lr_scheduler, step, batches_consumed, args):
@@ -550,8 +664,7 @@ def load_checkpoint(path, model, optimizer, lr_scheduler):
 
     load_trainable_state_dict(model, path)
     optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
-    set_optimizer_state_dict(model, optimizer.optimizer, optim_state,
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer.optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
     lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     with open(os.path.join(path, "training_state.json")) as f:
         state = json.load(f)
@@ -584,8 +697,19 @@ def lr_lambda(args, total_steps):
     return factor
 
 
+@dataclass
+class StepClock:
+    """Wall time of the current optimizer step and the part of it spent waiting for batches."""
+
+    start: float = field(default_factory=time.perf_counter)
+    data_wait: float = 0.0
+
+    def restart(self):
+        self.start, self.data_wait = time.perf_counter(), 0.0
+
+
 def timed(loader, clock):
-    """Iterate a dataloader, adding the seconds spent waiting for each batch to clock["data_wait"]."""
+    """Iterate a dataloader, adding the seconds spent waiting for each batch to clock.data_wait."""
     iterator = iter(loader)
     while True:
         start = time.perf_counter()
@@ -593,21 +717,26 @@ def timed(loader, clock):
             batch = next(iterator)
         except StopIteration:
             return
-        clock["data_wait"] += time.perf_counter() - start
+        clock.data_wait += time.perf_counter() - start
         yield batch
 
 
 def step_logs(loss, lr_scheduler, grad_norm, clock, samples, tokens_per_sample):
-    """Metrics of one optimizer step; resets the step clock."""
-    elapsed = time.perf_counter() - clock["step_start"]
-    logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "step_time_s": elapsed, "samples_per_s":
-            samples / elapsed, "latent_tokens_per_s": samples * tokens_per_sample / elapsed,
-            "data_wait_fraction": clock["data_wait"] / elapsed}
+    """Metrics of one optimizer step; restarts the step clock."""
+    elapsed = time.perf_counter() - clock.start
+    logs = {
+        "loss": loss,
+        "lr": lr_scheduler.get_last_lr()[0],
+        "step_time_s": elapsed,
+        "samples_per_s": samples / elapsed,
+        "latent_tokens_per_s": samples * tokens_per_sample / elapsed,
+        "data_wait_fraction": clock.data_wait / elapsed,
+    }
     if grad_norm is not None:
         logs["grad_norm"] = float(grad_norm)
     if torch.cuda.is_available():
-        logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    clock["step_start"], clock["data_wait"] = time.perf_counter(), 0.0
+        logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    clock.restart()
     return logs
 
 
@@ -625,7 +754,7 @@ class StopSignal:
 
 def step_seed(seed, step, micro_step, process_index):
     """Per-micro-step seed: noise and dropout depend only on position, which makes resume exact."""
-    return (seed * 1_000_003 + step * 1009 + micro_step * 31 + process_index) % (2 ** 63)
+    return (seed * 1_000_003 + step * 1009 + micro_step * 31 + process_index) % (2**63)
 
 
 def init_trackers(accelerator, args):
@@ -635,20 +764,66 @@ def init_trackers(accelerator, args):
     accelerator.init_trackers(args.tracker_project_name, config=config)
 
 
-def main(args):
-    validate_args(args)
-    caches, info = load_caches(args.cache_dir, args.pretrained_model_name_or_path)
-    name, first_clips, weight = caches[0]
-    train_clips, validation_clips = hold_out_clips(first_clips, args.num_validation_clips, args.seed)
-    caches[0] = (name, train_clips, weight)
+@dataclass
+class TrainState:
+    """Where the run stands: optimizer steps done, batches drawn (the data position) and the last checkpoint."""
 
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+    global_step: int = 0
+    batches_consumed: int = 0
+    last_checkpoint: str | None = None
+
+
+def build_accelerator(args):
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
         dataloader_config=DataLoaderConfiguration(non_blocking=True),  # batches come pinned: copy them asynchronously
         dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if args.compile else None,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir,
-                                                                                                  "logs")))
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
+        ),
+    )
+
+
+def reduce_loss_and_stop(accelerator, loss, stop):
+    """One small collective per micro-step: the mean loss over ranks and whether any rank was asked to stop."""
+    flags = torch.stack([loss.detach().float(), torch.tensor(float(stop.received), device=loss.device)])
+    total = accelerator.reduce(flags, reduction="sum")
+    return total[0].item() / accelerator.num_processes, total[1].item() > 0
+
+
+def check_finite(loss, state):
+    if not math.isfinite(loss):
+        raise RuntimeError(
+            f"loss is {loss} at step {state.global_step + 1}; stopping before the update "
+            f"(last checkpoint: {state.last_checkpoint or 'none'})"
+        )
+
+
+def append_loss_log(path, step, logs):
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, **logs}) + "\n")
+
+
+def run_validation(transformer, validation_set, decoder, args, step, accelerator):
+    """Held-out losses at fixed noise levels, then (with --validation_videos) generated held-out clips."""
+    transformer.eval()
+    losses = validation_losses(transformer, validation_set, accelerator.device, args.seed)
+    logs = {f"val/loss_t{t}": v for t, v in losses.items()} | {"val/loss": sum(losses.values()) / len(losses)}
+    accelerator.log(logs, step=step)
+    if decoder:
+        validation_videos(transformer, decoder, validation_set, args, step, accelerator)
+    transformer.train()
+
+
+def main(args):
+    validate_args(args)
+    caches, info = load_caches(args.cache_dir, args.pretrained_model_name_or_path)
+    train_clips, validation_clips = hold_out_clips(caches[0].clips, args.num_validation_clips, args.seed)
+    caches[0].clips = train_clips
+
+    accelerator = build_accelerator(args)
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -670,19 +845,22 @@ def main(args):
     steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_lambda(args, max_steps))
-    accelerator.print(f"num_processes={accelerator.num_processes} ({accelerator.distributed_type.value}), "
-                      f"{sum(len(c) for _, c, _ in caches)} training clips, {len(validation_clips)} held out, "
-                      f"{max_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
-                      f"{accelerator.num_processes} clips")
+    accelerator.print(
+        f"num_processes={accelerator.num_processes} ({accelerator.distributed_type.value}), "
+        f"{sum(len(cache.clips) for cache in caches)} training clips, {len(validation_clips)} held out, "
+        f"{max_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
+        f"{accelerator.num_processes} clips"
+    )
 
-    global_step, batches_consumed = 0, 0
+    state = TrainState()
     resume_path = resolve_resume_path(args)
     if resume_path:
-        global_step, batches_consumed = load_checkpoint(resume_path, transformer, optimizer, lr_scheduler)
-        accelerator.print(f"resumed from {resume_path} at step {global_step}")
+        state.global_step, state.batches_consumed = load_checkpoint(resume_path, transformer, optimizer, lr_scheduler)
+        state.last_checkpoint = resume_path
+        accelerator.print(f"resumed from {resume_path} at step {state.global_step}")
     loss_log = os.path.join(args.output_dir, "losses.jsonl")
     if accelerator.is_main_process:
-        truncate_loss_log(loss_log, global_step)
+        truncate_loss_log(loss_log, state.global_step)
     if args.report_to != "none":
         init_trackers(accelerator, args)
 
@@ -691,27 +869,27 @@ def main(args):
     if validation_clips and args.validation_videos > 0:
         decoder = load_validation_decoder(args, weight_dtype, accelerator.device)
     tokens_per_sample = math.prod(info["latent_shape"][1:]) // 4  # 2x2 spatial patches
-    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    last_checkpoint = resume_path
-    clock = {"step_start": time.perf_counter(), "data_wait": 0.0}
+    progress = tqdm(
+        total=max_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    clock = StepClock()
     transformer.train()
-    while global_step < max_steps:
-        # Accelerate also ends an accumulation window at the end of each epoch, so count batches, not steps.
-        epoch, skip = divmod(batches_consumed, batches_per_epoch)
+    while state.global_step < max_steps:
+        # Data: resume mid-epoch at the exact batch (accelerate ends an accumulation window at each epoch's end,
+        # so the position counts batches, not steps).
+        epoch, skip = divmod(state.batches_consumed, batches_per_epoch)
         loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
         loader.set_epoch(epoch)  # accelerate passes it on to MixtureSampler
         micro_step, loss_sum = 0, 0.0
         for batch in timed(loader, clock):
-            torch.manual_seed(step_seed(args.seed, global_step, micro_step, accelerator.process_index))
+            # Noise: every random draw of this micro-step depends only on its position, so resume is exact.
+            torch.manual_seed(step_seed(args.seed, state.global_step, micro_step, accelerator.process_index))
             with accelerator.accumulate(transformer):
+                # Forward and loss.
                 loss = training_loss(transformer, batch, args)
-                # One small collective: the mean loss and whether any rank got SIGUSR1.
-                stats = accelerator.reduce(torch.stack([loss.detach().float(), torch.tensor(
-                    float(stop.received), device=loss.device)]), reduction="sum")
-                mean_loss = stats[0].item() / accelerator.num_processes
-                if not math.isfinite(mean_loss):
-                    raise RuntimeError(f"loss is {mean_loss} at step {global_step + 1}; stopping before the update "
-                                       f"(last checkpoint: {last_checkpoint or 'none'})")
+                mean_loss, stop_requested = reduce_loss_and_stop(accelerator, loss, stop)
+                check_finite(mean_loss, state)
+                # Backward, clip, update (accelerate skips the update until the accumulation window ends).
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -720,43 +898,45 @@ def main(args):
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += mean_loss
             micro_step += 1
-            batches_consumed += 1
+            state.batches_consumed += 1
             if not accelerator.sync_gradients:
                 continue
 
+            # Step: schedule and bookkeeping once per optimizer step.
             lr_scheduler.step()
-            global_step += 1
+            state.global_step += 1
             step_loss = loss_sum / micro_step
-            logs = step_logs(step_loss, lr_scheduler, grad_norm, clock, micro_step * accelerator.num_processes *
-                             args.train_batch_size, tokens_per_sample)
+            samples = micro_step * args.train_batch_size * accelerator.num_processes  # short at an epoch's end
             micro_step, loss_sum = 0, 0.0
+
+            # Log.
+            logs = step_logs(step_loss, lr_scheduler, grad_norm, clock, samples, tokens_per_sample)
             if accelerator.is_main_process:
-                with open(loss_log, "a") as f:
-                    f.write(json.dumps({"step": global_step, **logs}) + "\n")
-            accelerator.log(logs, step=global_step)
+                append_loss_log(loss_log, state.global_step, logs)
+            accelerator.log(logs, step=state.global_step)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
 
-            if validation_clips and global_step % args.validation_steps == 0:
-                transformer.eval()
-                losses = validation_losses(transformer, validation_set, accelerator.device, args.seed)
-                accelerator.log({f"val/loss_t{t}": v for t, v in losses.items()}
-                                | {"val/loss": sum(losses.values()) / len(losses)}, step=global_step)
-                if decoder:
-                    validation_videos(transformer, *decoder, validation_set, args, global_step, accelerator)
-                transformer.train()
-            stop_requested = stats[1].item() > 0
-            if global_step % args.checkpointing_steps == 0 or stop_requested:
-                last_checkpoint = save_checkpoint(accelerator, transformer, optimizer, lr_scheduler, global_step,
-                                                  batches_consumed, args)
+            # Validate.
+            if validation_clips and state.global_step % args.validation_steps == 0:
+                run_validation(transformer, validation_set, decoder, args, state.global_step, accelerator)
+
+            # Checkpoint, and stop for a requeue when asked.
+            if state.global_step % args.checkpointing_steps == 0 or stop_requested:
+                state.last_checkpoint = save_checkpoint(
+                    accelerator, transformer, optimizer, lr_scheduler, state.global_step, state.batches_consumed, args
+                )
             if stop_requested:
-                accelerator.print(f"SIGUSR1: saved {last_checkpoint}; exiting with {REQUEUE_EXIT_CODE} to requeue")
+                accelerator.print(
+                    f"SIGUSR1: saved {state.last_checkpoint}; exiting with {REQUEUE_EXIT_CODE} to requeue"
+                )
                 accelerator.end_training()
                 return REQUEUE_EXIT_CODE
-            if global_step >= max_steps:
+            if state.global_step >= max_steps:
                 break
-            clock["step_start"] = time.perf_counter()  # validation and checkpoints do not count as step time
+            clock.restart()  # validation and checkpoints do not count as step time
 
+    # Export the final weights.
     weights = trainable_state_dict(transformer)
     if accelerator.is_main_process:
         export_final_weights(weights, args)

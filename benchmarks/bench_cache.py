@@ -32,10 +32,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import bench_train  # noqa: E402
+from bench_decode import video_clips  # noqa: E402
+
 import cache_latents  # noqa: E402
 import make_synthetic_clips  # noqa: E402
-from bench_decode import video_clips  # noqa: E402
-from cosmos_utils import frames_to_vae_input, normalize_latents  # noqa: E402
+from cosmos_model import normalize_latents
+from cosmos_video import frames_to_vae_input
 
 
 def parse_args():
@@ -47,8 +49,13 @@ def parse_args():
     parser.add_argument("--naive_videos", type=int, default=4, help="Videos the (slow) naive loop caches.")
     parser.add_argument("--vae_clips", type=int, default=24, help="Clips timed per VAE-only variant.")
     parser.add_argument("--num_workers", type=int, default=8, help="cache_latents.py --num_workers.")
-    parser.add_argument("--stages", nargs="+", choices=["end_to_end", "vae_only"], default=["end_to_end", "vae_only"],
-                        help="end_to_end: decode cost, naive loop and cache_latents.py; vae_only: the VAE variants.")
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        choices=["end_to_end", "vae_only"],
+        default=["end_to_end", "vae_only"],
+        help="end_to_end: decode cost, naive loop and cache_latents.py; vae_only: the VAE variants.",
+    )
     return parser.parse_args()
 
 
@@ -106,11 +113,13 @@ def vae_only(model, clips, num_clips):
     vae = load_vae(model)
     flops = encode_flops(vae, gpu_clips[0])
     results = {"tflop_per_clip": round(flops / 1e12, 2)}
-    variants = [("bf16_batch4", 4, False, torch.contiguous_format),
-                ("bf16_batch4_cudnn_benchmark", 4, True, torch.contiguous_format),
-                ("bf16_batch8_cudnn_benchmark", 8, True, torch.contiguous_format),
-                ("bf16_batch4_cudnn_benchmark_channels_last", 4, True, torch.channels_last_3d),
-                ("bf16_batch8_cudnn_benchmark_channels_last", 8, True, torch.channels_last_3d)]
+    variants = [
+        ("bf16_batch4", 4, False, torch.contiguous_format),
+        ("bf16_batch4_cudnn_benchmark", 4, True, torch.contiguous_format),
+        ("bf16_batch8_cudnn_benchmark", 8, True, torch.contiguous_format),
+        ("bf16_batch4_cudnn_benchmark_channels_last", 4, True, torch.channels_last_3d),
+        ("bf16_batch8_cudnn_benchmark_channels_last", 8, True, torch.channels_last_3d),
+    ]
     for name, batch_size, benchmark, memory_format in variants:
         torch.backends.cudnn.benchmark = benchmark
         rate = time_encode(vae, gpu_clips, batch_size, num_clips, memory_format)
@@ -150,15 +159,21 @@ def profile_encode(vae, batch, memory_format):
     for event in prof.key_averages():
         if event.device_type.name == "CUDA" and event.self_device_time_total > 0:
             kernels[event.key] = event.self_device_time_total / 1e3 / len(batch)
-    groups = {"convolution": ("conv", "xmma", "fprop", "implicit", "cutlass", "gemm", "nvjet", "sm90"),
-              "layout copies": ("nchw", "nhwc", "transpose", "copy", "cat", "pad")}
+    groups = {
+        "convolution": ("conv", "xmma", "fprop", "implicit", "cutlass", "gemm", "nvjet", "sm90"),
+        "layout copies": ("nchw", "nhwc", "transpose", "copy", "cat", "pad"),
+    }
     totals = {"convolution": 0.0, "layout copies": 0.0, "elementwise and other": 0.0}
     for name, ms in kernels.items():
-        group = next((g for g, keys in groups.items() if any(k in name.lower() for k in keys)), "elementwise and other")
+        group = next(
+            (g for g, keys in groups.items() if any(k in name.lower() for k in keys)), "elementwise and other"
+        )
         totals[group] += ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:8]
-    return {"ms_per_clip": {k: round(v, 1) for k, v in totals.items()},
-            "top_kernels_ms": [[name[:90], round(ms, 1)] for name, ms in top]}
+    return {
+        "ms_per_clip": {k: round(v, 1) for k, v in totals.items()},
+        "top_kernels_ms": [[name[:90], round(ms, 1)] for name, ms in top],
+    }
 
 
 def decode_cost(paths):
@@ -166,8 +181,11 @@ def decode_cost(paths):
     cpu, wall, clips = time.process_time(), time.perf_counter(), 0
     for path in paths:
         clips += len(video_clips(path))
-    return {"clips": clips, "cpu_s_per_clip": round((time.process_time() - cpu) / clips, 4),
-            "wall_s_per_clip": round((time.perf_counter() - wall) / clips, 4)}
+    return {
+        "clips": clips,
+        "cpu_s_per_clip": round((time.process_time() - cpu) / clips, 4),
+        "wall_s_per_clip": round((time.perf_counter() - wall) / clips, 4),
+    }
 
 
 def naive_caching(model, paths, out_dir):
@@ -180,7 +198,7 @@ def naive_caching(model, paths, out_dir):
     for path in paths:
         clips = video_clips(path)
         for first in range(0, len(clips), 4):
-            x = torch.stack([frames_to_vae_input(c) for c in clips[first:first + 4]]).to("cuda", torch.bfloat16)
+            x = torch.stack([frames_to_vae_input(c) for c in clips[first : first + 4]]).to("cuda", torch.bfloat16)
             with torch.no_grad():
                 latents = normalize_latents(vae.encode(x).latent_dist.mean.float(), vae.config).bfloat16().cpu()
             for offset, latent in enumerate(latents):
@@ -193,8 +211,19 @@ def naive_caching(model, paths, out_dir):
 def script_caching(model, video_dir, out_dir, num_workers):
     """The real cache_latents.py on all videos; its own report gives the rate without model loading."""
     shutil.rmtree(out_dir, ignore_errors=True)
-    command = [sys.executable, os.path.join(REPO, "cache_latents.py"), "--pretrained_model_name_or_path", model,
-               "--video_dir", video_dir, "--output_dir", out_dir, "--num_workers", str(num_workers), "--verify"]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "cache_latents.py"),
+        "--pretrained_model_name_or_path",
+        model,
+        "--video_dir",
+        video_dir,
+        "--output_dir",
+        out_dir,
+        "--num_workers",
+        str(num_workers),
+        "--verify",
+    ]
     start = time.perf_counter()
     log = subprocess.run(command, capture_output=True, text=True)
     if log.returncode:
@@ -202,9 +231,14 @@ def script_caching(model, video_dir, out_dir, num_workers):
     with open(os.path.join(out_dir, "shard_00000", "report.json")) as f:
         report = json.load(f)
     stats = cache_latents.verify_cache(out_dir)[0]
-    return {"command": " ".join(command[1:]), "clips": report["written"], "clips_per_s": report["clips_per_second"],
-            "wall_s_with_model_load": round(time.perf_counter() - start, 1), "bytes_per_clip": stats["bytes_per_clip"],
-            "problems": stats["problems"]}
+    return {
+        "command": " ".join(command[1:]),
+        "clips": report["written"],
+        "clips_per_s": report["clips_per_second"],
+        "wall_s_with_model_load": round(time.perf_counter() - start, 1),
+        "bytes_per_clip": stats["bytes_per_clip"],
+        "problems": stats["problems"],
+    }
 
 
 def compare_latents(naive_dir, script_dir):
@@ -224,9 +258,14 @@ def main():
     os.makedirs(args.workdir, exist_ok=True)
     model = bench_train.random_2b_checkpoint(args.workdir)
     video_dir, paths = make_videos(args.workdir, args.num_videos, args.seconds)
-    results = {"device": torch.cuda.get_device_name(0), "cpu_count": os.cpu_count(), "args": vars(args),
-               "date": time.strftime("%Y-%m-%d"), "clip": "61x256x448 at 8 fps",
-               "source": f"H.265 456x256 30 fps, {args.seconds:.0f} s each"}
+    results = {
+        "device": torch.cuda.get_device_name(0),
+        "cpu_count": os.cpu_count(),
+        "args": vars(args),
+        "date": time.strftime("%Y-%m-%d"),
+        "clip": "61x256x448 at 8 fps",
+        "source": f"H.265 456x256 30 fps, {args.seconds:.0f} s each",
+    }
 
     def record(name, value):  # saved after every stage, so a cut-off run keeps what it measured
         results[name] = value
@@ -237,7 +276,7 @@ def main():
     naive_dir, script_dir = os.path.join(args.workdir, "naive"), os.path.join(args.workdir, "cache_latents")
     if "end_to_end" in args.stages:
         record("decode", decode_cost(paths[:3]))
-        record("naive", naive_caching(model, paths[:args.naive_videos], naive_dir))
+        record("naive", naive_caching(model, paths[: args.naive_videos], naive_dir))
         record("cache_latents", script_caching(model, video_dir, script_dir, args.num_workers))
         record("naive_vs_script", compare_latents(naive_dir, script_dir))
     if "vae_only" in args.stages:

@@ -24,8 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cache_latents import clip_file_name, rebuild_manifest  # noqa: E402
-from cosmos_utils import list_cached_clips  # noqa: E402
+from cosmos_cache import clip_file_name, list_cached_clips, rebuild_manifest
 
 CLIPS_PER_SHARD = 1000
 FULL_DATASET_CLIPS = 47_000_000  # Egocentric-100K at the reference clip
@@ -33,11 +32,20 @@ FULL_DATASET_CLIPS = 47_000_000  # Egocentric-100K at the reference clip
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="/tmp/bench_cache_read",
-                        help="Folder for the two synthetic caches (its per_clip/ and packed/ are replaced).")
+    parser.add_argument(
+        "--workdir",
+        default="/tmp/bench_cache_read",
+        help="Folder for the two synthetic caches (its per_clip/ and packed/ are replaced).",
+    )
     parser.add_argument("--num_clips", type=int, default=2000, help="Clips in the synthetic cache.")
-    parser.add_argument("--latent_shape", type=int, nargs=4, default=[16, 16, 32, 56], metavar=("C", "T", "H", "W"),
-                        help="bf16 latent shape of one clip; the default is the reference clip (61 frames, 256x448).")
+    parser.add_argument(
+        "--latent_shape",
+        type=int,
+        nargs=4,
+        default=[16, 16, 32, 56],
+        metavar=("C", "T", "H", "W"),
+        help="bf16 latent shape of one clip; the default is the reference clip (61 frames, 256x448).",
+    )
     parser.add_argument("--clips_per_pack", type=int, default=256, help="Clips per packed safetensors file.")
     parser.add_argument("--num_workers", type=int, default=4, help="DataLoader workers.")
     parser.add_argument("--open_packs", type=int, default=8, help="Open pack handles each worker keeps (LRU).")
@@ -56,8 +64,11 @@ def make_clip_cache(root, num_clips, shape, seed):
         for i in range(shard * CLIPS_PER_SHARD, min(num_clips, (shard + 1) * CLIPS_PER_SHARD)):
             key, clip_index = f"synthetic/video_{i // 8:06d}", i % 8
             latents = torch.randn(shape, generator=generator).to(torch.bfloat16)
-            save_file({"latents": latents}, os.path.join(shard_dir, clip_file_name(key, clip_index)),
-                      {"key": key, "clip_index": str(clip_index), "start_seconds": "0", "caption_hash": "0" * 16})
+            save_file(
+                {"latents": latents},
+                os.path.join(shard_dir, clip_file_name(key, clip_index)),
+                {"key": key, "clip_index": str(clip_index), "start_seconds": "0", "caption_hash": "0" * 16},
+            )
         rebuild_manifest(shard_dir)
     return list_cached_clips(root)
 
@@ -69,7 +80,7 @@ def make_packs(root, clips, clips_per_pack):
     for start in range(0, len(clips), clips_per_pack):
         path = os.path.join(root, f"pack_{start // clips_per_pack:05d}.safetensors")
         tensors = {}
-        for clip in clips[start:start + clips_per_pack]:
+        for clip in clips[start : start + clips_per_pack]:
             with safe_open(clip["path"], "pt") as f:
                 tensors[os.path.splitext(clip["file"])[0]] = f.get_tensor("latents")
         save_file(tensors, path)
@@ -118,8 +129,12 @@ def read_all(dataset, order, num_workers):
 
 def measure(name, dataset, files, clips_per_file, order, clip_bytes, args):
     """File count and size of a layout, and its read speed from a dropped page cache (cold), then again (warm)."""
-    result = {"layout": name, "files": len(files), "bytes": sum(os.path.getsize(p) for p in files),
-              "files_per_47M_clips": math.ceil(FULL_DATASET_CLIPS / clips_per_file)}
+    result = {
+        "layout": name,
+        "files": len(files),
+        "bytes": sum(os.path.getsize(p) for p in files),
+        "files_per_47M_clips": math.ceil(FULL_DATASET_CLIPS / clips_per_file),
+    }
     drop_page_cache(files)
     for state in ("cold", "warm"):  # warm: read again at once, with the pages the cold pass left in the cache
         seconds = read_all(dataset, order, args.num_workers)
@@ -129,12 +144,16 @@ def measure(name, dataset, files, clips_per_file, order, clip_bytes, args):
 
 
 def print_table(results):
-    print(f"{'layout':<9}{'files':>7}{'GB':>7}{'files/47M clips':>17}{'cold clips/s':>14}{'cold MB/s':>11}"
-          f"{'warm clips/s':>14}{'warm MB/s':>11}")
+    print(
+        f"{'layout':<9}{'files':>7}{'GB':>7}{'files/47M clips':>17}{'cold clips/s':>14}{'cold MB/s':>11}"
+        f"{'warm clips/s':>14}{'warm MB/s':>11}"
+    )
     for r in results:
-        print(f"{r['layout']:<9}{r['files']:>7}{r['bytes'] / 1e9:>7.2f}{r['files_per_47M_clips']:>17,}"
-              f"{r['cold_clips_per_s']:>14.0f}{r['cold_MB_per_s']:>11.0f}{r['warm_clips_per_s']:>14.0f}"
-              f"{r['warm_MB_per_s']:>11.0f}")
+        print(
+            f"{r['layout']:<9}{r['files']:>7}{r['bytes'] / 1e9:>7.2f}{r['files_per_47M_clips']:>17,}"
+            f"{r['cold_clips_per_s']:>14.0f}{r['cold_MB_per_s']:>11.0f}{r['warm_clips_per_s']:>14.0f}"
+            f"{r['warm_MB_per_s']:>11.0f}"
+        )
 
 
 def main():
@@ -151,15 +170,24 @@ def main():
     order = torch.randperm(len(clips), generator=torch.Generator().manual_seed(args.seed)).tolist()
     clip_bytes = math.prod(args.latent_shape) * 2
     pack_files = sorted({path for path, _ in entries})
-    results = [measure("per_clip", per_clip, [c["path"] for c in clips], 1, order, clip_bytes, args),
-               measure("packed", packed, pack_files, args.clips_per_pack, order, clip_bytes, args)]
-    print(f"{os.cpu_count()} CPUs, {len(clips)} clips of {clip_bytes / 1e6:.2f} MB, {args.num_workers} workers, "
-          f"batch 2, {args.clips_per_pack} clips per pack")
+    results = [
+        measure("per_clip", per_clip, [c["path"] for c in clips], 1, order, clip_bytes, args),
+        measure("packed", packed, pack_files, args.clips_per_pack, order, clip_bytes, args),
+    ]
+    print(
+        f"{os.cpu_count()} CPUs, {len(clips)} clips of {clip_bytes / 1e6:.2f} MB, {args.num_workers} workers, "
+        f"batch 2, {args.clips_per_pack} clips per pack"
+    )
     print_table(results)
     if args.out:
-        report = {"hostname": socket.gethostname(), "cpu_count": os.cpu_count(),
-                  "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                  "args": vars(args), "clip_bytes": clip_bytes, "results": results}
+        report = {
+            "hostname": socket.gethostname(),
+            "cpu_count": os.cpu_count(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "args": vars(args),
+            "clip_bytes": clip_bytes,
+            "results": results,
+        }
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
     if not args.keep_data:

@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import make_synthetic_clips  # noqa: E402
-from cosmos_utils import decode_frames, fit_frames, open_video, plan_clips, probe_video  # noqa: E402
+from cosmos_video import decode_frames, fit_frames, open_video, plan_clips, probe_video
 
 
 def decode_all_pyav(path, threaded):
@@ -72,15 +72,19 @@ def main():
         with open(path, "wb") as f:
             f.write(make_synthetic_clips.encode_mp4(frames, 30.0, "h265"))
         print(f"{os.cpu_count()} cores; H.265 456x256 30 fps, {args.seconds:.0f} s ({len(frames)} frames)")
-        for name, fn, fn_args in [("PyAV, 1 thread, decode + RGB", decode_all_pyav, (path, False)),
-                                  ("PyAV, threaded, decode + RGB", decode_all_pyav, (path, True)),
-                                  ("imageio-ffmpeg, 1 thread, decode + RGB pipe", decode_all_imageio, (path, 1)),
-                                  ("imageio-ffmpeg, auto threads, decode + RGB pipe", decode_all_imageio, (path, 0))]:
+        for name, fn, fn_args in [
+            ("PyAV, 1 thread, decode + RGB", decode_all_pyav, (path, False)),
+            ("PyAV, threaded, decode + RGB", decode_all_pyav, (path, True)),
+            ("imageio-ffmpeg, 1 thread, decode + RGB pipe", decode_all_imageio, (path, 1)),
+            ("imageio-ffmpeg, auto threads, decode + RGB pipe", decode_all_imageio, (path, 0)),
+        ]:
             count, fps = rate(fn, *fn_args)
             print(f"  {name:<50}{fps:8.0f} frames/s ({count} frames)")
         count, clips_per_s = rate(clips_of_video, path)
-        print(f"  cache_latents clip path (61 frames at 8 fps, crop 448), PyAV threaded: {clips_per_s:.2f} clips/s "
-              f"({count} clips)")
+        print(
+            f"  cache_latents clip path (61 frames at 8 fps, crop 448), PyAV threaded: {clips_per_s:.2f} clips/s "
+            f"({count} clips)"
+        )
 
 
 if __name__ == "__main__":

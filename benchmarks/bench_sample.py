@@ -83,9 +83,14 @@ def main():
     parser.add_argument("--num_frames", type=int, default=61, help="Frames per video.")
     parser.add_argument("--height", type=int, default=256, help="Video height.")
     parser.add_argument("--width", type=int, default=448, help="Video width.")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="Which of sample.py's variants to time. Each one includes all before it in the list "
-                             "batched_cfg, cudnn_attention, cudnn_benchmark, compile.")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="Which of sample.py's variants to time. Each one includes all before it in the list "
+        "batched_cfg, cudnn_attention, cudnn_benchmark, compile.",
+    )
     cli = parser.parse_args()
     from diffusers import Cosmos2VideoToWorldPipeline
 
@@ -93,26 +98,57 @@ def main():
     size = dict(height=cli.height, width=cli.width, num_frames=cli.num_frames)
     image_path = os.path.join(cli.out, "condition.png")
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (cli.height, cli.width, 3), dtype=np.uint8)).save(
-        image_path)
-    pipe = Cosmos2VideoToWorldPipeline.from_pretrained(cli.model, torch_dtype=torch.bfloat16,
-                                                       safety_checker=StandInSafetyChecker()).to("cuda")
+        image_path
+    )
+    pipe = Cosmos2VideoToWorldPipeline.from_pretrained(
+        cli.model, torch_dtype=torch.bfloat16, safety_checker=StandInSafetyChecker()
+    ).to("cuda")
     pipe.set_progress_bar_config(disable=True)
 
     def run_pipeline(steps=None, output_type="np"):
-        return pipe(image=Image.open(image_path), prompt=PROMPT, **size, num_inference_steps=steps or STEPS,
-                    guidance_scale=7.0, fps=None, output_type=output_type,
-                    generator=torch.Generator().manual_seed(0)).frames
+        return pipe(
+            image=Image.open(image_path),
+            prompt=PROMPT,
+            **size,
+            num_inference_steps=steps or STEPS,
+            guidance_scale=7.0,
+            fps=None,
+            output_type=output_type,
+            generator=torch.Generator().manual_seed(0),
+        ).frames
 
     _, pipeline_s = timed(run_pipeline, cli.repeats)
     theirs = run_pipeline(output_type="latent")
-    results = {"device": torch.cuda.get_device_name(0), "size": size, "steps": STEPS, "guidance_scale": 7.0,
-               "pipeline_s_per_video": round(pipeline_s, 3)}
+    results = {
+        "device": torch.cuda.get_device_name(0),
+        "size": size,
+        "steps": STEPS,
+        "guidance_scale": 7.0,
+        "pipeline_s_per_video": round(pipeline_s, 3),
+    }
     print(results, flush=True)
 
-    args = sample.parse_args(["--pretrained_model_name_or_path", cli.model, "--input", image_path, "--prompt", PROMPT,
-                              "--output_dir", cli.out, "--disable_safety_checker", "--dtype", "bfloat16",
-                              "--num_frames", str(cli.num_frames), "--height", str(cli.height), "--width",
-                              str(cli.width)])
+    args = sample.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            cli.model,
+            "--input",
+            image_path,
+            "--prompt",
+            PROMPT,
+            "--output_dir",
+            cli.out,
+            "--disable_safety_checker",
+            "--dtype",
+            "bfloat16",
+            "--num_frames",
+            str(cli.num_frames),
+            "--height",
+            str(cli.height),
+            "--width",
+            str(cli.width),
+        ]
+    )
     components = sample.load_pipeline_components(args, torch.device("cuda"))
     jobs = sample.collect_jobs(args)
     clock = {}
@@ -135,12 +171,15 @@ def main():
             continue
         ours, seconds = timed(run_ours, cli.repeats)
         difference = (ours.float() - theirs.float()).abs()
-        results[name] = {"s_per_video": round(seconds, 3), "speedup": round(pipeline_s / seconds, 2),
-                         "last_run_denoise_s": round(clock["denoise_s"], 3),
-                         "last_run_vae_decode_s": round(clock["vae_decode_s"], 3),
-                         "max_abs_latent_difference": round(float(difference.max()), 4),
-                         "mean_abs_latent_difference": round(float(difference.mean()), 5),
-                         "latent_std": round(float(theirs.float().std()), 4)}
+        results[name] = {
+            "s_per_video": round(seconds, 3),
+            "speedup": round(pipeline_s / seconds, 2),
+            "last_run_denoise_s": round(clock["denoise_s"], 3),
+            "last_run_vae_decode_s": round(clock["vae_decode_s"], 3),
+            "max_abs_latent_difference": round(float(difference.max()), 4),
+            "mean_abs_latent_difference": round(float(difference.mean()), 5),
+            "latent_std": round(float(theirs.float().std()), 4),
+        }
         print(name, results[name], flush=True)
     results["denoise_profile_ms_per_step"] = profile_denoising(run_ours)
     name = f"sample_results_{cli.num_frames}x{cli.height}x{cli.width}.json"
@@ -164,8 +203,12 @@ def autotune_vae_convolutions(components):
 
 STEPS = 35
 # Each variant adds one step of sample.py's speed options (--attention_backend, --compile) to the ones before it.
-VARIANTS = {"batched_cfg": lambda components: None, "cudnn_attention": use_cudnn_attention,
-            "cudnn_benchmark": autotune_vae_convolutions, "compile": compile_blocks}
+VARIANTS = {
+    "batched_cfg": lambda components: None,
+    "cudnn_attention": use_cudnn_attention,
+    "cudnn_benchmark": autotune_vae_convolutions,
+    "compile": compile_blocks,
+}
 
 
 if __name__ == "__main__":

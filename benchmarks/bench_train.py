@@ -35,20 +35,44 @@ CONFIGS = {
     "1gpu_naive": (1, "single_gpu.yaml", [], [], REFERENCE, 2),
     "1gpu_compile": (1, "single_gpu.yaml", [], ["--compile"], REFERENCE, 2),
     "1gpu_compile_cudnn": (1, "single_gpu.yaml", [], FAST, REFERENCE, 2),
-    "1gpu_memory_93x480x832_full_gc": (1, "single_gpu.yaml", [], ["--gradient_checkpointing", "full"],
-                                       (93, 480, 832), 1),
+    "1gpu_memory_93x480x832_full_gc": (
+        1,
+        "single_gpu.yaml",
+        [],
+        ["--gradient_checkpointing", "full"],
+        (93, 480, 832),
+        1,
+    ),
     "3gpu_fsdp2_naive": (3, "fsdp3.yaml", [], [], REFERENCE, 2),
     "3gpu_ddp_compile_cudnn": (3, "ddp3.yaml", [], FAST, REFERENCE, 2),
     "3gpu_fsdp2_compile_cudnn": (3, "fsdp3.yaml", [], FAST, REFERENCE, 2),
     "3gpu_fsdp2_compile_cudnn_no_reshard": (3, "fsdp3.yaml", NO_RESHARD, FAST, REFERENCE, 2),
     "3gpu_fsdp2_full_gc": (3, "fsdp3.yaml", [], ["--gradient_checkpointing", "full"], REFERENCE, 2),
     "3gpu_fsdp2_selective_gc": (3, "fsdp3.yaml", [], ["--gradient_checkpointing", "selective"], REFERENCE, 2),
-    "3gpu_fsdp2_full_gc_compile_cudnn": (3, "fsdp3.yaml", [], ["--gradient_checkpointing", "full", *FAST],
-                                         REFERENCE, 2),
-    "3gpu_fsdp2_selective_gc_compile_cudnn": (3, "fsdp3.yaml", [], ["--gradient_checkpointing", "selective", *FAST],
-                                              REFERENCE, 2),
-    "1gpu_memory_93x480x832_full_gc_compile_cudnn": (1, "single_gpu.yaml", [], ["--gradient_checkpointing", "full",
-                                                                                 *FAST], (93, 480, 832), 1),
+    "3gpu_fsdp2_full_gc_compile_cudnn": (
+        3,
+        "fsdp3.yaml",
+        [],
+        ["--gradient_checkpointing", "full", *FAST],
+        REFERENCE,
+        2,
+    ),
+    "3gpu_fsdp2_selective_gc_compile_cudnn": (
+        3,
+        "fsdp3.yaml",
+        [],
+        ["--gradient_checkpointing", "selective", *FAST],
+        REFERENCE,
+        2,
+    ),
+    "1gpu_memory_93x480x832_full_gc_compile_cudnn": (
+        1,
+        "single_gpu.yaml",
+        [],
+        ["--gradient_checkpointing", "full", *FAST],
+        (93, 480, 832),
+        1,
+    ),
 }
 
 
@@ -60,8 +84,11 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=14, help="Optimizer steps per run.")
     parser.add_argument("--warmup", type=int, default=6, help="Leading steps left out of the averages (compile).")
     parser.add_argument("--timeout", type=int, default=400, help="Seconds one run may take.")
-    parser.add_argument("--script", default=os.path.join(REPO, "train_cosmos_lora.py"),
-                        help="Training script to run (a copy being tuned, say).")
+    parser.add_argument(
+        "--script",
+        default=os.path.join(REPO, "train_cosmos_lora.py"),
+        help="Training script to run (a copy being tuned, say).",
+    )
     return parser.parse_args()
 
 
@@ -74,7 +101,7 @@ def matmul_peak_tflops(size=8192, repeats=20):
     for _ in range(repeats):
         a @ b
     torch.cuda.synchronize()
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
 def useful_flops_per_sample(frames, height, width, dim=2048, layers=28, text_len=512, text_dim=1024, mlp=4):
@@ -92,17 +119,24 @@ def useful_flops_per_sample(frames, height, width, dim=2048, layers=28, text_len
 
 def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48, text_dim=1024):
     """A cache in cache_latents.py's format holding random latents, for throughput only."""
-    import cache_latents
     from diffusers import AutoencoderKLWan
     from safetensors.torch import save_file
 
-    from cosmos_utils import caption_hash, latent_shape, text_embed_path
+    import cache_latents
+    from cosmos_cache import caption_hash, text_embed_path
+    from cosmos_video import latent_shape
 
     if os.path.isfile(os.path.join(path, "cache_info.json")):
         return
     vae_config = AutoencoderKLWan.load_config(model_dir, subfolder="vae")
-    args = argparse.Namespace(num_frames=frames, fps=8.0, height=height, width=width, resize_mode="crop",
-                              pretrained_model_name_or_path=model_dir)
+    args = argparse.Namespace(
+        num_frames=frames,
+        fps=8.0,
+        height=height,
+        width=width,
+        resize_mode="crop",
+        pretrained_model_name_or_path=model_dir,
+    )
     config = cache_latents.cache_config(args, vae_config, text_dim=text_dim)
     shard = os.path.join(path, "shard_00000")
     os.makedirs(shard, exist_ok=True)
@@ -139,12 +173,38 @@ def run_config(name, args, model_dir, gpus):
     cache = cache_path(args.workdir, frames, height, width)
     output = os.path.join(args.workdir, "runs", name)
     subprocess.run(["rm", "-rf", output], check=True)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(REPO, "accelerate_configs", config_file), "--num_processes", str(num_gpus),
-           *launch_flags, os.path.abspath(args.script), "--pretrained_model_name_or_path", model_dir,
-           "--cache_dir", cache, "--output_dir", output, "--max_train_steps", str(args.steps),
-           "--checkpointing_steps", "100000", "--num_validation_clips", "0", "--report_to", "none",
-           "--train_batch_size", str(batch), "--dataloader_num_workers", "4", "--lr_scheduler", "constant", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(REPO, "accelerate_configs", config_file),
+        "--num_processes",
+        str(num_gpus),
+        *launch_flags,
+        os.path.abspath(args.script),
+        "--pretrained_model_name_or_path",
+        model_dir,
+        "--cache_dir",
+        cache,
+        "--output_dir",
+        output,
+        "--max_train_steps",
+        str(args.steps),
+        "--checkpointing_steps",
+        "100000",
+        "--num_validation_clips",
+        "0",
+        "--report_to",
+        "none",
+        "--train_batch_size",
+        str(batch),
+        "--dataloader_num_workers",
+        "4",
+        "--lr_scheduler",
+        "constant",
+        *extra,
+    ]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
     start = time.time()
     with open(os.path.join(args.out, f"{name}.log"), "w") as log:
@@ -152,25 +212,34 @@ def run_config(name, args, model_dir, gpus):
             code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
-    result = {"name": name, "gpus": num_gpus, "flags": " ".join(launch_flags + extra),
-              "clip": f"{frames}x{height}x{width}",
-              "batch_per_gpu": batch, "exit": code, "wall_s": round(time.time() - start, 1)}
+    result = {
+        "name": name,
+        "gpus": num_gpus,
+        "flags": " ".join(launch_flags + extra),
+        "clip": f"{frames}x{height}x{width}",
+        "batch_per_gpu": batch,
+        "exit": code,
+        "wall_s": round(time.time() - start, 1),
+    }
     rows = []
     if os.path.isfile(os.path.join(output, "losses.jsonl")):
         rows = [json.loads(line) for line in open(os.path.join(output, "losses.jsonl"))]
-    measured = rows[args.warmup:]
+    measured = rows[args.warmup :]
     if measured:
         flops, tokens = useful_flops_per_sample(frames, height, width)
         samples_per_s = sum(r["samples_per_s"] for r in measured) / len(measured)
         result.update(
-            steps_measured=len(measured), samples_per_s=round(samples_per_s, 3),
+            steps_measured=len(measured),
+            samples_per_s=round(samples_per_s, 3),
             samples_per_s_per_gpu=round(samples_per_s / num_gpus, 3),
             latent_tokens_per_s=round(samples_per_s * tokens),
             step_time_s=round(sum(r["step_time_s"] for r in measured) / len(measured), 3),
             peak_memory_gib=round(max(r.get("peak_memory_gib", 0) for r in rows), 1),
             useful_tflops_per_gpu=round(samples_per_s * flops / num_gpus / 1e12, 1),
             data_wait_fraction=round(sum(r["data_wait_fraction"] for r in measured) / len(measured), 4),
-            final_loss=round(rows[-1]["loss"], 4), export_ok=export_ok(output))
+            final_loss=round(rows[-1]["loss"], 4),
+            export_ok=export_ok(output),
+        )
     return result
 
 
@@ -199,10 +268,24 @@ def lane(names, args, model_dir, gpus, results, lock):
 
 def write_results(results, args):
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"matmul_peak_tflops": args.peak, "device": torch.cuda.get_device_name(0), "results": results}, f,
-                  indent=2)
-    header = ["name", "gpus", "clip", "batch_per_gpu", "samples_per_s", "samples_per_s_per_gpu", "latent_tokens_per_s",
-              "step_time_s", "peak_memory_gib", "useful_tflops_per_gpu", "data_wait_fraction", "export_ok", "exit"]
+        json.dump(
+            {"matmul_peak_tflops": args.peak, "device": torch.cuda.get_device_name(0), "results": results}, f, indent=2
+        )
+    header = [
+        "name",
+        "gpus",
+        "clip",
+        "batch_per_gpu",
+        "samples_per_s",
+        "samples_per_s_per_gpu",
+        "latent_tokens_per_s",
+        "step_time_s",
+        "peak_memory_gib",
+        "useful_tflops_per_gpu",
+        "data_wait_fraction",
+        "export_ok",
+        "exit",
+    ]
     lines = ["| " + " | ".join(header) + " | peak fraction |", "|" + "---|" * (len(header) + 1)]
     for r in results:
         fraction = r["useful_tflops_per_gpu"] / args.peak if "useful_tflops_per_gpu" in r else None
@@ -236,8 +319,10 @@ def main(args):
     single = [n for n in args.configs if CONFIGS[n][0] == 1]
     multi = [n for n in args.configs if CONFIGS[n][0] > 1]
     results, lock = [], threading.Lock()
-    lanes = [threading.Thread(target=lane, args=(multi, args, model_dir, list(range(3)), results, lock)),
-             threading.Thread(target=lane, args=(single, args, model_dir, [count - 1], results, lock))]
+    lanes = [
+        threading.Thread(target=lane, args=(multi, args, model_dir, list(range(3)), results, lock)),
+        threading.Thread(target=lane, args=(single, args, model_dir, [count - 1], results, lock)),
+    ]
     for thread in lanes:
         thread.start()
     for thread in lanes:

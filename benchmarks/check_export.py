@@ -24,7 +24,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_train  # noqa: E402
+
 import train_cosmos_lora as train  # noqa: E402
+from cosmos_model import ADAPTER_WEIGHTS, LORA_WEIGHTS, read_exported_weights
 
 REPO = bench_train.REPO
 WRAPPER_PREFIXES = re.compile(r"(^module\.)|(_checkpoint_wrapped_module\.)|(_orig_mod\.)")
@@ -35,19 +37,27 @@ def parse_args():
     parser.add_argument("--workdir", required=True, help="Where the model, cache and runs go.")
     parser.add_argument("--out", required=True, help="Where export_check.json goes.")
     parser.add_argument("--model", default=None, help="Checkpoint to train. Default: build the random 2B one.")
-    parser.add_argument("--config_file", default=os.path.join(REPO, "accelerate_configs", "fsdp3.yaml"),
-                        help="accelerate config to launch with.")
-    parser.add_argument("--modes", nargs="+", default=["none", "full", "selective"],
-                        help="--gradient_checkpointing modes to check.")
+    parser.add_argument(
+        "--config_file",
+        default=os.path.join(REPO, "accelerate_configs", "fsdp3.yaml"),
+        help="accelerate config to launch with.",
+    )
+    parser.add_argument(
+        "--modes", nargs="+", default=["none", "full", "selective"], help="--gradient_checkpointing modes to check."
+    )
     parser.add_argument("--steps", type=int, default=3, help="Training steps per mode.")
-    parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
-                        help="Extra train_cosmos_lora.py flags (last on the command line).")
+    parser.add_argument(
+        "--train_args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="Extra train_cosmos_lora.py flags (last on the command line).",
+    )
     return parser.parse_args()
 
 
 def compare_rank_with_export(model, output_dir):
     """This rank's shard of every trainable parameter against the exported file; a dict of findings."""
-    exported = train.read_exported_weights(output_dir)
+    exported = read_exported_weights(output_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     trained = {WRAPPER_PREFIXES.sub("", name): p for name, p in model.named_parameters() if p.requires_grad}
     mismatched, not_moved = [], []
@@ -65,19 +75,26 @@ def compare_rank_with_export(model, output_dir):
         if zero_initialised and not exported[name].abs().sum() > 0:
             not_moved.append(name)
     sharded = sum(hasattr(p, "to_local") for p in trained.values())
-    return {"rank": rank, "world_size": world, "trainable": len(trained), "sharded_as_dtensor": sharded,
-            "exported": len(exported),
-            "missing_from_export": sorted(set(trained) - set(exported))[:5],
-            "extra_in_export": sorted(set(exported) - set(trained))[:5],
-            "mismatched": mismatched[:5], "num_mismatched": len(mismatched),
-            "zero_initialised_not_moved": not_moved[:5]}
+    return {
+        "rank": rank,
+        "world_size": world,
+        "trainable": len(trained),
+        "sharded_as_dtensor": sharded,
+        "exported": len(exported),
+        "missing_from_export": sorted(set(trained) - set(exported))[:5],
+        "extra_in_export": sorted(set(exported) - set(trained))[:5],
+        "mismatched": mismatched[:5],
+        "num_mismatched": len(mismatched),
+        "zero_initialised_not_moved": not_moved[:5],
+    }
 
 
 def wait_for_export(output_dir, timeout=600):
-    names = [train.LORA_WEIGHTS, train.ADAPTER_WEIGHTS]
+    names = [LORA_WEIGHTS, ADAPTER_WEIGHTS]
     deadline = time.time() + timeout
     while os.path.exists(os.path.join(output_dir, ".export.tmp")) or not all(
-            os.path.exists(os.path.join(output_dir, name)) for name in names):
+        os.path.exists(os.path.join(output_dir, name)) for name in names
+    ):
         if time.time() > deadline:
             raise TimeoutError(f"no export in {output_dir} after {timeout} s")
         time.sleep(0.5)
@@ -104,19 +121,55 @@ def probe(train_argv, report_path):
 def run_mode(args, model, cache, mode):
     output = os.path.join(args.workdir, f"export_check_{mode}")
     shutil.rmtree(output, ignore_errors=True)  # also removes rank reports of an earlier run
-    train_argv = ["--pretrained_model_name_or_path", model, "--cache_dir", cache, "--output_dir", output,
-                  "--max_train_steps", str(args.steps), "--checkpointing_steps", "1000", "--num_validation_clips", "0",
-                  "--report_to", "none", "--lr_scheduler", "constant", "--learning_rate", "1e-2",
-                  "--gradient_checkpointing", mode, *args.train_args]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.config_file,
-               os.path.abspath(__file__), "--probe", os.path.join(output, "export_check"), *train_argv]
+    train_argv = [
+        "--pretrained_model_name_or_path",
+        model,
+        "--cache_dir",
+        cache,
+        "--output_dir",
+        output,
+        "--max_train_steps",
+        str(args.steps),
+        "--checkpointing_steps",
+        "1000",
+        "--num_validation_clips",
+        "0",
+        "--report_to",
+        "none",
+        "--lr_scheduler",
+        "constant",
+        "--learning_rate",
+        "1e-2",
+        "--gradient_checkpointing",
+        mode,
+        *args.train_args,
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        args.config_file,
+        os.path.abspath(__file__),
+        "--probe",
+        os.path.join(output, "export_check"),
+        *train_argv,
+    ]
     log = subprocess.run(command, capture_output=True, text=True)
     if log.returncode:
         return {"error": (log.stdout + log.stderr)[-1500:]}
-    ranks = [json.load(open(os.path.join(output, name))) for name in sorted(os.listdir(output))
-             if name.startswith("export_check.rank")]
-    ok = all(not r["missing_from_export"] and not r["extra_in_export"] and not r["num_mismatched"]
-             and not r["zero_initialised_not_moved"] for r in ranks)
+    ranks = [
+        json.load(open(os.path.join(output, name)))
+        for name in sorted(os.listdir(output))
+        if name.startswith("export_check.rank")
+    ]
+    ok = all(
+        not r["missing_from_export"]
+        and not r["extra_in_export"]
+        and not r["num_mismatched"]
+        and not r["zero_initialised_not_moved"]
+        for r in ranks
+    )
     return {"ok": ok and len(ranks) == ranks[0]["world_size"], "ranks": ranks}
 
 

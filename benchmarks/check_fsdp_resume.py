@@ -24,14 +24,37 @@ REPO = bench_train.REPO
 
 
 def launch(model, cache, output, steps, log, *extra):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(REPO, "accelerate_configs", "fsdp3.yaml"), os.path.join(REPO, "train_cosmos_lora.py"),
-           "--pretrained_model_name_or_path", model, "--cache_dir", cache, "--output_dir", output,
-           "--max_train_steps", str(steps), "--checkpointing_steps", "4", "--num_validation_clips", "0",
-           "--report_to", "none", "--lr_scheduler", "constant", "--learning_rate", "1e-3", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(REPO, "accelerate_configs", "fsdp3.yaml"),
+        os.path.join(REPO, "train_cosmos_lora.py"),
+        "--pretrained_model_name_or_path",
+        model,
+        "--cache_dir",
+        cache,
+        "--output_dir",
+        output,
+        "--max_train_steps",
+        str(steps),
+        "--checkpointing_steps",
+        "4",
+        "--num_validation_clips",
+        "0",
+        "--report_to",
+        "none",
+        "--lr_scheduler",
+        "constant",
+        "--learning_rate",
+        "1e-3",
+        *extra,
+    ]
     with open(log, "a") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT,
-                       env=dict(os.environ, CUDA_VISIBLE_DEVICES="0,1,2"))
+        subprocess.run(
+            cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0,1,2")
+        )
 
 
 def losses(output):
@@ -64,13 +87,18 @@ def main():
     launch(model, cache, b, 4, log)
     launch(model, cache, b, 8, log, "--resume_from_checkpoint", "latest")
     lora_a = load_file(os.path.join(a, "pytorch_lora_weights.safetensors"))
-    result = {"losses_uninterrupted": losses(a), "losses_uninterrupted_again": losses(a2), "losses_resumed": losses(b),
-              "max_loss_difference_resumed": max(abs(x - y) for x, y in zip(losses(a)[4:], losses(b)[4:])),
-              "max_loss_difference_rerun": max(abs(x - y) for x, y in zip(losses(a)[4:], losses(a2)[4:])),
-              "weight_difference_resumed": weight_difference(a, b), "weight_difference_rerun": weight_difference(a, a2),
-              "max_abs_lora_B": max(float(t.abs().max()) for k, t in lora_a.items() if ".lora_B." in k),
-              "checkpoint_files": sorted(os.listdir(os.path.join(b, "checkpoint-4"))),
-              "device": torch.cuda.get_device_name(0)}
+    result = {
+        "losses_uninterrupted": losses(a),
+        "losses_uninterrupted_again": losses(a2),
+        "losses_resumed": losses(b),
+        "max_loss_difference_resumed": max(abs(x - y) for x, y in zip(losses(a)[4:], losses(b)[4:], strict=True)),
+        "max_loss_difference_rerun": max(abs(x - y) for x, y in zip(losses(a)[4:], losses(a2)[4:], strict=True)),
+        "weight_difference_resumed": weight_difference(a, b),
+        "weight_difference_rerun": weight_difference(a, a2),
+        "max_abs_lora_B": max(float(t.abs().max()) for k, t in lora_a.items() if ".lora_B." in k),
+        "checkpoint_files": sorted(os.listdir(os.path.join(b, "checkpoint-4"))),
+        "device": torch.cuda.get_device_name(0),
+    }
     with open(os.path.join(args.out, "fsdp_resume.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

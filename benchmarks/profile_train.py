@@ -15,6 +15,7 @@ profile_<config>.json (one summary per rank) plus each rank's Chrome trace in th
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import subprocess
@@ -27,11 +28,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_train  # noqa: E402
-import train_cosmos_lora as train  # noqa: E402
 
-CATEGORIES = [("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
-              ("matmul", ("gemm", "matmul", "cutlass", "xmma", "nvjet", "sm90")),
-              ("communication", ("nccl",))]
+CATEGORIES = [
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("matmul", ("gemm", "matmul", "cutlass", "xmma", "nvjet", "sm90")),
+    ("communication", ("nccl",)),
+]
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 CPU_CATEGORIES = ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver", "python_function")
 
@@ -49,14 +51,25 @@ def parse_args():
     parser.add_argument("--workdir", required=True, help="Where the model, cache, runs and traces go.")
     parser.add_argument("--out", required=True, help="Where profile_<config>.json goes.")
     parser.add_argument("--model", default=None, help="Checkpoint to train. Default: build the random 2B one.")
-    parser.add_argument("--configs", nargs="+", default=["single_gpu.yaml", "fsdp3.yaml"],
-                        help="Files in accelerate_configs/ to profile, one run each.")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["single_gpu.yaml", "fsdp3.yaml"],
+        help="Files in accelerate_configs/ to profile, one run each.",
+    )
     parser.add_argument("--warmup", type=int, default=8, help="Optimizer steps before profiling (compile, autotune).")
     parser.add_argument("--profile_steps", type=int, default=4, help="Optimizer steps to profile.")
-    parser.add_argument("--script", default=os.path.join(bench_train.REPO, "train_cosmos_lora.py"),
-                        help="Training script to profile (a copy being tuned, say).")
-    parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=bench_train.FAST,
-                        help="Training-script flags (last on the command line; default: %(default)s).")
+    parser.add_argument(
+        "--script",
+        default=os.path.join(bench_train.REPO, "train_cosmos_lora.py"),
+        help="Training script to profile (a copy being tuned, say).",
+    )
+    parser.add_argument(
+        "--train_args",
+        nargs=argparse.REMAINDER,
+        default=bench_train.FAST,
+        help="Training-script flags (last on the command line; default: %(default)s).",
+    )
     return parser.parse_args()
 
 
@@ -113,12 +126,15 @@ def summarize_trace(events, steps, wall_s, top_gaps=8, min_gap_us=100):
     merged = merge_intervals(everything)
     busy = sum(end - start for start, end in merged)
     busy_compute = sum(end - start for start, end in merge_intervals(compute))
-    gaps = [(nxt[0] - prev[1], prev[1], nxt[0]) for prev, nxt in zip(merged, merged[1:])
-            if nxt[0] - prev[1] >= min_gap_us]
+    gaps = [
+        (nxt[0] - prev[1], prev[1], nxt[0])
+        for prev, nxt in itertools.pairwise(merged)
+        if nxt[0] - prev[1] >= min_gap_us
+    ]
     hosts = host_work_at(cpu_events, threads, [(start + end) / 2 for _, start, end in gaps])
     first = merged[0][0] if merged else 0
     idle_by_host_work = {}
-    for (length, _, _), name in zip(gaps, hosts):
+    for (length, _, _), name in zip(gaps, hosts, strict=True):
         idle_by_host_work[name] = idle_by_host_work.get(name, 0) + length
     return {
         "steps": steps,
@@ -128,10 +144,13 @@ def summarize_trace(events, steps, wall_s, top_gaps=8, min_gap_us=100):
         "gpu_idle_ms": round(1e3 * wall_s / steps - busy / per_step, 1),
         "exposed_communication_ms": round((busy - busy_compute) / per_step, 1),
         "idle_gaps_over_100us_ms": round(sum(g[0] for g in gaps) / per_step, 1),
-        "idle_by_host_work_ms": {k: round(v / per_step, 2) for k, v in
-                                 sorted(idle_by_host_work.items(), key=lambda kv: -kv[1])[:top_gaps]},
-        "largest_gaps": [{"ms": round(gap[0] / 1e3, 2), "at_ms": round((gap[1] - first) / 1e3, 2), "host": name}
-                         for gap, name in sorted(zip(gaps, hosts), reverse=True)[:top_gaps]],
+        "idle_by_host_work_ms": {
+            k: round(v / per_step, 2) for k, v in sorted(idle_by_host_work.items(), key=lambda kv: -kv[1])[:top_gaps]
+        },
+        "largest_gaps": [
+            {"ms": round(gap[0] / 1e3, 2), "at_ms": round((gap[1] - first) / 1e3, 2), "host": name}
+            for gap, name in sorted(zip(gaps, hosts, strict=True), reverse=True)[:top_gaps]
+        ],
     }
 
 
@@ -143,8 +162,9 @@ def probe(report_path, warmup, steps, train_argv):
     spec = importlib.util.spec_from_file_location("train_script", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                  torch.profiler.ProfilerActivity.CUDA])
+    profiler = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    )
     state = {"calls": 0, "gc_s": 0.0, "collections": 0}
     step_logs = module.step_logs
 
@@ -172,8 +192,12 @@ def probe(report_path, warmup, steps, train_argv):
             trace = os.path.join(os.path.dirname(report_path), f"trace_rank{rank}.json")
             profiler.export_chrome_trace(trace)
             events = json.load(open(trace))["traceEvents"]
-            summary = {"rank": rank, **summarize_trace(events, steps, wall),
-                       "python_gc_ms": round(1e3 * state["gc_s"] / steps, 1), "python_gc_runs": state["collections"]}
+            summary = {
+                "rank": rank,
+                **summarize_trace(events, steps, wall),
+                "python_gc_ms": round(1e3 * state["gc_s"] / steps, 1),
+                "python_gc_runs": state["collections"],
+            }
             with open(f"{report_path}.rank{rank}.json", "w") as f:
                 json.dump(summary, f, indent=2)
         return logs
@@ -187,19 +211,52 @@ def profile_config(args, model, cache, config_file):
     output = os.path.join(args.workdir, "profile_runs", name)
     subprocess.run(["rm", "-rf", output], check=True)
     os.makedirs(output)
-    train_argv = ["--pretrained_model_name_or_path", model, "--cache_dir", cache, "--output_dir", output,
-                  "--max_train_steps", str(args.warmup + args.profile_steps), "--checkpointing_steps", "100000",
-                  "--num_validation_clips", "0", "--report_to", "none", "--lr_scheduler", "constant",
-                  "--train_batch_size", "2", *args.train_args]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(bench_train.REPO, "accelerate_configs", config_file), os.path.abspath(__file__),
-               "--probe", os.path.join(output, "profile"), str(args.warmup), str(args.profile_steps),
-               os.path.abspath(args.script), *train_argv]
+    train_argv = [
+        "--pretrained_model_name_or_path",
+        model,
+        "--cache_dir",
+        cache,
+        "--output_dir",
+        output,
+        "--max_train_steps",
+        str(args.warmup + args.profile_steps),
+        "--checkpointing_steps",
+        "100000",
+        "--num_validation_clips",
+        "0",
+        "--report_to",
+        "none",
+        "--lr_scheduler",
+        "constant",
+        "--train_batch_size",
+        "2",
+        *args.train_args,
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(bench_train.REPO, "accelerate_configs", config_file),
+        os.path.abspath(__file__),
+        "--probe",
+        os.path.join(output, "profile"),
+        str(args.warmup),
+        str(args.profile_steps),
+        os.path.abspath(args.script),
+        *train_argv,
+    ]
     log = subprocess.run(command, capture_output=True, text=True)
     if log.returncode:
         return {"error": (log.stdout + log.stderr)[-3000:]}
-    return {"config_file": config_file, "ranks": [json.load(open(os.path.join(output, f)))
-                                                  for f in sorted(os.listdir(output)) if f.startswith("profile.rank")]}
+    return {
+        "config_file": config_file,
+        "ranks": [
+            json.load(open(os.path.join(output, f)))
+            for f in sorted(os.listdir(output))
+            if f.startswith("profile.rank")
+        ],
+    }
 
 
 def main():

@@ -25,8 +25,17 @@ def clips(tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("clips"))
     keys = make_synthetic_clips.make_dataset(
-        output_dir=root, num_videos=6, seconds=4.0, fps=30.0, height=256, width=456, codec="both", captions=True,
-        num_factories=2, videos_per_tar=2, seed=0,
+        output_dir=root,
+        num_videos=6,
+        seconds=4.0,
+        fps=30.0,
+        height=256,
+        width=456,
+        codec="both",
+        captions=True,
+        num_factories=2,
+        videos_per_tar=2,
+        seed=0,
     )
     return {"root": root, "videos": os.path.join(root, "videos"), "tars": os.path.join(root, "tars"), "keys": keys}
 
@@ -36,8 +45,14 @@ def run_script(script, *args, env=None, **kwargs):
     import subprocess
 
     script = script if script.startswith("-") else os.path.join(REPO, script)  # "-m" runs a module
-    return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})), **kwargs)
+    return subprocess.run(
+        [sys.executable, script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})),
+        **kwargs,
+    )
 
 
 # accelerate_configs/cpu_2proc.yaml starts two gloo processes only with this variable set.
@@ -67,6 +82,10 @@ def one_clip_cache(tiny_model, clips, tmp_path_factory):
     videos = tmp_path_factory.mktemp("one_video")
     shutil.copy(os.path.join(clips["videos"], clips["keys"][0] + ".mp4"), videos)
     out = tmp_path_factory.mktemp("one_clip_cache")
-    assert cache_clips(tiny_model, out, "--video_dir", videos, "--max_clips_per_video", "1",
-                       "--prompt", "a worker's hands") == 0
+    assert (
+        cache_clips(
+            tiny_model, out, "--video_dir", videos, "--max_clips_per_video", "1", "--prompt", "a worker's hands"
+        )
+        == 0
+    )
     return str(out)

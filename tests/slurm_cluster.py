@@ -27,8 +27,18 @@ PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel", "munged"]
 FAKE_GPUS = 8
 # Job states after which a job (or array task) will not run again.
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+}
 
 
 class SlurmUnavailable(RuntimeError):
@@ -65,14 +75,15 @@ def install_packages():
                 subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
             result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         except subprocess.TimeoutExpired as error:
-            raise SlurmUnavailable(f"apt-get timed out: {error}")
+            raise SlurmUnavailable(f"apt-get timed out: {error}") from error
         output = result.stdout + result.stderr
         if result.returncode == 0:
             break
     missing = [b for b in BINARIES if not shutil.which(b)]
     if missing:
-        raise SlurmUnavailable(f"apt-get could not install {' '.join(PACKAGES)} (missing {' '.join(missing)}): "
-                               f"{output[-1500:]}")
+        raise SlurmUnavailable(
+            f"apt-get could not install {' '.join(PACKAGES)} (missing {' '.join(missing)}): {output[-1500:]}"
+        )
 
 
 class SlurmCluster:
@@ -86,8 +97,9 @@ class SlurmCluster:
     # ------------------------------------------------------------------------------------------------------------
     def start(self, timeout=60):
         if _answers():
-            self.node = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True,
-                                       env=self.env).stdout.split()[0]
+            self.node = subprocess.run(
+                ["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, env=self.env
+            ).stdout.split()[0]
             gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, env=self.env).stdout
             if "gpu" not in gres:  # the scripts' --gres=gpu:N lines would be refused
                 self.sbatch_args = ["--gres=none"]
@@ -180,15 +192,26 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
 
     def _spawn(self, name, cmd):
         log = open(os.path.join(self.root, "log", f"{name}.out"), "w")
-        self.processes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                                start_new_session=True)
+        self.processes[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         log.close()
 
     def _start_daemons(self, timeout):
         r = self.root
-        self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={self.munge_socket}",
-                               f"--key-file={self.munge_key}", f"--pid-file={r}/munge/munged.pid",
-                               f"--seed-file={r}/munge/munged.seed", f"--log-file={r}/log/munged.log"])
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={self.munge_key}",
+                f"--pid-file={r}/munge/munged.pid",
+                f"--seed-file={r}/munge/munged.seed",
+                f"--log-file={r}/log/munged.log",
+            ],
+        )
         self._wait_for(lambda: os.path.exists(self.munge_socket), 20, "munged")
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", self.conf])
         self._spawn("slurmd", ["slurmd", "-D", "-N", self.node, "-f", self.conf])
@@ -236,8 +259,9 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
 
     # ------------------------------------------------------------------------------------------------------------
     def run(self, *cmd, check=True, **kwargs):
-        result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=kwargs.pop("env", self.env),
-                                **kwargs)
+        result = subprocess.run(
+            [str(c) for c in cmd], capture_output=True, text=True, env=kwargs.pop("env", self.env), **kwargs
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({result.returncode}): {result.stderr}")
         return result
@@ -260,8 +284,16 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
     def sbatch(self, script, *args, env=None, cwd=None, sbatch_args=()):
         """Submit script with extra sbatch options and script arguments; return the job id. env is the whole
         environment sbatch exports to the job (default: this process's)."""
-        result = self.run("sbatch", "--parsable", *self.sbatch_args, *sbatch_args, script, *args,
-                          env=self.job_env(self.env if env is None else env), cwd=cwd)
+        result = self.run(
+            "sbatch",
+            "--parsable",
+            *self.sbatch_args,
+            *sbatch_args,
+            script,
+            *args,
+            env=self.job_env(self.env if env is None else env),
+            cwd=cwd,
+        )
         return result.stdout.strip().split(";")[0]
 
     def jobs(self, job_id):
@@ -281,16 +313,21 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
             if records and all(r.get("JobState") in FINAL_STATES for r in records):
                 return records
             if time.time() > deadline:
-                raise TimeoutError(f"job {job_id} not finished after {timeout} s: "
-                                   f"{[(r.get('JobId'), r.get('JobState'), r.get('Reason')) for r in records]}")
+                raise TimeoutError(
+                    f"job {job_id} not finished after {timeout} s: "
+                    f"{[(r.get('JobId'), r.get('JobState'), r.get('Reason')) for r in records]}"
+                )
             time.sleep(poll)
 
 
 if __name__ == "__main__":
     t0 = time.time()
     cluster = SlurmCluster().start()
-    print(f"SLURM up in {time.time() - t0:.1f} s, node {cluster.node}; "
-          f"export SLURM_CONF={cluster.env.get('SLURM_CONF')}", flush=True)
+    print(
+        f"SLURM up in {time.time() - t0:.1f} s, node {cluster.node}; "
+        f"export SLURM_CONF={cluster.env.get('SLURM_CONF')}",
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         signal.pause()

@@ -14,19 +14,15 @@ from safetensors import safe_open
 
 import cache_latents
 from conftest import CLIP_ARGS, REPO, run_script
-from cosmos_utils import (
-    fit_frames,
-    list_cached_clips,
-    normalize_latents,
-    plan_clips,
-    read_cache_info,
-    read_manifest,
-)
+from cosmos_cache import list_cached_clips, read_cache_info, read_manifest
+from cosmos_model import normalize_latents
+from cosmos_video import fit_frames, plan_clips
 
 
 def cache(model, output_dir, *source, extra=()):
-    args = cache_latents.parse_args(["--pretrained_model_name_or_path", model, "--output_dir", str(output_dir),
-                                     *source, *CLIP_ARGS, *extra])
+    args = cache_latents.parse_args(
+        ["--pretrained_model_name_or_path", model, "--output_dir", str(output_dir), *source, *CLIP_ARGS, *extra]
+    )
     return cache_latents.main(args)
 
 
@@ -61,15 +57,28 @@ def test_tar_shards_and_hub_style_dataset_give_the_same_clips(tiny_model, clips,
     tar_glob = os.path.join(clips["tars"], "factory*", "**", "*.tar")
     assert cache(tiny_model, tmp_path / "tars", "--tars", tar_glob, extra=["--clip_stride_seconds", "1"]) == 0
     # --dataset goes through datasets.load_dataset exactly as a hub id does; here the "hub" is a local folder.
-    assert cache(tiny_model, tmp_path / "hub", "--dataset", clips["tars"], "--data_files", "factory*/**/*.tar",
-                 extra=["--clip_stride_seconds", "1"]) == 0
+    assert (
+        cache(
+            tiny_model,
+            tmp_path / "hub",
+            "--dataset",
+            clips["tars"],
+            "--data_files",
+            "factory*/**/*.tar",
+            extra=["--clip_stride_seconds", "1"],
+        )
+        == 0
+    )
     assert cached_ids(tmp_path / "tars") == cached_ids(folder_cache) == cached_ids(tmp_path / "hub")
     # Captions come from the json member of each tar, so they match the folder's .txt sidecars.
     folder_captions = {c["key"]: c["caption_hash"] for c in list_cached_clips(str(folder_cache))}
     assert {c["key"]: c["caption_hash"] for c in list_cached_clips(str(tmp_path / "tars"))} == folder_captions
     # Same decoded frames, same VAE: the latents agree whichever source they came from.
     for clip in list_cached_clips(str(tmp_path / "hub"))[:3]:
-        with safe_open(clip["path"], "pt") as a, safe_open(str(folder_cache / "shard_00000" / clip["file"]), "pt") as b:
+        with (
+            safe_open(clip["path"], "pt") as a,
+            safe_open(str(folder_cache / "shard_00000" / clip["file"]), "pt") as b,
+        ):
             assert torch.equal(a.get_tensor("latents"), b.get_tensor("latents"))
 
 
@@ -103,9 +112,21 @@ def test_rerun_does_nothing(tiny_model, clips, folder_cache):
 
 def test_killed_run_is_completed_by_a_rerun(tiny_model, clips, folder_cache, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, os.path.join(REPO, "cache_latents.py"), "--pretrained_model_name_or_path", tiny_model,
-           "--output_dir", str(out), "--video_dir", clips["videos"], "--clip_stride_seconds", "1",
-           "--batch_size", "1", *CLIP_ARGS]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "cache_latents.py"),
+        "--pretrained_model_name_or_path",
+        tiny_model,
+        "--output_dir",
+        str(out),
+        "--video_dir",
+        clips["videos"],
+        "--clip_stride_seconds",
+        "1",
+        "--batch_size",
+        "1",
+        *CLIP_ARGS,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = out / "shard_00000"
     deadline = time.time() + 120
@@ -151,10 +172,19 @@ def test_only_bad_videos_exit_non_zero(tiny_model, tmp_path):
 
 def test_shards_are_disjoint_and_complete(tiny_model, clips, folder_cache, tmp_path):
     for index in (0, 1):
-        assert cache(tiny_model, tmp_path, "--video_dir", clips["videos"],
-                     extra=["--clip_stride_seconds", "1", "--num_shards", "2", "--shard_index", str(index)]) == 0
-    shards = [{(row["key"], row["clip_index"]) for row in read_manifest(str(tmp_path / f"shard_{i:05d}"))}
-              for i in (0, 1)]
+        assert (
+            cache(
+                tiny_model,
+                tmp_path,
+                "--video_dir",
+                clips["videos"],
+                extra=["--clip_stride_seconds", "1", "--num_shards", "2", "--shard_index", str(index)],
+            )
+            == 0
+        )
+    shards = [
+        {(row["key"], row["clip_index"]) for row in read_manifest(str(tmp_path / f"shard_{i:05d}"))} for i in (0, 1)
+    ]
     assert shards[0] and shards[1] and not shards[0] & shards[1]
     assert sorted(shards[0] | shards[1]) == cached_ids(folder_cache)
     assert read_cache_info(str(tmp_path))["num_clips"] == 12
@@ -169,20 +199,40 @@ def test_shard_index_defaults_from_slurm_array(monkeypatch):
 
 
 def test_dataloader_workers_give_the_same_cache(tiny_model, clips, folder_cache, tmp_path):
-    assert cache(tiny_model, tmp_path, "--video_dir", clips["videos"],
-                 extra=["--clip_stride_seconds", "1", "--num_workers", "2"]) == 0
+    assert (
+        cache(
+            tiny_model,
+            tmp_path,
+            "--video_dir",
+            clips["videos"],
+            extra=["--clip_stride_seconds", "1", "--num_workers", "2"],
+        )
+        == 0
+    )
     assert cached_ids(tmp_path) == cached_ids(folder_cache)
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--num_frames", "64", "--num_frames 64 is not 4k+1 as the Wan VAE needs; nearest valid: 65"),
-    ("--num_frames", "62", "nearest valid: 61"),
-    ("--width", "456", "--width 456 is not a multiple of 16 (8x VAE x 2x2 patch); nearest valid: 448"),
-    ("--height", "250", "nearest valid: 256"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--num_frames", "64", "--num_frames 64 is not 4k+1 as the Wan VAE needs; nearest valid: 65"),
+        ("--num_frames", "62", "nearest valid: 61"),
+        ("--width", "456", "--width 456 is not a multiple of 16 (8x VAE x 2x2 patch); nearest valid: 448"),
+        ("--height", "250", "nearest valid: 256"),
+    ],
+)
 def test_invalid_clip_geometry_fails_at_once_in_one_line(tmp_path, flag, value, message):
-    result = run_script("cache_latents.py", "--pretrained_model_name_or_path", str(tmp_path / "no-model"),
-                        "--output_dir", str(tmp_path / "out"), "--video_dir", str(tmp_path), flag, value)
+    result = run_script(
+        "cache_latents.py",
+        "--pretrained_model_name_or_path",
+        str(tmp_path / "no-model"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--video_dir",
+        str(tmp_path),
+        flag,
+        value,
+    )
     assert result.returncode != 0
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -209,10 +259,21 @@ def test_fit_frames_centre_crops_456_to_448_without_resampling():
 
 
 def test_bfloat16_vae_encoding_stays_within_bf16_tolerance_of_float32(tiny_model, clips, folder_cache, tmp_path):
-    assert cache(tiny_model, tmp_path, "--video_dir", clips["videos"],
-                 extra=["--clip_stride_seconds", "1", "--max_clips_per_video", "1", "--vae_dtype", "bfloat16"]) == 0
+    assert (
+        cache(
+            tiny_model,
+            tmp_path,
+            "--video_dir",
+            clips["videos"],
+            extra=["--clip_stride_seconds", "1", "--max_clips_per_video", "1", "--vae_dtype", "bfloat16"],
+        )
+        == 0
+    )
     for clip in list_cached_clips(str(tmp_path)):
-        with safe_open(clip["path"], "pt") as a, safe_open(str(folder_cache / "shard_00000" / clip["file"]), "pt") as b:
+        with (
+            safe_open(clip["path"], "pt") as a,
+            safe_open(str(folder_cache / "shard_00000" / clip["file"]), "pt") as b,
+        ):
             fast, exact = a.get_tensor("latents").float(), b.get_tensor("latents").float()
         # Measured: mean difference 0.3% of the mean magnitude, correlation 0.99999.
         assert (fast - exact).abs().mean() < 0.01 * exact.abs().mean()

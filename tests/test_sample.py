@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train import OVERFIT_ARGS, train_args
 
 import sample
 import train_cosmos_lora as train
 from conftest import run_script
-from test_train import OVERFIT_ARGS, train_args
 
 TINY = ["--height", "64", "--width", "112", "--num_frames", "17", "--disable_safety_checker"]
 
@@ -28,14 +28,15 @@ class StandInSafetyChecker:
 
 
 def sample_args(model, output_dir, *extra):
-    return sample.parse_args(["--pretrained_model_name_or_path", model, "--output_dir", str(output_dir), *TINY,
-                              *map(str, extra)])
+    return sample.parse_args(
+        ["--pretrained_model_name_or_path", model, "--output_dir", str(output_dir), *TINY, *map(str, extra)]
+    )
 
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory, clips):
     """The first frame of a synthetic video, at the generation size (so no resizing differs)."""
-    from cosmos_utils import fit_frames, open_video
+    from cosmos_video import fit_frames, open_video
 
     with open_video(os.path.join(clips["videos"], clips["keys"][2] + ".mp4")) as container:
         frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
@@ -48,8 +49,14 @@ def image(tmp_path_factory, clips):
 def overfit_run(tiny_model, one_clip_cache, tmp_path_factory):
     """The tiny model trained until it memorizes the one cached clip."""
     out = tmp_path_factory.mktemp("overfit")
-    assert train.main(train_args(tiny_model, one_clip_cache, out, "--max_train_steps", 300, "--checkpointing_steps",
-                                 1000, *OVERFIT_ARGS)) == 0
+    assert (
+        train.main(
+            train_args(
+                tiny_model, one_clip_cache, out, "--max_train_steps", 300, "--checkpointing_steps", 1000, *OVERFIT_ARGS
+            )
+        )
+        == 0
+    )
     return str(out)
 
 
@@ -57,15 +64,36 @@ def pipeline_output(model, image, output_type, steps=4, guidance=7.0, fps=None):
     from diffusers import Cosmos2VideoToWorldPipeline
 
     pipe = Cosmos2VideoToWorldPipeline.from_pretrained(model, safety_checker=StandInSafetyChecker())
-    return pipe(image=Image.open(image), prompt="a worker picks up a tool", height=64, width=112, num_frames=17,
-                num_inference_steps=steps, guidance_scale=guidance, fps=fps, output_type=output_type,
-                generator=torch.Generator().manual_seed(3)).frames
+    return pipe(
+        image=Image.open(image),
+        prompt="a worker picks up a tool",
+        height=64,
+        width=112,
+        num_frames=17,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        fps=fps,
+        output_type=output_type,
+        generator=torch.Generator().manual_seed(3),
+    ).frames
 
 
 @pytest.mark.parametrize("guidance", [7.0, 1.0])
 def test_latents_match_the_diffusers_pipeline(tiny_model, image, tmp_path, guidance):
-    args = sample_args(tiny_model, tmp_path, "--input", image, "--prompt", "a worker picks up a tool",
-                       "--num_inference_steps", 4, "--guidance_scale", guidance, "--seed", 3)
+    args = sample_args(
+        tiny_model,
+        tmp_path,
+        "--input",
+        image,
+        "--prompt",
+        "a worker picks up a tool",
+        "--num_inference_steps",
+        4,
+        "--guidance_scale",
+        guidance,
+        "--seed",
+        3,
+    )
     jobs = sample.collect_jobs(args)
     components = sample.load_pipeline_components(args, torch.device("cpu"))
     ours, num_cond = sample.generate_latents(jobs, components, args, first_index=0)
@@ -79,15 +107,36 @@ def test_five_frame_video_conditioning_matches_the_pipeline(tiny_model, clips, t
     from diffusers import Cosmos2VideoToWorldPipeline
 
     video = os.path.join(clips["videos"], clips["keys"][1] + ".mp4")
-    args = sample_args(tiny_model, tmp_path, "--input", video, "--num_conditioning_frames", 5, "--prompt",
-                       "hands at a bench", "--num_inference_steps", 3, "--seed", 5)
+    args = sample_args(
+        tiny_model,
+        tmp_path,
+        "--input",
+        video,
+        "--num_conditioning_frames",
+        5,
+        "--prompt",
+        "hands at a bench",
+        "--num_inference_steps",
+        3,
+        "--seed",
+        5,
+    )
     jobs = sample.collect_jobs(args)
     components = sample.load_pipeline_components(args, torch.device("cpu"))
     ours, num_cond = sample.generate_latents(jobs, components, args, first_index=0)
     pipe = Cosmos2VideoToWorldPipeline.from_pretrained(tiny_model, safety_checker=StandInSafetyChecker())
     frames = [Image.fromarray(frame.numpy()) for frame in jobs[0].cond_frames]
-    theirs = pipe(video=frames, prompt="hands at a bench", height=64, width=112, num_frames=17, num_inference_steps=3,
-                  fps=None, output_type="latent", generator=torch.Generator().manual_seed(5)).frames
+    theirs = pipe(
+        video=frames,
+        prompt="hands at a bench",
+        height=64,
+        width=112,
+        num_frames=17,
+        num_inference_steps=3,
+        fps=None,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(5),
+    ).frames
     assert num_cond == 2 and len(frames) == 5  # 5 pixel frames are 2 latent frames
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     # The 4 s input holds the whole 17-frame clip at 8 fps, so it is also the ground truth.
@@ -95,8 +144,18 @@ def test_five_frame_video_conditioning_matches_the_pipeline(tiny_model, clips, t
 
 
 def test_sample_script_frames_match_the_pipeline(tiny_model, image, tmp_path):
-    args = sample_args(tiny_model, tmp_path, "--input", image, "--prompt", "a worker picks up a tool",
-                       "--num_inference_steps", 4, "--seed", 3)
+    args = sample_args(
+        tiny_model,
+        tmp_path,
+        "--input",
+        image,
+        "--prompt",
+        "a worker picks up a tool",
+        "--num_inference_steps",
+        4,
+        "--seed",
+        3,
+    )
     components = sample.load_pipeline_components(args, torch.device("cpu"))
     latents, _ = sample.generate_latents(sample.collect_jobs(args), components, args, 0)
     ours = sample.decode_to_frames(components["vae"], latents)[0].numpy().astype(float)
@@ -110,8 +169,7 @@ def test_sample_script_frames_match_the_pipeline(tiny_model, image, tmp_path):
         assert (tmp_path / name).exists()
 
 
-def test_lora_changes_the_output_and_scale_zero_gives_the_base_back(tiny_model, one_clip_cache, overfit_run,
-                                                                     tmp_path):
+def test_lora_changes_the_output_and_scale_zero_gives_the_base_back(tiny_model, one_clip_cache, overfit_run, tmp_path):
     clip = sample.list_cached_clips(one_clip_cache)[0]["path"]
 
     def latents(*extra):
@@ -132,8 +190,9 @@ def test_overfit_model_reproduces_its_clip_by_sampling(tiny_model, one_clip_cach
     truth = sample.cached_job(clip).latents[None, :, 1:]
 
     def error(*extra):
-        args = sample_args(tiny_model, tmp_path, "--input", clip, "--guidance_scale", 1, "--num_inference_steps", 35,
-                           *extra)
+        args = sample_args(
+            tiny_model, tmp_path, "--input", clip, "--guidance_scale", 1, "--num_inference_steps", 35, *extra
+        )
         components = sample.load_pipeline_components(args, torch.device("cpu"))
         latents = sample.generate_latents(sample.collect_jobs(args), components, args, 0)[0]
         return float(((latents[:, :, 1:] - truth) ** 2).mean())
@@ -144,10 +203,26 @@ def test_overfit_model_reproduces_its_clip_by_sampling(tiny_model, one_clip_cach
 
 
 def test_from_cache_writes_side_by_side_and_metrics(tiny_model, latent_cache, overfit_run, tmp_path):
-    summary = sample.main(sample_args(tiny_model, tmp_path, "--from_cache", latent_cache, "--num_videos", 2,
-                                      "--lora_path", overfit_run, "--num_inference_steps", 2, "--batch_size", 2))
-    held = [c["file"].removesuffix(".safetensors") for c in sample.hold_out_clips(
-        sample.list_cached_clips(latent_cache), 2, seed=0)[1]]
+    summary = sample.main(
+        sample_args(
+            tiny_model,
+            tmp_path,
+            "--from_cache",
+            latent_cache,
+            "--num_videos",
+            2,
+            "--lora_path",
+            overfit_run,
+            "--num_inference_steps",
+            2,
+            "--batch_size",
+            2,
+        )
+    )
+    held = [
+        c["file"].removesuffix(".safetensors")
+        for c in sample.hold_out_clips(sample.list_cached_clips(latent_cache), 2, seed=0)[1]
+    ]
     assert [v["name"] for v in summary["videos"]] == held
     for video in summary["videos"]:
         assert (tmp_path / video["side_by_side"]).exists()
@@ -162,8 +237,18 @@ def test_from_cache_writes_side_by_side_and_metrics(tiny_model, latent_cache, ov
 
 def test_batched_jobs_equal_single_jobs(tiny_model, latent_cache, tmp_path):
     def run(batch_size):
-        args = sample_args(tiny_model, tmp_path, "--from_cache", latent_cache, "--num_videos", 2,
-                           "--num_inference_steps", 2, "--batch_size", batch_size)
+        args = sample_args(
+            tiny_model,
+            tmp_path,
+            "--from_cache",
+            latent_cache,
+            "--num_videos",
+            2,
+            "--num_inference_steps",
+            2,
+            "--batch_size",
+            batch_size,
+        )
         components = sample.load_pipeline_components(args, torch.device("cpu"))
         jobs = sample.collect_jobs(args)
         if batch_size == 2:
@@ -181,17 +266,20 @@ def test_metrics():
     assert 1 > sample.ssim(a, noisy) > sample.ssim(a, noisier) > 0
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--input", "/no/such/file.mp4"], "--input /no/such/file.mp4 does not exist"),
-    (["--input", "IMAGE", "--height", "60"], "--height 60 is not a multiple of 16"),
-    (["--input", "IMAGE", "--lora_path", "/no/such/run"], "--lora_path /no/such/run is not a directory"),
-    (["--input", "IMAGE", "--lora_path", "WRONG_LORA"], "which this transformer does not have"),
-    (["--input", "IMAGE", "--lora_path", "WRONG_RANK"], "trained on another model size"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--input", "/no/such/file.mp4"], "--input /no/such/file.mp4 does not exist"),
+        (["--input", "IMAGE", "--height", "60"], "--height 60 is not a multiple of 16"),
+        (["--input", "IMAGE", "--lora_path", "/no/such/run"], "--lora_path /no/such/run is not a directory"),
+        (["--input", "IMAGE", "--lora_path", "WRONG_LORA"], "which this transformer does not have"),
+        (["--input", "IMAGE", "--lora_path", "WRONG_RANK"], "trained on another model size"),
+    ],
+)
 def test_bad_inputs_give_one_line_errors(tiny_model, image, overfit_run, tmp_path, extra, message):
     from safetensors.torch import load_file, save_file
 
-    from cosmos_utils import LORA_WEIGHTS
+    from cosmos_model import LORA_WEIGHTS
 
     if "WRONG_LORA" in extra or "WRONG_RANK" in extra:
         bad = tmp_path / "bad_lora"
@@ -207,15 +295,29 @@ def test_bad_inputs_give_one_line_errors(tiny_model, image, overfit_run, tmp_pat
         save_file(lora, str(bad / LORA_WEIGHTS))
     extra = [str(bad) if e in ("WRONG_LORA", "WRONG_RANK") else image if e == "IMAGE" else e for e in extra]
     # Flags after TINY win, as argparse keeps the last value.
-    result = run_script("sample.py", "--pretrained_model_name_or_path", tiny_model, "--output_dir", tmp_path / "out",
-                        *TINY, *extra)
+    result = run_script(
+        "sample.py", "--pretrained_model_name_or_path", tiny_model, "--output_dir", tmp_path / "out", *TINY, *extra
+    )
     assert result.returncode != 0
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
 
 
 def test_safety_checker_is_required_unless_disabled(tiny_model, image, tmp_path):
-    result = run_script("sample.py", "--pretrained_model_name_or_path", tiny_model, "--output_dir", tmp_path,
-                        "--input", image, "--height", 64, "--width", 112, "--num_frames", 17)
+    result = run_script(
+        "sample.py",
+        "--pretrained_model_name_or_path",
+        tiny_model,
+        "--output_dir",
+        tmp_path,
+        "--input",
+        image,
+        "--height",
+        64,
+        "--width",
+        112,
+        "--num_frames",
+        17,
+    )
     assert result.returncode != 0
     assert "cosmos-guardrail" in result.stderr and "--disable_safety_checker" in result.stderr
 
@@ -223,19 +325,44 @@ def test_safety_checker_is_required_unless_disabled(tiny_model, image, tmp_path)
 def test_two_processes_split_the_jobs_and_the_main_one_writes_the_grid(tiny_model, latent_cache, tmp_path):
     from conftest import REPO, TWO_CPU_PROCESSES
 
-    result = run_script("-m", "accelerate.commands.launch", "--config_file",
-                        os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"), os.path.join(REPO, "sample.py"),
-                        "--pretrained_model_name_or_path", tiny_model, "--output_dir", tmp_path, *TINY,
-                        "--from_cache", latent_cache, "--num_videos", 3, "--num_inference_steps", 2,
-                        env=TWO_CPU_PROCESSES, timeout=600)
+    result = run_script(
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"),
+        os.path.join(REPO, "sample.py"),
+        "--pretrained_model_name_or_path",
+        tiny_model,
+        "--output_dir",
+        tmp_path,
+        *TINY,
+        "--from_cache",
+        latent_cache,
+        "--num_videos",
+        3,
+        "--num_inference_steps",
+        2,
+        env=TWO_CPU_PROCESSES,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.load(open(tmp_path / "results.json"))
     assert [v["index"] for v in summary["videos"]] == [0, 1, 2]
     assert result.stdout.count("wrote 3 videos") == 1
     # The same jobs in one process give the same videos: job i always uses seed + i.
-    single = sample.main(sample_args(tiny_model, tmp_path / "single", "--from_cache", latent_cache, "--num_videos", 3,
-                                     "--num_inference_steps", 2))
-    for a, b in zip(summary["videos"], single["videos"]):
+    single = sample.main(
+        sample_args(
+            tiny_model,
+            tmp_path / "single",
+            "--from_cache",
+            latent_cache,
+            "--num_videos",
+            3,
+            "--num_inference_steps",
+            2,
+        )
+    )
+    for a, b in zip(summary["videos"], single["videos"], strict=True):
         assert a["name"] == b["name"] and abs(a["psnr"] - b["psnr"]) < 1e-3  # thread counts differ
 
 
@@ -245,16 +372,18 @@ def test_generation_builds_no_autograd_graph(tiny_model, image, tmp_path):
     latents, _ = sample.generate_latents(sample.collect_jobs(args), components, args, 0)
     frames = sample.decode_to_frames(components["vae"], latents)
     assert not latents.requires_grad and not frames.requires_grad
-    assert not any(p.requires_grad for name in ("transformer", "vae", "text_encoder")
-                   for p in components[name].parameters())
+    assert not any(
+        p.requires_grad for name in ("transformer", "vae", "text_encoder") for p in components[name].parameters()
+    )
 
 
 def test_compiled_sampling_matches_eager(tiny_model, one_clip_cache, overfit_run, tmp_path):
     clip = sample.list_cached_clips(one_clip_cache)[0]["path"]
 
     def latents(*extra):
-        args = sample_args(tiny_model, tmp_path, "--input", clip, "--num_inference_steps", 2, "--lora_path",
-                           overfit_run, *extra)
+        args = sample_args(
+            tiny_model, tmp_path, "--input", clip, "--num_inference_steps", 2, "--lora_path", overfit_run, *extra
+        )
         components = sample.load_pipeline_components(args, torch.device("cpu"))
         return sample.generate_latents(sample.collect_jobs(args), components, args, 0)[0]
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 import cache_latents
 from conftest import CLIP_ARGS, REPO
-from cosmos_utils import read_cache_info
+from cosmos_cache import read_cache_info
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
 SLURM_DIR = os.path.join(REPO, "slurm")
@@ -37,9 +37,22 @@ TEST_SBATCH = ["--cpus-per-task=1", "--time=15"]
 SECRET = "hf_slurmtest_token_never_logged"
 # The tiny model trains at ~25 steps/s here: enough steps after the first checkpoint for USR1 to arrive mid-run.
 TRAIN_STEPS = 48
-TRAIN_ARGS = ["--max_train_steps", str(TRAIN_STEPS), "--checkpointing_steps", "4", "--seed", "0",
-              "--train_batch_size", "1", "--learning_rate", "1e-3", "--num_validation_clips", "0",
-              "--dataloader_num_workers", "0"]
+TRAIN_ARGS = [
+    "--max_train_steps",
+    str(TRAIN_STEPS),
+    "--checkpointing_steps",
+    "4",
+    "--seed",
+    "0",
+    "--train_batch_size",
+    "1",
+    "--learning_rate",
+    "1e-3",
+    "--num_validation_clips",
+    "0",
+    "--dataloader_num_workers",
+    "0",
+]
 EXPORTS = ["pytorch_lora_weights.safetensors", "temporal_adapters.safetensors"]
 # Several CPU processes through torchrun: accelerate launch starts torchrun only for a GPU distributed type (with
 # MULTI_CPU + use_cpu it starts one process), and ACCELERATE_USE_CPU=1 then makes Accelerator use gloo on the CPU.
@@ -65,10 +78,14 @@ def activate_command():
 
 
 def job_env(**values):
-    """The environment a user submits from: no SLURM job variables, no offline flags (the scripts set them), a token."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k not in (
-               "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "WANDB_API_KEY", "VIRTUAL_ENV")}
+    """The environment a user submits from: no SLURM job variables, no offline flags (the scripts set them),
+    a token."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
+        and k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "WANDB_API_KEY", "VIRTUAL_ENV")
+    }
     env.update(REPO_DIR=REPO, ENV_ACTIVATE=activate_command(), HF_TOKEN=SECRET, CUDA_VISIBLE_DEVICES="")
     env.update({k: str(v) for k, v in values.items()})
     return env
@@ -134,16 +151,28 @@ def submit_dir(tmp_path_factory):
 
 
 def submit(slurm, submit_dir, script, *args, env=None, sbatch_args=()):
-    return slurm.sbatch(os.path.join(SLURM_DIR, script), *args, env=job_env(**(env or {})), cwd=submit_dir,
-                        sbatch_args=[*TEST_SBATCH, *sbatch_args])
+    return slurm.sbatch(
+        os.path.join(SLURM_DIR, script),
+        *args,
+        env=job_env(**(env or {})),
+        cwd=submit_dir,
+        sbatch_args=[*TEST_SBATCH, *sbatch_args],
+    )
 
 
 @pytest.fixture(scope="module")
 def array_cache(slurm, submit_dir, tiny_model, clips, tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("slurm_cache") / "cache"
-    job = submit(slurm, submit_dir, "cache_latents.sh", *CLIP_ARGS, "--clip_stride_seconds", "1",
-                 env={"MODEL": tiny_model, "CACHE_DIR": cache_dir, "VIDEO_DIR": clips["videos"]},
-                 sbatch_args=["--array=0-1"])
+    job = submit(
+        slurm,
+        submit_dir,
+        "cache_latents.sh",
+        *CLIP_ARGS,
+        "--clip_stride_seconds",
+        "1",
+        env={"MODEL": tiny_model, "CACHE_DIR": cache_dir, "VIDEO_DIR": clips["videos"]},
+        sbatch_args=["--array=0-1"],
+    )
     records = slurm.wait(job, timeout=300)
     logs = [read(submit_dir / "logs" / f"cache_latents_{job}_{task}.out") for task in (0, 1)]
     return {"dir": str(cache_dir), "records": records, "logs": logs}
@@ -157,8 +186,12 @@ def training_runs(slurm, submit_dir, tiny_model, array_cache, tmp_path_factory):
     runs = {}
     for name in ("uninterrupted", "preempted"):
         output_dir = root / name
-        env = {"MODEL": tiny_model, "CACHE_DIR": array_cache["dir"], "OUTPUT_DIR": output_dir,
-               "ACCELERATE_CONFIG": "accelerate_configs/cpu.yaml"}
+        env = {
+            "MODEL": tiny_model,
+            "CACHE_DIR": array_cache["dir"],
+            "OUTPUT_DIR": output_dir,
+            "ACCELERATE_CONFIG": "accelerate_configs/cpu.yaml",
+        }
         job = submit(slurm, submit_dir, "train.sh", *TRAIN_ARGS, env=env, sbatch_args=[f"--job-name={name}"])
         runs[name] = {"job": job, "dir": str(output_dir), "log": submit_dir / "logs" / f"{name}_{job}.out"}
 
@@ -166,8 +199,9 @@ def training_runs(slurm, submit_dir, tiny_model, array_cache, tmp_path_factory):
     deadline = time.time() + 300
     while not checkpoints(root / "preempted"):
         records = slurm.jobs(preempted["job"])
-        assert records and records[0]["JobState"] in ("PENDING", "RUNNING"), \
+        assert records and records[0]["JobState"] in ("PENDING", "RUNNING"), (
             f"{state(records)} before the first checkpoint: {read(preempted['log'])}"
+        )
         assert time.time() < deadline, f"no checkpoint after 300 s: {read(preempted['log'])}"
         time.sleep(0.05)
     slurm.run("scancel", "--batch", "--signal=USR1", preempted["job"])
@@ -190,9 +224,14 @@ def training_runs(slurm, submit_dir, tiny_model, array_cache, tmp_path_factory):
 # Checks of the scripts that need no SLURM (DRY_RUN prints the command the script would run).
 # ----------------------------------------------------------------------------------------------------------------
 def run_script_dry(script, *args, **env):
-    result = subprocess.run(["bash", os.path.join(SLURM_DIR, script), *map(str, args)], capture_output=True,
-                            text=True, cwd=REPO, timeout=60,
-                            env=job_env(DRY_RUN=1, ENV_ACTIVATE="", **env))
+    result = subprocess.run(
+        ["bash", os.path.join(SLURM_DIR, script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env=job_env(DRY_RUN=1, ENV_ACTIVATE="", **env),
+    )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("DRY_RUN")]
     assert len(lines) == 1, result.stdout
@@ -201,47 +240,89 @@ def run_script_dry(script, *args, **env):
 
 def test_cache_script_builds_each_source_and_shard(tmp_path):
     tars = "/data/ego/factory*/**/*.tar"
-    argv, out = run_script_dry("cache_latents.sh", "--max_clips_per_video", "2", MODEL=tmp_path, CACHE_DIR="/c",
-                               TARS=tars, SLURM_ARRAY_TASK_ID=7, SLURM_ARRAY_TASK_MIN=3, SLURM_ARRAY_TASK_STEP=2,
-                               SLURM_ARRAY_TASK_COUNT=4)
+    argv, out = run_script_dry(
+        "cache_latents.sh",
+        "--max_clips_per_video",
+        "2",
+        MODEL=tmp_path,
+        CACHE_DIR="/c",
+        TARS=tars,
+        SLURM_ARRAY_TASK_ID=7,
+        SLURM_ARRAY_TASK_MIN=3,
+        SLURM_ARRAY_TASK_STEP=2,
+        SLURM_ARRAY_TASK_COUNT=4,
+    )
     assert argv[:2] == ["python", "cache_latents.py"]
     assert option(argv, "--tars") == tars  # passed on unexpanded: cache_latents.py globs it
     assert (option(argv, "--num_shards"), option(argv, "--shard_index")) == ("4", "2")
     assert argv[-2:] == ["--max_clips_per_video", "2"]
     assert "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1" in out and SECRET not in out and "HF_TOKEN=set" in out
 
-    argv, out = run_script_dry("cache_latents.sh", MODEL=tmp_path, CACHE_DIR="/c",
-                               DATASET="builddotai/Egocentric-100K", DATA_FILES="factory001/**/*.tar")
-    assert (option(argv, "--dataset"), option(argv, "--data_files")) == ("builddotai/Egocentric-100K",
-                                                                         "factory001/**/*.tar")
+    argv, out = run_script_dry(
+        "cache_latents.sh",
+        MODEL=tmp_path,
+        CACHE_DIR="/c",
+        DATASET="builddotai/Egocentric-100K",
+        DATA_FILES="factory001/**/*.tar",
+    )
+    assert (option(argv, "--dataset"), option(argv, "--data_files")) == (
+        "builddotai/Egocentric-100K",
+        "factory001/**/*.tar",
+    )
     assert (option(argv, "--num_shards"), option(argv, "--shard_index")) == ("1", "0")
     assert "HF_HUB_OFFLINE= " in out, "a hub dataset needs the hub"
 
 
 def test_train_script_command_and_environment(tmp_path):
-    argv, out = run_script_dry("train.sh", "--learning_rate", "5e-5", MODEL=tmp_path, OUTPUT_DIR="/o",
-                               CACHE_DIR="ego=/c/ego:0.7 lab=/c/lab:0.3", WANDB_MODE="")
-    assert argv == ["accelerate", "launch", "--config_file", "accelerate_configs/fsdp3.yaml", "train_cosmos_lora.py",
-                    "--pretrained_model_name_or_path", str(tmp_path), "--cache_dir", "ego=/c/ego:0.7",
-                    "lab=/c/lab:0.3", "--output_dir", "/o", "--resume_from_checkpoint", "latest",
-                    "--learning_rate", "5e-5"]
+    argv, out = run_script_dry(
+        "train.sh",
+        "--learning_rate",
+        "5e-5",
+        MODEL=tmp_path,
+        OUTPUT_DIR="/o",
+        CACHE_DIR="ego=/c/ego:0.7 lab=/c/lab:0.3",
+        WANDB_MODE="",
+    )
+    assert argv == [
+        "accelerate",
+        "launch",
+        "--config_file",
+        "accelerate_configs/fsdp3.yaml",
+        "train_cosmos_lora.py",
+        "--pretrained_model_name_or_path",
+        str(tmp_path),
+        "--cache_dir",
+        "ego=/c/ego:0.7",
+        "lab=/c/lab:0.3",
+        "--output_dir",
+        "/o",
+        "--resume_from_checkpoint",
+        "latest",
+        "--learning_rate",
+        "5e-5",
+    ]
     assert "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline HF_TOKEN=set" in out and SECRET not in out
     _, out = run_script_dry("train.sh", MODEL="nvidia/Cosmos-Predict2-2B-Video2World", WANDB_API_KEY="k")
     assert "HF_HUB_OFFLINE= HF_DATASETS_OFFLINE= WANDB_MODE= " in out, "a hub model needs the hub; a W&B key, W&B"
 
 
 def test_sample_script_takes_the_checkpoint_from_the_first_argument_or_the_environment(tmp_path):
-    argv, _ = run_script_dry("sample.sh", "/runs/r1/checkpoint-8", "--num_inference_steps", "2", MODEL=tmp_path,
-                             CACHE_DIR="/c")
+    argv, _ = run_script_dry(
+        "sample.sh", "/runs/r1/checkpoint-8", "--num_inference_steps", "2", MODEL=tmp_path, CACHE_DIR="/c"
+    )
     assert argv[:2] == ["python", "sample.py"]
     assert option(argv, "--lora_path") == "/runs/r1/checkpoint-8"
     assert option(argv, "--output_dir") == "/runs/r1/checkpoint-8/samples"
     assert (option(argv, "--from_cache"), option(argv, "--num_videos")) == ("/c", "8")
     assert argv[-2:] == ["--num_inference_steps", "2"]
-    argv, _ = run_script_dry("sample.sh", "--disable_safety_checker", CHECKPOINT="/runs/r2", NUM_VIDEOS=3,
-                             SAMPLE_OUTPUT_DIR="/s")
+    argv, _ = run_script_dry(
+        "sample.sh", "--disable_safety_checker", CHECKPOINT="/runs/r2", NUM_VIDEOS=3, SAMPLE_OUTPUT_DIR="/s"
+    )
     assert (option(argv, "--lora_path"), option(argv, "--output_dir"), option(argv, "--num_videos")) == (
-        "/runs/r2", "/s", "3")
+        "/runs/r2",
+        "/s",
+        "3",
+    )
     assert argv[-1] == "--disable_safety_checker"
 
 
@@ -283,26 +364,43 @@ def test_usr1_reaches_every_rank_through_accelerate_launch_and_gives_75(tmp_path
     if ranks == 2:
         config = tmp_path / "torchrun_cpu.yaml"
         config.write_text(TORCHRUN_CPU_CONFIG)
-    snippet = (f'source slurm/common.sh; rc=0; run_launcher accelerate launch --config_file {config}'
-               f' {tmp_path}/stand_in.py {tmp_path} 60 0 || rc=$?; echo "run_launcher returned $rc"')
+    snippet = (
+        f"source slurm/common.sh; rc=0; run_launcher accelerate launch --config_file {config}"
+        f' {tmp_path}/stand_in.py {tmp_path} 60 0 || rc=$?; echo "run_launcher returned $rc"'
+    )
     env = job_env(ACCELERATE_USE_CPU=1)
-    proc = subprocess.Popen(["bash", "-c", f"{env['ENV_ACTIVATE']}; {snippet}"], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        ["bash", "-c", f"{env['ENV_ACTIVATE']}; {snippet}"],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     wait_for_files(tmp_path, [f"ready-{r}-of-{ranks}" for r in range(ranks)], proc)
     proc.send_signal(signal.SIGUSR1)  # to the shell only, as SLURM's --signal=B:USR1 does
     out, _ = proc.communicate(timeout=60)
     assert "run_launcher returned 75" in out, out
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith(("ready", "checkpoint"))) == sorted(
-        [*(f"ready-{r}-of-{ranks}" for r in range(ranks)), *(f"checkpoint-{r}" for r in range(ranks))])
+        [*(f"ready-{r}-of-{ranks}" for r in range(ranks)), *(f"checkpoint-{r}" for r in range(ranks))]
+    )
 
 
 def test_a_failure_without_usr1_is_not_taken_for_a_preemption(tmp_path):
     (tmp_path / "stand_in.py").write_text(STAND_IN)
-    snippet = ('source slurm/common.sh; rc=0; run_launcher accelerate launch --config_file accelerate_configs/cpu.yaml'
-               f' {tmp_path}/stand_in.py {tmp_path} 0 3 || rc=$?; echo "run_launcher returned $rc"; finish $rc')
+    snippet = (
+        "source slurm/common.sh; rc=0; run_launcher accelerate launch --config_file accelerate_configs/cpu.yaml"
+        f' {tmp_path}/stand_in.py {tmp_path} 0 3 || rc=$?; echo "run_launcher returned $rc"; finish $rc'
+    )
     env = job_env()
-    result = subprocess.run(["bash", "-c", f"{env['ENV_ACTIVATE']}; {snippet}"], cwd=REPO, env=env, text=True,
-                            capture_output=True, timeout=120)
+    result = subprocess.run(
+        ["bash", "-c", f"{env['ENV_ACTIVATE']}; {snippet}"],
+        cwd=REPO,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
     # accelerate launch reports the stand-in's exit code 3 as 1; the script passes that on.
     assert result.returncode not in (0, 75) and "run_launcher returned 75" not in result.stdout, result.stdout
     assert "requeue" not in result.stdout
@@ -312,7 +410,8 @@ def test_usr1_to_the_batch_shell_requeues_and_the_job_resumes(slurm, submit_dir,
     """common.sh in a real batch job: scancel --batch --signal=USR1 -> checkpoint, exit 75 -> requeue -> resume."""
     (tmp_path / "stand_in.py").write_text(STAND_IN)
     script = tmp_path / "preemptible.sh"
-    script.write_text(textwrap.dedent(f"""\
+    script.write_text(
+        textwrap.dedent(f"""\
         #!/usr/bin/env bash
         #SBATCH --job-name=preemptible
         #SBATCH --output=logs/%x_%j.out
@@ -326,7 +425,8 @@ def test_usr1_to_the_batch_shell_requeues_and_the_job_resumes(slurm, submit_dir,
         run_launcher accelerate launch --config_file accelerate_configs/cpu.yaml {tmp_path}/stand_in.py {tmp_path} \\
             120 0 || rc=$?
         finish "$rc"
-        """))
+        """)
+    )
     job = slurm.sbatch(str(script), env=job_env(), cwd=submit_dir, sbatch_args=TEST_SBATCH)
     wait_for_files(tmp_path, ["ready-0-of-1"])
     slurm.run("scancel", "--batch", "--signal=USR1", job)
@@ -361,12 +461,29 @@ def test_cache_array_job_shards_are_disjoint_and_complete(array_cache, clips):
 
 def test_multinode_dry_run_prints_one_command_per_node(slurm, submit_dir, tiny_model):
     # Submitted from the repository root, without REPO_DIR, as a user does; the log goes to the temporary directory.
-    env = job_env(DRY_RUN=1, GPUS_PER_NODE=1, ACCELERATE_CONFIG="accelerate_configs/cpu_2proc.yaml", MODEL=tiny_model,
-                  CACHE_DIR="/c", OUTPUT_DIR="/o")
+    env = job_env(
+        DRY_RUN=1,
+        GPUS_PER_NODE=1,
+        ACCELERATE_CONFIG="accelerate_configs/cpu_2proc.yaml",
+        MODEL=tiny_model,
+        CACHE_DIR="/c",
+        OUTPUT_DIR="/o",
+    )
     del env["REPO_DIR"]
-    job = slurm.sbatch(os.path.join(SLURM_DIR, "train_multinode.sh"), "--learning_rate", "5e-5", env=env, cwd=REPO,
-                       sbatch_args=[*TEST_SBATCH, "--nodes=1", "--ntasks=2", "--ntasks-per-node=2",
-                                    f"--output={submit_dir}/logs/%x_%j.out"])
+    job = slurm.sbatch(
+        os.path.join(SLURM_DIR, "train_multinode.sh"),
+        "--learning_rate",
+        "5e-5",
+        env=env,
+        cwd=REPO,
+        sbatch_args=[
+            *TEST_SBATCH,
+            "--nodes=1",
+            "--ntasks=2",
+            "--ntasks-per-node=2",
+            f"--output={submit_dir}/logs/%x_%j.out",
+        ],
+    )
     records = slurm.wait(job, timeout=60)
     log = read(submit_dir / "logs" / f"cosmos_lora_multinode_{job}.out")
     assert state(records) == [("COMPLETED", "0:0", "0")], log
@@ -381,9 +498,18 @@ def test_multinode_dry_run_prints_one_command_per_node(slurm, submit_dir, tiny_m
         assert option(argv, "--main_process_port") == port and 1024 < int(port) < 65536
         assert option(argv, "--config_file") == "accelerate_configs/cpu_2proc.yaml"
         script = argv.index("train_cosmos_lora.py")
-        assert argv[script + 1:] == ["--pretrained_model_name_or_path", tiny_model, "--cache_dir", "/c",
-                                     "--output_dir", "/o", "--resume_from_checkpoint", "latest",
-                                     "--learning_rate", "5e-5"]
+        assert argv[script + 1 :] == [
+            "--pretrained_model_name_or_path",
+            tiny_model,
+            "--cache_dir",
+            "/c",
+            "--output_dir",
+            "/o",
+            "--resume_from_checkpoint",
+            "latest",
+            "--learning_rate",
+            "5e-5",
+        ]
     assert [a for a in commands[0][1] if a != "0"] == [a for a in commands[1][1] if a != "1"]
 
 
@@ -414,8 +540,9 @@ def test_preempted_train_job_checkpoints_requeues_and_ends_like_an_uninterrupted
     assert not any(name in run["after_first_segment"] for name in EXPORTS), "it finished before the signal came"
     rows = loss_rows(run["dir"])
     assert [row["step"] for row in rows] == list(range(1, TRAIN_STEPS + 1)), rows
-    assert [row["loss"] for row in rows] == pytest.approx([row["loss"] for row in loss_rows(reference["dir"])],
-                                                          rel=1e-6)
+    assert [row["loss"] for row in rows] == pytest.approx(
+        [row["loss"] for row in loss_rows(reference["dir"])], rel=1e-6
+    )
     for name in EXPORTS:
         resumed, expected = load_file(os.path.join(run["dir"], name)), load_file(os.path.join(reference["dir"], name))
         assert resumed.keys() == expected.keys()
@@ -428,9 +555,22 @@ def test_preempted_train_job_checkpoints_requeues_and_ends_like_an_uninterrupted
 def test_sample_job_writes_the_video_grid(slurm, submit_dir, tiny_model, array_cache, training_runs):
     run = training_runs["uninterrupted"]
     assert state(run["records"])[0][0] == "COMPLETED"
-    job = submit(slurm, submit_dir, "sample.sh", run["dir"], "--disable_safety_checker", "--num_inference_steps", "2",
-                 "--height", "64", "--width", "112", "--num_frames", "17",
-                 env={"MODEL": tiny_model, "CACHE_DIR": array_cache["dir"], "NUM_VIDEOS": 2})
+    job = submit(
+        slurm,
+        submit_dir,
+        "sample.sh",
+        run["dir"],
+        "--disable_safety_checker",
+        "--num_inference_steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "112",
+        "--num_frames",
+        "17",
+        env={"MODEL": tiny_model, "CACHE_DIR": array_cache["dir"], "NUM_VIDEOS": 2},
+    )
     records = slurm.wait(job, timeout=300)
     log = read(submit_dir / "logs" / f"cosmos_sample_{job}.out")
     assert state(records) == [("COMPLETED", "0:0", "0")], log
@@ -444,12 +584,32 @@ def test_multinode_job_trains_on_two_machines(slurm, submit_dir, tiny_model, arr
     """Two srun tasks on the one node play two machines: torchrun rendezvous at the head node, gloo, one rank each."""
     config = tmp_path / "torchrun_cpu.yaml"
     config.write_text(TORCHRUN_CPU_CONFIG)
-    job = submit(slurm, submit_dir, "train_multinode.sh", "--max_train_steps", "2", "--checkpointing_steps", "2",
-                 "--seed", "0", "--train_batch_size", "1", "--num_validation_clips", "0",
-                 "--dataloader_num_workers", "0",
-                 env={"MODEL": tiny_model, "CACHE_DIR": array_cache["dir"], "OUTPUT_DIR": tmp_path / "run",
-                      "ACCELERATE_CONFIG": config, "ACCELERATE_USE_CPU": 1, "GPUS_PER_NODE": 1},
-                 sbatch_args=["--nodes=1", "--ntasks=2", "--ntasks-per-node=2"])
+    job = submit(
+        slurm,
+        submit_dir,
+        "train_multinode.sh",
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--seed",
+        "0",
+        "--train_batch_size",
+        "1",
+        "--num_validation_clips",
+        "0",
+        "--dataloader_num_workers",
+        "0",
+        env={
+            "MODEL": tiny_model,
+            "CACHE_DIR": array_cache["dir"],
+            "OUTPUT_DIR": tmp_path / "run",
+            "ACCELERATE_CONFIG": config,
+            "ACCELERATE_USE_CPU": 1,
+            "GPUS_PER_NODE": 1,
+        },
+        sbatch_args=["--nodes=1", "--ntasks=2", "--ntasks-per-node=2"],
+    )
     records = slurm.wait(job, timeout=300)
     log = read(submit_dir / "logs" / f"cosmos_lora_multinode_{job}.out")
     assert state(records) == [("COMPLETED", "0:0", "0")], log
@@ -462,8 +622,11 @@ def test_multinode_job_trains_on_two_machines(slurm, submit_dir, tiny_model, arr
 def test_shellcheck_passes_on_every_script():
     if not shutil.which("shellcheck") and os.geteuid() == 0 and shutil.which("apt-get"):
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for cmd in (["apt-get", "install", "-y", "-q", "shellcheck"], ["apt-get", "update", "-q"],
-                    ["apt-get", "install", "-y", "-q", "shellcheck"]):
+        for cmd in (
+            ["apt-get", "install", "-y", "-q", "shellcheck"],
+            ["apt-get", "update", "-q"],
+            ["apt-get", "install", "-y", "-q", "shellcheck"],
+        ):
             if subprocess.run(cmd, capture_output=True, env=env, timeout=600).returncode == 0 and cmd[1] == "install":
                 break
     if not shutil.which("shellcheck"):

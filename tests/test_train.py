@@ -9,26 +9,60 @@ from safetensors.torch import load_file, save_file
 
 import train_cosmos_lora as train
 from conftest import REPO, TWO_CPU_PROCESSES, run_script
-from cosmos_utils import (
-    ADAPTER_WEIGHTS,
-    CACHE_INFO,
-    LORA_WEIGHTS,
-    load_finetuned_weights,
-    save_finetuned_weights,
-)
+from cosmos_cache import CACHE_INFO, hold_out_clips, list_cached_clips
+from cosmos_model import ADAPTER_WEIGHTS, LORA_WEIGHTS, TemporalAdapter, load_finetuned_weights, save_finetuned_weights
 
-ALL_LINEAR = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
-              "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"]
+ALL_LINEAR = [
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+]
 # Settings that make the tiny model memorize one clip quickly.
-OVERFIT_ARGS = ["--learning_rate", "3e-3", "--lr_scheduler", "constant", "--train_batch_size", "4", "--text_dropout",
-                "0", "--conditioning_frames", "1", "--lora_rank", "16", "--lora_alpha", "16",
-                "--lora_target_modules", *ALL_LINEAR]
+OVERFIT_ARGS = [
+    "--learning_rate",
+    "3e-3",
+    "--lr_scheduler",
+    "constant",
+    "--train_batch_size",
+    "4",
+    "--text_dropout",
+    "0",
+    "--conditioning_frames",
+    "1",
+    "--lora_rank",
+    "16",
+    "--lora_alpha",
+    "16",
+    "--lora_target_modules",
+    *ALL_LINEAR,
+]
 
 
 def train_args(model, cache, output_dir, *extra):
-    return train.parse_args(["--pretrained_model_name_or_path", model, "--cache_dir", *([cache] if isinstance(
-        cache, str) else cache), "--output_dir", str(output_dir), "--dataloader_num_workers", "0",
-                             "--num_validation_clips", "0", "--report_to", "none", *map(str, extra)])
+    return train.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            model,
+            "--cache_dir",
+            *([cache] if isinstance(cache, str) else cache),
+            "--output_dir",
+            str(output_dir),
+            "--dataloader_num_workers",
+            "0",
+            "--num_validation_clips",
+            "0",
+            "--report_to",
+            "none",
+            *map(str, extra),
+        ]
+    )
 
 
 def losses(output_dir):
@@ -41,11 +75,15 @@ def random_inputs(transformer, frames=5, height=8, width=14, seed=0):
     g = torch.Generator().manual_seed(seed)
     cond = torch.zeros(2, 1, frames, 1, 1)
     cond[:, :, :1] = 1
-    return dict(hidden_states=torch.randn(2, 16, frames, height, width, generator=g),
-                timestep=(cond * 1e-4 + (1 - cond) * torch.rand(2, 1, 1, 1, 1, generator=g)),
-                encoder_hidden_states=torch.randn(2, 512, transformer.config.text_embed_dim, generator=g), fps=None,
-                condition_mask=cond.expand(2, 1, frames, height, width).clone(),
-                padding_mask=torch.zeros(1, 1, height * 8, width * 8), return_dict=False)
+    return dict(
+        hidden_states=torch.randn(2, 16, frames, height, width, generator=g),
+        timestep=(cond * 1e-4 + (1 - cond) * torch.rand(2, 1, 1, 1, 1, generator=g)),
+        encoder_hidden_states=torch.randn(2, 512, transformer.config.text_embed_dim, generator=g),
+        fps=None,
+        condition_mask=cond.expand(2, 1, frames, height, width).clone(),
+        padding_mask=torch.zeros(1, 1, height * 8, width * 8),
+        return_dict=False,
+    )
 
 
 def output(transformer, inputs):
@@ -57,8 +95,9 @@ def test_fresh_adapters_give_exactly_the_base_output(tiny_model, latent_cache):
     from diffusers import CosmosTransformer3DModel
 
     base = CosmosTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer")
-    adapted = train.load_transformer(train_args(tiny_model, latent_cache, "unused", "--lora_target_modules",
-                                                *ALL_LINEAR), torch.float32)
+    adapted = train.load_transformer(
+        train_args(tiny_model, latent_cache, "unused", "--lora_target_modules", *ALL_LINEAR), torch.float32
+    )
     inputs = random_inputs(base)
     assert torch.equal(output(base, inputs), output(adapted, inputs))
     groups = Counter(train.parameter_group(n) for n, p in adapted.named_parameters() if p.requires_grad)
@@ -67,14 +106,14 @@ def test_fresh_adapters_give_exactly_the_base_output(tiny_model, latent_cache):
 
 
 def test_trainable_parameter_table_lists_each_group(tiny_model, latent_cache):
-    table = train.trainable_parameter_table(train.load_transformer(train_args(tiny_model, latent_cache, "x"),
-                                                                   torch.float32))
+    table = train.trainable_parameter_table(
+        train.load_transformer(train_args(tiny_model, latent_cache, "x"), torch.float32)
+    )
     for group in ("LoRA", "temporal adapters", "proj_out", "trainable total", "model total"):
         assert group in table
 
 
 def test_temporal_adapter_mixes_along_time_only():
-    from cosmos_utils import TemporalAdapter
 
     adapter = TemporalAdapter(dim=32, reduction_factor=4)
     torch.nn.init.normal_(adapter.up.weight)
@@ -90,8 +129,21 @@ def test_temporal_adapter_mixes_along_time_only():
 
 
 def test_overfitting_one_clip_lowers_the_loss(tiny_model, one_clip_cache, tmp_path):
-    assert train.main(train_args(tiny_model, one_clip_cache, tmp_path, "--max_train_steps", 200,
-                                 "--checkpointing_steps", 1000, *OVERFIT_ARGS)) == 0
+    assert (
+        train.main(
+            train_args(
+                tiny_model,
+                one_clip_cache,
+                tmp_path,
+                "--max_train_steps",
+                200,
+                "--checkpointing_steps",
+                1000,
+                *OVERFIT_ARGS,
+            )
+        )
+        == 0
+    )
     curve = [row["loss"] for row in losses(tmp_path)]
     first, last = sum(curve[:20]) / 20, sum(curve[-20:]) / 20
     # Measured: about 1.1 over the first 20 steps and 0.56 over the last 20.
@@ -100,13 +152,43 @@ def test_overfitting_one_clip_lowers_the_loss(tiny_model, one_clip_cache, tmp_pa
 
 def test_resume_is_exact(tiny_model, latent_cache, tmp_path):
     # A constant schedule, so that a run told to stop at step 3 has the same learning rates as the 6-step run.
-    common = ["--train_batch_size", 2, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 3,
-              "--learning_rate", 1e-3, "--lr_scheduler", "constant", "--lr_warmup_steps", 2, "--lora_dropout", 0.1,
-              "--num_validation_clips", 2, "--validation_steps", 2]
+    common = [
+        "--train_batch_size",
+        2,
+        "--gradient_accumulation_steps",
+        2,
+        "--checkpointing_steps",
+        3,
+        "--learning_rate",
+        1e-3,
+        "--lr_scheduler",
+        "constant",
+        "--lr_warmup_steps",
+        2,
+        "--lora_dropout",
+        0.1,
+        "--num_validation_clips",
+        2,
+        "--validation_steps",
+        2,
+    ]
     assert train.main(train_args(tiny_model, latent_cache, tmp_path / "full", "--max_train_steps", 6, *common)) == 0
     assert train.main(train_args(tiny_model, latent_cache, tmp_path / "half", "--max_train_steps", 3, *common)) == 0
-    assert train.main(train_args(tiny_model, latent_cache, tmp_path / "half", "--max_train_steps", 6,
-                                 "--resume_from_checkpoint", "latest", *common)) == 0
+    assert (
+        train.main(
+            train_args(
+                tiny_model,
+                latent_cache,
+                tmp_path / "half",
+                "--max_train_steps",
+                6,
+                "--resume_from_checkpoint",
+                "latest",
+                *common,
+            )
+        )
+        == 0
+    )
     # 10 training clips, batches of 2, 2 micro-steps a step: the 6 steps cross two epoch boundaries.
     assert losses(tmp_path / "half") == losses(tmp_path / "full")
     assert [row["step"] for row in losses(tmp_path / "full")] == [1, 2, 3, 4, 5, 6]
@@ -121,16 +203,34 @@ def test_resume_from_a_mid_run_checkpoint_with_a_decaying_schedule(tiny_model, l
     assert train.main(train_args(tiny_model, latent_cache, tmp_path / "full", *common)) == 0
     os.makedirs(tmp_path / "resumed")
     shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
-    assert train.main(train_args(tiny_model, latent_cache, tmp_path / "resumed", "--resume_from_checkpoint",
-                                 "latest", *common)) == 0
+    assert (
+        train.main(
+            train_args(tiny_model, latent_cache, tmp_path / "resumed", "--resume_from_checkpoint", "latest", *common)
+        )
+        == 0
+    )
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")[3:]
     full, resumed = load_file(tmp_path / "full" / LORA_WEIGHTS), load_file(tmp_path / "resumed" / LORA_WEIGHTS)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
 def test_checkpoints_total_limit_keeps_the_newest(tiny_model, latent_cache, tmp_path):
-    assert train.main(train_args(tiny_model, latent_cache, tmp_path, "--max_train_steps", 5, "--checkpointing_steps",
-                                 1, "--checkpoints_total_limit", 2)) == 0
+    assert (
+        train.main(
+            train_args(
+                tiny_model,
+                latent_cache,
+                tmp_path,
+                "--max_train_steps",
+                5,
+                "--checkpointing_steps",
+                1,
+                "--checkpoints_total_limit",
+                2,
+            )
+        )
+        == 0
+    )
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-5"]
 
 
@@ -140,7 +240,7 @@ def test_exported_weights_reload_onto_a_fresh_base(tiny_model, latent_cache, tmp
     args = train_args(tiny_model, latent_cache, tmp_path, "--lora_target_modules", *ALL_LINEAR, "--lora_alpha", 8)
     model = train.load_transformer(args, torch.float32)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    dataset = train.CachedClips(train.load_caches([latent_cache], tiny_model)[0][0][1])
+    dataset = train.CachedClips(train.load_caches([latent_cache], tiny_model)[0][0].clips)
     batch = {k: torch.stack([dataset[0][k], dataset[1][k]]) for k in ("latents", "prompt_embeds")}
     for _ in range(3):
         train.training_loss(model, batch, args).backward()
@@ -187,7 +287,6 @@ def test_two_caches_are_mixed_in_training(tiny_model, latent_cache, one_clip_cac
 
 
 def test_held_out_videos_never_train(latent_cache):
-    from cosmos_utils import hold_out_clips, list_cached_clips
 
     clips = list_cached_clips(latent_cache)
     trainable, held = hold_out_clips(clips, 3, seed=0)
@@ -206,12 +305,15 @@ def edit_cache_info(cache, **changes):
     json.dump(info, open(path, "w"))
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("empty", "holds no clips"),
-    ("normalization", "normalized with another VAE"),
-    ("shape", "mix only caches of one clip shape"),
-    ("missing", "is not a latent cache"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("empty", "holds no clips"),
+        ("normalization", "normalized with another VAE"),
+        ("shape", "mix only caches of one clip shape"),
+        ("missing", "is not a latent cache"),
+    ],
+)
 def test_bad_caches_fail_before_the_model_loads(tiny_model, latent_cache, tmp_path, problem, message):
     bad = copy_cache(latent_cache, tmp_path / "bad")
     caches = [bad]
@@ -229,8 +331,15 @@ def test_bad_caches_fail_before_the_model_loads(tiny_model, latent_cache, tmp_pa
     else:
         caches = [str(tmp_path / "nowhere")]
     # A missing model proves nothing was loaded before the error... except the small VAE/transformer configs.
-    result = run_script("train_cosmos_lora.py", "--pretrained_model_name_or_path", tiny_model, "--cache_dir", *caches,
-                        "--output_dir", tmp_path / "out")
+    result = run_script(
+        "train_cosmos_lora.py",
+        "--pretrained_model_name_or_path",
+        tiny_model,
+        "--cache_dir",
+        *caches,
+        "--output_dir",
+        tmp_path / "out",
+    )
     assert result.returncode != 0
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
@@ -246,8 +355,9 @@ def test_nan_loss_stops_with_the_step_named_and_keeps_the_checkpoint(tiny_model,
     latents = load_file(clip)["latents"]
     save_file({"latents": torch.full_like(latents, float("nan"))}, clip)
     with pytest.raises(RuntimeError, match=r"loss is nan at step 3.*checkpoint-2"):
-        train.main(train_args(tiny_model, cache, out, "--max_train_steps", 4, "--resume_from_checkpoint", "latest",
-                              *common))
+        train.main(
+            train_args(tiny_model, cache, out, "--max_train_steps", 4, "--resume_from_checkpoint", "latest", *common)
+        )
     assert {n: open(out / "checkpoint-2" / n, "rb").read() for n in os.listdir(out / "checkpoint-2")} == before
     assert not (out / "checkpoint-4").exists()
 
@@ -268,12 +378,33 @@ def test_example_config_parses():
 
 
 def test_two_process_cpu_run_trains_and_saves_once(tiny_model, latent_cache, tmp_path):
-    result = run_script("-m", "accelerate.commands.launch", "--config_file",
-                        os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"),
-                        os.path.join(REPO, "train_cosmos_lora.py"), "--pretrained_model_name_or_path", tiny_model,
-                        "--cache_dir", latent_cache, "--output_dir", tmp_path, "--max_train_steps", 4,
-                        "--checkpointing_steps", 2, "--train_batch_size", 1, "--dataloader_num_workers", 0,
-                        "--num_validation_clips", 0, "--report_to", "none", env=TWO_CPU_PROCESSES, timeout=600)
+    result = run_script(
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"),
+        os.path.join(REPO, "train_cosmos_lora.py"),
+        "--pretrained_model_name_or_path",
+        tiny_model,
+        "--cache_dir",
+        latent_cache,
+        "--output_dir",
+        tmp_path,
+        "--max_train_steps",
+        4,
+        "--checkpointing_steps",
+        2,
+        "--train_batch_size",
+        1,
+        "--dataloader_num_workers",
+        0,
+        "--num_validation_clips",
+        0,
+        "--report_to",
+        "none",
+        env=TWO_CPU_PROCESSES,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [row["step"] for row in losses(tmp_path)] == [1, 2, 3, 4]
     # Both ranks trained (each draws its own batches), but only the main process printed, logged and saved.
@@ -294,14 +425,17 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, la
         for name, param in model.named_parameters():
             if name.endswith("up.weight"):
                 torch.nn.init.normal_(param, std=0.02)
-        dataset = train.CachedClips(train.load_caches([latent_cache], tiny_model)[0][0][1])
+        dataset = train.CachedClips(train.load_caches([latent_cache], tiny_model)[0][0].clips)
         batch = {k: torch.stack([dataset[0][k], dataset[1][k]]) for k in ("latents", "prompt_embeds")}
         torch.manual_seed(0)
         loss = train.training_loss(model, batch, args)
         loss.backward()
         named = train.trainable_state_dict(model)  # clean names even through the checkpoint wrappers
-        grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()
-                 if p.requires_grad}
+        grads = {
+            n.replace("_checkpoint_wrapped_module.", ""): p.grad
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
         return loss, grads, named
 
     loss, grads, names = loss_and_grads()
@@ -314,15 +448,37 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, la
 
 
 def test_two_process_run_with_gradient_checkpointing_resumes(tiny_model, latent_cache, tmp_path):
-    common = ["-m", "accelerate.commands.launch", "--config_file",
-              os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"), os.path.join(REPO, "train_cosmos_lora.py"),
-              "--pretrained_model_name_or_path", tiny_model, "--cache_dir", latent_cache, "--output_dir", tmp_path,
-              "--checkpointing_steps", 2, "--train_batch_size", 1, "--dataloader_num_workers", 0,
-              "--num_validation_clips", 0, "--report_to", "none", "--gradient_checkpointing", "full",
-              "--lr_scheduler", "constant"]
+    common = [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"),
+        os.path.join(REPO, "train_cosmos_lora.py"),
+        "--pretrained_model_name_or_path",
+        tiny_model,
+        "--cache_dir",
+        latent_cache,
+        "--output_dir",
+        tmp_path,
+        "--checkpointing_steps",
+        2,
+        "--train_batch_size",
+        1,
+        "--dataloader_num_workers",
+        0,
+        "--num_validation_clips",
+        0,
+        "--report_to",
+        "none",
+        "--gradient_checkpointing",
+        "full",
+        "--lr_scheduler",
+        "constant",
+    ]
     assert run_script(*common, "--max_train_steps", 2, env=TWO_CPU_PROCESSES, timeout=600).returncode == 0
-    result = run_script(*common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest", env=TWO_CPU_PROCESSES,
-                        timeout=600)
+    result = run_script(
+        *common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest", env=TWO_CPU_PROCESSES, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
     assert [row["step"] for row in losses(tmp_path)] == [1, 2, 3, 4]
@@ -330,9 +486,28 @@ def test_two_process_run_with_gradient_checkpointing_resumes(tiny_model, latent_
 
 
 def test_validation_videos_are_written_and_logged(tiny_model, latent_cache, tmp_path):
-    assert train.main(train_args(tiny_model, latent_cache, tmp_path, "--max_train_steps", 2, "--validation_steps", 2,
-                                 "--num_validation_clips", 2, "--validation_videos", 2,
-                                 "--validation_inference_steps", 3, "--report_to", "tensorboard")) == 0
+    assert (
+        train.main(
+            train_args(
+                tiny_model,
+                latent_cache,
+                tmp_path,
+                "--max_train_steps",
+                2,
+                "--validation_steps",
+                2,
+                "--num_validation_clips",
+                2,
+                "--validation_videos",
+                2,
+                "--validation_inference_steps",
+                3,
+                "--report_to",
+                "tensorboard",
+            )
+        )
+        == 0
+    )
     from sample import read_mp4
 
     videos = sorted((tmp_path / "validation" / "step-2").glob("*.mp4"))
@@ -348,9 +523,26 @@ def test_validation_videos_are_written_and_logged(tiny_model, latent_cache, tmp_
 
 def test_two_process_export_holds_what_each_rank_trained(tiny_model, tmp_path):
     """benchmarks/check_export.py's per-rank check (run on 3 GPUs under FSDP2 for the benchmark) on 2 CPU processes."""
-    result = run_script("benchmarks/check_export.py", "--workdir", tmp_path, "--out", tmp_path, "--model", tiny_model,
-                        "--config_file", os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"), "--steps", 2,
-                        "--modes", "full", "--train_args", "--train_batch_size", 1, env=TWO_CPU_PROCESSES, timeout=600)
+    result = run_script(
+        "benchmarks/check_export.py",
+        "--workdir",
+        tmp_path,
+        "--out",
+        tmp_path,
+        "--model",
+        tiny_model,
+        "--config_file",
+        os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"),
+        "--steps",
+        2,
+        "--modes",
+        "full",
+        "--train_args",
+        "--train_batch_size",
+        1,
+        env=TWO_CPU_PROCESSES,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     check = json.loads((tmp_path / "export_check.json").read_text())["full"]
     assert check.get("ok"), check
@@ -382,9 +574,26 @@ def test_profile_summary_splits_busy_idle_and_exposed_communication():
 
 def test_profile_runs_the_real_script_on_every_rank(tiny_model, tmp_path):
     """benchmarks/profile_train.py (3 GPUs under FSDP2 for the benchmark) on 2 CPU processes: one report per rank."""
-    result = run_script("benchmarks/profile_train.py", "--workdir", tmp_path, "--out", tmp_path, "--model", tiny_model,
-                        "--configs", "cpu_2proc.yaml", "--warmup", 2, "--profile_steps", 2,
-                        "--train_args", "--train_batch_size", 1, env=TWO_CPU_PROCESSES, timeout=600)
+    result = run_script(
+        "benchmarks/profile_train.py",
+        "--workdir",
+        tmp_path,
+        "--out",
+        tmp_path,
+        "--model",
+        tiny_model,
+        "--configs",
+        "cpu_2proc.yaml",
+        "--warmup",
+        2,
+        "--profile_steps",
+        2,
+        "--train_args",
+        "--train_batch_size",
+        1,
+        env=TWO_CPU_PROCESSES,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = json.loads((tmp_path / "profile_cpu_2proc.json").read_text())["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]

@@ -22,20 +22,41 @@ from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 # `tiny` keeps its hidden size (96) above a 2x2 patch's 64 latent values, so it can learn to denoise one clip exactly.
 TRANSFORMER_CONFIGS = {
     "tiny": dict(
-        in_channels=17, out_channels=16, num_attention_heads=2, attention_head_dim=48, num_layers=2,
-        mlp_ratio=2.0, text_embed_dim=32, adaln_lora_dim=4, max_size=(32, 64, 64), patch_size=(1, 2, 2),
-        rope_scale=(1.0, 3.0, 3.0), concat_padding_mask=True, extra_pos_embed_type=None,
+        in_channels=17,
+        out_channels=16,
+        num_attention_heads=2,
+        attention_head_dim=48,
+        num_layers=2,
+        mlp_ratio=2.0,
+        text_embed_dim=32,
+        adaln_lora_dim=4,
+        max_size=(32, 64, 64),
+        patch_size=(1, 2, 2),
+        rope_scale=(1.0, 3.0, 3.0),
+        concat_padding_mask=True,
+        extra_pos_embed_type=None,
     ),
     "2b": dict(
-        in_channels=17, out_channels=16, num_attention_heads=16, attention_head_dim=128, num_layers=28,
-        mlp_ratio=4.0, text_embed_dim=1024, adaln_lora_dim=256, max_size=(128, 240, 240), patch_size=(1, 2, 2),
-        rope_scale=(1.0, 3.0, 3.0), concat_padding_mask=True, extra_pos_embed_type=None,
+        in_channels=17,
+        out_channels=16,
+        num_attention_heads=16,
+        attention_head_dim=128,
+        num_layers=28,
+        mlp_ratio=4.0,
+        text_embed_dim=1024,
+        adaln_lora_dim=256,
+        max_size=(128, 240, 240),
+        patch_size=(1, 2, 2),
+        rope_scale=(1.0, 3.0, 3.0),
+        concat_padding_mask=True,
+        extra_pos_embed_type=None,
     ),
 }
 # `2b` keeps the Wan2.1 VAE at its default (real) size; `tiny` shrinks its widths only.
 VAE_CONFIGS = {
-    "tiny": dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                 temperal_downsample=[False, True, True]),
+    "tiny": dict(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ),
     "2b": dict(),
 }
 # A small T5 is enough for random weights: what the transformer sees is the embedding shape [512, d_model].
@@ -55,13 +76,21 @@ TOKENIZER_CORPUS = [
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(TRANSFORMER_CONFIGS), default="tiny",
-                        help="`tiny` for CPU tests and the demo; `2b` for the exact Cosmos-Predict2-2B transformer "
-                             "config and the full Wan2.1 VAE (GPU benchmarks).")
+    parser.add_argument(
+        "--size",
+        choices=sorted(TRANSFORMER_CONFIGS),
+        default="tiny",
+        help="`tiny` for CPU tests and the demo; `2b` for the exact Cosmos-Predict2-2B transformer "
+        "config and the full Wan2.1 VAE (GPU benchmarks).",
+    )
     parser.add_argument("--output_dir", required=True, help="Directory to write the diffusers-format checkpoint to.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the random weights.")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="Storage dtype of the weights. Default: float32 for tiny, bfloat16 for 2b.")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="Storage dtype of the weights. Default: float32 for tiny, bfloat16 for 2b.",
+    )
     return parser.parse_args(argv)
 
 
@@ -69,11 +98,18 @@ def build_tokenizer(vocab_size=200):
     """Train a small Unigram tokenizer offline and wrap it as the T5 tokenizer class the pipeline uses."""
     backend = Tokenizer(models.Unigram())
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+    )
     backend.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
-    return T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                           extra_ids=0, model_max_length=512)
+    return T5TokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=512,
+    )
 
 
 def build_components(size, seed):
@@ -113,8 +149,10 @@ def main(args):
         component.save_pretrained(os.path.join(args.output_dir, name))
     write_model_index(args.output_dir)
     num_params = sum(p.numel() for p in components["transformer"].parameters())
-    print(f"wrote {args.size} random Cosmos-Predict2 checkpoint ({num_params / 1e6:.2f} M transformer parameters, "
-          f"{str(dtype).removeprefix('torch.')}) to {args.output_dir}")
+    print(
+        f"wrote {args.size} random Cosmos-Predict2 checkpoint ({num_params / 1e6:.2f} M transformer parameters, "
+        f"{str(dtype).removeprefix('torch.')}) to {args.output_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from fractions import Fraction
 import av
 import numpy as np
 
-
 CODECS = {"h264": "libx264", "h265": "libx265"}
 
 # Encoder options. x264's macroblock-tree rate control made the output bytes differ from
@@ -61,7 +60,9 @@ def parse_args(input_args=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--output_dir", type=str, required=True,
+        "--output_dir",
+        type=str,
+        required=True,
         help="Folder to write into. Gets videos/ (flat mp4 files) and tars/ (WebDataset shards).",
     )
     parser.add_argument("--num_videos", type=int, default=6, help="Number of clips to make in total.")
@@ -70,15 +71,21 @@ def parse_args(input_args=None):
     parser.add_argument("--height", type=int, default=256, help="Frame height in pixels (must be even).")
     parser.add_argument("--width", type=int, default=456, help="Frame width in pixels (must be even).")
     parser.add_argument(
-        "--codec", type=str, default="both", choices=["h264", "h265", "both"],
+        "--codec",
+        type=str,
+        default="both",
+        choices=["h264", "h265", "both"],
         help="Video codec. 'both' alternates H.264 and H.265 across clips so both appear.",
     )
     parser.add_argument(
-        "--captions", action="store_true",
+        "--captions",
+        action="store_true",
         help="Also write a caption per clip: videos/KEY.txt and a 'caption' field in each tar's KEY.json.",
     )
     parser.add_argument(
-        "--num_factories", type=int, default=2,
+        "--num_factories",
+        type=int,
+        default=2,
         help="Number of factories to spread the clips over (one worker per factory).",
     )
     parser.add_argument(

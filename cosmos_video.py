@@ -1,0 +1,185 @@
+"""Video I/O shared by the three scripts: clip geometry, decoding and resampling source videos, writing mp4s.
+
+The Wan VAE compresses 4x in time (causally) and 8x in space, and the transformer patches 2x2, so a clip has 4k+1
+frames and a height and width that are multiples of 16.
+"""
+
+import io
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+VAE_TEMPORAL_FACTOR = 4
+VAE_SPATIAL_FACTOR = 8
+SIZE_MULTIPLE = 16  # 8x VAE times the transformer's 2x2 patch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Clip geometry
+# ----------------------------------------------------------------------------------------------------------------
+def nearest_valid_num_frames(num_frames):
+    """The Wan VAE needs 4k+1 pixel frames; return the closest such count (ties go down)."""
+    k = max(0, round((num_frames - 1) / VAE_TEMPORAL_FACTOR - 1e-9))
+    return VAE_TEMPORAL_FACTOR * k + 1
+
+
+def check_clip_geometry(num_frames, height, width):
+    """Raise a one-line ValueError naming the nearest valid value when a clip shape cannot be encoded."""
+    if num_frames < 1 or (num_frames - 1) % VAE_TEMPORAL_FACTOR != 0:
+        raise ValueError(
+            f"--num_frames {num_frames} is not 4k+1 as the Wan VAE needs; "
+            f"nearest valid: {nearest_valid_num_frames(num_frames)}"
+        )
+    for name, value in (("height", height), ("width", width)):
+        if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE != 0:
+            nearest = max(SIZE_MULTIPLE, SIZE_MULTIPLE * round(value / SIZE_MULTIPLE))
+            raise ValueError(
+                f"--{name} {value} is not a multiple of {SIZE_MULTIPLE} (8x VAE x 2x2 patch); nearest valid: {nearest}"
+            )
+
+
+def latent_shape(num_frames, height, width, channels=16):
+    return [
+        channels,
+        (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1,
+        height // VAE_SPATIAL_FACTOR,
+        width // VAE_SPATIAL_FACTOR,
+    ]
+
+
+def fit_frames(frames, height, width, mode="crop"):
+    """Resize uint8 frames [T, H, W, 3] to [T, height, width, 3].
+
+    `crop` scales to cover the target keeping the aspect ratio, then centre-crops (456x256 -> 448x256 is a pure crop);
+    `resize` stretches to the target size.
+    """
+    frames = torch.as_tensor(frames)
+    src_h, src_w = frames.shape[1:3]
+    if mode == "crop":
+        scale = max(height / src_h, width / src_w)
+        new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
+    elif mode == "resize":
+        new_h, new_w = height, width
+    else:
+        raise ValueError(f"unknown resize mode {mode!r}; use crop or resize")
+    if (new_h, new_w) != (src_h, src_w):
+        x = frames.permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        frames = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return frames[:, top : top + height, left : left + width].contiguous()
+
+
+def frames_to_vae_input(frames):
+    """uint8 [T, H, W, 3] -> float [3, T, H, W] in [-1, 1], as the pipeline's video processor produces."""
+    return frames.permute(3, 0, 1, 2).float() / 255.0 * 2.0 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding and clip planning
+# ----------------------------------------------------------------------------------------------------------------
+def open_video(video):
+    import av  # only the scripts that decode videos need PyAV
+
+    return av.open(io.BytesIO(video) if isinstance(video, (bytes, bytearray)) else video)
+
+
+def probe_video(container):
+    """(frame count, frames per second) of the first video stream, from the container's metadata."""
+    stream = container.streams.video[0]
+    fps = float(stream.average_rate or stream.guessed_rate)
+    num_frames = stream.frames
+    if not num_frames:
+        duration = float(stream.duration * stream.time_base) if stream.duration else container.duration / 1e6
+        num_frames = int(duration * fps)
+    return num_frames, fps
+
+
+def plan_clips(num_source_frames, source_fps, num_frames, fps, stride_seconds=None, max_clips=None):
+    """Source frame indices of every clip: clip c, frame j is the source frame nearest to start_c + j / fps."""
+    stride_seconds = stride_seconds or num_frames / fps
+    clips = []
+    start = 0.0
+    while max_clips is None or len(clips) < max_clips:
+        indices = [round((start + j / fps) * source_fps) for j in range(num_frames)]
+        if indices[-1] >= num_source_frames:
+            break
+        clips.append(indices)
+        start += stride_seconds
+    return clips
+
+
+def decode_frames(container, wanted):
+    """{source index: RGB uint8 array [H, W, 3]} for the wanted indices, decoding sequentially once."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    last, frames = max(wanted), {}
+    for index, frame in enumerate(container.decode(stream)):
+        if index in wanted:
+            frames[index] = frame.to_ndarray(format="rgb24")
+        if index >= last:
+            break
+    return frames
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing and reading mp4s, grids and contact sheets
+# ----------------------------------------------------------------------------------------------------------------
+def write_mp4(path, frames, fps):
+    """Write uint8 frames [T, H, W, 3] as H.264 mp4 with imageio-ffmpeg, atomically."""
+    import imageio_ffmpeg  # imported here: training needs it only for validation videos
+
+    frames = np.ascontiguousarray(frames)
+    tmp = f"{path}.tmp.mp4"
+    writer = imageio_ffmpeg.write_frames(
+        tmp,
+        (frames.shape[2], frames.shape[1]),
+        fps=fps,
+        codec="libx264",
+        pix_fmt_out="yuv420p",
+        macro_block_size=1,
+        quality=8,
+        output_params=["-loglevel", "error"],
+    )
+    writer.send(None)
+    for frame in frames:
+        writer.send(frame.tobytes())
+    writer.close()
+    os.replace(tmp, path)
+
+
+def read_mp4(path):
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(path)
+    meta = reader.__next__()
+    width, height = meta["size"]
+    return np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
+
+
+def video_grid(videos):
+    """Tile videos [T, H, W, 3] (padded to the longest with their last frame) into one video."""
+    length = max(len(v) for v in videos)
+    height, width = max(v.shape[1] for v in videos), max(v.shape[2] for v in videos)
+    cols = math.ceil(math.sqrt(len(videos)))
+    rows = math.ceil(len(videos) / cols)
+    grid = np.zeros((length, rows * height, cols * width, 3), np.uint8)
+    for i, video in enumerate(videos):
+        video = np.concatenate([video, np.repeat(video[-1:], length - len(video), 0)])
+        r, c = divmod(i, cols)
+        grid[:, r * height : r * height + video.shape[1], c * width : c * width + video.shape[2]] = video
+    return grid
+
+
+def contact_sheet(videos, frames_per_row=8):
+    """One row of evenly spaced frames per video, as one image."""
+    rows = []
+    width = max(v.shape[2] for v in videos) * frames_per_row
+    for video in videos:
+        picks = np.linspace(0, len(video) - 1, frames_per_row).round().astype(int)
+        row = np.concatenate(list(video[picks]), axis=1)
+        rows.append(np.pad(row, ((0, 2), (0, width - row.shape[1]), (0, 0))))
+    return np.concatenate(rows)
