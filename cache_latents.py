@@ -154,7 +154,7 @@ def parse_args(argv=None):
         default=None,
         help="whole: the VAE encoder runs once over each clip (cosmos_vae.py, the same computation as chunked); "
         "chunked: diffusers' encode over frames 1, 4, 4, ... with a frame cache. Default: whole on GPU, chunked on "
-        "CPU (where whole is no faster). A VAE layout the whole-clip encode does not know is encoded chunked.",
+        "CPU. A VAE layout the whole-clip encode does not know is encoded chunked.",
     )
     run.add_argument(
         "--compile_vae",

@@ -116,7 +116,8 @@ def vae_input(clips_uint8, dtype):
 
 
 def relative_error(ours, reference):
-    return ((ours.float() - reference.float()).norm() / reference.float().norm()).item()
+    """Relative L2 difference, to 3 significant digits."""
+    return float(f"{((ours.float() - reference.float()).norm() / reference.float().norm()).item():.3g}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ def time_variant(encode, clips, batch_size, num_clips, flops, reference):
     return {
         "clips_per_s": round(rate, 2),
         "tflops": round(rate * flops / 1e12, 1),
-        "rel_error_vs_fp32_chunked": round(relative_error(latents[:count], reference[:count]), 5),
+        "rel_error_vs_fp32_chunked": relative_error(latents[:count], reference[:count]),
         "first_call_s": round(first_call_s, 1),
         "peak_gib": peak_gib(),
     }
@@ -266,7 +267,7 @@ def vae_decode(model, reference):
         try:
             chunked, results[f"chunked_{size}"] = time_decode(lambda z: vae.decode(z).sample, z)
             whole, results[f"whole_{size}"] = time_decode(lambda z: cosmos_vae.decode_whole_clip(vae, z), z)
-            results[f"whole_vs_chunked_rel_difference_{size}"] = round(relative_error(whole, chunked), 5)
+            results[f"whole_vs_chunked_rel_difference_{size}"] = relative_error(whole, chunked)
         except Exception as error:
             results[size] = {"error": f"{type(error).__name__}: {error}"[:300]}
         print(size, {k: v for k, v in results.items() if size in k}, flush=True)
@@ -366,7 +367,7 @@ def compare_latents(dir_a, dir_b):
         relative_error(load_file(os.path.join(dir_a, n))["latents"], load_file(os.path.join(dir_b, n))["latents"])
         for n in names
     )
-    return {"clips_compared": len(names), "max_rel_difference": round(worst, 5)}
+    return {"clips_compared": len(names), "max_rel_difference": worst}
 
 
 def compare_with_reference(cache_dir, names, reference, vae_config):
@@ -377,7 +378,7 @@ def compare_with_reference(cache_dir, names, reference, vae_config):
         for name, latent in zip(names, expected, strict=True)
         if os.path.exists(os.path.join(cache_dir, name))  # the naive loop caches only the first videos
     ]
-    return {"clips": len(errors), "max": round(max(errors), 5), "mean": round(sum(errors) / len(errors), 5)}
+    return {"clips": len(errors), "max": max(errors), "mean": float(f"{sum(errors) / len(errors):.3g}")}
 
 
 def main():
