@@ -22,16 +22,19 @@ import argparse
 import glob
 import json
 import os
+import resource
 import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+import cosmos_vae
 from cosmos_cache import (
     TEXT_EMBEDS_DIR,
     atomic_save,
@@ -60,6 +63,8 @@ from cosmos_video import (
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov")
 DEFAULT_PROMPT = "An egocentric video from a head-mounted camera of a worker's hands doing manual work in a factory."
+# torch.compile of the whole-clip encode by default on GPU (--compile_vae overrides it).
+COMPILE_VAE_ON_GPU = True
 # Settings that must match for clips to share one cache.
 
 
@@ -144,6 +149,21 @@ def parse_args(argv=None):
         help="VAE and T5 compute dtype; auto is bfloat16 on GPU and float32 on CPU.",
     )
     run.add_argument(
+        "--vae_encode",
+        choices=["whole", "chunked"],
+        default=None,
+        help="whole: the VAE encoder runs once over each clip (cosmos_vae.py, the same computation as chunked); "
+        "chunked: diffusers' encode over frames 1, 4, 4, ... with a frame cache. Default: whole on GPU, chunked on "
+        "CPU. A VAE layout the whole-clip encode does not know is encoded chunked.",
+    )
+    run.add_argument(
+        "--compile_vae",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the whole-clip encode; the first batch compiles (tens of seconds). Default: on with "
+        "--vae_encode whole on GPU, off on CPU.",
+    )
+    run.add_argument(
         "--num_shards",
         type=int,
         default=None,
@@ -196,6 +216,10 @@ def validate_args(args):
         raise FileNotFoundError(f"--tars {args.tars!r} matches no file")
     if args.captions_file and not os.path.isfile(args.captions_file):
         raise FileNotFoundError(f"--captions_file {args.captions_file} does not exist")
+    if args.compile_vae and args.vae_encode == "chunked":
+        raise ValueError(
+            "--compile_vae needs --vae_encode whole (compiling the chunked encode recompiles on its cache)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,17 +369,82 @@ class VideoClips(torch.utils.data.IterableDataset):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class ClipEncoder:
+    """The VAE encode: whole-clip (cosmos_vae.encode_whole_clip, compiled or eager) or diffusers' chunked encode.
+
+    A VAE layout the whole-clip encode does not know is encoded chunked, with a message; so is every batch after a
+    whole-clip batch ran out of GPU memory.
+    """
+
+    def __init__(self, vae, mode, compile_vae, batch_size):
+        reason = cosmos_vae.whole_clip_unsupported(vae) if mode == "whole" else None
+        if reason:
+            print(f"--vae_encode whole: {reason}; encoding chunked")
+            mode = "chunked"
+        self.vae, self.mode, self.batch_size = vae, mode, batch_size
+        self.compiled = compile_vae and mode == "whole"
+        encode = cosmos_vae.encode_whole_clip
+        self.encode_whole = torch.compile(encode, dynamic=False) if self.compiled else encode
+
+    def __call__(self, x):
+        """VAE input [B, 3, T, H, W] -> posterior mean [B, 16, T', h, w]."""
+        size = len(x)
+        if self.compiled and size < self.batch_size:  # a new batch size would compile again: pad the last batch
+            x = torch.cat([x, x[-1:].expand(self.batch_size - size, *x.shape[1:])])
+        if self.vae.device.type == "cuda":  # cuDNN's 3D convolutions run channels-last; this saves a copy per conv
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        if self.mode == "whole":
+            try:
+                return self.encode_whole(self.vae, x)[:size]
+            except torch.OutOfMemoryError:
+                self.mode, self.compiled = "chunked", False
+                tqdm.write(
+                    f"the whole-clip encode of {len(x)} clips ran out of GPU memory; encoding chunked from now on "
+                    "(a lower --batch_size keeps it whole)"
+                )
+            torch.cuda.empty_cache()
+        return self.vae.encode(x[:size]).latent_dist.mean
+
+
 @torch.no_grad()
-def encode_clips(vae, frames, vae_config):
+def encode_clips(encode, frames, vae_config):
     """uint8 clips [B, T, H, W, 3] -> normalized posterior-mean latents [B, 16, T', H/8, W/8] in bfloat16.
 
     The clips travel to the GPU as uint8 (a quarter of the bytes of float32) and are converted there.
     """
+    vae = encode.vae
     x = torch.stack([frames_to_vae_input(f.to(vae.device, non_blocking=True)) for f in frames]).to(vae.dtype)
-    if vae.device.type == "cuda":  # cuDNN's 3D convolutions run channels-last; this saves a layout copy per conv
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    latents = vae.encode(x).latent_dist.mean.float()
+    latents = encode(x).float()
     return normalize_latents(latents, vae_config).to(torch.bfloat16).cpu()
+
+
+@dataclass
+class LoopClock:
+    """Where the caching loop's time goes: waiting for decoded clips, and the first batch (start-up, compile)."""
+
+    start: float
+    data_wait: float = 0.0
+    first_batch: float = 0.0
+
+    def items(self, loader):
+        """The loader's items, adding the time the loop waits for each to data_wait."""
+        iterator = iter(loader)
+        while True:
+            start = time.time()
+            item = next(iterator, None)
+            self.data_wait += time.time() - start
+            if item is None:
+                return
+            yield item
+
+    def data_wait_share(self):
+        return self.data_wait / max(time.time() - self.start, 1e-9)
+
+
+def children_cpu_seconds():
+    """CPU seconds of this process's finished children: the DataLoader workers that decoded the videos."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 class TextEmbedCache:
@@ -431,8 +520,13 @@ def cache_videos(args, accelerator):
         pin_memory=accelerator.device.type == "cuda",
     )
     text_cache = TextEmbedCache(args.output_dir, tokenizer, text_encoder)
+    gpu = accelerator.device.type == "cuda"
+    mode = args.vae_encode or ("whole" if gpu else "chunked")
+    compile_vae = args.compile_vae if args.compile_vae is not None else gpu and mode == "whole" and COMPILE_VAE_ON_GPU
+    encode = ClipEncoder(vae, mode, compile_vae, args.batch_size)
     written, skipped, failures, batch = 0, 0, [], []
-    start = time.time()
+    start, workers_cpu = time.time(), children_cpu_seconds()
+    clock = LoopClock(start)
     progress = tqdm(desc=f"shard {args.shard_index}", unit="clip", disable=not accelerator.is_local_main_process)
     # Files are written on a background thread while the GPU encodes the next batch.
     writer, pending = ThreadPoolExecutor(max_workers=1), deque()
@@ -440,16 +534,21 @@ def cache_videos(args, accelerator):
     def flush():
         nonlocal written
         hashes = [text_cache.ensure(item["caption"]) for item in batch]
-        latents = encode_clips(vae, [item["frames"] for item in batch], vae.config)
+        latents = encode_clips(encode, [item["frames"] for item in batch], vae.config)
+        clock.first_batch = clock.first_batch or time.time() - start
         pending.append(writer.submit(write_clips, list(batch), latents, hashes, shard_dir, config))
         while len(pending) > 2:
             pending.popleft().result()  # re-raises a failed write here
         written += len(batch)
         progress.update(len(batch))
-        progress.set_postfix(clips_per_s=f"{written / (time.time() - start):.2f}", failed=len(failures))
+        progress.set_postfix(
+            clips_per_s=f"{written / (time.time() - start):.2f}",
+            data_wait=f"{clock.data_wait_share():.0%}",
+            failed=len(failures),
+        )
         batch.clear()
 
-    for item in loader:
+    for item in clock.items(loader):
         if "error" in item:
             failures.append({"key": item["key"], "reason": item["error"]})
             tqdm.write(f"skipped video {item['key']}: {item['error']}")
@@ -466,8 +565,11 @@ def cache_videos(args, accelerator):
     writer.shutdown()
     progress.close()
     seconds = time.time() - start
+    result = {"written": written, "skipped": skipped, "failures": failures, "seconds": seconds}
+    result.update(first_batch=clock.first_batch, data_wait_share=clock.data_wait_share())
+    result.update(workers_cpu=children_cpu_seconds() - workers_cpu, vae_encode=encode.mode, compile=encode.compiled)
 
-    results = gather_object([{"written": written, "skipped": skipped, "failures": failures, "seconds": seconds}])
+    results = gather_object([result])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         report = {
@@ -477,12 +579,20 @@ def cache_videos(args, accelerator):
             "seconds": round(max(r["seconds"] for r in results), 2),
         }
         report["clips_per_second"] = round(report["written"] / max(report["seconds"], 1e-9), 3)
+        # Start-up and compilation fall in the first batch; the share of time the loop waited for decoded clips (the
+        # GPU idles then) is the slowest process's; the decode workers' CPU seconds are summed over processes.
+        report["first_batch_seconds"] = round(max(r["first_batch"] for r in results), 2)
+        report["data_wait_share"] = round(max(r["data_wait_share"] for r in results), 4)
+        report["decode_workers_cpu_seconds"] = round(sum(r["workers_cpu"] for r in results), 2)
+        report["vae_encode"] = results[0]["vae_encode"]
+        report["compile_vae"] = results[0]["compile"]
         atomic_write_text(os.path.join(shard_dir, "report.json"), json.dumps(report, indent=2))
         rebuild_manifest(shard_dir)
         info = write_cache_info(args.output_dir, config)
         print(
             f"shard {args.shard_index}/{args.num_shards}: wrote {report['written']} clips in {report['seconds']} s "
-            f"({report['clips_per_second']} clips/s), "
+            f"({report['clips_per_second']} clips/s, {report['data_wait_share']:.0%} of the time waiting for decoded "
+            f"clips), "
             f"{report['already_cached']} already cached, {len(report['failures'])} videos skipped; "
             f"cache holds {info['num_clips']} clips"
         )

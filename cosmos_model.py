@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import cosmos_vae
 from cosmos_video import VAE_SPATIAL_FACTOR
 
 TEXT_MAX_LENGTH = 512
@@ -312,6 +313,6 @@ def denoise_video2world(
 @torch.no_grad()
 def decode_to_frames(vae, latents):
     """Normalized latents [B, 16, T, h, w] -> uint8 frames [B, T, H, W, 3]."""
-    video = vae.decode(denormalize_latents(latents.float(), vae.config).to(vae.dtype), return_dict=False)[0]
+    video = cosmos_vae.decode(vae, denormalize_latents(latents.float(), vae.config).to(vae.dtype))
     video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return video.permute(0, 2, 3, 4, 1).cpu()

@@ -278,3 +278,48 @@ def test_bfloat16_vae_encoding_stays_within_bf16_tolerance_of_float32(tiny_model
         # Measured: mean difference 0.3% of the mean magnitude, correlation 0.99999.
         assert (fast - exact).abs().mean() < 0.01 * exact.abs().mean()
         assert torch.corrcoef(torch.stack([fast.flatten(), exact.flatten()]))[0, 1] > 0.9999
+
+
+def test_whole_clip_encode_gives_the_chunked_cache(tiny_model, clips, folder_cache, tmp_path):
+    extra = ["--clip_stride_seconds", "1", "--max_clips_per_video", "1", "--vae_encode", "whole", "--batch_size", "4"]
+    assert cache(tiny_model, tmp_path, "--video_dir", clips["videos"], extra=extra) == 0
+    run = report(tmp_path)
+    assert (run["written"], run["vae_encode"], run["compile_vae"]) == (6, "whole", False)
+    assert 0 < run["data_wait_share"] < 1 and 0 < run["first_batch_seconds"] < run["seconds"]
+    for clip in list_cached_clips(str(tmp_path)):
+        with (
+            safe_open(clip["path"], "pt") as a,
+            safe_open(str(folder_cache / "shard_00000" / clip["file"]), "pt") as b,
+        ):
+            whole, chunked = a.get_tensor("latents").float(), b.get_tensor("latents").float()
+        # The same computation in float32: at most one bfloat16 rounding step apart, nearly all values identical.
+        torch.testing.assert_close(whole, chunked, rtol=2**-7, atol=1e-5)
+        assert (whole == chunked).float().mean() > 0.99
+
+
+def test_compile_vae_needs_the_whole_clip_encode(tmp_path):
+    args = cache_latents.parse_args(
+        ["--output_dir", str(tmp_path), "--video_dir", str(tmp_path), "--vae_encode", "chunked", "--compile_vae"]
+    )
+    with pytest.raises(ValueError, match="--compile_vae needs --vae_encode whole"):
+        cache_latents.validate_args(args)
+
+
+@torch.no_grad()
+def test_unknown_vae_layout_and_out_of_memory_fall_back_to_the_chunked_encode(tiny_model, monkeypatch, capsys):
+    from diffusers import AutoencoderKLWan
+
+    wan22_like = AutoencoderKLWan(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True).eval()
+    encode = cache_latents.ClipEncoder(wan22_like, "whole", compile_vae=False, batch_size=2)
+    assert encode.mode == "chunked"
+    assert "--vae_encode whole: residual down and up blocks" in capsys.readouterr().out
+    x = torch.rand(2, 3, 5, 32, 48) * 2 - 1
+
+    def out_of_memory(vae, x):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    vae = AutoencoderKLWan.from_pretrained(tiny_model, subfolder="vae").eval()
+    monkeypatch.setattr(cache_latents.cosmos_vae, "encode_whole_clip", out_of_memory)
+    encode = cache_latents.ClipEncoder(vae, "whole", compile_vae=False, batch_size=2)
+    torch.testing.assert_close(encode(x), vae.encode(x).latent_dist.mean)
+    assert encode.mode == "chunked" and "ran out of GPU memory" in capsys.readouterr().out

@@ -1,0 +1,125 @@
+"""Whole-clip encode and decode for the Wan2.1 VAE (diffusers `AutoencoderKLWan`), built on the VAE's own modules.
+
+diffusers runs the encoder on frames 1, 4, 4, ... and the decoder on one latent frame at a time, handing the last
+input frames of every causal convolution from one chunk to the next in a Python list (`feat_cache`). The functions
+here run each module once over the whole clip instead, which is the same computation (equal to 1e-16 in float64,
+tests/test_cosmos_vae.py):
+
+- A causal convolution (kernel 3 in time) pads 2 zero frames in front. Chunk by chunk it is given the cached last
+  frames of the previous chunk instead, and zeros before the first chunk: the same inputs as over the whole clip.
+- RMS norms, SiLU, the mid-block attention and the spatial resampling convolutions act on each frame alone.
+- Encoder `downsample3d`: the first chunk skips `time_conv` and keeps its one frame; every later chunk of 2m frames
+  is prefixed with the last frame before it, so `time_conv` (kernel 3, stride 2, no padding) sees the windows
+  (f0, f1, f2), (f2, f3, f4), ... In one pass: frame 0 unchanged, then `time_conv` over all frames f0, f1, ...
+- Decoder `upsample3d`: the first chunk marks its cache "Rep" and keeps its one frame; the second chunk runs
+  `time_conv` (kernel 3, 2C output channels) with its own 2 zero frames and caches [0, x1]; later chunks continue
+  from that cache. So `time_conv` is a causal convolution over x1, x2, ... that never sees x0. In one pass: frame 0
+  unchanged, then `time_conv` over frames 1.., each input frame's 2C channels becoming two output frames.
+
+The VAE's own no-cache forward is not this: without a cache, `WanResample` skips `time_conv` altogether.
+Layouts these functions were not proven on (Wan2.2's residual blocks and patchify, tiling) are refused by
+`whole_clip_unsupported`.
+"""
+
+import torch
+
+# Whole-clip decode on GPU: sample.py and the training's validation videos (chunked on CPU, where it is no faster).
+WHOLE_CLIP_DECODE_ON_GPU = True
+
+
+def _time_conv_is(conv, stride, front_padding, channel_factor):
+    """Whether a WanCausalConv3d is the kernel-3 temporal convolution the derivation above assumes."""
+    return (
+        tuple(conv.kernel_size) == (3, 1, 1)
+        and tuple(conv.stride) == (stride, 1, 1)
+        and conv._padding[4] == front_padding
+        and conv.out_channels == channel_factor * conv.in_channels
+    )
+
+
+def whole_clip_unsupported(vae):
+    """Why encode_whole_clip / decode_whole_clip cannot stand in for this VAE's own encode and decode, or None."""
+    from diffusers.models.autoencoders import autoencoder_kl_wan as wan
+
+    if not isinstance(vae, wan.AutoencoderKLWan):
+        return f"{type(vae).__name__} is not an AutoencoderKLWan"
+    if vae.config.is_residual:
+        return "residual down and up blocks (is_residual=True, the Wan2.2 VAE) are not supported"
+    if vae.config.patch_size is not None:
+        return f"patchified input (patch_size={vae.config.patch_size}) is not supported"
+    if vae.use_tiling:
+        return "tiling is enabled"
+    for layer in vae.encoder.down_blocks:
+        if isinstance(layer, wan.WanResample):
+            if layer.mode == "downsample3d" and not _time_conv_is(layer.time_conv, 2, 0, 1):
+                return "an encoder time_conv of unknown shape"
+            if layer.mode not in ("downsample2d", "downsample3d"):
+                return f"an encoder resample of mode {layer.mode}"
+        elif not isinstance(layer, (wan.WanResidualBlock, wan.WanAttentionBlock)):
+            return f"an unknown encoder layer {type(layer).__name__}"
+    for block in vae.decoder.up_blocks:
+        if type(block) is not wan.WanUpBlock:
+            return f"an unknown decoder block {type(block).__name__}"
+        upsample = block.upsamplers[0] if block.upsamplers is not None else None
+        if upsample is not None and upsample.mode == "upsample3d":
+            if not _time_conv_is(upsample.time_conv, 1, 2, 2):
+                return "a decoder time_conv of unknown shape"
+        elif upsample is not None and upsample.mode != "upsample2d":
+            return f"a decoder resample of mode {upsample.mode}"
+    return None
+
+
+def encode_whole_clip(vae, x):
+    """Video [B, 3, 4k+1, H, W] in [-1, 1] -> posterior mean [B, z, k+1, H/8, W/8], as vae.encode(x).latent_dist.mean.
+
+    Check the VAE with whole_clip_unsupported first.
+    """
+    if (x.shape[2] - 1) % 4:
+        raise ValueError(f"the Wan VAE encodes 4k+1 frames, got {x.shape[2]}")
+    encoder = vae.encoder
+    x = encoder.conv_in(x)
+    for layer in encoder.down_blocks:
+        x = layer(x)  # residual and attention blocks; a resample layer without a cache resamples space only
+        if getattr(layer, "mode", None) == "downsample3d" and x.shape[2] > 1:
+            x = torch.cat([x[:, :, :1], layer.time_conv(x)], dim=2)  # frame 0 unchanged, stride 2 over the rest
+    x = encoder.mid_block(x)
+    x = encoder.conv_out(encoder.nonlinearity(encoder.norm_out(x)))
+    mean, _ = vae.quant_conv(x).chunk(2, dim=1)  # the posterior's mean and log-variance
+    return mean
+
+
+def _double_frames(time_conv, x):
+    """Decoder temporal upsample: frame 0 unchanged, every later frame becomes two (time_conv's two channel halves)."""
+    if x.shape[2] == 1:
+        return x
+    b, c, t, h, w = x.shape
+    pairs = time_conv(x[:, :, 1:]).reshape(b, 2, c, t - 1, h, w)
+    pairs = pairs.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * (t - 1), h, w)
+    return torch.cat([x[:, :, :1], pairs], dim=2)
+
+
+def decode_whole_clip(vae, z):
+    """Latents [B, z, T, h, w] (not normalized) -> video [B, 3, 4(T-1)+1, 8h, 8w] in [-1, 1], as vae.decode(z)."""
+    decoder = vae.decoder
+    x = decoder.mid_block(decoder.conv_in(vae.post_quant_conv(z)))
+    for block in decoder.up_blocks:
+        for resnet in block.resnets:
+            x = resnet(x)
+        if block.upsamplers is not None:
+            upsample = block.upsamplers[0]
+            if upsample.mode == "upsample3d":
+                x = _double_frames(upsample.time_conv, x)
+            x = upsample(x)  # without a cache: the spatial 2x upsample and convolution of every frame
+    x = decoder.conv_out(decoder.nonlinearity(decoder.norm_out(x)))
+    return x.clamp(-1, 1)
+
+
+def decode(vae, z):
+    """vae.decode(z).sample, computed whole-clip on GPU when the VAE's layout is known and the clip fits in memory."""
+    if WHOLE_CLIP_DECODE_ON_GPU and z.device.type == "cuda" and whole_clip_unsupported(vae) is None:
+        try:
+            return decode_whole_clip(vae, z)
+        except torch.OutOfMemoryError:
+            pass  # leave the except block first, so the failed attempt's tensors are freed
+        torch.cuda.empty_cache()
+    return vae.decode(z, return_dict=False)[0]

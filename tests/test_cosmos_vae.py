@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+import cosmos_vae
+
+# Float64 is slow on CPU, so the clips are 32x48: the spatial path is per frame, the frame counts are what matters.
+# Frames 1, 5, 9, 17 are 1, 2, 3, 5 latent frames: no temporal downsample, one chunk after the first, several.
+NUM_FRAMES = [1, 5, 9, 17]
+
+
+@pytest.fixture(scope="module")
+def vae64(tiny_model):
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan.from_pretrained(tiny_model, subfolder="vae").double().eval()
+
+
+def relative_error(ours, theirs):
+    return ((ours - theirs).norm() / theirs.norm()).item()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("num_frames", NUM_FRAMES)
+@torch.no_grad()
+def test_whole_clip_encode_equals_chunked_encode_in_float64(vae64, num_frames, batch):
+    assert cosmos_vae.whole_clip_unsupported(vae64) is None
+    x = torch.rand(batch, 3, num_frames, 32, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    chunked = vae64.encode(x * 2 - 1).latent_dist.mean
+    whole = cosmos_vae.encode_whole_clip(vae64, x * 2 - 1)
+    assert whole.shape == chunked.shape == (batch, 16, (num_frames - 1) // 4 + 1, 4, 6)
+    assert relative_error(whole, chunked) < 1e-10
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("num_frames", NUM_FRAMES)
+@torch.no_grad()
+def test_whole_clip_decode_equals_chunked_decode_in_float64(vae64, num_frames, batch):
+    z = torch.randn(batch, 16, (num_frames - 1) // 4 + 1, 4, 6, dtype=torch.float64)
+    chunked = vae64.decode(z).sample
+    whole = cosmos_vae.decode_whole_clip(vae64, z)
+    assert whole.shape == chunked.shape == (batch, 3, num_frames, 32, 48)
+    assert (chunked.abs() < 1).float().mean() > 0.9  # the comparison is not hidden by the output clamp
+    assert relative_error(whole, chunked) < 1e-10
+
+
+def test_whole_clip_encode_needs_4k_plus_1_frames(vae64):
+    with pytest.raises(ValueError, match="4k\\+1 frames, got 6"):
+        cosmos_vae.encode_whole_clip(vae64, torch.zeros(1, 3, 6, 32, 48, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        (dict(is_residual=True), "is_residual=True"),
+        (dict(patch_size=2, in_channels=12, out_channels=12), "patch_size=2"),
+    ],
+)
+def test_a_vae_layout_not_proven_is_refused(config, reason):
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1, **config)
+    assert reason in cosmos_vae.whole_clip_unsupported(vae)
