@@ -158,7 +158,7 @@ def test_corrupt_and_short_videos_are_skipped_and_reported(tiny_model, clips, tm
     assert cache(tiny_model, tmp_path / "cache", "--video_dir", str(videos), extra=["--clip_stride_seconds", "1"]) == 0
     failures = {f["key"]: f["reason"] for f in report(tmp_path / "cache")["failures"]}
     assert set(failures) == {"garbage", "truncated", "short"}
-    assert failures["short"].startswith("too short")
+    assert failures["short"].startswith("too short for every bucket")
     assert {c["key"] for c in list_cached_clips(str(tmp_path / "cache"))} == {"good"}
     assert cache_latents.print_verify(str(tmp_path / "cache"))
 
