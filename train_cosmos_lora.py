@@ -1020,6 +1020,9 @@ def main(args):
         # so the position counts batches, not steps).
         epoch, skip = divmod(state.batches_consumed, batches_per_epoch)
         loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        # accelerate's loader re-sets its sampler's epoch to its own count at each pass, and does not reach a batch
+        # sampler it wraps for several processes: set both.
+        loader.set_epoch(epoch)
         batch_sampler.set_epoch(epoch)
         micro_step, loss_sum, tokens = 0, 0.0, 0
         for batch in timed(loader, clock):
