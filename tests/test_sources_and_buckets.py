@@ -277,3 +277,65 @@ def test_an_audio_only_file_is_skipped_with_its_reason(tiny_model, clips, tmp_pa
             container.mux(packet)
     assert cache(tiny_model, tmp_path / "cache", "--video_dir", str(videos), extra=["--max_clips_per_video", "1"]) == 0
     assert report(tmp_path / "cache")["failures"] == [{"key": "audio_only", "reason": "ValueError: no video stream"}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling at buckets
+# ----------------------------------------------------------------------------------------------------------------
+def sample_args(model, output_dir, *extra):
+    import sample
+
+    return sample.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            model,
+            "--output_dir",
+            str(output_dir),
+            "--disable_safety_checker",
+            "--fps",
+            "8",
+            *map(str, extra),
+        ]
+    )
+
+
+def test_bucket_auto_generates_each_input_at_its_nearest_bucket(bucket_videos, tmp_path):
+    from PIL import Image
+
+    import sample
+
+    image = tmp_path / "landscape.png"
+    Image.fromarray(np.zeros((256, 456, 3), np.uint8)).save(image)
+    inputs = [os.path.join(bucket_videos, "portrait_1.mp4"), os.path.join(bucket_videos, "short.mp4"), str(image)]
+    args = sample_args("unused", tmp_path, "--input", *inputs, "--bucket", "auto", "--buckets", *BUCKETS)
+    sample.validate_args(args)
+    jobs = sample.collect_jobs(args)
+    assert [job.shape for job in jobs] == [(17, 112, 64), (17, 64, 112), (17, 64, 112)]
+    assert jobs[0].truth_frames.shape == (17, 112, 64, 3)  # the portrait video holds a whole clip: ground truth
+    assert jobs[1].truth_frames is None and jobs[1].cond_frames.shape == (1, 64, 112, 3)  # 0.5 s: too short
+    with pytest.raises(ValueError, match="--bucket auto needs a bucket list"):
+        sample.validate_args(sample_args("unused", tmp_path, "--input", str(image), "--bucket", "auto"))
+
+
+def test_sampling_from_a_multi_bucket_cache_batches_each_shape(tiny_model, bucket_cache, tmp_path):
+    import sample
+
+    args = sample_args(
+        tiny_model,
+        tmp_path,
+        "--from_cache",
+        bucket_cache,
+        "--num_videos",
+        3,
+        "--batch_size",
+        2,
+        "--num_inference_steps",
+        2,
+        "--guidance_scale",
+        1,
+    )
+    summary = sample.main(args)
+    shapes = {r["name"]: sample.read_mp4(str(tmp_path / r["video"])).shape[:3] for r in summary["videos"]}
+    # The three held-out clips cover the three buckets (hold_out_clips prefers videos of new shapes).
+    assert sorted(shapes.values()) == [(9, 64, 112), (17, 64, 112), (17, 112, 64)]
+    assert all("psnr" in r for r in summary["videos"])
