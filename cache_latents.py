@@ -20,8 +20,10 @@ Rerunning skips finished clips, and all writes are atomic, so a killed job is fi
 
 import argparse
 import glob
+import hashlib
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -52,20 +54,27 @@ from cosmos_cache import (
 )
 from cosmos_model import encode_prompts, normalize_latents
 from cosmos_video import (
+    Bucket,
     check_clip_geometry,
     decode_frames,
     fit_frames,
     frames_to_vae_input,
+    nearest_bucket_size,
     open_video,
-    plan_clips,
+    parse_bucket,
+    plan_bucket_clips,
     probe_video,
+    video_size,
 )
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov")
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 DEFAULT_PROMPT = "An egocentric video from a head-mounted camera of a worker's hands doing manual work in a factory."
 # torch.compile of the whole-clip encode by default on GPU (--compile_vae overrides it).
 COMPILE_VAE_ON_GPU = True
-# Settings that must match for clips to share one cache.
+# Column names guessed, in this order, when --video_column / --caption_column / --key_column are not given.
+VIDEO_COLUMNS = ("video", "videos", "mp4", "mkv", "webm", "mov", "avi", "video_bytes", "video_path", "path", "file")
+CAPTION_COLUMNS = ("caption", "text", "txt", "prompt", "description")
+KEY_COLUMNS = ("__key__", "key", "id", "video_id", "uid")
 
 
 def parse_args(argv=None):
@@ -93,7 +102,26 @@ def parse_args(argv=None):
         "--data_files", default=None, help="With --dataset: glob of files to stream, e.g. 'factory001/**/*.tar'."
     )
     source.add_argument("--split", default="train", help="With --dataset: split to stream.")
-    source.add_argument("--video_column", default="mp4", help="With --tars/--dataset: column holding the video.")
+    source.add_argument(
+        "--video_column",
+        default=None,
+        help="With --tars/--dataset: column (or tar member extension) holding the video as bytes, a path or a "
+        '{"bytes", "path"} dict. Default: the first of ' + ", ".join(VIDEO_COLUMNS) + " that the first example has.",
+    )
+    source.add_argument(
+        "--caption_column",
+        default=None,
+        help="With --tars/--dataset: column (or tar member, e.g. txt) holding the caption. Default: the first of "
+        + ", ".join(CAPTION_COLUMNS)
+        + ", else --caption_field of a json member, else --prompt.",
+    )
+    source.add_argument(
+        "--key_column",
+        default=None,
+        help="With --tars/--dataset: column holding a unique, stable id per video (it names the clip files). "
+        "Default: the first of " + ", ".join(KEY_COLUMNS) + ", else the video's path without extension, else a "
+        "hash of the video's bytes.",
+    )
     clips = parser.add_argument_group("clips")
     clips.add_argument(
         "--num_frames", type=int, default=61, help="Frames per clip; must be 4k+1 (61 -> 16 latent frames)."
@@ -119,6 +147,14 @@ def parse_args(argv=None):
         help="Seconds between clip starts within a video. Default: the clip length (back to back).",
     )
     clips.add_argument("--max_clips_per_video", type=int, default=None, help="Cap on clips taken from one video.")
+    clips.add_argument(
+        "--buckets",
+        nargs="+",
+        default=None,
+        help="Clip shapes FRAMESxHEIGHTxWIDTH, e.g. 61x256x448 61x448x256 93x256x448. Each video goes to the "
+        "buckets of the nearest aspect ratio; each clip takes the longest of their frame counts that the rest of "
+        "the video holds. Default: one bucket, --num_frames x --height x --width.",
+    )
     text = parser.add_argument_group("captions")
     text.add_argument(
         "--prompt", default=DEFAULT_PROMPT, help="Caption for videos without one (Egocentric-100K has no captions)."
@@ -183,6 +219,9 @@ def parse_args(argv=None):
     )
     args = parser.parse_args(argv)
     resolve_shard_args(args)
+    args.buckets = (
+        [parse_bucket(b) for b in args.buckets] if args.buckets else [Bucket(args.num_frames, args.height, args.width)]
+    )
     return args
 
 
@@ -210,8 +249,14 @@ def validate_args(args):
         raise ValueError(
             f"--shard_index {args.shard_index} is outside 0..{args.num_shards - 1} (--num_shards {args.num_shards})"
         )
+    if len(set(args.buckets)) != len(args.buckets):
+        raise ValueError(f"--buckets lists a bucket twice: {' '.join(b.name for b in args.buckets)}")
+    if args.max_clips_per_video is not None and args.max_clips_per_video < 1:
+        raise ValueError(f"--max_clips_per_video must be at least 1, got {args.max_clips_per_video}")
     if args.video_dir and not os.path.isdir(args.video_dir):
         raise FileNotFoundError(f"--video_dir {args.video_dir} is not a directory")
+    if args.video_dir and not list_local_videos(args.video_dir):
+        raise FileNotFoundError(f"--video_dir {args.video_dir} holds no video file ({', '.join(VIDEO_EXTENSIONS)})")
     if args.tars and not glob.glob(args.tars, recursive=True):
         raise FileNotFoundError(f"--tars {args.tars!r} matches no file")
     if args.captions_file and not os.path.isfile(args.captions_file):
@@ -262,7 +307,7 @@ def sidecar_caption(video_path, field):
 
 
 def load_streaming_dataset(args):
-    """The same `datasets` streaming code path reads hub datasets and local tar shards."""
+    """The same `datasets` streaming code path reads hub datasets, local dataset folders and local tar shards."""
     import datasets
 
     if args.tars:
@@ -270,7 +315,7 @@ def load_streaming_dataset(args):
         ds = datasets.load_dataset("webdataset", data_files=files, split="train", streaming=True)
     else:
         ds = datasets.load_dataset(args.dataset, data_files=args.data_files, split=args.split, streaming=True)
-    return ds.decode(False)  # raw mp4 bytes: we decode with PyAV, not the Video feature
+    return ds.decode(False)  # raw bytes or paths: we decode with PyAV, not the Video feature
 
 
 def take_part(ds, num_parts, index):
@@ -282,30 +327,130 @@ def take_part(ds, num_parts, index):
     return ds.shard(num_shards=min(num_parts, ds.num_shards), index=index)
 
 
-def iter_part_videos(args, captions, part, num_parts):
-    """(key, video, caption) for the videos of part `part` of `num_parts`."""
+@dataclass(frozen=True)
+class Layout:
+    """Which columns of a streamed dataset hold the video, its caption and its key (None: not in the data)."""
+
+    video: str
+    caption: str | None
+    key: str | None
+
+
+def looks_like_video(value):
+    return isinstance(value, (bytes, bytearray, str)) or (isinstance(value, dict) and {"bytes", "path"} & set(value))
+
+
+def resolve_layout(example, args):
+    """Pick the video, caption and key columns from the first example; a layout that does not fit fails in one line
+    naming the columns found."""
+    columns = list(example)
+    source = args.tars or args.dataset
+    found = f"columns found: {', '.join(columns)}"
+    for flag in ("video_column", "caption_column", "key_column"):
+        if getattr(args, flag) and getattr(args, flag) not in example:
+            raise ValueError(f"--{flag} {getattr(args, flag)} is not in {source}; {found}")
+    # A WebDataset member KEY.video.mp4 is the column video.mp4: match names on their last extension too.
+    named = [c for c in columns if c.lower() in VIDEO_COLUMNS or c.rsplit(".", 1)[-1].lower() in VIDEO_COLUMNS]
+    video = args.video_column or next((c for c in named if looks_like_video(example[c])), None)
+    if video is None:
+        video = next((c for c in columns if isinstance(example[c], dict) and "bytes" in example[c]), None)
+    if video is None:
+        raise ValueError(f"{source}: no column holds a video ({found}); name it with --video_column")
+    if not looks_like_video(example[video]):
+        raise ValueError(
+            f"{source}: column {video} holds {type(example[video]).__name__}, not video bytes, a path or a "
+            f'{{"bytes", "path"}} dict; {found}'
+        )
+    texts = [c for c in CAPTION_COLUMNS if isinstance(example.get(c), str)]
+    caption = args.caption_column or (texts[0] if texts else None)
+    key = args.key_column or next((c for c in KEY_COLUMNS if c in example), None)
+    return Layout(video, caption, key)
+
+
+def probe_layout(args):
+    """Read the first example of a --tars/--dataset source (before any model loads) and return its Layout."""
+    example = next(iter(load_streaming_dataset(args)), None)
+    if example is None:
+        raise ValueError(f"{args.tars or args.dataset} holds no example")
+    return resolve_layout(example, args)
+
+
+def key_from_path(path, root):
+    """A video's path relative to the dataset (a local folder or hf://datasets/ID@REV/...), without extension."""
+    path = re.sub(r"^hf://datasets/[^/]+/[^/@]+(@[^/]+)?/", "", path.removeprefix("file://"))
+    if root and os.path.isabs(path) and os.path.isdir(root):
+        path = os.path.relpath(path, os.path.abspath(root))
+    return os.path.splitext(path)[0]
+
+
+def video_input(value, root):
+    """Bytes or a local path PyAV can open, from a column value: bytes, a path, or a {"bytes", "path"} dict."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ValueError(f"the video column holds {type(value).__name__}, not bytes or a path")
+    for path in (value, os.path.join(root or "", value)):
+        if os.path.isfile(path):
+            return path
+    if "://" not in value and root and not os.path.isdir(root):
+        value = f"hf://datasets/{root}/{value}"  # a path inside a hub dataset
+    from datasets.utils.file_utils import xopen
+
+    with xopen(value, "rb") as f:
+        return f.read()
+
+
+def example_key(example, layout, root):
+    """Stable and unique per video: the key column, else the video's path, else a hash of its bytes."""
+    if layout.key:
+        return str(example[layout.key])
+    value = example[layout.video]
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    if path:
+        return key_from_path(path, root)
+    data = value.get("bytes") if isinstance(value, dict) else value
+    return "sha1-" + hashlib.sha1(data).hexdigest()[:16]
+
+
+def example_caption(example, layout, field):
+    if layout.caption and example.get(layout.caption):
+        return str(example[layout.caption]).strip() or None
+    meta = example.get("json")
+    return meta.get(field) if isinstance(meta, dict) else None
+
+
+def iter_part_videos(args, layout, captions, part, num_parts):
+    """(key, video, caption, caption_from_file) for the videos of part `part` of `num_parts`; video is a path or
+    bytes, or the exception that reading it raised."""
     if args.video_dir:
         for key, path in list_local_videos(args.video_dir)[part::num_parts]:
-            yield key, path, captions.get(key) or sidecar_caption(path, args.caption_field) or args.prompt
+            caption = captions.get(key) or sidecar_caption(path, args.caption_field) or args.prompt
+            yield key, path, caption, key in captions
         return
     ds = take_part(load_streaming_dataset(args), num_parts, part)
+    root = None if args.tars else args.dataset
     for example in ds or []:
-        key = example["__key__"]
-        meta = example.get("json") or {}
-        video = example[args.video_column]
-        video = video["bytes"] if isinstance(video, dict) else video
-        yield key, video, captions.get(key) or meta.get(args.caption_field) or args.prompt
+        key = example_key(example, layout, root)
+        try:
+            video = video_input(example[layout.video], root)
+        except Exception as error:  # a missing file is this video's failure, not the run's
+            video = error
+        caption = captions.get(key) or example_caption(example, layout, args.caption_field) or args.prompt
+        yield key, video, caption, key in captions
 
 
 class VideoClips(torch.utils.data.IterableDataset):
     """Decodes this process's videos in DataLoader workers and yields clips still missing from the cache.
 
-    Items are dicts: a clip (`frames` uint8 [T, H, W, 3] plus metadata), `{"error": ...}` for a video that could not
-    be used, or `{"skipped": n}` for a video whose n clips are already cached.
+    Items are dicts with the video's `key`: a clip (`frames` uint8 [T, H, W, 3], its `bucket` and metadata),
+    `{"error": ...}` for a video that could not be used, or `{"skipped": n}` for a video whose n clips are already
+    cached. `caption_from_file` says whether --captions_file named the video.
     """
 
-    def __init__(self, args, shard_dir, captions, part, num_parts):
-        self.args, self.shard_dir, self.captions = args, shard_dir, captions
+    def __init__(self, args, layout, shard_dir, captions, part, num_parts):
+        self.args, self.layout, self.shard_dir, self.captions = args, layout, shard_dir, captions
         self.part, self.num_parts = part, num_parts
 
     def __iter__(self):
@@ -313,26 +458,39 @@ class VideoClips(torch.utils.data.IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # Worker w of process-part p reads sub-part p + w * num_parts of num_parts * num_workers.
         videos = iter_part_videos(
-            self.args, self.captions, self.part + worker * self.num_parts, self.num_parts * num_workers
+            self.args, self.layout, self.captions, self.part + worker * self.num_parts, self.num_parts * num_workers
         )
-        for key, video, caption in videos:
+        seen = set()
+        for key, video, caption, caption_from_file in videos:
+            tag = {"key": key, "caption_from_file": caption_from_file}
+            if key in seen:
+                yield tag | {"error": "duplicate key: an earlier video of this source has the same key"}
+                continue
+            seen.add(key)
             try:
-                yield from self.video_clips(key, video, caption)
+                if isinstance(video, Exception):
+                    raise video
+                for item in self.video_clips(key, video, caption):
+                    yield tag | item
             except Exception as error:  # a corrupt or truncated video is reported, never fatal
-                yield {"key": key, "error": f"{type(error).__name__}: {error}".splitlines()[0]}
+                yield tag | {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
 
     def video_clips(self, key, video, caption):
         a = self.args
         with open_video(video) as container:
             num_source_frames, source_fps = probe_video(container)
-            clips = plan_clips(
-                num_source_frames, source_fps, a.num_frames, a.fps, a.clip_stride_seconds, a.max_clips_per_video
+            height, width = video_size(container)
+            size = nearest_bucket_size(a.buckets, height, width)
+            buckets = [b for b in a.buckets if (b.height, b.width) == size]
+            clips = plan_bucket_clips(
+                buckets, num_source_frames, source_fps, a.fps, a.clip_stride_seconds, a.max_clips_per_video
             )
             if not clips:
+                shortest = min(buckets, key=lambda b: b.num_frames)
                 yield {
-                    "key": key,
-                    "error": f"too short: {num_source_frames / source_fps:.2f} s, a clip needs "
-                    f"{(a.num_frames - 1) / a.fps:.2f} s",
+                    "error": f"too short for every bucket of its aspect ratio: {num_source_frames / source_fps:.2f} "
+                    f"s, the shortest clip ({shortest.name}) needs {(shortest.num_frames - 1) / a.fps:.2f} s; "
+                    f"source {width}x{height}"
                 }
                 return
             todo = [
@@ -343,23 +501,21 @@ class VideoClips(torch.utils.data.IterableDataset):
             if not todo:
                 yield {"skipped": len(clips)}
                 return
-            frames = decode_frames(container, {i for c in todo for i in clips[c]})
+            frames = decode_frames(container, {i for c in todo for i in clips[c][1]})
         for c in todo:
-            if clips[c][-1] not in frames:
-                yield {
-                    "key": key,
-                    "error": f"truncated: clip {c} needs frame {clips[c][-1]}, decoded {len(frames)} wanted frames",
-                }
+            bucket, indices = clips[c]
+            if indices[-1] not in frames:
+                yield {"error": f"truncated: clip {c} needs frame {indices[-1]}, decoded {len(frames)} wanted frames"}
                 break
             clip = fit_frames(
-                torch.stack([torch.from_numpy(frames[i]) for i in clips[c]]), a.height, a.width, a.resize_mode
+                torch.stack([torch.from_numpy(frames[i]) for i in indices]), bucket.height, bucket.width, a.resize_mode
             )
             yield {
-                "key": key,
                 "clip_index": c,
+                "bucket": bucket,
                 "frames": clip,
                 "caption": caption,
-                "start_seconds": clips[c][0] / source_fps,
+                "start_seconds": indices[0] / source_fps,
                 "source_fps": source_fps,
             }
 
@@ -496,9 +652,9 @@ def load_models(args, device):
     return vae, tokenizer, text_encoder
 
 
-def cache_videos(args, accelerator):
-    """Cache this run's part of the videos; return the number of clips written."""
-    torch.backends.cudnn.benchmark = True  # every VAE call has the same shape, so the fastest conv kernels pay off
+def cache_videos(args, layout, accelerator):
+    """Cache this run's part of the videos; return the shard's report (on the main process)."""
+    torch.backends.cudnn.benchmark = True  # VAE calls repeat a few shapes, so the fastest conv kernels pay off
     vae, tokenizer, text_encoder = load_models(args, accelerator.device)
     config = cache_config(args, vae.config, text_encoder.config.d_model)
     check_cache_compatible(args.output_dir, config)
@@ -514,7 +670,7 @@ def cache_videos(args, accelerator):
     num_parts = args.num_shards * accelerator.num_processes
     part = args.shard_index * accelerator.num_processes + accelerator.process_index
     loader = torch.utils.data.DataLoader(
-        VideoClips(args, shard_dir, captions, part, num_parts),
+        VideoClips(args, layout, shard_dir, captions, part, num_parts),
         batch_size=None,
         num_workers=args.num_workers,
         pin_memory=accelerator.device.type == "cuda",
@@ -524,14 +680,15 @@ def cache_videos(args, accelerator):
     mode = args.vae_encode or ("whole" if gpu else "chunked")
     compile_vae = args.compile_vae if args.compile_vae is not None else gpu and mode == "whole" and COMPILE_VAE_ON_GPU
     encode = ClipEncoder(vae, mode, compile_vae, args.batch_size)
-    written, skipped, failures, batch = 0, 0, [], []
+    written, skipped, failures, keys_captioned = 0, 0, [], set()
+    batches = {bucket: [] for bucket in args.buckets}  # one VAE batch per clip shape
     start, workers_cpu = time.time(), children_cpu_seconds()
     clock = LoopClock(start)
     progress = tqdm(desc=f"shard {args.shard_index}", unit="clip", disable=not accelerator.is_local_main_process)
     # Files are written on a background thread while the GPU encodes the next batch.
     writer, pending = ThreadPoolExecutor(max_workers=1), deque()
 
-    def flush():
+    def flush(batch):
         nonlocal written
         hashes = [text_cache.ensure(item["caption"]) for item in batch]
         latents = encode_clips(encode, [item["frames"] for item in batch], vae.config)
@@ -549,17 +706,21 @@ def cache_videos(args, accelerator):
         batch.clear()
 
     for item in clock.items(loader):
+        if item["caption_from_file"]:
+            keys_captioned.add(item["key"])
         if "error" in item:
             failures.append({"key": item["key"], "reason": item["error"]})
             tqdm.write(f"skipped video {item['key']}: {item['error']}")
         elif "skipped" in item:
             skipped += item["skipped"]
         else:
+            batch = batches[item["bucket"]]
             batch.append(item)
             if len(batch) == args.batch_size:
-                flush()
-    if batch:
-        flush()
+                flush(batch)
+    for batch in batches.values():
+        if batch:
+            flush(batch)
     for future in pending:
         future.result()
     writer.shutdown()
@@ -569,6 +730,7 @@ def cache_videos(args, accelerator):
     result.update(first_batch=clock.first_batch, data_wait_share=clock.data_wait_share())
     result.update(workers_cpu=children_cpu_seconds() - workers_cpu, vae_encode=encode.mode, compile=encode.compiled)
 
+    result["keys"] = keys_captioned
     results = gather_object([result])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -586,6 +748,8 @@ def cache_videos(args, accelerator):
         report["decode_workers_cpu_seconds"] = round(sum(r["workers_cpu"] for r in results), 2)
         report["vae_encode"] = results[0]["vae_encode"]
         report["compile_vae"] = results[0]["compile"]
+        if args.captions_file:
+            report["captions_file_keys_matched"] = len(set().union(*(r["keys"] for r in results)))
         atomic_write_text(os.path.join(shard_dir, "report.json"), json.dumps(report, indent=2))
         rebuild_manifest(shard_dir)
         info = write_cache_info(args.output_dir, config)
@@ -594,18 +758,42 @@ def cache_videos(args, accelerator):
             f"({report['clips_per_second']} clips/s, {report['data_wait_share']:.0%} of the time waiting for decoded "
             f"clips), "
             f"{report['already_cached']} already cached, {len(report['failures'])} videos skipped; "
-            f"cache holds {info['num_clips']} clips"
+            f"cache holds {info['num_clips']} clips ("
+            + ", ".join(f"{n} {name}" for name, n in info["clips_per_bucket"].items())
+            + ")"
         )
+        if args.captions_file:
+            print(
+                f"--captions_file: {report['captions_file_keys_matched']} of its {len(captions)} keys matched a "
+                "video of this shard"
+            )
         return report
     return None
+
+
+def check_captions_file(args):
+    """With --video_dir all keys are known up front: report how many captions match one, and refuse none."""
+    captions = read_captions_file(args.captions_file, args.caption_field)
+    keys = [key for key, _ in list_local_videos(args.video_dir)]
+    matched = len(set(captions) & set(keys))
+    if not matched:
+        raise ValueError(
+            f"--captions_file {args.captions_file}: none of its {len(captions)} keys (e.g. "
+            f"{next(iter(captions), 'none')!r}) matches a video key under --video_dir (e.g. {keys[0]!r})"
+        )
+    print(f"--captions_file: {matched} of its {len(captions)} keys match one of the {len(keys)} videos")
 
 
 def main(args):
     validate_args(args)
     ok = True
     if args.video_dir or args.tars or args.dataset:
+        # Check the source before any model loads: the layout of a dataset, the captions file of a folder.
+        layout = probe_layout(args) if not args.video_dir else None
+        if args.video_dir and args.captions_file:
+            check_captions_file(args)
         accelerator = Accelerator()
-        report = cache_videos(args, accelerator)
+        report = cache_videos(args, layout, accelerator)
         if report is not None and report["failures"] and not report["written"] and not report["already_cached"]:
             print("error: no clip could be cached", file=sys.stderr)
             ok = False

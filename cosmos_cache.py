@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 
 import torch
 from safetensors import safe_open
@@ -30,6 +30,7 @@ MANIFEST = "manifest.jsonl"
 REPORT = "report.json"
 # Settings that must match for clips to share one cache.
 CACHE_CONFIG_KEYS = ("num_frames", "fps", "height", "width", "resize_mode", "latent_shape", "vae_normalization")
+FORMAT_VERSION = 2  # 2: clip_plan, buckets and per-row shapes; caches of version 1 (one shape, no plan) still train
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,12 +95,36 @@ def read_manifest(shard_dir):
 
 
 def list_cached_clips(cache_dir):
-    """All clips of a cache as manifest rows, each with `path` set to the clip file."""
+    """All clips of a cache as manifest rows, each with `path` set to the clip file and `shape` to its latent shape
+    (rows of a version-1 cache, which has one shape, get the cache's)."""
+    default_shape = None
     clips = []
     for shard in shard_dirs(cache_dir):
         for row in read_manifest(shard):
+            if "shape" not in row:
+                default_shape = default_shape or read_cache_info(cache_dir)["latent_shape"]
+                row["shape"] = default_shape
             clips.append(dict(row, path=os.path.join(shard, row["file"])))
     return clips
+
+
+def missing_clip_files(clips):
+    """Paths of listed clips whose file is gone: one directory listing per shard, not one stat per clip (a million
+    clips in 100 shards: 4.6 s against 8.6 s by stat on a shared 2-core CPU box, benchmarks/RESULTS.md)."""
+    present, missing = {}, []
+    for clip in clips:
+        directory = clip["path"][: -len(clip["file"]) - 1]
+        if directory not in present:
+            present[directory] = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+        if clip["file"] not in present[directory]:
+            missing.append(clip["path"])
+    return missing
+
+
+def bucket_name(shape):
+    """A latent shape [C, T, h, w] as the bucket it came from, FRAMESxHEIGHTxWIDTH in pixels."""
+    _, frames, height, width = shape
+    return f"{(frames - 1) * 4 + 1}x{height * 8}x{width * 8}"
 
 
 @functools.lru_cache(maxsize=64)
@@ -111,35 +136,66 @@ def load_text_embeds(path):
 
 
 def hold_out_clips(clips, num_clips, seed):
-    """Split whole videos off until num_clips clips are held out, so no held-out video ever trains."""
+    """Split whole videos off until num_clips clips are held out, so no held-out video ever trains.
+
+    Videos are taken in a seeded order, first those that bring a clip shape (bucket) not held out yet, so the
+    held-out clips cover as many buckets as they can; they are returned round-robin over buckets.
+    """
     if num_clips <= 0:
         return clips, []
     keys = sorted({c["key"] for c in clips})
     random.Random(seed).shuffle(keys)
     clips_per_key = Counter(c["key"] for c in clips)
-    held_keys, held = set(), 0
-    for key in keys:
-        if held >= num_clips:
-            break
-        held_keys.add(key)
-        held += clips_per_key[key]
+    shapes_per_key = defaultdict(set)
+    for c in clips:
+        shapes_per_key[c["key"]].add(tuple(c["shape"]))
+    held_keys, held, covered = [], 0, set()
+    for new_shapes_only in (True, False):
+        for key in keys:
+            if held >= num_clips:
+                break
+            if key in held_keys or (new_shapes_only and shapes_per_key[key] <= covered):
+                continue
+            held_keys.append(key)
+            held += clips_per_key[key]
+            covered |= shapes_per_key[key]
     train = [c for c in clips if c["key"] not in held_keys]
     if not train:
         raise ValueError(f"--num_validation_clips {num_clips} leaves no clip to train on")
-    return train, [c for c in clips if c["key"] in held_keys][:num_clips]
+    by_shape = defaultdict(list)
+    for c in clips:
+        if c["key"] in held_keys:
+            by_shape[tuple(c["shape"])].append(c)
+    queues = list(by_shape.values())
+    round_robin = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+    return train, round_robin[:num_clips]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------------
 def cache_config(args, vae_config, text_dim):
+    """What cache_info.json records before counting. `clip_plan` holds every setting that decides which frames a clip
+    holds, so that a rerun with another plan is refused instead of mixing two plans in one cache. With several
+    buckets, num_frames, height, width and latent_shape are null: each manifest row has its own shape."""
+    buckets, single = args.buckets, len(args.buckets) == 1
     return {
-        "num_frames": args.num_frames,
+        "format_version": FORMAT_VERSION,
+        "num_frames": buckets[0].num_frames if single else None,
         "fps": args.fps,
-        "height": args.height,
-        "width": args.width,
+        "height": buckets[0].height if single else None,
+        "width": buckets[0].width if single else None,
         "resize_mode": args.resize_mode,
-        "latent_shape": latent_shape(args.num_frames, args.height, args.width, vae_config["z_dim"]),
+        "latent_shape": buckets[0].latent_shape(vae_config["z_dim"]) if single else None,
+        "buckets": [b.name for b in buckets],
+        "bucket_latent_shapes": {b.name: b.latent_shape(vae_config["z_dim"]) for b in buckets},
+        "clip_plan": {
+            "fps": args.fps,
+            "clip_stride_seconds": args.clip_stride_seconds,
+            "max_clips_per_video": args.max_clips_per_video,
+            "resize_mode": args.resize_mode,
+            "buckets": [b.name for b in buckets],
+        },
         "latent_dtype": "bfloat16",
         "text_embed_shape": [512, text_dim],
         "vae_normalization": vae_normalization(vae_config),
@@ -159,33 +215,47 @@ def check_cache_compatible(output_dir, config):
                 f"{output_dir} was cached with {key}={existing.get(key)}, this run asks for "
                 f"{config[key]}; use a new --output_dir"
             )
+    if "clip_plan" not in existing:
+        raise ValueError(
+            f"{output_dir} was cached by an older cache_latents.py that did not record its clip plan, so this run "
+            "cannot tell whether it would mix two plans; use a new --output_dir"
+        )
+    for key, value in config["clip_plan"].items():
+        if existing["clip_plan"].get(key) != value:
+            raise ValueError(
+                f"{output_dir} was cached with {key}={existing['clip_plan'].get(key)}, this run asks for {value}: "
+                "two clip plans cannot share one cache; use a new --output_dir"
+            )
 
 
 def write_cache_info(output_dir, config):
     """cache_info.json: the config plus counts over all shards (safe to rewrite from any array task)."""
     clips = [row for shard in shard_dirs(output_dir) for row in read_manifest(shard)]
+    per_bucket = Counter(bucket_name(row["shape"]) for row in clips)
     info = dict(
         config,
         num_clips=len(clips),
         num_videos=len({row["key"] for row in clips}),
         num_shards=len(shard_dirs(output_dir)),
+        clips_per_bucket={name: per_bucket[name] for name in config["buckets"]},
     )
     atomic_write_text(os.path.join(output_dir, CACHE_INFO), json.dumps(info, indent=2))
     return info
 
 
 def write_clips(batch, latents, caption_hashes, shard_dir, config):
-    """Write each clip of a batch as KEY__NNN.safetensors; its header holds what rebuild_manifest needs."""
+    """Write each clip of a batch (one bucket) as KEY__NNN.safetensors; its header holds what the manifest needs."""
     for item, latent, hash_ in zip(batch, latents, caption_hashes, strict=True):
+        bucket = item["bucket"]
         metadata = {
             "key": item["key"],
             "clip_index": str(item["clip_index"]),
             "start_seconds": f"{item['start_seconds']:.4f}",
             "source_fps": f"{item['source_fps']:.4f}",
             "fps": str(config["fps"]),
-            "num_frames": str(config["num_frames"]),
-            "height": str(config["height"]),
-            "width": str(config["width"]),
+            "num_frames": str(bucket.num_frames),
+            "height": str(bucket.height),
+            "width": str(bucket.width),
             "caption_hash": hash_,
             "model": config["model"],
         }
@@ -200,13 +270,14 @@ def rebuild_manifest(shard_dir):
     for name in files:
         if name not in rows:
             with safe_open(os.path.join(shard_dir, name), "pt") as f:
-                meta = f.metadata()
+                meta, shape = f.metadata(), f.get_slice("latents").get_shape()
             rows[name] = {
                 "file": name,
                 "key": meta["key"],
                 "clip_index": int(meta["clip_index"]),
                 "start_seconds": float(meta["start_seconds"]),
                 "caption_hash": meta["caption_hash"],
+                "shape": list(shape),
             }
     atomic_write_text(
         os.path.join(shard_dir, "manifest.jsonl"), "".join(json.dumps(rows[name]) + "\n" for name in files)
@@ -218,30 +289,43 @@ def rebuild_manifest(shard_dir):
 # Verifying
 # ----------------------------------------------------------------------------------------------------------------
 def verify_cache(output_dir):
-    """Check every clip and text file; return (statistics, problems)."""
+    """Check every clip file against its own shape, every listed file's presence and every text file; return
+    (statistics with clips per bucket, problems)."""
     with open(os.path.join(output_dir, CACHE_INFO)) as f:
         info = json.load(f)
-    problems, num_clips, keys, clip_bytes, failures = [], 0, set(), 0, 0
-    hashes = set()
+    buckets = info.get("buckets") or [bucket_name(info["latent_shape"])]  # a version-1 cache has one shape
+    channels = (info["latent_shape"] or next(iter(info["bucket_latent_shapes"].values())))[0]
+    problems, num_clips, keys, clip_bytes, failures, seconds = [], 0, set(), 0, 0, 0.0
+    hashes, per_bucket = set(), Counter()
     for shard in shard_dirs(output_dir):
-        listed = {row["file"] for row in read_manifest(shard)}
-        for name in sorted(f for f in os.listdir(shard) if f.endswith(".safetensors")):
+        listed = {row["file"]: row for row in read_manifest(shard)}
+        present = sorted(f for f in os.listdir(shard) if f.endswith(".safetensors"))
+        for name in sorted(set(listed) - set(present)):
+            problems.append(f"{os.path.join(shard, name)}: listed in the shard manifest but missing")
+        for name in present:
             path = os.path.join(shard, name)
             try:
                 with safe_open(path, "pt") as f:
                     latents, meta = f.get_tensor("latents"), f.metadata()
+                frames, height, width = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
             except Exception as error:
                 problems.append(f"{path}: unreadable ({error})")
                 continue
-            if list(latents.shape) != info["latent_shape"] or latents.dtype != torch.bfloat16:
-                problems.append(
-                    f"{path}: {latents.dtype} {list(latents.shape)}, expected bfloat16 {info['latent_shape']}"
-                )
+            expected = latent_shape(frames, height, width, channels)
+            bucket = f"{frames}x{height}x{width}"
+            if bucket not in buckets:
+                problems.append(f"{path}: bucket {bucket} is not one of the cache's buckets {buckets}")
+            if list(latents.shape) != expected or latents.dtype != torch.bfloat16:
+                problems.append(f"{path}: {latents.dtype} {list(latents.shape)}, expected bfloat16 {expected}")
             elif not torch.isfinite(latents).all():
                 problems.append(f"{path}: holds NaN or inf")
             if name not in listed:
                 problems.append(f"{path}: missing from the shard manifest")
+            elif listed[name].get("shape", info["latent_shape"]) != list(latents.shape):
+                problems.append(f"{path}: manifest shape {listed[name].get('shape')} differs from the file's")
             num_clips += 1
+            per_bucket[bucket] += 1
+            seconds += frames / info["fps"]
             keys.add(meta["key"])
             hashes.add(meta["caption_hash"])
             clip_bytes += os.path.getsize(path)
@@ -258,17 +342,16 @@ def verify_cache(output_dir):
                 problems.append(f"{path}: shape {list(embeds.shape)} or values are wrong")
         except Exception as error:
             problems.append(f"{path}: unreadable or missing ({error})")
-    clip_seconds = info["num_frames"] / info["fps"]
     stats = {
         "clips": num_clips,
         "videos": len(keys),
         "shards": len(shard_dirs(output_dir)),
         "captions": len(hashes),
-        "video_hours": round(num_clips * clip_seconds / 3600, 4),
+        "video_hours": round(seconds / 3600, 4),
         "bytes": clip_bytes,
         "bytes_per_clip": clip_bytes // max(num_clips, 1),
         "failed_videos_last_runs": failures,
-        "latent_shape": info["latent_shape"],
+        "clips_per_bucket": {name: per_bucket[name] for name in buckets},
         "problems": len(problems),
     }
     return stats, problems

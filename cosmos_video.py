@@ -7,6 +7,7 @@ frames and a height and width that are multiples of 16.
 import io
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,6 +51,70 @@ def latent_shape(num_frames, height, width, channels=16):
     ]
 
 
+@dataclass(frozen=True, order=True)
+class Bucket:
+    """One clip shape of a cache: frames x height x width in pixels, spelled `61x256x448`."""
+
+    num_frames: int
+    height: int
+    width: int
+
+    @property
+    def name(self):
+        return f"{self.num_frames}x{self.height}x{self.width}"
+
+    def latent_shape(self, channels=16):
+        return latent_shape(self.num_frames, self.height, self.width, channels)
+
+
+def parse_bucket(text):
+    """`FRAMESxHEIGHTxWIDTH` -> Bucket, checked like --num_frames/--height/--width."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"bucket {text!r} is not FRAMESxHEIGHTxWIDTH, e.g. 61x256x448")
+    bucket = Bucket(*map(int, parts))
+    try:
+        check_clip_geometry(bucket.num_frames, bucket.height, bucket.width)
+    except ValueError as error:
+        raise ValueError(f"bucket {text}: {error}") from None
+    return bucket
+
+
+def nearest_bucket_size(buckets, height, width):
+    """(height, width) of the buckets whose aspect ratio is nearest a source's, compared as |log(w/h)|.
+
+    Ties between equal aspect ratios go to the largest size the source covers without upscaling, else the smallest;
+    ties between different aspect ratios go to the one listed first.
+    """
+    sizes = list(dict.fromkeys((b.height, b.width) for b in buckets))
+    distance = [abs(math.log((w / h) / (width / height))) for h, w in sizes]
+    best = [s for s, d in zip(sizes, distance, strict=True) if d <= min(distance) + 1e-9]
+    covered = [s for s in best if s[0] <= height and s[1] <= width]
+    return max(covered, key=lambda s: s[0] * s[1]) if covered else min(best, key=lambda s: s[0] * s[1])
+
+
+def plan_bucket_clips(buckets, num_source_frames, source_fps, fps, stride_seconds=None, max_clips=None):
+    """[(bucket, source frame indices)] for one video, given the buckets of its size (nearest_bucket_size).
+
+    From start 0, each clip takes the longest frame count of those buckets that still fits in the video, so a long
+    video also yields its tail in a shorter bucket; the next clip starts --clip_stride_seconds later (default: where
+    this clip ends). Frame j of a clip is the source frame nearest to start + j / fps. With one bucket this is
+    plan_clips exactly.
+    """
+    longest_first = sorted(buckets, key=lambda b: -b.num_frames)
+    clips, start = [], 0.0
+    while max_clips is None or len(clips) < max_clips:
+        for bucket in longest_first:
+            indices = [round((start + j / fps) * source_fps) for j in range(bucket.num_frames)]
+            if indices[-1] < num_source_frames:
+                clips.append((bucket, indices))
+                break
+        else:
+            break
+        start += stride_seconds or bucket.num_frames / fps
+    return clips
+
+
 def fit_frames(frames, height, width, mode="crop"):
     """Resize uint8 frames [T, H, W, 3] to [T, height, width, 3].
 
@@ -89,6 +154,8 @@ def open_video(video):
 
 def probe_video(container):
     """(frame count, frames per second) of the first video stream, from the container's metadata."""
+    if not container.streams.video:
+        raise ValueError("no video stream")
     stream = container.streams.video[0]
     fps = float(stream.average_rate or stream.guessed_rate)
     num_frames = stream.frames
@@ -96,6 +163,12 @@ def probe_video(container):
         duration = float(stream.duration * stream.time_base) if stream.duration else container.duration / 1e6
         num_frames = int(duration * fps)
     return num_frames, fps
+
+
+def video_size(container):
+    """(height, width) in pixels of the first video stream."""
+    context = container.streams.video[0].codec_context
+    return context.height, context.width
 
 
 def plan_clips(num_source_frames, source_fps, num_frames, fps, stride_seconds=None, max_clips=None):

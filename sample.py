@@ -41,16 +41,20 @@ from cosmos_video import (
     decode_frames,
     fit_frames,
     frames_to_vae_input,
+    nearest_bucket_size,
     open_video,
+    parse_bucket,
+    plan_bucket_clips,
     plan_clips,
     probe_video,
     read_mp4,
     video_grid,
+    video_size,
     write_mp4,
 )
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov")
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 DEFAULT_PROMPT = "An egocentric video from a head-mounted camera of a worker's hands doing manual work in a factory."
 
 
@@ -113,6 +117,19 @@ def parse_args(argv=None):
     )
     gen.add_argument("--height", type=int, default=256, help="Height in pixels, a multiple of 16 (cached: own).")
     gen.add_argument("--width", type=int, default=448, help="Width in pixels, a multiple of 16 (cached: own).")
+    gen.add_argument(
+        "--bucket",
+        default=None,
+        help="Shape FRAMESxHEIGHTxWIDTH for video and image inputs, or `auto`: of --buckets, the one nearest each "
+        "input's aspect ratio, with the longest frame count the video holds (images: the longest). Default: "
+        "--num_frames x --height x --width.",
+    )
+    gen.add_argument(
+        "--buckets",
+        nargs="+",
+        default=None,
+        help="The bucket list of --bucket auto, as given to cache_latents.py. Default: the buckets of --from_cache.",
+    )
     gen.add_argument(
         "--fps",
         type=float,
@@ -188,10 +205,23 @@ def expand_inputs(paths):
     return files
 
 
+def input_shape(args, height, width, num_source_frames=None, source_fps=None):
+    """(num_frames, height, width) to generate an input of this size at: --bucket, or with `auto` the nearest bucket
+    by aspect ratio and the longest frame count the video holds (an image or a too-short video: the longest)."""
+    if args.bucket != "auto":
+        return (args.num_frames, args.height, args.width)
+    size = nearest_bucket_size(args.buckets, height, width)
+    candidates = [b for b in args.buckets if (b.height, b.width) == size]
+    fits = plan_bucket_clips(candidates, num_source_frames or 0, source_fps or 1.0, args.fps, max_clips=1)
+    bucket = fits[0][0] if fits else max(candidates, key=lambda b: b.num_frames)
+    return (bucket.num_frames, bucket.height, bucket.width)
+
+
 def video_job(path, args):
     with open_video(path) as container:
         num_source_frames, source_fps = probe_video(container)
-        clips = plan_clips(num_source_frames, source_fps, args.num_frames, args.fps, max_clips=1)
+        num_frames, height, width = shape = input_shape(args, *video_size(container), num_source_frames, source_fps)
+        clips = plan_clips(num_source_frames, source_fps, num_frames, args.fps, max_clips=1)
         if clips:  # long enough: the whole clip is ground truth
             indices = clips[0]
         else:
@@ -200,28 +230,27 @@ def video_job(path, args):
                 raise ValueError(f"{path} has fewer than {args.num_conditioning_frames} frames at {args.fps} fps")
             indices = indices[0]
         decoded = decode_frames(container, set(indices))
-    frames = fit_frames(
-        torch.stack([torch.from_numpy(decoded[i]) for i in indices]), args.height, args.width, args.resize_mode
-    )
+    frames = fit_frames(torch.stack([torch.from_numpy(decoded[i]) for i in indices]), height, width, args.resize_mode)
     return Job(
         name=os.path.splitext(os.path.basename(path))[0],
         kind="video",
         source=path,
         cond_frames=frames[: args.num_conditioning_frames],
         truth_frames=frames if clips else None,
-        shape=(args.num_frames, args.height, args.width),
+        shape=shape,
         fps=args.fps,
     )
 
 
 def image_job(path, args):
     image = torch.from_numpy(np.array(Image.open(path).convert("RGB")))[None]
+    shape = input_shape(args, *image.shape[1:3])
     return Job(
         name=os.path.splitext(os.path.basename(path))[0],
         kind="image",
         source=path,
-        cond_frames=fit_frames(image, args.height, args.width, args.resize_mode),
-        shape=(args.num_frames, args.height, args.width),
+        cond_frames=fit_frames(image, shape[1], shape[2], args.resize_mode),
+        shape=shape,
         fps=args.fps,
     )
 
@@ -266,6 +295,7 @@ def collect_jobs(args):
     if args.from_cache:
         read_cache_info(args.from_cache)
         _, held = hold_out_clips(list_cached_clips(args.from_cache), args.num_videos, args.seed)
+        held = sorted(held, key=lambda clip: clip["shape"])  # one bucket after another: fuller batches
         jobs += [cached_job(clip["path"], args.from_cache) for clip in held]
     if not jobs:
         raise ValueError("nothing to generate: give --input or --from_cache")
@@ -435,13 +465,22 @@ def frame_metrics(generated, truth, num_cond_pixel_frames):
     return {"psnr": psnr(gen, ref), "ssim": ssim(gen, ref)}
 
 
+def shape_batches(jobs, indices, batch_size):
+    """Consecutive jobs in batches of up to batch_size, a new batch wherever the shape changes."""
+    batches = []
+    for job, index in zip(jobs, indices, strict=True):
+        if batches and len(batches[-1][0]) < batch_size and batches[-1][0][-1].shape == job.shape:
+            batches[-1][0].append(job)
+            batches[-1][1].append(index)
+        else:
+            batches.append(([job], [index]))
+    return batches
+
+
 def run_jobs(jobs, indices, components, args, progress):
     """Generate the given jobs in batches of equal shape; write their mp4s; return their results."""
     results = []
-    for start in range(0, len(jobs), args.batch_size):
-        batch, batch_indices = jobs[start : start + args.batch_size], indices[start : start + args.batch_size]
-        if len({job.shape for job in batch}) > 1:
-            raise ValueError("a batch mixes clip shapes; use --batch_size 1")
+    for batch, batch_indices in shape_batches(jobs, indices, args.batch_size):
         latents, num_cond = generate_latents(batch, components, args, batch_indices[0])
         videos = decode_to_frames(components["vae"], latents)
         for job, index, video in zip(batch, batch_indices, videos.numpy(), strict=True):
@@ -488,7 +527,22 @@ def summarize(results, args):
     return summary
 
 
+def resolve_buckets(args):
+    """--bucket FxHxW sets --num_frames/--height/--width; --bucket auto needs a bucket list (--buckets or the
+    --from_cache cache's)."""
+    if args.bucket and args.bucket != "auto":
+        bucket = parse_bucket(args.bucket)
+        args.num_frames, args.height, args.width = bucket.num_frames, bucket.height, bucket.width
+    if args.buckets:
+        args.buckets = [parse_bucket(b) for b in args.buckets]
+    elif args.bucket == "auto" and args.from_cache:
+        args.buckets = [parse_bucket(b) for b in read_cache_info(args.from_cache).get("buckets", [])]
+    if args.bucket == "auto" and not args.buckets:
+        raise ValueError("--bucket auto needs a bucket list: --buckets, or --from_cache with a bucketed cache")
+
+
 def validate_args(args):
+    resolve_buckets(args)
     check_clip_geometry(args.num_frames, args.height, args.width)
     if args.lora_path and not os.path.isdir(args.lora_path):
         raise FileNotFoundError(f"--lora_path {args.lora_path} is not a directory")

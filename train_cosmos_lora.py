@@ -32,7 +32,15 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, Torc
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from cosmos_cache import hold_out_clips, list_cached_clips, load_text_embeds, read_cache_info, text_embed_path
+from cosmos_cache import (
+    bucket_name,
+    hold_out_clips,
+    list_cached_clips,
+    load_text_embeds,
+    missing_clip_files,
+    read_cache_info,
+    text_embed_path,
+)
 from cosmos_model import (
     SIGMA_CONDITIONING,
     add_temporal_adapters,
@@ -171,6 +179,13 @@ def parse_args(argv=None):
     data = parser.add_argument_group("data")
     data.add_argument("--dataloader_num_workers", type=int, default=4, help="DataLoader workers per process.")
     data.add_argument(
+        "--max_bad_clips",
+        type=int,
+        default=10,
+        help="Clips that fail to load mid-run (damaged files) are replaced by another clip of their bucket, named "
+        "and counted in the log; after this many the run stops with their list.",
+    )
+    data.add_argument(
         "--num_validation_clips",
         type=int,
         default=4,
@@ -259,7 +274,11 @@ class Cache:
 
 
 def load_caches(specs, pretrained_model_name_or_path):
-    """Read and check every cache before any model loads; return [Cache] and the shared cache info."""
+    """Read and check every cache before any model loads; return [Cache] and the first cache's info.
+
+    Caches of different clip shapes mix (each batch holds one shape); they must share the VAE normalization and the
+    text-embedding width. Every listed clip file must exist.
+    """
     from diffusers import AutoencoderKLWan, CosmosTransformer3DModel
 
     vae_config = AutoencoderKLWan.load_config(pretrained_model_name_or_path, subfolder="vae")
@@ -283,12 +302,13 @@ def load_caches(specs, pretrained_model_name_or_path):
                 f"cache {path} has {info['text_embed_shape'][1]}-dim text embeddings, the transformer "
                 f"expects {text_dim}"
             )
-        first = first or (path, info)
-        if info["latent_shape"] != first[1]["latent_shape"]:
-            raise ValueError(
-                f"cache {path} has latents {info['latent_shape']} but {first[0]} has "
-                f"{first[1]['latent_shape']}; mix only caches of one clip shape"
+        missing = missing_clip_files(clips)
+        if missing:
+            raise FileNotFoundError(
+                f"cache {path}: {len(missing)} of its {len(clips)} listed clip files are missing (first: "
+                f"{missing[0]}); run cache_latents.py --verify on it, or rerun its caching to complete it"
             )
+        first = first or (path, info)
         for clip in clips:
             clip["text_path"] = text_embed_path(path, clip["caption_hash"])
         caches.append(Cache(name, path, clips, weight))
@@ -296,64 +316,133 @@ def load_caches(specs, pretrained_model_name_or_path):
 
 
 class CachedClips(torch.utils.data.Dataset):
+    """Clip latents and caption embeddings by index. A clip that fails to load (a damaged file) is replaced by the
+    next clip of the same shape, and named in the item's `bad_clips`, so a batch keeps its size and shape."""
+
     def __init__(self, clips):
         self.clips = clips
+        same_shape = {}
+        for index, clip in enumerate(clips):
+            same_shape.setdefault(tuple(clip["shape"]), []).append(index)
+        self.same_shape = same_shape
 
     def __len__(self):
         return len(self.clips)
 
     def __getitem__(self, index):
-        clip = self.clips[index]
-        return {
-            "latents": load_file(clip["path"])["latents"].float(),
-            "prompt_embeds": load_text_embeds(clip["text_path"]).float(),
-        }
+        group = self.same_shape[tuple(self.clips[index]["shape"])]
+        start, bad = group.index(index), []
+        for offset in range(len(group)):
+            clip = self.clips[group[(start + offset) % len(group)]]
+            try:
+                latents = load_file(clip["path"])["latents"].float()
+            except Exception as error:
+                bad.append(f"{clip['path']} ({type(error).__name__}: {error})".splitlines()[0])
+                continue
+            return {"latents": latents, "prompt_embeds": load_text_embeds(clip["text_path"]).float(), "bad_clips": bad}
+        raise RuntimeError(f"no clip of shape {clip['shape']} loads: {bad}")
 
 
-class MixtureSampler(torch.utils.data.Sampler):
-    """Draws indices of a concatenation of datasets with fixed probabilities; deterministic under (seed, epoch).
+def collate_clips(items):
+    return {
+        "latents": torch.stack([item["latents"] for item in items]),
+        "prompt_embeds": torch.stack([item["prompt_embeds"] for item in items]),
+        "bad_clips": [name for item in items for name in item["bad_clips"]],
+    }
 
-    Each dataset is walked in its own shuffled order, reshuffled whenever it runs out.
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of one clip shape, mixing caches by weight; deterministic under (seed, epoch).
+
+    The clips are split into groups of one cache and one shape (bucket). Each batch draws a group with probability
+    weight(cache) * clips(cache, bucket) / clips(cache), so caches keep their mixture weights and buckets their share
+    within a cache, then takes that group's next batch_size clips in its own shuffled order, reshuffled whenever it
+    runs out (a group smaller than a batch repeats clips). An epoch has a multiple of num_processes batches, so
+    accelerate never pads it with batches of mixed shapes.
     """
 
-    def __init__(self, sizes, weights, num_samples, seed):
-        self.sizes, self.num_samples, self.seed, self.epoch = sizes, num_samples, seed, 0
-        self.weights = torch.tensor(weights, dtype=torch.float64)
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    def __init__(self, groups, probabilities, batch_size, num_batches, seed):
+        self.groups, self.batch_size, self.num_batches, self.seed, self.epoch = (
+            groups,
+            batch_size,
+            num_batches,
+            seed,
+            0,
+        )
+        self.probabilities = torch.tensor(probabilities, dtype=torch.float64)
+        self.drop_last = True  # read by accelerate's BatchSamplerShard
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
-        return self.num_samples
+        return self.num_batches
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        choices = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist()
-        orders, positions = [[] for _ in self.sizes], [0] * len(self.sizes)
-        for d in choices:
-            if positions[d] == len(orders[d]):
-                orders[d], positions[d] = torch.randperm(self.sizes[d], generator=generator).tolist(), 0
-            yield self.offsets[d] + orders[d][positions[d]]
-            positions[d] += 1
+        choices = torch.multinomial(self.probabilities, self.num_batches, replacement=True, generator=generator)
+        orders, positions = [[] for _ in self.groups], [0] * len(self.groups)
+        for g in choices.tolist():
+            batch = []
+            while len(batch) < self.batch_size:
+                if positions[g] == len(orders[g]):
+                    orders[g], positions[g] = torch.randperm(len(self.groups[g]), generator=generator).tolist(), 0
+                batch.append(self.groups[g][orders[g][positions[g]]])
+                positions[g] += 1
+            yield batch
+
+
+@dataclass
+class ClipGroup:
+    """The clips of one cache and one bucket, as indices into the concatenated training clips."""
+
+    cache: str
+    bucket: str
+    indices: list
+    probability: float
+
+
+def clip_groups(caches):
+    """Split every cache's clips by bucket; each group's probability is its cache's weight times its share of it."""
+    weights = [len(cache.clips) if cache.weight is None else cache.weight for cache in caches]
+    groups, offset = [], 0
+    for cache, weight in zip(caches, weights, strict=True):
+        by_shape = {}
+        for i, clip in enumerate(cache.clips):
+            by_shape.setdefault(tuple(clip["shape"]), []).append(offset + i)
+        for shape, indices in sorted(by_shape.items()):
+            share = weight / sum(weights) * len(indices) / len(cache.clips)
+            groups.append(ClipGroup(cache.name, bucket_name(shape), indices, share))
+        offset += len(cache.clips)
+    return groups
+
+
+def bucket_table(groups, batch_size):
+    """The start-of-run table: clips per bucket per cache and the share of batches each group gets."""
+    lines = [f"{'cache':<16}{'bucket':<16}{'clips':>9}{'batches':>10}"]
+    for group in groups:
+        note = f"  (fewer clips than a batch of {batch_size}: repeats)" if len(group.indices) < batch_size else ""
+        lines.append(f"{group.cache:<16}{group.bucket:<16}{len(group.indices):>9,}{group.probability:>9.1%}{note}")
+    return "\n".join(lines)
 
 
 def build_train_dataloader(caches, args, num_processes):
-    """An epoch draws as many clips as the caches hold (at least one batch per process), mixed by weight."""
+    """An epoch draws about as many clips as the caches hold (at least one batch per process), in batches of one
+    bucket mixed by cache weight."""
     clips = [clip for cache in caches for clip in cache.clips]
-    sizes = [len(cache.clips) for cache in caches]
-    weights = [len(cache.clips) if cache.weight is None else cache.weight for cache in caches]
-    num_samples = max(sum(sizes), args.train_batch_size * num_processes)
-    sampler = MixtureSampler(sizes, weights, num_samples=num_samples, seed=args.seed)
+    groups = clip_groups(caches)
+    num_batches = max(1, len(clips) // args.train_batch_size // num_processes) * num_processes
+    sampler = BucketBatchSampler(
+        [g.indices for g in groups], [g.probability for g in groups], args.train_batch_size, num_batches, args.seed
+    )
     loader = torch.utils.data.DataLoader(
         CachedClips(clips),
-        batch_size=args.train_batch_size,
-        sampler=sampler,
+        batch_sampler=sampler,
+        collate_fn=collate_clips,
         num_workers=args.dataloader_num_workers,
-        drop_last=True,
         pin_memory=torch.cuda.is_available(),
     )
-    return loader
+    return loader, groups
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -496,11 +585,18 @@ def sample_timesteps(batch, shift, device):
     return shift * t0 / (1 + (shift - 1) * t0)
 
 
+def clip_timestep_shift(shift, latents):
+    """The shift of each clip of a batch [B]: a number, or `auto`, the square root of the clip's latent frames
+    (NVIDIA's sqrt(state_t): 4 for 61 frames, sqrt(24) for 93). A batch holds one bucket, so one frame count."""
+    value = math.sqrt(latents.shape[2]) if shift == "auto" else float(shift)
+    return torch.full((latents.shape[0],), value, device=latents.device)
+
+
 def training_loss(transformer, batch, args):
     """Draw noise level, noise, conditioning frames and text dropout for a batch and return the loss."""
     latents, prompt_embeds = batch["latents"], batch["prompt_embeds"]
     size, device = latents.shape[0], latents.device
-    t = sample_timesteps(size, args.timestep_shift, device)
+    t = sample_timesteps(size, clip_timestep_shift(args.timestep_shift, latents), device)
     noise = torch.randn_like(latents)
     choices = torch.tensor(args.conditioning_frames, device=device)
     num_cond = choices[torch.randint(len(choices), (size,), device=device)]
@@ -510,24 +606,26 @@ def training_loss(transformer, batch, args):
 
 @torch.no_grad()
 def validation_losses(transformer, dataset, device, seed):
-    """Held-out loss at fixed noise levels and fixed noise (one conditioning frame, no text dropout)."""
-    losses = {t: 0.0 for t in VALIDATION_TIMESTEPS}
+    """Held-out loss at fixed noise levels and fixed noise (one conditioning frame, no text dropout): the mean per
+    noise level over all held-out clips, and the mean over noise levels per bucket."""
+    per_clip = []
     for index in range(len(dataset)):
         item = dataset[index]
         latents, embeds = item["latents"][None].to(device), item["prompt_embeds"][None].to(device)
         generator = torch.Generator().manual_seed(seed + index)
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        for t in VALIDATION_TIMESTEPS:
-            loss = flow_matching_loss(
-                transformer,
-                latents,
-                embeds,
-                torch.full((1,), t, device=device),
-                noise,
-                torch.ones(1, device=device, dtype=torch.long),
-            )
-            losses[t] += loss.item() / len(dataset)
-    return losses
+        one = torch.ones(1, device=device, dtype=torch.long)
+        per_clip.append(
+            [
+                flow_matching_loss(transformer, latents, embeds, torch.full((1,), t, device=device), noise, one).item()
+                for t in VALIDATION_TIMESTEPS
+            ]
+        )
+    by_t = {t: sum(row[i] for row in per_clip) / len(per_clip) for i, t in enumerate(VALIDATION_TIMESTEPS)}
+    by_bucket = {}
+    for clip, row in zip(dataset.clips, per_clip, strict=True):
+        by_bucket.setdefault(bucket_name(clip["shape"]), []).append(sum(row) / len(row))
+    return by_t, {bucket: sum(v) / len(v) for bucket, v in by_bucket.items()}
 
 
 @dataclass
@@ -540,7 +638,8 @@ class ValidationDecoder:
 
 @torch.no_grad()
 def validation_videos(transformer, decoder, dataset, args, step, accelerator):
-    """Generate held-out clips from their first latent frame; the main process writes truth | generated mp4s."""
+    """Generate held-out clips from their first latent frame; the main process writes truth | generated mp4s.
+    The held-out clips come round-robin over buckets (hold_out_clips), so the first N cover as many as they can."""
     paths, sheets = [], []
     directory = os.path.join(args.output_dir, "validation", f"step-{step}")
     for index in range(min(args.validation_videos, len(dataset))):
@@ -561,7 +660,8 @@ def validation_videos(transformer, decoder, dataset, args, step, accelerator):
         frames = frames[0].numpy()
         if accelerator.is_main_process:
             os.makedirs(directory, exist_ok=True)
-            paths.append(os.path.join(directory, f"{index:02d}_truth_vs_generated.mp4"))
+            bucket = bucket_name(dataset.clips[index]["shape"])
+            paths.append(os.path.join(directory, f"{index:02d}_{bucket}_truth_vs_generated.mp4"))
             write_mp4(paths[-1], frames, fps=8)
             sheets.append(frames)
     if accelerator.is_main_process and sheets:
@@ -721,15 +821,15 @@ def timed(loader, clock):
         yield batch
 
 
-def step_logs(loss, lr_scheduler, grad_norm, clock, samples, tokens_per_sample):
-    """Metrics of one optimizer step; restarts the step clock."""
+def step_logs(loss, lr_scheduler, grad_norm, clock, samples, tokens):
+    """Metrics of one optimizer step (samples and latent tokens summed over processes); restarts the step clock."""
     elapsed = time.perf_counter() - clock.start
     logs = {
         "loss": loss,
         "lr": lr_scheduler.get_last_lr()[0],
         "step_time_s": elapsed,
         "samples_per_s": samples / elapsed,
-        "latent_tokens_per_s": samples * tokens_per_sample / elapsed,
+        "latent_tokens_per_s": tokens / elapsed,
         "data_wait_fraction": clock.data_wait / elapsed,
     }
     if grad_norm is not None:
@@ -771,14 +871,22 @@ class TrainState:
     global_step: int = 0
     batches_consumed: int = 0
     last_checkpoint: str | None = None
+    num_bad_clips: int = 0  # over all processes, since this run started
+    bad_clips: list = field(default_factory=list)  # this process's
 
 
-def build_accelerator(args):
+def build_accelerator(args, num_shapes):
+    """Under --compile, each clip shape compiles its own static graph the first time a batch of it comes (warming
+    each bucket once) instead of one dynamic-shape graph; the recompile limit leaves room for every shape, at the
+    training batch size and at validation's batch of one."""
+    if args.compile:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * num_shapes)
+    dynamo = TorchDynamoPlugin(backend="inductor", use_regional_compilation=True, dynamic=False)
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         dataloader_config=DataLoaderConfiguration(non_blocking=True),  # batches come pinned: copy them asynchronously
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if args.compile else None,
+        dynamo_plugin=dynamo if args.compile else None,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
@@ -786,11 +894,39 @@ def build_accelerator(args):
     )
 
 
-def reduce_loss_and_stop(accelerator, loss, stop):
-    """One small collective per micro-step: the mean loss over ranks and whether any rank was asked to stop."""
-    flags = torch.stack([loss.detach().float(), torch.tensor(float(stop.received), device=loss.device)])
-    total = accelerator.reduce(flags, reduction="sum")
-    return total[0].item() / accelerator.num_processes, total[1].item() > 0
+@dataclass
+class MicroStepStats:
+    """A micro-step summed over processes: mean loss, latent tokens, clips that failed to load, a stop request."""
+
+    loss: float
+    tokens: int
+    bad_clips: int
+    stop_requested: bool
+
+
+def reduce_micro_step(accelerator, loss, batch, stop):
+    """One small collective per micro-step. Tokens are counted from each rank's own batch, whose shape varies."""
+    latents = batch["latents"]
+    tokens = latents.shape[0] * math.prod(latents.shape[2:]) // 4  # 2x2 spatial patches
+    local = [
+        loss.detach().float(),
+        *(torch.tensor(float(v), device=loss.device) for v in (tokens, len(batch["bad_clips"]), stop.received)),
+    ]
+    total = accelerator.reduce(torch.stack(local).double(), reduction="sum").tolist()
+    return MicroStepStats(total[0] / accelerator.num_processes, int(total[1]), int(total[2]), total[3] > 0)
+
+
+def check_bad_clips(batch, stats, state, args):
+    """Name each clip that failed to load (it was replaced by another of its bucket); stop past --max_bad_clips."""
+    for name in batch["bad_clips"]:
+        logger.warning(f"skipped a clip that failed to load: {name}", main_process_only=False)
+    state.bad_clips += batch["bad_clips"]
+    state.num_bad_clips += stats.bad_clips
+    if state.num_bad_clips > args.max_bad_clips:
+        raise RuntimeError(
+            f"{state.num_bad_clips} clips failed to load, more than --max_bad_clips {args.max_bad_clips}; stopping "
+            f"at step {state.global_step + 1}. This process's: {'; '.join(state.bad_clips)}"
+        )
 
 
 def check_finite(loss, state):
@@ -809,8 +945,9 @@ def append_loss_log(path, step, logs):
 def run_validation(transformer, validation_set, decoder, args, step, accelerator):
     """Held-out losses at fixed noise levels, then (with --validation_videos) generated held-out clips."""
     transformer.eval()
-    losses = validation_losses(transformer, validation_set, accelerator.device, args.seed)
+    losses, per_bucket = validation_losses(transformer, validation_set, accelerator.device, args.seed)
     logs = {f"val/loss_t{t}": v for t, v in losses.items()} | {"val/loss": sum(losses.values()) / len(losses)}
+    logs |= {f"val/loss_{bucket}": v for bucket, v in per_bucket.items()}
     accelerator.log(logs, step=step)
     if decoder:
         validation_videos(transformer, decoder, validation_set, args, step, accelerator)
@@ -819,11 +956,14 @@ def run_validation(transformer, validation_set, decoder, args, step, accelerator
 
 def main(args):
     validate_args(args)
-    caches, info = load_caches(args.cache_dir, args.pretrained_model_name_or_path)
+    caches, _ = load_caches(args.cache_dir, args.pretrained_model_name_or_path)
     train_clips, validation_clips = hold_out_clips(caches[0].clips, args.num_validation_clips, args.seed)
     caches[0].clips = train_clips
 
-    accelerator = build_accelerator(args)
+    shapes = {tuple(clip["shape"]) for cache in caches for clip in cache.clips} | {
+        tuple(clip["shape"]) for clip in validation_clips
+    }
+    accelerator = build_accelerator(args, len(shapes))
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -831,7 +971,9 @@ def main(args):
             json.dump(vars(args), f, indent=2)
     stop = StopSignal()
 
-    train_dataloader = build_train_dataloader(caches, args, accelerator.num_processes)
+    train_dataloader, groups = build_train_dataloader(caches, args, accelerator.num_processes)
+    batch_sampler = train_dataloader.batch_sampler
+    accelerator.print(bucket_table(groups, args.train_batch_size))
     weight_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     transformer = load_transformer(args, weight_dtype)
     if accelerator.is_main_process:
@@ -868,7 +1010,6 @@ def main(args):
     decoder = None
     if validation_clips and args.validation_videos > 0:
         decoder = load_validation_decoder(args, weight_dtype, accelerator.device)
-    tokens_per_sample = math.prod(info["latent_shape"][1:]) // 4  # 2x2 spatial patches
     progress = tqdm(
         total=max_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
@@ -879,16 +1020,20 @@ def main(args):
         # so the position counts batches, not steps).
         epoch, skip = divmod(state.batches_consumed, batches_per_epoch)
         loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        loader.set_epoch(epoch)  # accelerate passes it on to MixtureSampler
-        micro_step, loss_sum = 0, 0.0
+        # accelerate's loader re-sets its sampler's epoch to its own count at each pass, and does not reach a batch
+        # sampler it wraps for several processes: set both.
+        loader.set_epoch(epoch)
+        batch_sampler.set_epoch(epoch)
+        micro_step, loss_sum, tokens = 0, 0.0, 0
         for batch in timed(loader, clock):
             # Noise: every random draw of this micro-step depends only on its position, so resume is exact.
             torch.manual_seed(step_seed(args.seed, state.global_step, micro_step, accelerator.process_index))
             with accelerator.accumulate(transformer):
                 # Forward and loss.
                 loss = training_loss(transformer, batch, args)
-                mean_loss, stop_requested = reduce_loss_and_stop(accelerator, loss, stop)
-                check_finite(mean_loss, state)
+                stats = reduce_micro_step(accelerator, loss, batch, stop)
+                check_bad_clips(batch, stats, state, args)
+                check_finite(stats.loss, state)
                 # Backward, clip, update (accelerate skips the update until the accumulation window ends).
                 accelerator.backward(loss)
                 grad_norm = None
@@ -896,7 +1041,8 @@ def main(args):
                     grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += mean_loss
+            loss_sum += stats.loss
+            tokens += stats.tokens
             micro_step += 1
             state.batches_consumed += 1
             if not accelerator.sync_gradients:
@@ -907,10 +1053,10 @@ def main(args):
             state.global_step += 1
             step_loss = loss_sum / micro_step
             samples = micro_step * args.train_batch_size * accelerator.num_processes  # short at an epoch's end
-            micro_step, loss_sum = 0, 0.0
+            step_tokens, micro_step, loss_sum, tokens = tokens, 0, 0.0, 0
 
             # Log.
-            logs = step_logs(step_loss, lr_scheduler, grad_norm, clock, samples, tokens_per_sample)
+            logs = step_logs(step_loss, lr_scheduler, grad_norm, clock, samples, step_tokens)
             if accelerator.is_main_process:
                 append_loss_log(loss_log, state.global_step, logs)
             accelerator.log(logs, step=state.global_step)
@@ -922,11 +1068,11 @@ def main(args):
                 run_validation(transformer, validation_set, decoder, args, state.global_step, accelerator)
 
             # Checkpoint, and stop for a requeue when asked.
-            if state.global_step % args.checkpointing_steps == 0 or stop_requested:
+            if state.global_step % args.checkpointing_steps == 0 or stats.stop_requested:
                 state.last_checkpoint = save_checkpoint(
                     accelerator, transformer, optimizer, lr_scheduler, state.global_step, state.batches_consumed, args
                 )
-            if stop_requested:
+            if stats.stop_requested:
                 accelerator.print(
                     f"SIGUSR1: saved {state.last_checkpoint}; exiting with {REQUEUE_EXIT_CODE} to requeue"
                 )

@@ -8,6 +8,10 @@
 5. prints a table and writes results.json / results.md: samples/s, latent tokens/s, step time, peak memory per GPU,
    useful TFLOP/s per GPU, fraction of the measured matmul peak, and the time spent waiting for data.
 
+`1gpu_compile_cudnn_three_buckets` trains on a cache of three clip shapes (61x256x448, 61x448x256, 93x256x448):
+against `1gpu_compile_cudnn` (one bucket) it gives what bucketing costs under --compile (compile_overhead_s: the
+excess time of the steps that compiled) and the steady rate (steady_samples_per_s, steady_latent_tokens_per_s).
+
 Single-GPU configs run on the last GPU while multi-GPU configs run on the first three, two lanes at once.
 
     python benchmarks/bench_train.py --workdir /tmp/bench --out results/
@@ -16,6 +20,7 @@ Single-GPU configs run on the last GPU while multi-GPU configs run on the first 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -27,8 +32,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
-# name: (GPUs, accelerate config, extra launcher flags, extra train flags, (frames, height, width), batch per GPU)
+# name: (GPUs, accelerate config, extra launcher flags, extra train flags, (frames, height, width) or a tuple of
+# them (a bucketed cache, equal clips per bucket), batch per GPU)
 REFERENCE = (61, 256, 448)
+# Mixed shapes: landscape, portrait, and a longer landscape clip. Against 1gpu_compile_cudnn (one bucket) this
+# measures what bucketing costs under --compile: one static compile per bucket, then the steady rate.
+THREE_BUCKETS = ((61, 256, 448), (61, 448, 256), (93, 256, 448))
 FAST = ["--compile", "--attention_backend", "_native_cudnn"]
 NO_RESHARD = ["--fsdp_reshard_after_forward", "false"]
 CONFIGS = {
@@ -65,6 +74,7 @@ CONFIGS = {
         REFERENCE,
         2,
     ),
+    "1gpu_compile_cudnn_three_buckets": (1, "single_gpu.yaml", [], FAST, THREE_BUCKETS, 2),
     "1gpu_memory_93x480x832_full_gc_compile_cudnn": (
         1,
         "single_gpu.yaml",
@@ -117,23 +127,25 @@ def useful_flops_per_sample(frames, height, width, dim=2048, layers=28, text_len
     return layers * (2 * linear + 3 * attention), tokens
 
 
-def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48, text_dim=1024):
-    """A cache in cache_latents.py's format holding random latents, for throughput only."""
+def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48, text_dim=1024, more_shapes=()):
+    """A cache in cache_latents.py's format holding random latents, for throughput only: num_clips clips of each
+    shape, (frames, height, width) and then more_shapes (a bucketed cache)."""
     from diffusers import AutoencoderKLWan
     from safetensors.torch import save_file
 
     import cache_latents
     from cosmos_cache import caption_hash, text_embed_path
-    from cosmos_video import latent_shape
+    from cosmos_video import Bucket
 
     if os.path.isfile(os.path.join(path, "cache_info.json")):
         return
     vae_config = AutoencoderKLWan.load_config(model_dir, subfolder="vae")
+    buckets = [Bucket(*shape) for shape in [(frames, height, width), *more_shapes]]
     args = argparse.Namespace(
-        num_frames=frames,
+        buckets=buckets,
         fps=8.0,
-        height=height,
-        width=width,
+        clip_stride_seconds=None,
+        max_clips_per_video=None,
         resize_mode="crop",
         pretrained_model_name_or_path=model_dir,
     )
@@ -144,17 +156,31 @@ def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48, 
     caption = "synthetic"
     embeds = torch.randn(512, text_dim).to(torch.bfloat16)
     save_file({"prompt_embeds": embeds}, text_embed_path(path, caption_hash(caption)))
-    shape = latent_shape(frames, height, width)
-    for i in range(num_clips):
-        meta = {"key": f"clip{i:04d}", "clip_index": "0", "start_seconds": "0", "caption_hash": caption_hash(caption)}
-        latents = torch.randn(shape).to(torch.bfloat16)
-        save_file({"latents": latents}, os.path.join(shard, f"clip{i:04d}__000.safetensors"), metadata=meta)
+    for b, bucket in enumerate(buckets):
+        for i in range(b * num_clips, (b + 1) * num_clips):
+            meta = {
+                "key": f"clip{i:04d}",
+                "clip_index": "0",
+                "start_seconds": "0",
+                "caption_hash": caption_hash(caption),
+                "num_frames": str(bucket.num_frames),
+                "height": str(bucket.height),
+                "width": str(bucket.width),
+            }
+            latents = torch.randn(bucket.latent_shape()).to(torch.bfloat16)
+            save_file({"latents": latents}, os.path.join(shard, f"clip{i:04d}__000.safetensors"), metadata=meta)
     cache_latents.rebuild_manifest(shard)
     cache_latents.write_cache_info(path, config)
 
 
-def cache_path(workdir, frames, height, width):
-    return os.path.join(workdir, f"cache_{frames}x{height}x{width}")
+def config_shapes(entry):
+    """The clip shapes of a config: one (frames, height, width) or a tuple of them."""
+    return [entry] if isinstance(entry[0], int) else list(entry)
+
+
+def cache_path(workdir, frames, height, width, more_shapes=()):
+    names = ["x".join(map(str, shape)) for shape in [(frames, height, width), *more_shapes]]
+    return os.path.join(workdir, "cache_" + "+".join(names))
 
 
 def synthetic_cache_for(model_dir, workdir):
@@ -169,8 +195,9 @@ def synthetic_cache_for(model_dir, workdir):
 
 
 def run_config(name, args, model_dir, gpus):
-    num_gpus, config_file, launch_flags, extra, (frames, height, width), batch = CONFIGS[name]
-    cache = cache_path(args.workdir, frames, height, width)
+    num_gpus, config_file, launch_flags, extra, entry, batch = CONFIGS[name]
+    shapes = config_shapes(entry)
+    cache = cache_path(args.workdir, *shapes[0], shapes[1:])
     output = os.path.join(args.workdir, "runs", name)
     subprocess.run(["rm", "-rf", output], check=True)
     cmd = [
@@ -216,7 +243,7 @@ def run_config(name, args, model_dir, gpus):
         "name": name,
         "gpus": num_gpus,
         "flags": " ".join(launch_flags + extra),
-        "clip": f"{frames}x{height}x{width}",
+        "clip": "+".join("x".join(map(str, shape)) for shape in shapes),
         "batch_per_gpu": batch,
         "exit": code,
         "wall_s": round(time.time() - start, 1),
@@ -226,8 +253,14 @@ def run_config(name, args, model_dir, gpus):
         rows = [json.loads(line) for line in open(os.path.join(output, "losses.jsonl"))]
     measured = rows[args.warmup :]
     if measured:
-        flops, tokens = useful_flops_per_sample(frames, height, width)
+        # Every bucket holds as many clips, so a sample is each shape equally often.
+        per_shape = [useful_flops_per_sample(*shape) for shape in shapes]
+        flops, tokens = (sum(v) / len(shapes) for v in zip(*per_shape, strict=True))
         samples_per_s = sum(r["samples_per_s"] for r in measured) / len(measured)
+        # A step that compiles (the first of each shape) takes far longer than the median: count the excess as
+        # compile time, and average the rate over the other steps.
+        median = statistics.median(r["step_time_s"] for r in measured)
+        steady = [r for r in measured if r["step_time_s"] < 2 * median]
         result.update(
             steps_measured=len(measured),
             samples_per_s=round(samples_per_s, 3),
@@ -237,6 +270,9 @@ def run_config(name, args, model_dir, gpus):
             peak_memory_gib=round(max(r.get("peak_memory_gib", 0) for r in rows), 1),
             useful_tflops_per_gpu=round(samples_per_s * flops / num_gpus / 1e12, 1),
             data_wait_fraction=round(sum(r["data_wait_fraction"] for r in measured) / len(measured), 4),
+            compile_overhead_s=round(sum(max(0.0, r["step_time_s"] - median) for r in rows), 1),
+            steady_samples_per_s=round(sum(r["samples_per_s"] for r in steady) / len(steady), 3),
+            steady_latent_tokens_per_s=round(sum(r["latent_tokens_per_s"] for r in steady) / len(steady)),
             final_loss=round(rows[-1]["loss"], 4),
             export_ok=export_ok(output),
         )
@@ -280,6 +316,8 @@ def write_results(results, args):
         "samples_per_s_per_gpu",
         "latent_tokens_per_s",
         "step_time_s",
+        "steady_samples_per_s",
+        "compile_overhead_s",
         "peak_memory_gib",
         "useful_tflops_per_gpu",
         "data_wait_fraction",
@@ -314,7 +352,10 @@ def main(args):
     print(f"bf16 matmul peak: {args.peak} TFLOP/s", flush=True)
     model_dir = random_2b_checkpoint(args.workdir)
     for name in args.configs:
-        write_synthetic_cache(cache_path(args.workdir, *CONFIGS[name][4]), model_dir, *CONFIGS[name][4])
+        shapes = config_shapes(CONFIGS[name][4])
+        write_synthetic_cache(
+            cache_path(args.workdir, *shapes[0], shapes[1:]), model_dir, *shapes[0], more_shapes=shapes[1:]
+        )
     count = torch.cuda.device_count()
     single = [n for n in args.configs if CONFIGS[n][0] == 1]
     multi = [n for n in args.configs if CONFIGS[n][0] > 1]

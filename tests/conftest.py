@@ -89,3 +89,34 @@ def one_clip_cache(tiny_model, clips, tmp_path_factory):
         == 0
     )
     return str(out)
+
+
+# Three buckets: landscape 17 frames, its 9-frame tail, and portrait 17 frames.
+BUCKETS = ["17x64x112", "9x64x112", "17x112x64"]
+
+
+@pytest.fixture(scope="session")
+def bucket_videos(clips, tmp_path_factory):
+    """Two 4 s landscape videos, two 3 s portrait videos (256x456) and a 0.5 s landscape one that fits no bucket."""
+    import shutil
+
+    import make_synthetic_clips
+
+    folder = tmp_path_factory.mktemp("bucket_videos")
+    for key in clips["keys"][:2]:
+        shutil.copy(os.path.join(clips["videos"], key + ".mp4"), folder / f"land_{key}.mp4")
+    for seed in (1, 2):
+        frames = make_synthetic_clips.render_video(seed=seed, num_frames=90, height=456, width=256)
+        (folder / f"portrait_{seed}.mp4").write_bytes(make_synthetic_clips.encode_mp4(frames, 30.0, "h264"))
+    short = make_synthetic_clips.render_video(seed=3, num_frames=15, height=256, width=456)
+    (folder / "short.mp4").write_bytes(make_synthetic_clips.encode_mp4(short, 30.0, "h264"))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def bucket_cache(tiny_model, bucket_videos, tmp_path_factory):
+    """The bucket videos cached into BUCKETS: each landscape video gives a 17-frame clip and its 9-frame tail, each
+    portrait one a portrait clip: 6 clips, two per bucket."""
+    out = tmp_path_factory.mktemp("bucket_cache")
+    assert cache_clips(tiny_model, out, "--video_dir", bucket_videos, "--buckets", *BUCKETS) == 0
+    return str(out)

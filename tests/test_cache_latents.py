@@ -158,7 +158,7 @@ def test_corrupt_and_short_videos_are_skipped_and_reported(tiny_model, clips, tm
     assert cache(tiny_model, tmp_path / "cache", "--video_dir", str(videos), extra=["--clip_stride_seconds", "1"]) == 0
     failures = {f["key"]: f["reason"] for f in report(tmp_path / "cache")["failures"]}
     assert set(failures) == {"garbage", "truncated", "short"}
-    assert failures["short"].startswith("too short")
+    assert failures["short"].startswith("too short for every bucket")
     assert {c["key"] for c in list_cached_clips(str(tmp_path / "cache"))} == {"good"}
     assert cache_latents.print_verify(str(tmp_path / "cache"))
 
@@ -297,9 +297,9 @@ def test_whole_clip_encode_gives_the_chunked_cache(tiny_model, clips, folder_cac
         assert (whole == chunked).float().mean() > 0.99
 
 
-def test_compile_vae_needs_the_whole_clip_encode(tmp_path):
+def test_compile_vae_needs_the_whole_clip_encode(tmp_path, clips):
     args = cache_latents.parse_args(
-        ["--output_dir", str(tmp_path), "--video_dir", str(tmp_path), "--vae_encode", "chunked", "--compile_vae"]
+        ["--output_dir", str(tmp_path), "--video_dir", clips["videos"], "--vae_encode", "chunked", "--compile_vae"]
     )
     with pytest.raises(ValueError, match="--compile_vae needs --vae_encode whole"):
         cache_latents.validate_args(args)

@@ -1,4 +1,6 @@
+import glob
 import json
+import logging
 import os
 import shutil
 from collections import Counter
@@ -150,7 +152,7 @@ def test_overfitting_one_clip_lowers_the_loss(tiny_model, one_clip_cache, tmp_pa
     assert last < 0.65 * first
 
 
-def test_resume_is_exact(tiny_model, latent_cache, tmp_path):
+def test_resume_is_exact_on_a_cache_of_three_buckets(tiny_model, bucket_cache, tmp_path):
     # A constant schedule, so that a run told to stop at step 3 has the same learning rates as the 6-step run.
     common = [
         "--train_batch_size",
@@ -172,13 +174,13 @@ def test_resume_is_exact(tiny_model, latent_cache, tmp_path):
         "--validation_steps",
         2,
     ]
-    assert train.main(train_args(tiny_model, latent_cache, tmp_path / "full", "--max_train_steps", 6, *common)) == 0
-    assert train.main(train_args(tiny_model, latent_cache, tmp_path / "half", "--max_train_steps", 3, *common)) == 0
+    assert train.main(train_args(tiny_model, bucket_cache, tmp_path / "full", "--max_train_steps", 6, *common)) == 0
+    assert train.main(train_args(tiny_model, bucket_cache, tmp_path / "half", "--max_train_steps", 3, *common)) == 0
     assert (
         train.main(
             train_args(
                 tiny_model,
-                latent_cache,
+                bucket_cache,
                 tmp_path / "half",
                 "--max_train_steps",
                 6,
@@ -189,7 +191,8 @@ def test_resume_is_exact(tiny_model, latent_cache, tmp_path):
         )
         == 0
     )
-    # 10 training clips, batches of 2, 2 micro-steps a step: the 6 steps cross two epoch boundaries.
+    # 4 training clips in 3 buckets (one video of each shape held out), batches of 2, 2 micro-steps a step: an epoch
+    # is 2 batches, so the 6 steps cross five epoch boundaries.
     assert losses(tmp_path / "half") == losses(tmp_path / "full")
     assert [row["step"] for row in losses(tmp_path / "full")] == [1, 2, 3, 4, 5, 6]
     for name in (LORA_WEIGHTS, ADAPTER_WEIGHTS):
@@ -259,16 +262,29 @@ def test_exported_weights_reload_onto_a_fresh_base(tiny_model, latent_cache, tmp
     assert all(k.startswith("transformer.transformer_blocks.") and ".default." not in k for k in keys)
 
 
-def test_mixture_sampler_draws_datasets_in_ratio():
-    sampler = train.MixtureSampler(sizes=[10, 30], weights=[0.7, 0.3], num_samples=20000, seed=0)
-    draws = list(sampler)
-    share = sum(i < 10 for i in draws) / len(draws)
-    assert abs(share - 0.7) < 0.015
-    assert draws == list(sampler)  # deterministic for a seed and epoch
+def test_bucket_batch_sampler_keeps_one_shape_per_batch_and_the_mixture_weights():
+    # Cache a: 10 clips of one shape and 20 of another; cache b: 30 clips of the first shape. Weights 0.7 / 0.3.
+    a = [{"shape": [16, 5, 8, 14]}] * 10 + [{"shape": [16, 5, 14, 8]}] * 20
+    b = [{"shape": [16, 5, 8, 14]}] * 30
+    groups = train.clip_groups([train.Cache("a", "", a, 0.7), train.Cache("b", "", b, 0.3)])
+    assert [(g.cache, g.bucket, len(g.indices)) for g in groups] == [
+        ("a", "17x64x112", 10),
+        ("a", "17x112x64", 20),
+        ("b", "17x64x112", 30),
+    ]
+    assert [round(g.probability, 4) for g in groups] == [0.2333, 0.4667, 0.3]
+    sampler = train.BucketBatchSampler([g.indices for g in groups], [g.probability for g in groups], 4, 6000, seed=0)
+    batches = list(sampler)
+    group_of = {i: n for n, g in enumerate(groups) for i in g.indices}
+    assert all(len({group_of[i] for i in batch}) == 1 and len(batch) == 4 for batch in batches)
+    share_a = sum(group_of[batch[0]] < 2 for batch in batches) / len(batches)
+    assert abs(share_a - 0.7) < 0.02
+    assert batches == list(sampler)  # deterministic for a seed and epoch
     sampler.set_epoch(1)
-    assert draws != list(sampler)
-    # One dataset: an epoch is a permutation of its clips.
-    assert sorted(train.MixtureSampler(sizes=[10], weights=[1.0], num_samples=10, seed=0)) == list(range(10))
+    assert batches != list(sampler)
+    # One group: an epoch walks a permutation of its clips.
+    one = train.BucketBatchSampler([list(range(10))], [1.0], batch_size=2, num_batches=5, seed=0)
+    assert sorted(i for batch in one for i in batch) == list(range(10))
 
 
 def test_cache_spec_parsing():
@@ -280,10 +296,13 @@ def test_cache_spec_parsing():
 def test_two_caches_are_mixed_in_training(tiny_model, latent_cache, one_clip_cache, tmp_path):
     args = train_args(tiny_model, [f"a={latent_cache}:0.5", f"b={one_clip_cache}:0.5"], tmp_path)
     caches, _ = train.load_caches(args.cache_dir, tiny_model)
-    loader = train.build_train_dataloader(caches, args, num_processes=1)
-    paths = [loader.dataset.clips[i]["path"] for i in loader.sampler]
+    loader, _ = train.build_train_dataloader(caches, args, num_processes=1)
+    paths = []
+    for epoch in range(5):  # each batch comes from one cache: count over a few epochs
+        loader.batch_sampler.set_epoch(epoch)
+        paths += [loader.dataset.clips[i]["path"] for batch in loader.batch_sampler for i in batch]
     from_b = sum(p.startswith(one_clip_cache) for p in paths)
-    assert 0.2 < from_b / len(paths) < 0.8
+    assert 0.35 < from_b / len(paths) < 0.65
 
 
 def test_held_out_videos_never_train(latent_cache):
@@ -310,7 +329,7 @@ def edit_cache_info(cache, **changes):
     [
         ("empty", "holds no clips"),
         ("normalization", "normalized with another VAE"),
-        ("shape", "mix only caches of one clip shape"),
+        ("deleted_clip", "of its 12 listed clip files are missing (first: "),
         ("missing", "is not a latent cache"),
     ],
 )
@@ -325,9 +344,8 @@ def test_bad_caches_fail_before_the_model_loads(tiny_model, latent_cache, tmp_pa
         info = json.load(open(os.path.join(bad, CACHE_INFO)))
         info["vae_normalization"]["latents_std"][0] *= 2
         edit_cache_info(bad, vae_normalization=info["vae_normalization"])
-    elif problem == "shape":
-        edit_cache_info(bad, latent_shape=[16, 9, 8, 14])
-        caches = [latent_cache, bad]
+    elif problem == "deleted_clip":
+        os.remove(sorted(glob.glob(os.path.join(bad, "shard_00000", "*.safetensors")))[5])
     else:
         caches = [str(tmp_path / "nowhere")]
     # A missing model proves nothing was loaded before the error... except the small VAE/transformer configs.
@@ -377,44 +395,6 @@ def test_example_config_parses():
     assert args.cache_dir and args.output_dir
 
 
-def test_two_process_cpu_run_trains_and_saves_once(tiny_model, latent_cache, tmp_path):
-    result = run_script(
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"),
-        os.path.join(REPO, "train_cosmos_lora.py"),
-        "--pretrained_model_name_or_path",
-        tiny_model,
-        "--cache_dir",
-        latent_cache,
-        "--output_dir",
-        tmp_path,
-        "--max_train_steps",
-        4,
-        "--checkpointing_steps",
-        2,
-        "--train_batch_size",
-        1,
-        "--dataloader_num_workers",
-        0,
-        "--num_validation_clips",
-        0,
-        "--report_to",
-        "none",
-        env=TWO_CPU_PROCESSES,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [row["step"] for row in losses(tmp_path)] == [1, 2, 3, 4]
-    # Both ranks trained (each draws its own batches), but only the main process printed, logged and saved.
-    assert "num_processes=2" in result.stdout
-    assert result.stdout.count("trainable total") == 1
-    assert result.stdout.count(f"in {tmp_path}") == 1
-    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
-    assert load_file(tmp_path / LORA_WEIGHTS)
-
-
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, latent_cache, mode):
     def loss_and_grads(*extra):
@@ -447,42 +427,74 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, la
         torch.testing.assert_close(checkpointed_grads[name], grads[name], rtol=1e-4, atol=1e-6)
 
 
-def test_two_process_run_with_gradient_checkpointing_resumes(tiny_model, latent_cache, tmp_path):
-    common = [
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"),
-        os.path.join(REPO, "train_cosmos_lora.py"),
-        "--pretrained_model_name_or_path",
-        tiny_model,
-        "--cache_dir",
-        latent_cache,
-        "--output_dir",
-        tmp_path,
-        "--checkpointing_steps",
-        2,
-        "--train_batch_size",
-        1,
-        "--dataloader_num_workers",
-        0,
-        "--num_validation_clips",
-        0,
-        "--report_to",
-        "none",
-        "--gradient_checkpointing",
-        "full",
-        "--lr_scheduler",
-        "constant",
-    ]
-    assert run_script(*common, "--max_train_steps", 2, env=TWO_CPU_PROCESSES, timeout=600).returncode == 0
-    result = run_script(
-        *common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest", env=TWO_CPU_PROCESSES, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stdout
-    assert [row["step"] for row in losses(tmp_path)] == [1, 2, 3, 4]
-    assert load_file(tmp_path / "checkpoint-4" / LORA_WEIGHTS).keys() == load_file(tmp_path / LORA_WEIGHTS).keys()
+def test_two_process_runs_on_a_bucketed_cache_resume_exactly_and_save_once(tiny_model, bucket_cache, tmp_path):
+    def launch(output_dir, *extra):
+        return run_script(
+            "-m", "accelerate.commands.launch", "--config_file",
+            os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"), os.path.join(REPO, "train_cosmos_lora.py"),
+            "--pretrained_model_name_or_path", tiny_model, "--cache_dir", bucket_cache, "--output_dir", output_dir,
+            "--checkpointing_steps", 2, "--train_batch_size", 1, "--dataloader_num_workers", 0,
+            "--num_validation_clips", 0, "--report_to", "none", "--gradient_checkpointing", "full",
+            "--lr_scheduler", "constant", *extra, env=TWO_CPU_PROCESSES, timeout=600,
+        )  # fmt: skip
+
+    full = launch(tmp_path / "full", "--max_train_steps", 4)
+    assert full.returncode == 0, full.stderr[-3000:]
+    # Both ranks trained (each draws its own batches), but only the main process printed, logged and saved.
+    assert "num_processes=2" in full.stdout
+    assert full.stdout.count("trainable total") == 1 and full.stdout.count("17x112x64") == 1  # the bucket table
+    assert full.stdout.count(f"in {tmp_path / 'full'}") == 1
+    checkpoints = sorted(d for d in os.listdir(tmp_path / "full") if d.startswith("checkpoint"))
+    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+    # 6 clips in 3 buckets, one per batch, 2 processes: an epoch is 3 steps, so resuming at 2 crosses its end.
+    assert launch(tmp_path / "half", "--max_train_steps", 2).returncode == 0
+    resumed = launch(tmp_path / "half", "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert losses(tmp_path / "half") == losses(tmp_path / "full")
+    assert [row["step"] for row in losses(tmp_path / "full")] == [1, 2, 3, 4]
+    for name in (LORA_WEIGHTS, ADAPTER_WEIGHTS):
+        full_weights, half_weights = load_file(tmp_path / "full" / name), load_file(tmp_path / "half" / name)
+        assert all(torch.equal(full_weights[k], half_weights[k]) for k in full_weights)
+
+
+def test_mixed_shapes_count_tokens_per_batch_and_shift_noise_per_clip():
+    from accelerate import Accelerator
+
+    batch = {"latents": torch.zeros(2, 16, 3, 8, 14), "bad_clips": ["a.safetensors (truncated)"]}
+    stats = train.reduce_micro_step(Accelerator(cpu=True), torch.tensor(0.5), batch, train.StopSignal())
+    assert (stats.loss, stats.tokens, stats.bad_clips, stats.stop_requested) == (0.5, 2 * 3 * 4 * 7, 1, False)
+    # `auto` follows each clip's latent frames (NVIDIA's sqrt(state_t)); a number is used as it is.
+    assert train.clip_timestep_shift("auto", torch.zeros(2, 16, 16, 4, 4)).tolist() == [4.0, 4.0]
+    assert train.clip_timestep_shift(3.0, torch.zeros(1, 16, 5, 4, 4)).tolist() == [3.0]
+
+
+def test_a_clip_that_fails_to_load_is_replaced_named_and_counted_up_to_a_bound(
+    tiny_model, latent_cache, tmp_path, caplog
+):
+    cache = copy_cache(latent_cache, tmp_path / "cache")
+    broken = sorted(glob.glob(os.path.join(cache, "shard_00000", "*.safetensors")))[4]
+    data = open(broken, "rb").read()
+    open(broken, "wb").write(data[: len(data) // 2])  # truncated
+    common = ["--train_batch_size", 4, "--max_train_steps", 3, "--checkpointing_steps", 100]
+    with caplog.at_level(logging.WARNING):
+        assert train.main(train_args(tiny_model, cache, tmp_path / "a", *common)) == 0
+    assert f"skipped a clip that failed to load: {broken}" in caplog.text
+    with pytest.raises(RuntimeError, match=f"1 clips failed to load, more than --max_bad_clips 0; .*{broken}"):
+        train.main(train_args(tiny_model, cache, tmp_path / "b", "--max_bad_clips", 0, *common))
+
+
+def test_a_version_1_cache_without_buckets_still_trains(tiny_model, one_clip_cache, tmp_path):
+    cache = copy_cache(one_clip_cache, tmp_path / "cache")
+    info = json.load(open(os.path.join(cache, CACHE_INFO)))
+    for key in ("format_version", "buckets", "bucket_latent_shapes", "clips_per_bucket", "clip_plan"):
+        del info[key]
+    json.dump(info, open(os.path.join(cache, CACHE_INFO), "w"))
+    manifest = os.path.join(cache, "shard_00000", "manifest.jsonl")
+    rows = [{k: v for k, v in json.loads(line).items() if k != "shape"} for line in open(manifest)]
+    open(manifest, "w").writelines(json.dumps(row) + "\n" for row in rows)
+    assert train.main(train_args(tiny_model, cache, tmp_path / "out", "--max_train_steps", 2)) == 0
+    assert len(losses(tmp_path / "out")) == 2
 
 
 def test_validation_videos_are_written_and_logged(tiny_model, latent_cache, tmp_path):
