@@ -28,8 +28,19 @@ CACHE_INFO = "cache_info.json"
 TEXT_EMBEDS_DIR = "text_embeds"
 MANIFEST = "manifest.jsonl"
 REPORT = "report.json"
+CACHE_FORMAT_VERSION = 2
 # Settings that must match for clips to share one cache.
-CACHE_CONFIG_KEYS = ("num_frames", "fps", "height", "width", "resize_mode", "latent_shape", "vae_normalization")
+CACHE_CONFIG_KEYS = (
+    "num_frames",
+    "fps",
+    "height",
+    "width",
+    "resize_mode",
+    "latent_shape",
+    "vae_normalization",
+    "family",
+    "text_embeds",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,6 +121,16 @@ def load_text_embeds(path):
         return f.get_tensor("prompt_embeds")
 
 
+def cache_family(info):
+    """The model family a cache was made with; format-1 caches (no `family` key) are Predict2's."""
+    return info.get("family", "predict2")
+
+
+def cache_text_embeds(info):
+    """{kind, shape, projection_sha} of a cache's text embeddings; format-1 caches hold T5 embeddings."""
+    return info.get("text_embeds") or {"kind": "t5", "shape": info["text_embed_shape"], "projection_sha": None}
+
+
 def hold_out_clips(clips, num_clips, seed):
     """Split whole videos off until num_clips clips are held out, so no held-out video ever trains."""
     if num_clips <= 0:
@@ -132,8 +153,10 @@ def hold_out_clips(clips, num_clips, seed):
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------------
-def cache_config(args, vae_config, text_dim):
+def cache_config(args, vae_config, text_embeds, family="predict2"):
+    """The cache identity; `text_embeds` is {"kind": "t5"|"projected"|"full", "shape": [512, D], "projection_sha"}."""
     return {
+        "format_version": CACHE_FORMAT_VERSION,
         "num_frames": args.num_frames,
         "fps": args.fps,
         "height": args.height,
@@ -141,9 +164,12 @@ def cache_config(args, vae_config, text_dim):
         "resize_mode": args.resize_mode,
         "latent_shape": latent_shape(args.num_frames, args.height, args.width, vae_config["z_dim"]),
         "latent_dtype": "bfloat16",
-        "text_embed_shape": [512, text_dim],
+        "text_embed_shape": list(text_embeds["shape"]),
+        "text_embeds": text_embeds,
         "vae_normalization": vae_normalization(vae_config),
+        "family": family,
         "model": args.pretrained_model_name_or_path,
+        "revision": getattr(args, "revision", None),
     }
 
 
@@ -153,6 +179,7 @@ def check_cache_compatible(output_dir, config):
         return
     with open(path) as f:
         existing = json.load(f)
+    existing = dict(existing, family=cache_family(existing), text_embeds=cache_text_embeds(existing))
     for key in CACHE_CONFIG_KEYS:
         if existing.get(key) != config[key]:
             raise ValueError(
