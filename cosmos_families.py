@@ -181,7 +181,10 @@ def detect_family(path, revision=None):
     """The family of a diffusers checkpoint (hub id or local dir), from its model_index.json `_class_name`."""
     from diffusers import DiffusionPipeline
 
-    index = DiffusionPipeline.load_config(path, revision=revision)
+    try:
+        index = DiffusionPipeline.load_config(path, revision=revision)
+    except OSError as error:
+        raise FileNotFoundError(f"{path} is not a diffusers checkpoint: {str(error).splitlines()[0]}") from None
     name = index.get("_class_name")
     if name not in FAMILIES:
         raise ValueError(f"{path} is a {name} checkpoint; these scripts take {' or '.join(FAMILIES)}")

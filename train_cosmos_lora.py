@@ -298,8 +298,9 @@ def resolve_family_defaults(args):
     return family
 
 
-def load_caches(specs, pretrained_model_name_or_path, family_name, revision=None):
+def load_caches(specs, pretrained_model_name_or_path, revision=None):
     """Read and check every cache before any model loads; return [Cache] and the shared cache info."""
+    family_name = detect_family(pretrained_model_name_or_path, revision).name
     vae_config = load_component_config(pretrained_model_name_or_path, "vae", revision)
     transformer_config = load_component_config(pretrained_model_name_or_path, "transformer", revision)
     caches, first = [], None
@@ -404,7 +405,7 @@ def build_train_dataloader(caches, args, num_processes):
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------
-def load_transformer(args, weight_dtype, family):
+def load_transformer(args, weight_dtype, family=None):
     """Frozen base transformer in weight_dtype with LoRA, temporal adapters and proj_out trainable in fp32."""
     transformer = load_component(
         args.pretrained_model_name_or_path, "transformer", args.revision, weight_dtype, family
@@ -891,7 +892,7 @@ def run_validation(transformer, validation_set, decoder, args, step, accelerator
 def main(args):
     validate_args(args)
     family = resolve_family_defaults(args)
-    caches, info = load_caches(args.cache_dir, args.pretrained_model_name_or_path, family.name, args.revision)
+    caches, info = load_caches(args.cache_dir, args.pretrained_model_name_or_path, args.revision)
     train_clips, validation_clips = hold_out_clips(caches[0].clips, args.num_validation_clips, args.seed)
     caches[0].clips = train_clips
 

@@ -12,8 +12,13 @@ Everything runs in one call on the random-weight 2B checkpoint (the real-size Wa
 3. End to end: a naive one-process loop (decode, convert on the CPU, encode, write, one after the other) and the real
    cache_latents.py (decode in DataLoader workers, uint8 to the GPU, cuDNN autotuning, channels-last, batch 8,
    writes on a thread). Each run starts from an empty --workdir cache, so nothing is skipped as already cached.
+4. Text path: cache_latents.py's caption encoding (text encoder load, then seconds and bytes per unique caption) for
+   each kind of embedding the model's family stores: T5 for Predict2; crossattn_proj outputs ("projected") and full
+   Qwen2.5-VL embeddings for Predict2.5. The random 2.5 text encoder has the real 28 layers x 3584 width but a small
+   MLP (0.9 B parameters against 8.3 B), so its seconds are a lower bound; the bytes are exact.
 
     python benchmarks/bench_cache.py --workdir /tmp/bench --out $OUT
+    python benchmarks/bench_cache.py --family predict2.5 --workdir /tmp/bench25 --out $OUT
 """
 
 import argparse
@@ -50,11 +55,16 @@ def parse_args():
     parser.add_argument("--vae_clips", type=int, default=24, help="Clips timed per VAE-only variant.")
     parser.add_argument("--num_workers", type=int, default=8, help="cache_latents.py --num_workers.")
     parser.add_argument(
+        "--family", choices=["predict2", "predict2.5"], default="predict2", help="Which random 2B model caches."
+    )
+    parser.add_argument("--captions", type=int, default=32, help="Unique captions the text stage encodes.")
+    parser.add_argument(
         "--stages",
         nargs="+",
-        choices=["end_to_end", "vae_only"],
-        default=["end_to_end", "vae_only"],
-        help="end_to_end: decode cost, naive loop and cache_latents.py; vae_only: the VAE variants.",
+        choices=["end_to_end", "vae_only", "text"],
+        default=["end_to_end", "vae_only", "text"],
+        help="end_to_end: decode cost, naive loop and cache_latents.py; vae_only: the VAE variants; text: the "
+        "caption encoding path.",
     )
     return parser.parse_args()
 
@@ -241,6 +251,38 @@ def script_caching(model, video_dir, out_dir, num_workers):
     }
 
 
+def text_path(model, out_dir, num_captions):
+    """cache_latents.py's TextEmbedCache on unique captions: load seconds, seconds and bytes per caption, per kind."""
+    from cosmos_cache import caption_hash, text_embed_path
+    from cosmos_families import detect_family, load_component_config, text_embed_kind
+
+    family, config = detect_family(model), load_component_config(model, "transformer")
+    results = {}
+    for choice in ["projected", "full"] if family.name == "predict2.5" else ["projected"]:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        args = argparse.Namespace(pretrained_model_name_or_path=model, revision=None, text_embeds=choice)
+        kind = text_embed_kind(config, choice)
+        start = time.perf_counter()
+        projection, _ = cache_latents.load_text_projection(args, family, kind, torch.device("cuda"), torch.bfloat16)
+        cache = cache_latents.TextEmbedCache(out_dir, args, family, projection, torch.device("cuda"), torch.bfloat16)
+        cache.load()
+        torch.cuda.synchronize()
+        load_s = time.perf_counter() - start
+        captions = [
+            f"caption {i}: a worker's hands assemble part {i} at a factory bench." for i in range(num_captions)
+        ]
+        cache.ensure(captions[0])  # warm-up
+        start = time.perf_counter()
+        for caption in captions[1:]:
+            cache.ensure(caption)
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / (num_captions - 1)
+        size = os.path.getsize(text_embed_path(out_dir, caption_hash(captions[1])))
+        results[kind] = {"load_s": round(load_s, 1), "s_per_caption": round(seconds, 4), "bytes_per_caption": size}
+        cache.release()
+    return results
+
+
 def compare_latents(naive_dir, script_dir):
     """Largest relative difference between the naive loop's and the script's latents of the same clips."""
     worst, count = 0.0, 0
@@ -256,10 +298,11 @@ def main():
     args = parse_args()
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.workdir, exist_ok=True)
-    model = bench_train.random_2b_checkpoint(args.workdir)
+    model = bench_train.random_2b_checkpoint(args.workdir, args.family)
     video_dir, paths = make_videos(args.workdir, args.num_videos, args.seconds)
     results = {
         "device": torch.cuda.get_device_name(0),
+        "family": args.family,
         "cpu_count": os.cpu_count(),
         "args": vars(args),
         "date": time.strftime("%Y-%m-%d"),
@@ -281,6 +324,8 @@ def main():
         record("naive_vs_script", compare_latents(naive_dir, script_dir))
     if "vae_only" in args.stages:
         record("vae_only", vae_only(model, video_clips(paths[0]), args.vae_clips))
+    if "text" in args.stages:
+        record("text", text_path(model, os.path.join(args.workdir, "text_cache"), args.captions))
 
 
 if __name__ == "__main__":
