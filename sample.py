@@ -39,7 +39,7 @@ from cosmos_cache import (
     text_embed_path,
 )
 from cosmos_families import detect_family, load_component, project_text, projection_sha, take_text_projection
-from cosmos_model import decode_to_frames, load_finetuned_weights, normalize_latents
+from cosmos_model import ADAPTER_CONFIG, decode_to_frames, load_finetuned_weights, normalize_latents
 from cosmos_video import (
     VAE_TEMPORAL_FACTOR,
     check_clip_geometry,
@@ -365,6 +365,19 @@ def load_safety_checker():
 # ----------------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------------
+def check_lora_family(lora_path, family):
+    """A fine-tune loads only onto the family it was trained on (the 2B shapes of both families are the same)."""
+    path = os.path.join(lora_path, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{lora_path} holds no {ADAPTER_CONFIG}: not a train_cosmos_lora.py output or checkpoint"
+        )
+    with open(path) as f:
+        trained_on = json.load(f).get("family", "predict2")
+    if trained_on != family.name:
+        raise ValueError(f"--lora_path {lora_path} was trained on a {trained_on} model, the model is {family.name}")
+
+
 def check_projected_embeddings(jobs, projection):
     """Cached projected embeddings are valid only with the crossattn_proj (base weights, no LoRA) they came from."""
     sha = projection_sha(projection) if projection is not None else None
@@ -553,6 +566,8 @@ def main(args):
     validate_args(args)
     family = detect_family(args.pretrained_model_name_or_path, args.revision)
     args.num_inference_steps = args.num_inference_steps or family.num_inference_steps
+    if args.lora_path:
+        check_lora_family(args.lora_path, family)
     jobs = collect_jobs(args, family)
     state = Accelerator()  # reads the launcher's settings (incl. ACCELERATE_USE_CPU), unlike PartialState
     os.makedirs(args.output_dir, exist_ok=True)

@@ -56,9 +56,9 @@ def our_latents(args):
 
 @pytest.fixture(scope="module")
 def overfit_run_25(tiny_model_25, one_clip_cache_25, tmp_path_factory):
-    """The tiny Predict2.5 model trained until it memorizes its one cached clip."""
+    """The tiny Predict2.5 model trained until it memorizes its one cached clip (150 steps suffice here)."""
     out = tmp_path_factory.mktemp("overfit_25")
-    args = train_args(tiny_model_25, one_clip_cache_25, out, "--max_train_steps", 300, *OVERFIT_ARGS)
+    args = train_args(tiny_model_25, one_clip_cache_25, out, "--max_train_steps", 150, *OVERFIT_ARGS)
     assert train.main(args) == 0
     return str(out)
 
@@ -120,7 +120,7 @@ def test_full_embedding_cache_trains(tiny_model_25, clips, tmp_path):
     with open(out / CACHE_INFO) as f:
         assert json.load(f)["text_embeds"] == {"kind": "full", "shape": [512, 64], "projection_sha": None}
     run = tmp_path / "run"
-    assert train.main(train_args(tiny_model_25, str(out), run, "--max_train_steps", 2, "--train_batch_size", 1)) == 0
+    assert train.main(train_args(tiny_model_25, str(out), run, "--max_train_steps", 1, "--train_batch_size", 1)) == 0
     assert os.path.isfile(run / LORA_WEIGHTS)
 
 
@@ -220,19 +220,46 @@ def test_overfit_model_reproduces_its_clip_by_sampling(tiny_model_25, one_clip_c
     clip = list_cached_clips(one_clip_cache_25)[0]["path"]
     truth = sample.cached_job(clip).latents[None, :, 1:]
 
+    def latents(steps, *extra):
+        flags = ["--input", clip, "--guidance_scale", 1, "--num_inference_steps", steps, *extra]
+        return our_latents(sample_args(tiny_model_25, tmp_path, *flags))[0]
+
     def error(*extra):
-        args = sample_args(tiny_model_25, tmp_path, "--input", clip, "--guidance_scale", 1, *extra)
-        latents = our_latents(args)[0]
-        return float(((latents[:, :, 1:] - truth) ** 2).mean())
+        return float(((latents(20, *extra)[:, :, 1:] - truth) ** 2).mean())
 
     untrained, trained = error(), error("--lora_path", overfit_run_25)
+    # Measured: MSE 1.56 untrained and 0.053 trained over the four generated latent frames.
     assert trained < 0.1 * untrained and trained < 0.1, (trained, untrained)
-    assert error("--lora_path", overfit_run_25, "--lora_scale", 0) == pytest.approx(untrained, rel=1e-5)
+    base = latents(3)
+    torch.testing.assert_close(
+        latents(3, "--lora_path", overfit_run_25, "--lora_scale", 0), base, rtol=1e-5, atol=1e-5
+    )
 
 
-def test_lora_file_loads_with_the_pipelines_load_lora_weights(tiny_model_25, overfit_run_25):
+def test_lora_file_loads_with_the_pipelines_load_lora_weights(tiny_model, tiny_model_25, overfit_run_25, tmp_path):
+    with pytest.raises(ValueError, match="was trained on a predict2.5 model, the model is predict2"):
+        sample.main(sample_args(tiny_model, tmp_path, "--input", "unused.png", "--lora_path", overfit_run_25))
     pipe = pipeline(tiny_model_25)
     base = pipeline_latents(pipe, 3, 0, guidance_scale=1.0)
     pipe.load_lora_weights(overfit_run_25, weight_name=LORA_WEIGHTS)
     tuned = pipeline_latents(pipe, 3, 0, guidance_scale=1.0)
     assert (tuned - base).abs().mean() > 0.05
+
+
+def test_a_format_1_cache_still_trains_as_predict2(tiny_model, one_clip_cache, tmp_path):
+    """Caches written before the family keys existed hold T5 embeddings of a Predict2 model."""
+    import shutil
+
+    from cosmos_cache import check_cache_compatible
+
+    old = str(tmp_path / "old")
+    shutil.copytree(one_clip_cache, old)
+    path = os.path.join(old, CACHE_INFO)
+    with open(path) as f:
+        info = json.load(f)
+    new_keys = ("format_version", "family", "revision", "text_embeds")
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in info.items() if k not in new_keys}, f)
+    caches, _ = train.load_caches([old], tiny_model)
+    assert len(caches[0].clips) == 1
+    check_cache_compatible(old, {k: info[k] for k in info if k not in ("num_clips", "num_videos", "num_shards")})
