@@ -15,7 +15,7 @@ Everything runs in one call on the random-weight 2B checkpoint (the real-size Wa
 4. Text path: cache_latents.py's caption encoding (text encoder load, then seconds and bytes per unique caption) for
    each kind of embedding the model's family stores: T5 for Predict2; crossattn_proj outputs ("projected") and full
    Qwen2.5-VL embeddings for Predict2.5. The random 2.5 text encoder has the real 28 layers x 3584 width but a small
-   MLP (0.9 B parameters against 8.3 B), so its seconds are a lower bound; the bytes are exact.
+   MLP (1.0 B parameters against 8.3 B), so its seconds are a lower bound; the bytes are exact.
 
     python benchmarks/bench_cache.py --workdir /tmp/bench --out $OUT
     python benchmarks/bench_cache.py --family predict2.5 --workdir /tmp/bench25 --out $OUT

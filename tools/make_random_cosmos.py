@@ -83,7 +83,7 @@ PREDICT25_TRANSFORMER = {
     "2b": dict(use_crossattn_projection=True, crossattn_proj_in_channels=100352, encoder_hidden_states_channels=1024),
 }
 # The transformer sees num_hidden_layers x hidden_size values per token: 2 x 32 (tiny); 28 x 3584 = 100352 (2b), the
-# real Qwen2.5-VL-7B's layers and width with a small MLP and vocabulary (0.9 B parameters instead of 8.3 B).
+# real Qwen2.5-VL-7B's layers and width with a small MLP and vocabulary (1.0 B parameters instead of 8.3 B).
 QWEN_TEXT_CONFIGS = {
     "tiny": dict(
         hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1
