@@ -4,10 +4,12 @@
 Videos come from a local folder, local WebDataset tar shards, or a Hugging Face dataset streamed with `datasets`.
 Each video is cut into clips of `--num_frames` frames at `--fps`, fitted to `--height` x `--width`, and encoded with
 the frozen Wan2.1 VAE of the Cosmos checkpoint. Every clip is stored as one safetensors file holding the VAE posterior
-mean, normalized as the Cosmos pipeline normalizes latents. Captions are encoded once each with the checkpoint's T5.
+mean, normalized as the Cosmos pipeline normalizes latents. Captions are encoded once each with the checkpoint's text
+encoder (Predict2: T5; Predict2.5: Qwen2.5-VL, stored by default as the frozen crossattn_proj output, see
+--text_embeds), which loads only when an embedding is missing.
 
-    OUTPUT/cache_info.json                 config, model id, VAE normalization, counts
-    OUTPUT/text_embeds/HASH.safetensors    T5 embeddings [512, D] per unique caption
+    OUTPUT/cache_info.json                 config, model family, id and revision, VAE normalization, counts
+    OUTPUT/text_embeds/HASH.safetensors    text embedding [512, D] per unique caption
     OUTPUT/shard_00000/KEY__000.safetensors  latents [16, (N-1)/4+1, H/8, W/8] in bfloat16
     OUTPUT/shard_00000/manifest.jsonl      one row per clip file
     OUTPUT/shard_00000/report.json         what the last run of this shard cached and skipped
@@ -52,7 +54,17 @@ from cosmos_cache import (
     write_cache_info,
     write_clips,
 )
-from cosmos_model import encode_prompts, normalize_latents
+from cosmos_families import (
+    detect_family,
+    load_component,
+    load_component_config,
+    project_text,
+    projection_sha,
+    take_text_projection,
+    text_embed_kind,
+    text_embed_width,
+)
+from cosmos_model import normalize_latents
 from cosmos_video import (
     Bucket,
     check_clip_geometry,
@@ -82,8 +94,14 @@ def parse_args(argv=None):
     parser.add_argument(
         "--pretrained_model_name_or_path",
         default="nvidia/Cosmos-Predict2-2B-Video2World",
-        help="Hub id or local diffusers directory of a Cosmos-Predict2 Video2World checkpoint. "
-        "Its vae/, text_encoder/ and tokenizer/ are used.",
+        help="Hub id or local diffusers directory of a Cosmos-Predict2 Video2World or Cosmos-Predict2.5 checkpoint "
+        "(the family is read from its model_index.json). Its vae/, text_encoder/ and tokenizer/ are used.",
+    )
+    parser.add_argument(
+        "--revision",
+        default=None,
+        help="Hub revision (branch, tag or commit) of the checkpoint, e.g. diffusers/base/post-trained for "
+        "nvidia/Cosmos-Predict2.5-2B.",
     )
     parser.add_argument("--output_dir", required=True, help="Cache directory to create or complete.")
     source = parser.add_argument_group("source (exactly one, except with --verify alone)")
@@ -158,6 +176,14 @@ def parse_args(argv=None):
     text = parser.add_argument_group("captions")
     text.add_argument(
         "--prompt", default=DEFAULT_PROMPT, help="Caption for videos without one (Egocentric-100K has no captions)."
+    )
+    text.add_argument(
+        "--text_embeds",
+        choices=["projected", "full"],
+        default="projected",
+        help="Predict2.5 only: store each caption as the output of the transformer's frozen crossattn_proj "
+        "[512, 1024] (1 MB; valid while crossattn_proj stays frozen and unchanged, which training checks), or the "
+        "full Qwen2.5-VL embedding [512, 100352] (103 MB). Predict2 stores T5 embeddings [512, 1024] either way.",
     )
     text.add_argument(
         "--caption_field",
@@ -604,21 +630,40 @@ def children_cpu_seconds():
 
 
 class TextEmbedCache:
-    """Encodes each caption once and stores it as text_embeds/HASH.safetensors."""
+    """Encodes each caption once and stores it as text_embeds/HASH.safetensors (projected if `projection` is given).
 
-    def __init__(self, output_dir, tokenizer, text_encoder):
-        self.output_dir, self.tokenizer, self.text_encoder = output_dir, tokenizer, text_encoder
+    The tokenizer and text encoder load on the first missing embedding; `release` frees them again.
+    """
+
+    def __init__(self, output_dir, args, family, projection, device, dtype):
+        self.output_dir, self.args, self.family, self.projection = output_dir, args, family, projection
+        self.device, self.dtype = device, dtype
         os.makedirs(os.path.join(output_dir, TEXT_EMBEDS_DIR), exist_ok=True)
-        self.known = set()
+        self.known, self.tokenizer, self.text_encoder = set(), None, None
 
     def ensure(self, caption):
         hash_ = caption_hash(caption)
         path = text_embed_path(self.output_dir, hash_)
         if hash_ not in self.known and not os.path.exists(path):
-            embeds = encode_prompts(self.tokenizer, self.text_encoder, [caption], self.text_encoder.device)
+            if self.text_encoder is None:
+                self.load()
+            embeds = self.family.encode_prompts(self.tokenizer, self.text_encoder, [caption], self.device)
+            with torch.no_grad():
+                embeds = project_text(self.projection, embeds)
             atomic_save({"prompt_embeds": embeds[0].to(torch.bfloat16).cpu()}, path, {"caption": caption})
         self.known.add(hash_)
         return hash_
+
+    def load(self):
+        path, revision = self.args.pretrained_model_name_or_path, self.args.revision
+        self.tokenizer = load_component(path, "tokenizer", revision, family=self.family)
+        encoder = load_component(path, "text_encoder", revision, self.dtype, family=self.family)
+        self.text_encoder = encoder.to(self.device).eval().requires_grad_(False)
+
+    def release(self):
+        self.tokenizer = self.text_encoder = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -635,28 +680,31 @@ def print_verify(output_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def load_models(args, device):
-    from diffusers import AutoencoderKLWan
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    dtype = {
-        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-        "float32": torch.float32,
-        "bfloat16": torch.bfloat16,
-    }[args.vae_dtype]
-    path = args.pretrained_model_name_or_path
-    vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype).to(device).eval()
-    vae.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-    text_encoder = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
-    return vae, tokenizer, text_encoder
+def load_text_projection(args, family, kind, device, dtype):
+    """Predict2.5's frozen crossattn_proj (and its weight hash) when the cache stores projected embeddings."""
+    if kind != "projected":
+        return None, None
+    transformer = load_component(args.pretrained_model_name_or_path, "transformer", args.revision, dtype, family)
+    projection = take_text_projection(transformer)
+    return projection.to(device).eval().requires_grad_(False), projection_sha(projection)
 
 
 def cache_videos(args, layout, accelerator):
     """Cache this run's part of the videos; return the shard's report (on the main process)."""
     torch.backends.cudnn.benchmark = True  # VAE calls repeat a few shapes, so the fastest conv kernels pay off
-    vae, tokenizer, text_encoder = load_models(args, accelerator.device)
-    config = cache_config(args, vae.config, text_encoder.config.d_model)
+    path, revision, device = args.pretrained_model_name_or_path, args.revision, accelerator.device
+    dtype = {
+        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+    }[args.vae_dtype]
+    family = detect_family(path, revision)
+    transformer_config = load_component_config(path, "transformer", revision)
+    kind = text_embed_kind(transformer_config, args.text_embeds)
+    projection, sha = load_text_projection(args, family, kind, device, dtype)
+    text_embeds = {"kind": kind, "shape": [512, text_embed_width(transformer_config, kind)], "projection_sha": sha}
+    vae = load_component(path, "vae", revision, dtype, family).to(device).eval().requires_grad_(False)
+    config = cache_config(args, vae.config, text_embeds, family.name)
     check_cache_compatible(args.output_dir, config)
     shard_dir = os.path.join(args.output_dir, f"shard_{args.shard_index:05d}")
     if accelerator.is_main_process:
@@ -675,7 +723,12 @@ def cache_videos(args, layout, accelerator):
         num_workers=args.num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
-    text_cache = TextEmbedCache(args.output_dir, tokenizer, text_encoder)
+    # Captions known up front (local folders) are encoded now, and the text encoder is freed before the VAE loop.
+    text_cache = TextEmbedCache(args.output_dir, args, family, projection, device, dtype)
+    if args.video_dir:
+        for key, video_path in list_local_videos(args.video_dir)[part::num_parts]:
+            text_cache.ensure(captions.get(key) or sidecar_caption(video_path, args.caption_field) or args.prompt)
+        text_cache.release()
     gpu = accelerator.device.type == "cuda"
     mode = args.vae_encode or ("whole" if gpu else "chunked")
     compile_vae = args.compile_vae if args.compile_vae is not None else gpu and mode == "whole" and COMPILE_VAE_ON_GPU

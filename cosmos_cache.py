@@ -28,9 +28,19 @@ CACHE_INFO = "cache_info.json"
 TEXT_EMBEDS_DIR = "text_embeds"
 MANIFEST = "manifest.jsonl"
 REPORT = "report.json"
+CACHE_FORMAT_VERSION = 2  # 2: family, text_embeds, clip_plan, buckets, per-row shapes; 1 still trains
 # Settings that must match for clips to share one cache.
-CACHE_CONFIG_KEYS = ("num_frames", "fps", "height", "width", "resize_mode", "latent_shape", "vae_normalization")
-FORMAT_VERSION = 2  # 2: clip_plan, buckets and per-row shapes; caches of version 1 (one shape, no plan) still train
+CACHE_CONFIG_KEYS = (
+    "num_frames",
+    "fps",
+    "height",
+    "width",
+    "resize_mode",
+    "latent_shape",
+    "vae_normalization",
+    "family",
+    "text_embeds",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,6 +145,16 @@ def load_text_embeds(path):
         return f.get_tensor("prompt_embeds")
 
 
+def cache_family(info):
+    """The model family a cache was made with; format-1 caches (no `family` key) are Predict2's."""
+    return info.get("family", "predict2")
+
+
+def cache_text_embeds(info):
+    """{kind, shape, projection_sha} of a cache's text embeddings; format-1 caches hold T5 embeddings."""
+    return info.get("text_embeds") or {"kind": "t5", "shape": info["text_embed_shape"], "projection_sha": None}
+
+
 def hold_out_clips(clips, num_clips, seed):
     """Split whole videos off until num_clips clips are held out, so no held-out video ever trains.
 
@@ -174,13 +194,16 @@ def hold_out_clips(clips, num_clips, seed):
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------------
-def cache_config(args, vae_config, text_dim):
-    """What cache_info.json records before counting. `clip_plan` holds every setting that decides which frames a clip
-    holds, so that a rerun with another plan is refused instead of mixing two plans in one cache. With several
-    buckets, num_frames, height, width and latent_shape are null: each manifest row has its own shape."""
+def cache_config(args, vae_config, text_embeds, family="predict2"):
+    """What cache_info.json records before counting: the cache identity.
+
+    `text_embeds` is {"kind": "t5"|"projected"|"full", "shape": [512, D], "projection_sha"}. `clip_plan` holds every
+    setting that decides which frames a clip holds, so that a rerun with another plan is refused instead of mixing two
+    plans in one cache. With several buckets, num_frames, height, width and latent_shape are null: each manifest row
+    has its own shape."""
     buckets, single = args.buckets, len(args.buckets) == 1
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": CACHE_FORMAT_VERSION,
         "num_frames": buckets[0].num_frames if single else None,
         "fps": args.fps,
         "height": buckets[0].height if single else None,
@@ -197,9 +220,12 @@ def cache_config(args, vae_config, text_dim):
             "buckets": [b.name for b in buckets],
         },
         "latent_dtype": "bfloat16",
-        "text_embed_shape": [512, text_dim],
+        "text_embed_shape": list(text_embeds["shape"]),
+        "text_embeds": text_embeds,
         "vae_normalization": vae_normalization(vae_config),
+        "family": family,
         "model": args.pretrained_model_name_or_path,
+        "revision": getattr(args, "revision", None),
     }
 
 
@@ -209,6 +235,7 @@ def check_cache_compatible(output_dir, config):
         return
     with open(path) as f:
         existing = json.load(f)
+    existing = dict(existing, family=cache_family(existing), text_embeds=cache_text_embeds(existing))
     for key in CACHE_CONFIG_KEYS:
         if existing.get(key) != config[key]:
             raise ValueError(

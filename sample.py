@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Video2World generation with a Cosmos-Predict2 model fine-tuned by train_cosmos_lora.py.
+"""Video2World generation with a Cosmos-Predict2 or Cosmos-Predict2.5 model fine-tuned by train_cosmos_lora.py.
 
-Each input is a job: a video (its first 1 or 5 frames condition the generation), an image, or a cached clip from
-cache_latents.py (its first 1 or 2 latent frames condition it; the rest is the ground truth). Writes one mp4 per job,
+Each input is a job: a video, an image, or a cached clip from cache_latents.py (its first 1 or 2 latent frames
+condition it; the rest is the ground truth). A video conditions on 1 or 5 of its frames: its first ones for Predict2
+(the rest of the clip is ground truth), its last ones for Predict2.5 (as Cosmos2_5_PredictBasePipeline does: the
+generation continues the video, without ground truth). Each family samples with its own pipeline's math: Predict2
+Euler on Karras sigmas 80 -> 0.002 (35 steps), Predict2.5 UniPC on flow sigmas (36 steps). Writes one mp4 per job,
 a ground truth | generated mp4 where ground truth exists, video_grid.mp4, contact_sheet.png and results.json with the
 settings and PSNR/SSIM against the ground truth.
 
@@ -26,14 +29,17 @@ from PIL import Image
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from cosmos_cache import hold_out_clips, list_cached_clips, load_text_embeds, read_cache_info, text_embed_path
-from cosmos_model import (
-    decode_to_frames,
-    denoise_video2world,
-    encode_prompts,
-    load_finetuned_weights,
-    normalize_latents,
+from cosmos_cache import (
+    cache_family,
+    cache_text_embeds,
+    hold_out_clips,
+    list_cached_clips,
+    load_text_embeds,
+    read_cache_info,
+    text_embed_path,
 )
+from cosmos_families import detect_family, load_component, project_text, projection_sha, take_text_projection
+from cosmos_model import ADAPTER_CONFIG, decode_to_frames, load_finetuned_weights, normalize_latents
 from cosmos_video import (
     VAE_TEMPORAL_FACTOR,
     check_clip_geometry,
@@ -58,18 +64,16 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 DEFAULT_PROMPT = "An egocentric video from a head-mounted camera of a worker's hands doing manual work in a factory."
 
 
-def default_negative_prompt():
-    from diffusers.pipelines.cosmos.pipeline_cosmos2_video2world import DEFAULT_NEGATIVE_PROMPT
-
-    return DEFAULT_NEGATIVE_PROMPT
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--pretrained_model_name_or_path",
         default="nvidia/Cosmos-Predict2-2B-Video2World",
-        help="Hub id or local diffusers directory of the base Cosmos-Predict2 Video2World model.",
+        help="Hub id or local diffusers directory of the base model: Cosmos-Predict2 Video2World or "
+        "Cosmos-Predict2.5 (the family is read from its model_index.json).",
+    )
+    parser.add_argument(
+        "--revision", default=None, help="Hub revision of the model, e.g. diffusers/base/post-trained."
     )
     parser.add_argument(
         "--lora_path",
@@ -102,8 +106,8 @@ def parse_args(argv=None):
         type=int,
         choices=[1, 5],
         default=1,
-        help="Video inputs condition on their first 1 or 5 frames (1 or 2 latent frames); cached "
-        "clips on the same number of latent frames.",
+        help="Video inputs condition on 1 or 5 frames (1 or 2 latent frames): their first ones for Predict2, their "
+        "last ones for Predict2.5 (as each family's pipeline does); cached clips on their first 1 or 2 latent frames.",
     )
     gen = parser.add_argument_group("generation")
     gen.add_argument(
@@ -111,7 +115,12 @@ def parse_args(argv=None):
     )
     gen.add_argument("--negative_prompt", default=None, help="Negative prompt. Default: the diffusers pipeline's.")
     gen.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance (1 disables it).")
-    gen.add_argument("--num_inference_steps", type=int, default=35, help="Denoising steps.")
+    gen.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help="Denoising steps. Default: 35 (Predict2), 36 (Predict2.5).",
+    )
     gen.add_argument(
         "--num_frames", type=int, default=61, help="Frames to generate (4k+1). Cached clips use their own length."
     )
@@ -184,6 +193,7 @@ class Job:
     truth_frames: torch.Tensor = None  # uint8 [T, H, W, 3] where the input holds ground truth
     latents: torch.Tensor = None  # cached clip latents [16, T, h, w]
     prompt_embeds: torch.Tensor = None  # a cached clip's own caption embedding
+    projection_sha: str = None  # the crossattn_proj a projected cached embedding was made with
     shape: tuple = field(default=None)  # (num_frames, height, width) of the generation
     fps: float = 8.0
 
@@ -217,7 +227,31 @@ def input_shape(args, height, width, num_source_frames=None, source_fps=None):
     return (bucket.num_frames, bucket.height, bucket.width)
 
 
-def video_job(path, args):
+def last_frame_indices(num_source_frames, source_fps, num_frames, fps):
+    """Source indices of the last `num_frames` frames at `fps`, ending at the video's last frame."""
+    last = num_source_frames - 1
+    indices = [last - round((num_frames - 1 - j) * source_fps / fps) for j in range(num_frames)]
+    return [indices] if indices[0] >= 0 else []
+
+
+def video_job(path, args, family):
+    if family.conditioning_side == "last":
+        with open_video(path) as container:
+            num_source_frames, source_fps = probe_video(container)
+            shape = input_shape(args, *video_size(container), num_source_frames, source_fps)
+            planned = last_frame_indices(num_source_frames, source_fps, args.num_conditioning_frames, args.fps)
+            if not planned:
+                raise ValueError(f"{path} has fewer than {args.num_conditioning_frames} frames at {args.fps} fps")
+            decoded = decode_frames(container, set(planned[0]))
+        frames = torch.stack([torch.from_numpy(decoded[i]) for i in planned[0]])
+        return Job(
+            name=os.path.splitext(os.path.basename(path))[0],
+            kind="video",
+            source=path,
+            cond_frames=fit_frames(frames, shape[1], shape[2], args.resize_mode),
+            shape=shape,
+            fps=args.fps,
+        )
     with open_video(path) as container:
         num_source_frames, source_fps = probe_video(container)
         num_frames, height, width = shape = input_shape(args, *video_size(container), num_source_frames, source_fps)
@@ -255,12 +289,15 @@ def image_job(path, args):
     )
 
 
-def cached_job(path, cache_dir=None):
+def cached_job(path, cache_dir=None, family=None):
     with safe_open(path, "pt") as f:
         latents, meta = f.get_tensor("latents").float(), f.metadata()
     if "caption_hash" not in meta:
         raise ValueError(f"{path} is not a clip file of cache_latents.py")
     cache_dir = cache_dir or os.path.dirname(os.path.dirname(path))
+    info = read_cache_info(cache_dir)
+    if family and cache_family(info) != family.name:
+        raise ValueError(f"{path} was cached with a {cache_family(info)} model, the model is {family.name}")
     embeds_path = text_embed_path(cache_dir, meta["caption_hash"])
     embeds = load_text_embeds(embeds_path).float() if os.path.isfile(embeds_path) else None
     return Job(
@@ -269,23 +306,25 @@ def cached_job(path, cache_dir=None):
         source=path,
         latents=latents,
         prompt_embeds=embeds,
+        projection_sha=cache_text_embeds(info)["projection_sha"],
         shape=(int(meta["num_frames"]), int(meta["height"]), int(meta["width"])),
         fps=float(meta["fps"]),
     )
 
 
-def collect_jobs(args):
+def collect_jobs(args, family=None):
     """Read every input into a job; bad inputs fail here, before any model loads."""
+    family = family or detect_family(args.pretrained_model_name_or_path, args.revision)
     jobs = []
     for path in expand_inputs(args.input):
         lower = path.lower()
         try:
             if lower.endswith(".safetensors"):
-                jobs.append(cached_job(path))
+                jobs.append(cached_job(path, family=family))
             elif lower.endswith(IMAGE_EXTENSIONS):
                 jobs.append(image_job(path, args))
             elif lower.endswith(VIDEO_EXTENSIONS):
-                jobs.append(video_job(path, args))
+                jobs.append(video_job(path, args, family))
             else:
                 raise ValueError("unknown file type")
         except (ValueError, FileNotFoundError):
@@ -296,7 +335,7 @@ def collect_jobs(args):
         read_cache_info(args.from_cache)
         _, held = hold_out_clips(list_cached_clips(args.from_cache), args.num_videos, args.seed)
         held = sorted(held, key=lambda clip: clip["shape"])  # one bucket after another: fuller batches
-        jobs += [cached_job(clip["path"], args.from_cache) for clip in held]
+        jobs += [cached_job(clip["path"], args.from_cache, family) for clip in held]
     if not jobs:
         raise ValueError("nothing to generate: give --input or --from_cache")
     names = [job.name for job in jobs]
@@ -309,17 +348,17 @@ def collect_jobs(args):
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
-def load_pipeline_components(args, device):
-    from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
-    from transformers import AutoTokenizer, T5EncoderModel
-
+def load_pipeline_components(args, device, family=None):
+    """The models, with Predict2.5's crossattn_proj taken out of the transformer (`text_projection`): every
+    embedding is projected before the transformer sees it, so cached projected ones and fresh raw ones batch alike."""
     dtype = {
         "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
         "float32": torch.float32,
         "bfloat16": torch.bfloat16,
     }[args.dtype]
-    path = args.pretrained_model_name_or_path
-    transformer = CosmosTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+    path, revision = args.pretrained_model_name_or_path, args.revision
+    family = family or detect_family(path, revision)
+    transformer = load_component(path, "transformer", revision, dtype, family)
     if args.lora_path:
         load_finetuned_weights(transformer, args.lora_path, scale=1.0 if args.fuse_lora else args.lora_scale)
         if args.fuse_lora and getattr(transformer, "peft_config", None):
@@ -329,17 +368,15 @@ def load_pipeline_components(args, device):
     if args.compile:
         for block in transformer.transformer_blocks:
             block.compile()
+    transformer = transformer.to(device).eval().requires_grad_(False)
     components = dict(
-        transformer=transformer.to(device).eval().requires_grad_(False),
-        vae=AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
-        .to(device)
-        .eval()
-        .requires_grad_(False),
-        text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
-        .to(device)
-        .requires_grad_(False),
-        tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
+        family=family,
+        transformer=transformer,
+        text_projection=take_text_projection(transformer),
+        vae=load_component(path, "vae", revision, dtype, family).to(device).eval().requires_grad_(False),
+        text_encoder=load_component(path, "text_encoder", revision, dtype, family).to(device).requires_grad_(False),
+        tokenizer=load_component(path, "tokenizer", revision, family=family),
+        scheduler=load_component(path, "scheduler", revision, family=family),
     )
     components["safety_checker"] = None if args.disable_safety_checker else load_safety_checker()
     return components
@@ -359,11 +396,36 @@ def load_safety_checker():
 # ----------------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------------
-def conditioning_latents(job, vae, generator, device):
+def check_lora_family(lora_path, family):
+    """A fine-tune loads only onto the family it was trained on (the 2B shapes of both families are the same)."""
+    path = os.path.join(lora_path, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{lora_path} holds no {ADAPTER_CONFIG}: not a train_cosmos_lora.py output or checkpoint"
+        )
+    with open(path) as f:
+        trained_on = json.load(f).get("family", "predict2")
+    if trained_on != family.name:
+        raise ValueError(f"--lora_path {lora_path} was trained on a {trained_on} model, the model is {family.name}")
+
+
+def check_projected_embeddings(jobs, projection):
+    """Cached projected embeddings are valid only with the crossattn_proj (base weights, no LoRA) they came from."""
+    sha = projection_sha(projection) if projection is not None else None
+    for job in jobs:
+        if job.projection_sha and job.projection_sha != sha:
+            raise ValueError(
+                f"{job.source}: its cached text embedding was projected with another crossattn_proj than this "
+                "model's; pass --prompt or re-cache with this model"
+            )
+
+
+def conditioning_latents(job, vae, generator, device, posterior):
     """Clean latents the generation is conditioned on, and how many latent frames of them count.
 
-    Image and video jobs follow the pipeline: the conditioning frames padded to the clip length with the last frame,
-    encoded by sampling the VAE posterior with the job's generator, then normalized.
+    Image and video jobs follow the family's pipeline: the conditioning frames padded to the clip length with the last
+    frame, encoded with the VAE posterior (Predict2: a sample drawn with the job's generator; Predict2.5: its mode),
+    then normalized.
     """
     if job.kind == "cached":
         return job.latents[None].to(device), None
@@ -371,7 +433,8 @@ def conditioning_latents(job, vae, generator, device):
     frames = job.cond_frames
     padded = torch.cat([frames, frames[-1:].expand(num_frames - len(frames), -1, -1, -1)])
     x = frames_to_vae_input(padded)[None].to(device, vae.dtype)
-    latents = vae.encode(x).latent_dist.sample(generator).float()
+    dist = vae.encode(x).latent_dist
+    latents = (dist.sample(generator) if posterior == "sample" else dist.mode()).float()
     return normalize_latents(latents, vae.config), (len(frames) - 1) // VAE_TEMPORAL_FACTOR + 1
 
 
@@ -380,13 +443,13 @@ def generate_latents(jobs, components, args, first_index):
     """Generate one batch of jobs of equal shape; returns normalized latents and the conditioning latent frames."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    transformer, vae = components["transformer"], components["vae"]
+    family, transformer, vae = components["family"], components["transformer"], components["vae"]
     device, dtype = transformer.device, transformer.dtype
     num_frames, height, width = jobs[0].shape
     cond_latents, noises, num_cond = [], [], []
     for offset, job in enumerate(jobs):
         generator = torch.Generator(device="cpu").manual_seed(args.seed + first_index + offset)
-        latents, n = conditioning_latents(job, vae, generator, device)
+        latents, n = conditioning_latents(job, vae, generator, device, family.conditioning_posterior)
         n = n or (1 if args.num_conditioning_frames == 1 else 2)
         cond_latents.append(latents)
         noises.append(randn_tensor(latents.shape, generator=generator, device=device, dtype=torch.float32))
@@ -396,9 +459,10 @@ def generate_latents(jobs, components, args, first_index):
     prompt_embeds = torch.cat([prompt_embeddings(job, components, args) for job in jobs]).to(device, dtype)
     negative = None
     if args.guidance_scale > 1.0:
-        text = [args.negative_prompt or default_negative_prompt()] * len(jobs)
-        negative = encode_prompts(components["tokenizer"], components["text_encoder"], text, device).to(dtype)
-    latents = denoise_video2world(
+        text = [args.negative_prompt or family.default_negative_prompt()] * len(jobs)
+        negative = family.encode_prompts(components["tokenizer"], components["text_encoder"], text, device)
+        negative = project_text(components["text_projection"], negative).to(dtype)
+    latents = family.denoise(
         transformer,
         components["scheduler"],
         torch.cat(noises),
@@ -407,21 +471,22 @@ def generate_latents(jobs, components, args, first_index):
         prompt_embeds,
         negative,
         args.guidance_scale,
-        args.num_inference_steps,
+        args.num_inference_steps or family.num_inference_steps,
     )
     return latents, num_cond[0]
 
 
 def prompt_embeddings(job, components, args):
+    """A job's text embedding as the transformer takes it (projected for Predict2.5)."""
     if args.prompt is None and job.prompt_embeds is not None:
-        return job.prompt_embeds[None]
+        return project_text(components["text_projection"], job.prompt_embeds[None])
     prompt = args.prompt or DEFAULT_PROMPT
     checker = components["safety_checker"]
     if checker is not None and not checker.check_text_safety(prompt):
         raise ValueError(f"the guardrail rejected the prompt {prompt!r}")
-    return encode_prompts(
-        components["tokenizer"], components["text_encoder"], [prompt], components["transformer"].device
-    )
+    device = components["transformer"].device
+    embeds = components["family"].encode_prompts(components["tokenizer"], components["text_encoder"], [prompt], device)
+    return project_text(components["text_projection"], embeds)
 
 
 def ground_truth(job, vae):
@@ -546,7 +611,7 @@ def validate_args(args):
     check_clip_geometry(args.num_frames, args.height, args.width)
     if args.lora_path and not os.path.isdir(args.lora_path):
         raise FileNotFoundError(f"--lora_path {args.lora_path} is not a directory")
-    if args.batch_size < 1 or args.num_inference_steps < 1:
+    if args.batch_size < 1 or (args.num_inference_steps is not None and args.num_inference_steps < 1):
         raise ValueError("--batch_size and --num_inference_steps must be at least 1")
 
 
@@ -554,10 +619,15 @@ def main(args):
     from accelerate.utils import gather_object
 
     validate_args(args)
-    jobs = collect_jobs(args)
+    family = detect_family(args.pretrained_model_name_or_path, args.revision)
+    args.num_inference_steps = args.num_inference_steps or family.num_inference_steps
+    if args.lora_path:
+        check_lora_family(args.lora_path, family)
+    jobs = collect_jobs(args, family)
     state = Accelerator()  # reads the launcher's settings (incl. ACCELERATE_USE_CPU), unlike PartialState
     os.makedirs(args.output_dir, exist_ok=True)
-    components = load_pipeline_components(args, state.device)
+    components = load_pipeline_components(args, state.device, family)
+    check_projected_embeddings(jobs, components["text_projection"])
     progress = tqdm(total=len(jobs), desc="videos", disable=not state.is_local_main_process)
     indexed = list(enumerate(jobs))
     with state.split_between_processes(indexed) as mine:

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Parameter-efficient fine-tuning of Cosmos-Predict2 Video2World on a latent cache made by cache_latents.py.
+"""Parameter-efficient fine-tuning of Cosmos-Predict2 Video2World or Cosmos-Predict2.5 on a latent cache made by
+cache_latents.py with the same model (the family is read from the checkpoint's model_index.json).
 
 What trains: LoRA (peft) on the cross-attention projections, one temporal adapter per transformer block, and the
-output projection `proj_out`. Everything else is frozen. The VAE and T5 are not loaded: the cache holds their outputs.
+output projection `proj_out`. Everything else is frozen. The VAE and the text encoder are not loaded: the cache holds
+their outputs.
 
     accelerate launch --config_file accelerate_configs/fsdp3.yaml train_cosmos_lora.py \\
         --pretrained_model_name_or_path nvidia/Cosmos-Predict2-2B-Video2World \\
@@ -22,6 +24,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +37,8 @@ from tqdm.auto import tqdm
 
 from cosmos_cache import (
     bucket_name,
+    cache_family,
+    cache_text_embeds,
     hold_out_clips,
     list_cached_clips,
     load_text_embeds,
@@ -41,11 +46,18 @@ from cosmos_cache import (
     read_cache_info,
     text_embed_path,
 )
+from cosmos_families import (
+    detect_family,
+    load_component,
+    load_component_config,
+    null_text_embedding,
+    projection_sha,
+    take_text_projection,
+    text_embed_width,
+)
 from cosmos_model import (
-    SIGMA_CONDITIONING,
     add_temporal_adapters,
     decode_to_frames,
-    denoise_video2world,
     lora_config,
     predict_velocity,
     read_exported_weights,
@@ -70,8 +82,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--pretrained_model_name_or_path",
         default="nvidia/Cosmos-Predict2-2B-Video2World",
-        help="Hub id or local diffusers directory of the base Cosmos-Predict2 Video2World model.",
+        help="Hub id or local diffusers directory of the base model: Cosmos-Predict2 Video2World or "
+        "Cosmos-Predict2.5 (e.g. nvidia/Cosmos-Predict2.5-2B with --revision diffusers/base/post-trained).",
     )
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
     parser.add_argument(
         "--cache_dir",
         nargs="+",
@@ -116,8 +130,17 @@ def parse_args(argv=None):
     objective.add_argument(
         "--timestep_shift",
         type=float,
-        default=math.sqrt(24),
-        help="Shift s of the logit-normal noise level: t = s*t0 / (1 + (s-1)*t0).",
+        default=None,
+        help="Shift s of the logit-normal noise level: t = s*t0 / (1 + (s-1)*t0). Default: the family's, "
+        "sqrt(24) for Predict2 (NVIDIA's 93-frame configs), 5 for Predict2.5.",
+    )
+    objective.add_argument(
+        "--conditioning_timestep",
+        type=float,
+        default=None,
+        help="Timestep t of the clean conditioning frames. Default: what the family's diffusers pipeline samples "
+        "with, so training and sampling agree: 1e-4/(1+1e-4) for Predict2, 1e-4 for Predict2.5 (upstream is not "
+        "settled: NVIDIA's post-trained 2.5 experiment uses 0.1, its LoRA configs the sample's own t).",
     )
     objective.add_argument(
         "--conditioning_frames",
@@ -273,18 +296,26 @@ class Cache:
     weight: float | None  # None: in proportion to its size
 
 
-def load_caches(specs, pretrained_model_name_or_path):
+def resolve_family_defaults(args):
+    """The checkpoint's family, and its defaults for the objective flags left unset."""
+    family = detect_family(args.pretrained_model_name_or_path, args.revision)
+    if args.timestep_shift is None:
+        args.timestep_shift = family.timestep_shift
+    if args.conditioning_timestep is None:
+        args.conditioning_timestep = family.conditioning_timestep
+    args.family = family.name
+    return family
+
+
+def load_caches(specs, pretrained_model_name_or_path, revision=None):
     """Read and check every cache before any model loads; return [Cache] and the first cache's info.
 
-    Caches of different clip shapes mix (each batch holds one shape); they must share the VAE normalization and the
-    text-embedding width. Every listed clip file must exist.
+    Caches of different clip shapes mix (each batch holds one shape); they must share the model family, the VAE
+    normalization and the text embeddings. Every listed clip file must exist.
     """
-    from diffusers import AutoencoderKLWan, CosmosTransformer3DModel
-
-    vae_config = AutoencoderKLWan.load_config(pretrained_model_name_or_path, subfolder="vae")
-    text_dim = CosmosTransformer3DModel.load_config(pretrained_model_name_or_path, subfolder="transformer")[
-        "text_embed_dim"
-    ]
+    family_name = detect_family(pretrained_model_name_or_path, revision).name
+    vae_config = load_component_config(pretrained_model_name_or_path, "vae", revision)
+    transformer_config = load_component_config(pretrained_model_name_or_path, "transformer", revision)
     caches, first = [], None
     for spec in specs:
         name, path, weight = parse_cache_spec(spec)
@@ -297,10 +328,10 @@ def load_caches(specs, pretrained_model_name_or_path):
                 f"cache {path} was normalized with another VAE's latents_mean/std than "
                 f"{pretrained_model_name_or_path}; re-cache it with this model"
             )
-        if info["text_embed_shape"][1] != text_dim:
+        if cache_family(info) != family_name:
             raise ValueError(
-                f"cache {path} has {info['text_embed_shape'][1]}-dim text embeddings, the transformer "
-                f"expects {text_dim}"
+                f"cache {path} was made with a {cache_family(info)} model, {pretrained_model_name_or_path} is "
+                f"{family_name}; re-cache it with this model"
             )
         missing = missing_clip_files(clips)
         if missing:
@@ -308,6 +339,15 @@ def load_caches(specs, pretrained_model_name_or_path):
                 f"cache {path}: {len(missing)} of its {len(clips)} listed clip files are missing (first: "
                 f"{missing[0]}); run cache_latents.py --verify on it, or rerun its caching to complete it"
             )
+        text = cache_text_embeds(info)
+        expected = text_embed_width(transformer_config, text["kind"])
+        if text["shape"][1] != expected:
+            raise ValueError(
+                f"cache {path} has {text['shape'][1]}-dim {text['kind']} text embeddings, the transformer "
+                f"expects {expected}"
+            )
+        if first and cache_text_embeds(first[1]) != text:
+            raise ValueError(f"cache {path} holds other text embeddings than {first[0]}; mix only alike caches")
         first = first or (path, info)
         for clip in clips:
             clip["text_path"] = text_embed_path(path, clip["caption_hash"])
@@ -448,12 +488,10 @@ def build_train_dataloader(caches, args, num_processes):
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------
-def load_transformer(args, weight_dtype):
+def load_transformer(args, weight_dtype, family=None):
     """Frozen base transformer in weight_dtype with LoRA, temporal adapters and proj_out trainable in fp32."""
-    from diffusers import CosmosTransformer3DModel
-
-    transformer = CosmosTransformer3DModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="transformer", torch_dtype=weight_dtype
+    transformer = load_component(
+        args.pretrained_model_name_or_path, "transformer", args.revision, weight_dtype, family
     )
     transformer.requires_grad_(False)
     transformer.add_adapter(lora_config(args.lora_rank, args.lora_alpha, args.lora_target_modules, args.lora_dropout))
@@ -468,6 +506,28 @@ def load_transformer(args, weight_dtype):
     if args.gradient_checkpointing != "none":
         apply_gradient_checkpointing(transformer, args.gradient_checkpointing)
     return transformer
+
+
+def prepare_text_projection(transformer, text_embeds):
+    """For a cache of projected Predict2.5 embeddings: check that it fits this transformer's crossattn_proj, take the
+    projection out of the transformer (the embeddings are its output already) and return the embedding of a dropped
+    caption, crossattn_proj(0). None for caches of T5 or full embeddings (their dropped caption is zeros)."""
+    if text_embeds["kind"] != "projected":
+        return None
+    projection = transformer.crossattn_proj
+    if any(p.requires_grad for p in projection.parameters()):
+        raise ValueError(
+            "the cache holds crossattn_proj outputs, but crossattn_proj trains in this run (--lora_target_modules); "
+            "re-cache with cache_latents.py --text_embeds full"
+        )
+    if projection_sha(projection) != text_embeds["projection_sha"]:
+        raise ValueError(
+            "the cache's text embeddings were projected with another crossattn_proj than this model's; "
+            "re-cache with this model (or --text_embeds full)"
+        )
+    null_text = null_text_embedding(transformer, "projected")
+    take_text_projection(transformer)
+    return null_text
 
 
 def apply_gradient_checkpointing(transformer, mode):
@@ -541,6 +601,8 @@ def trainable_parameter_table(model):
 def adapter_config(args):
     return {
         "base_model": args.pretrained_model_name_or_path,
+        "base_revision": args.revision,
+        "family": args.family,
         "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha,
         "lora_target_modules": args.lora_target_modules,
@@ -554,13 +616,13 @@ def adapter_config(args):
 # ----------------------------------------------------------------------------------------------------------------
 # Objective
 # ----------------------------------------------------------------------------------------------------------------
-def flow_matching_loss(transformer, latents, prompt_embeds, t, noise, num_cond_frames):
-    """Cosmos-Predict2 video2world objective: uniform MSE on the rectified-flow velocity.
+def flow_matching_loss(transformer, latents, prompt_embeds, t, noise, num_cond_frames, t_cond):
+    """Cosmos video2world objective (Predict2 and Predict2.5): uniform MSE on the rectified-flow velocity.
 
     For clean latents z0 [B, C, T, H, W], noise level t in (0, 1) per sample and noise eps ~ N(0, I):
         x_t     = (1 - t) * z0 + t * eps
         input   = z0 on the first `num_cond_frames` latent frames (clean conditioning), x_t elsewhere
-        timestep: t per frame, t_cond = 1e-4 / (1 + 1e-4) on conditioning frames; condition_mask = 1 there
+        timestep: t per frame, t_cond on conditioning frames (--conditioning_timestep); condition_mask = 1 there
         target  = eps - z0   (the velocity; the sampler's x0 = (1 - t) * x_t - t * F inverts it exactly)
         loss    = mean over non-conditioning frames of (F(input, t) - target)^2, in fp32
     This equals NVIDIA's ||x0 - x0_hat||^2 * (1 + sigma)^2 / sigma^2 with sigma = t / (1 - t).
@@ -572,7 +634,6 @@ def flow_matching_loss(transformer, latents, prompt_embeds, t, noise, num_cond_f
     t = t.view(-1, 1, 1, 1, 1)
     noisy = (1 - t) * latents + t * noise
     model_input = cond * latents + (1 - cond) * noisy
-    t_cond = SIGMA_CONDITIONING / (1 + SIGMA_CONDITIONING)
     timestep = cond * t_cond + (1 - cond) * t
     velocity = predict_velocity(transformer, model_input, timestep, prompt_embeds, cond)
     squared_error = (velocity - (noise - latents)) ** 2 * (1 - cond)
@@ -592,8 +653,11 @@ def clip_timestep_shift(shift, latents):
     return torch.full((latents.shape[0],), value, device=latents.device)
 
 
-def training_loss(transformer, batch, args):
-    """Draw noise level, noise, conditioning frames and text dropout for a batch and return the loss."""
+def training_loss(transformer, batch, args, null_text=None):
+    """Draw noise level, noise, conditioning frames and text dropout for a batch and return the loss.
+
+    A dropped caption's embedding is `null_text` (crossattn_proj(0) for projected Predict2.5 caches), else zeros.
+    """
     latents, prompt_embeds = batch["latents"], batch["prompt_embeds"]
     size, device = latents.shape[0], latents.device
     t = sample_timesteps(size, clip_timestep_shift(args.timestep_shift, latents), device)
@@ -601,11 +665,14 @@ def training_loss(transformer, batch, args):
     choices = torch.tensor(args.conditioning_frames, device=device)
     num_cond = choices[torch.randint(len(choices), (size,), device=device)]
     keep_text = (torch.rand(size, device=device) >= args.text_dropout).float().view(-1, 1, 1)
-    return flow_matching_loss(transformer, latents, prompt_embeds * keep_text, t, noise, num_cond)
+    prompt_embeds = prompt_embeds * keep_text
+    if null_text is not None:
+        prompt_embeds = prompt_embeds + null_text.to(prompt_embeds.device) * (1 - keep_text)
+    return flow_matching_loss(transformer, latents, prompt_embeds, t, noise, num_cond, args.conditioning_timestep)
 
 
 @torch.no_grad()
-def validation_losses(transformer, dataset, device, seed):
+def validation_losses(transformer, dataset, device, seed, t_cond):
     """Held-out loss at fixed noise levels and fixed noise (one conditioning frame, no text dropout): the mean per
     noise level over all held-out clips, and the mean over noise levels per bucket."""
     per_clip = []
@@ -617,7 +684,9 @@ def validation_losses(transformer, dataset, device, seed):
         one = torch.ones(1, device=device, dtype=torch.long)
         per_clip.append(
             [
-                flow_matching_loss(transformer, latents, embeds, torch.full((1,), t, device=device), noise, one).item()
+                flow_matching_loss(
+                    transformer, latents, embeds, torch.full((1,), t, device=device), noise, one, t_cond
+                ).item()
                 for t in VALIDATION_TIMESTEPS
             ]
         )
@@ -630,10 +699,11 @@ def validation_losses(transformer, dataset, device, seed):
 
 @dataclass
 class ValidationDecoder:
-    """What validation videos need beside the transformer: the VAE to decode and the sampler's scheduler."""
+    """What validation videos need beside the transformer: the VAE to decode, the sampler's scheduler and loop."""
 
     vae: torch.nn.Module
     scheduler: object
+    denoise: Callable
 
 
 @torch.no_grad()
@@ -646,7 +716,7 @@ def validation_videos(transformer, decoder, dataset, args, step, accelerator):
         item = dataset[index]
         truth = item["latents"][None].to(accelerator.device)
         noise = torch.randn(truth.shape, generator=torch.Generator().manual_seed(args.seed + index))
-        latents = denoise_video2world(
+        latents = decoder.denoise(
             transformer,
             decoder.scheduler,
             noise.to(truth.device),
@@ -678,14 +748,11 @@ def log_validation_videos(accelerator, paths, sheet, step):
             tracker.log({"val/truth_vs_generated": [wandb.Video(path, format="mp4") for path in paths]}, step=step)
 
 
-def load_validation_decoder(args, dtype, device):
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
-
-    vae = AutoencoderKLWan.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", torch_dtype=dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="scheduler"
-    )
-    return ValidationDecoder(vae.to(device).eval(), scheduler)
+def load_validation_decoder(args, dtype, device, family):
+    path, revision = args.pretrained_model_name_or_path, args.revision
+    vae = load_component(path, "vae", revision, dtype, family)
+    scheduler = load_component(path, "scheduler", revision, family=family)
+    return ValidationDecoder(vae.to(device).eval(), scheduler, family.denoise)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -945,7 +1012,9 @@ def append_loss_log(path, step, logs):
 def run_validation(transformer, validation_set, decoder, args, step, accelerator):
     """Held-out losses at fixed noise levels, then (with --validation_videos) generated held-out clips."""
     transformer.eval()
-    losses, per_bucket = validation_losses(transformer, validation_set, accelerator.device, args.seed)
+    losses, per_bucket = validation_losses(
+        transformer, validation_set, accelerator.device, args.seed, args.conditioning_timestep
+    )
     logs = {f"val/loss_t{t}": v for t, v in losses.items()} | {"val/loss": sum(losses.values()) / len(losses)}
     logs |= {f"val/loss_{bucket}": v for bucket, v in per_bucket.items()}
     accelerator.log(logs, step=step)
@@ -956,7 +1025,8 @@ def run_validation(transformer, validation_set, decoder, args, step, accelerator
 
 def main(args):
     validate_args(args)
-    caches, _ = load_caches(args.cache_dir, args.pretrained_model_name_or_path)
+    family = resolve_family_defaults(args)
+    caches, info = load_caches(args.cache_dir, args.pretrained_model_name_or_path, args.revision)
     train_clips, validation_clips = hold_out_clips(caches[0].clips, args.num_validation_clips, args.seed)
     caches[0].clips = train_clips
 
@@ -975,7 +1045,8 @@ def main(args):
     batch_sampler = train_dataloader.batch_sampler
     accelerator.print(bucket_table(groups, args.train_batch_size))
     weight_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    transformer = load_transformer(args, weight_dtype)
+    transformer = load_transformer(args, weight_dtype, family)
+    null_text = prepare_text_projection(transformer, cache_text_embeds(info))
     if accelerator.is_main_process:
         print(trainable_parameter_table(transformer))
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -1009,7 +1080,7 @@ def main(args):
     validation_set = CachedClips(validation_clips)
     decoder = None
     if validation_clips and args.validation_videos > 0:
-        decoder = load_validation_decoder(args, weight_dtype, accelerator.device)
+        decoder = load_validation_decoder(args, weight_dtype, accelerator.device, family)
     progress = tqdm(
         total=max_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
@@ -1030,7 +1101,7 @@ def main(args):
             torch.manual_seed(step_seed(args.seed, state.global_step, micro_step, accelerator.process_index))
             with accelerator.accumulate(transformer):
                 # Forward and loss.
-                loss = training_loss(transformer, batch, args)
+                loss = training_loss(transformer, batch, args, null_text)
                 stats = reduce_micro_step(accelerator, loss, batch, stop)
                 check_bad_clips(batch, stats, state, args)
                 check_finite(stats.loss, state)

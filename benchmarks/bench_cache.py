@@ -21,8 +21,13 @@ Every encode is compared with a plain float32 chunked encode of the same clips (
 end-to-end runs the report gives clips/s, the rate after the first batch (start-up and compilation), the share of
 wall time the loop waited for decoded clips, and the CPU cores the decode workers kept busy. Each run starts from an
 empty cache under --workdir, so nothing is skipped as already cached.
+7. text: cache_latents.py's caption encoding (text encoder load, then seconds and bytes per unique caption) for
+   each kind of embedding the model's family stores: T5 for Predict2; crossattn_proj outputs ("projected") and full
+   Qwen2.5-VL embeddings for Predict2.5. The random 2.5 text encoder has the real 28 layers x 3584 width but a small
+   MLP (1.0 B parameters against 8.3 B), so its seconds are a lower bound; the bytes are exact.
 
     python benchmarks/bench_cache.py --workdir /tmp/bench --out $OUT
+    python benchmarks/bench_cache.py --family predict2.5 --workdir /tmp/bench25 --out $OUT
 """
 
 import argparse
@@ -50,7 +55,7 @@ import make_synthetic_clips
 from cosmos_model import normalize_latents
 from cosmos_video import frames_to_vae_input
 
-STAGES = ["decode", "naive", "chunked", "vae_only", "default", "vae_decode"]
+STAGES = ["decode", "naive", "chunked", "vae_only", "default", "vae_decode", "text"]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU only to try the script on tiny settings
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # bf16 convolutions crawl on CPU
 
@@ -70,6 +75,10 @@ def parse_args():
     parser.add_argument(
         "--compile_batches", type=int, nargs="*", default=[2, 4, 8], help="Batch sizes of the compiled encode."
     )
+    parser.add_argument(
+        "--family", choices=["predict2", "predict2.5"], default="predict2", help="Which random 2B model caches."
+    )
+    parser.add_argument("--captions", type=int, default=32, help="Unique captions the text stage encodes.")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES, help="Stages to run.")
     return parser.parse_args()
 
@@ -360,6 +369,38 @@ def script_caching(model, video_dir, out_dir, num_workers, extra=()):
     }
 
 
+def text_path(model, out_dir, num_captions):
+    """cache_latents.py's TextEmbedCache on unique captions: load seconds, seconds and bytes per caption, per kind."""
+    from cosmos_cache import caption_hash, text_embed_path
+    from cosmos_families import detect_family, load_component_config, text_embed_kind
+
+    family, config = detect_family(model), load_component_config(model, "transformer")
+    results = {}
+    for choice in ["projected", "full"] if family.name == "predict2.5" else ["projected"]:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        args = argparse.Namespace(pretrained_model_name_or_path=model, revision=None, text_embeds=choice)
+        kind = text_embed_kind(config, choice)
+        start = time.perf_counter()
+        projection, _ = cache_latents.load_text_projection(args, family, kind, torch.device("cuda"), torch.bfloat16)
+        cache = cache_latents.TextEmbedCache(out_dir, args, family, projection, torch.device("cuda"), torch.bfloat16)
+        cache.load()
+        torch.cuda.synchronize()
+        load_s = time.perf_counter() - start
+        captions = [
+            f"caption {i}: a worker's hands assemble part {i} at a factory bench." for i in range(num_captions)
+        ]
+        cache.ensure(captions[0])  # warm-up
+        start = time.perf_counter()
+        for caption in captions[1:]:
+            cache.ensure(caption)
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / (num_captions - 1)
+        size = os.path.getsize(text_embed_path(out_dir, caption_hash(captions[1])))
+        results[kind] = {"load_s": round(load_s, 1), "s_per_caption": round(seconds, 4), "bytes_per_caption": size}
+        cache.release()
+    return results
+
+
 def compare_latents(dir_a, dir_b):
     """Largest relative difference between the latents of the same clips in two caches."""
     names = sorted(set(os.listdir(dir_a)) & set(os.listdir(dir_b)) - {"manifest.jsonl", "report.json"})
@@ -385,10 +426,11 @@ def main():
     args = parse_args()
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.workdir, exist_ok=True)
-    model = args.model or bench_train.random_2b_checkpoint(args.workdir)
+    model = args.model or bench_train.random_2b_checkpoint(args.workdir, args.family)
     video_dir, paths = make_videos(args.workdir, args.num_videos, args.seconds)
     results = {
         "device": torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu",
+        "family": args.family,
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "args": vars(args),
@@ -432,6 +474,8 @@ def main():
             record(f"{a}_vs_{b}", compare_latents(caches[a], caches[b]))
     if "vae_decode" in args.stages:
         record("vae_decode", vae_decode(model, reference))
+    if "text" in args.stages:
+        record("text", text_path(model, os.path.join(args.workdir, "text_cache"), args.captions))
 
 
 if __name__ == "__main__":

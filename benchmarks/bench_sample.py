@@ -1,13 +1,16 @@
 #!/usr/bin/env python
-"""Seconds per video: sample.py's sampler against diffusers' Cosmos2VideoToWorldPipeline, same card and inputs.
+"""Seconds per video: sample.py's sampler against the family's diffusers pipeline, same card and inputs.
 
-Both start from the same conditioning image, prompt, seed, 35 steps and guidance 7, in bf16 on the random-weight
-2B checkpoint. The pipeline runs the conditional and unconditional passes one after the other; sample.py batches
-them, and adds cuDNN attention, cuDNN convolution autotuning and regional compile one after the other. Times cover
+The pipeline is the checkpoint's own (model_index.json): Cosmos2VideoToWorldPipeline for Predict2 (35 steps),
+Cosmos2_5_PredictBasePipeline for Predict2.5 (36 steps). Both start from the same conditioning image, prompt, seed,
+steps and guidance 7, in bf16 on the random-weight 2B checkpoint. The pipeline runs the conditional and
+unconditional passes one after the other; sample.py batches them, and adds cuDNN attention, cuDNN convolution
+autotuning and regional compile one after the other. Times cover
 prompt encoding, conditioning, denoising and VAE decoding, after a 2-step warm-up run each. The last variant's
 denoising is then profiled by kernel category.
 
     python benchmarks/bench_sample.py --model /tmp/bench/random-cosmos-2b --out results/      # 61x256x448
+    python benchmarks/bench_sample.py --model /tmp/bench25/random-cosmos-predict2.5-2b --out results25/
     python benchmarks/bench_sample.py --model /tmp/bench/random-cosmos-2b --out results/ \
         --num_frames 93 --height 480 --width 832 --repeats 1 --variants compile
 """
@@ -92,27 +95,35 @@ def main():
         "batched_cfg, cudnn_attention, cudnn_benchmark, compile.",
     )
     cli = parser.parse_args()
-    from diffusers import Cosmos2VideoToWorldPipeline
+    import diffusers
 
+    from cosmos_families import detect_family
+
+    family = detect_family(cli.model)
+    steps_default = family.num_inference_steps
     os.makedirs(cli.out, exist_ok=True)
     size = dict(height=cli.height, width=cli.width, num_frames=cli.num_frames)
     image_path = os.path.join(cli.out, "condition.png")
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (cli.height, cli.width, 3), dtype=np.uint8)).save(
         image_path
     )
-    pipe = Cosmos2VideoToWorldPipeline.from_pretrained(
-        cli.model, torch_dtype=torch.bfloat16, safety_checker=StandInSafetyChecker()
-    ).to("cuda")
+    pipe = (
+        getattr(diffusers, family.pipeline_class)
+        .from_pretrained(cli.model, torch_dtype=torch.bfloat16, safety_checker=StandInSafetyChecker())
+        .to("cuda")
+    )
     pipe.set_progress_bar_config(disable=True)
+    # Predict2's pipeline rescales RoPE by its default fps=16 unless told fps=None; the 2.5 one passes no fps.
+    fps = {"fps": None} if family.name == "predict2" else {}
 
     def run_pipeline(steps=None, output_type="np"):
         return pipe(
             image=Image.open(image_path),
             prompt=PROMPT,
             **size,
-            num_inference_steps=steps or STEPS,
+            num_inference_steps=steps or steps_default,
             guidance_scale=7.0,
-            fps=None,
+            **fps,
             output_type=output_type,
             generator=torch.Generator().manual_seed(0),
         ).frames
@@ -121,8 +132,10 @@ def main():
     theirs = run_pipeline(output_type="latent")
     results = {
         "device": torch.cuda.get_device_name(0),
+        "family": family.name,
+        "pipeline": family.pipeline_class,
         "size": size,
-        "steps": STEPS,
+        "steps": steps_default,
         "guidance_scale": 7.0,
         "pipeline_s_per_video": round(pipeline_s, 3),
     }
@@ -154,7 +167,7 @@ def main():
     clock = {}
 
     def run_ours(steps=None, decode=True):
-        args.num_inference_steps = steps or STEPS
+        args.num_inference_steps = steps or steps_default
         start = time.perf_counter()
         latents, _ = sample.generate_latents(jobs, components, args, 0)
         torch.cuda.synchronize()
@@ -201,7 +214,6 @@ def autotune_vae_convolutions(components):
     torch.backends.cudnn.benchmark = True
 
 
-STEPS = 35
 # Each variant adds one step of sample.py's speed options (--attention_backend, --compile) to the ones before it.
 VARIANTS = {
     "batched_cfg": lambda components: None,

@@ -2,7 +2,7 @@
 """Training throughput of the real train_cosmos_lora.py on the 2B model, one command, one GPU machine.
 
 1. measures the bf16 matmul peak of GPU 0;
-2. writes the random-weight 2B checkpoint (tools/make_random_cosmos.py --size 2b);
+2. writes the random-weight 2B checkpoint of --family (tools/make_random_cosmos.py --size 2b);
 3. writes a synthetic latent cache at the reference clip (61 frames at 256x448 -> latents [16, 16, 32, 56]);
 4. runs `accelerate launch ... train_cosmos_lora.py` for each config for --steps steps and reads its losses.jsonl;
 5. prints a table and writes results.json / results.md: samples/s, latent tokens/s, step time, peak memory per GPU,
@@ -15,6 +15,11 @@ excess time of the steps that compiled) and the steady rate (steady_samples_per_
 Single-GPU configs run on the last GPU while multi-GPU configs run on the first three, two lanes at once.
 
     python benchmarks/bench_train.py --workdir /tmp/bench --out results/
+    python benchmarks/bench_train.py --family predict2.5 --workdir /tmp/bench25 --out results25/ \
+        --configs 1gpu_naive 1gpu_compile_cudnn
+
+Predict2.5's synthetic cache holds projected text embeddings [512, 1024] (cache_latents.py's default), so the
+transformer runs without its crossattn_proj, as a real run on such a cache does.
 """
 
 import argparse
@@ -91,6 +96,9 @@ def parse_args():
     parser.add_argument("--workdir", required=True, help="Where the checkpoint, caches and runs go.")
     parser.add_argument("--out", required=True, help="Where results.json and results.md go.")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="Configs to run (default: all).")
+    parser.add_argument(
+        "--family", choices=["predict2", "predict2.5"], default="predict2", help="Which random 2B model to train."
+    )
     parser.add_argument("--steps", type=int, default=14, help="Optimizer steps per run.")
     parser.add_argument("--warmup", type=int, default=6, help="Leading steps left out of the averages (compile).")
     parser.add_argument("--timeout", type=int, default=400, help="Seconds one run may take.")
@@ -127,19 +135,38 @@ def useful_flops_per_sample(frames, height, width, dim=2048, layers=28, text_len
     return layers * (2 * linear + 3 * attention), tokens
 
 
-def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48, text_dim=1024, more_shapes=()):
+def synthetic_text_embeds(model_dir):
+    """The cache's text_embeds entry for a model: T5 [512, D] (Predict2) or projected [512, D] (Predict2.5)."""
+    from cosmos_families import (
+        detect_family,
+        load_component,
+        load_component_config,
+        projection_sha,
+        text_embed_kind,
+        text_embed_width,
+    )
+
+    config = load_component_config(model_dir, "transformer")
+    kind = text_embed_kind(config, "projected")
+    sha = None
+    if kind == "projected":
+        sha = projection_sha(load_component(model_dir, "transformer", family=detect_family(model_dir)).crossattn_proj)
+    return {"kind": kind, "shape": [512, text_embed_width(config, kind)], "projection_sha": sha}
+
+
+def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48, more_shapes=()):
     """A cache in cache_latents.py's format holding random latents, for throughput only: num_clips clips of each
     shape, (frames, height, width) and then more_shapes (a bucketed cache)."""
-    from diffusers import AutoencoderKLWan
     from safetensors.torch import save_file
 
     import cache_latents
     from cosmos_cache import caption_hash, text_embed_path
+    from cosmos_families import detect_family, load_component_config
     from cosmos_video import Bucket
 
     if os.path.isfile(os.path.join(path, "cache_info.json")):
         return
-    vae_config = AutoencoderKLWan.load_config(model_dir, subfolder="vae")
+    vae_config = load_component_config(model_dir, "vae")
     buckets = [Bucket(*shape) for shape in [(frames, height, width), *more_shapes]]
     args = argparse.Namespace(
         buckets=buckets,
@@ -149,12 +176,13 @@ def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48, 
         resize_mode="crop",
         pretrained_model_name_or_path=model_dir,
     )
-    config = cache_latents.cache_config(args, vae_config, text_dim=text_dim)
+    text_embeds = synthetic_text_embeds(model_dir)
+    config = cache_latents.cache_config(args, vae_config, text_embeds, detect_family(model_dir).name)
     shard = os.path.join(path, "shard_00000")
     os.makedirs(shard, exist_ok=True)
     os.makedirs(os.path.dirname(text_embed_path(path, "x")), exist_ok=True)
     caption = "synthetic"
-    embeds = torch.randn(512, text_dim).to(torch.bfloat16)
+    embeds = torch.randn(*text_embeds["shape"]).to(torch.bfloat16)
     save_file({"prompt_embeds": embeds}, text_embed_path(path, caption_hash(caption)))
     for b, bucket in enumerate(buckets):
         for i in range(b * num_clips, (b + 1) * num_clips):
@@ -190,7 +218,7 @@ def synthetic_cache_for(model_dir, workdir):
     text_dim = CosmosTransformer3DModel.load_config(model_dir, subfolder="transformer")["text_embed_dim"]
     size = REFERENCE if text_dim == 1024 else (9, 64, 112)
     cache = cache_path(workdir, *size)
-    write_synthetic_cache(cache, model_dir, *size, text_dim=text_dim)
+    write_synthetic_cache(cache, model_dir, *size)
     return cache
 
 
@@ -333,14 +361,16 @@ def write_results(results, args):
         f.write("\n".join(lines) + "\n")
 
 
-def random_2b_checkpoint(workdir):
-    """WORKDIR/random-cosmos-2b, written by tools/make_random_cosmos.py --size 2b unless it is already there."""
+def random_2b_checkpoint(workdir, family="predict2"):
+    """WORKDIR/random-cosmos-2b (Predict2) or WORKDIR/random-cosmos-predict2.5-2b, written by
+    tools/make_random_cosmos.py --size 2b unless it is already there."""
     import make_random_cosmos
 
-    model_dir = os.path.join(workdir, "random-cosmos-2b")
+    model_dir = os.path.join(workdir, "random-cosmos-2b" if family == "predict2" else f"random-cosmos-{family}-2b")
     if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
         start = time.time()
-        make_random_cosmos.main(make_random_cosmos.parse_args(["--size", "2b", "--output_dir", model_dir]))
+        argv = ["--family", family, "--size", "2b", "--output_dir", model_dir]
+        make_random_cosmos.main(make_random_cosmos.parse_args(argv))
         print(f"2B checkpoint written in {time.time() - start:.0f} s", flush=True)
     return model_dir
 
@@ -350,7 +380,7 @@ def main(args):
     os.makedirs(args.workdir, exist_ok=True)
     args.peak = round(matmul_peak_tflops(), 1)
     print(f"bf16 matmul peak: {args.peak} TFLOP/s", flush=True)
-    model_dir = random_2b_checkpoint(args.workdir)
+    model_dir = random_2b_checkpoint(args.workdir, args.family)
     for name in args.configs:
         shapes = config_shapes(CONFIGS[name][4])
         write_synthetic_cache(

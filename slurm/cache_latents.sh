@@ -40,6 +40,9 @@ ENV_ACTIVATE=${ENV_ACTIVATE-source .venv/bin/activate}
 COSMOS_ROOT=${COSMOS_ROOT:-${SCRATCH:-$HOME}/cosmos}
 # Local diffusers checkpoint (only its vae/, text_encoder/ and tokenizer/ are read), or a hub id.
 MODEL=${MODEL:-$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World}
+# Hub revision of MODEL when it is a hub id, e.g. diffusers/base/post-trained for nvidia/Cosmos-Predict2.5-2B
+# (the family, Predict2 or Predict2.5, is read from the checkpoint itself).
+REVISION=${REVISION:-}
 # Cache directory to create or complete; all tasks write into it.
 CACHE_DIR=${CACHE_DIR:-$COSMOS_ROOT/cache}
 # The source: set exactly one of VIDEO_DIR, TARS (a glob, quoted) or DATASET (+ DATA_FILES, a glob in the dataset).
@@ -86,7 +89,7 @@ log_job
 num_shards=${SLURM_ARRAY_TASK_COUNT:-1}
 shard_index=$(( (${SLURM_ARRAY_TASK_ID:-0} - ${SLURM_ARRAY_TASK_MIN:-0}) / ${SLURM_ARRAY_TASK_STEP:-1} ))
 # ${a[@]+"${a[@]}"}: an empty array under `set -u` on bash < 4.4
-cmd=(python cache_latents.py --pretrained_model_name_or_path "$MODEL" --output_dir "$CACHE_DIR"
+cmd=(python cache_latents.py --pretrained_model_name_or_path "$MODEL" ${REVISION:+--revision "$REVISION"} --output_dir "$CACHE_DIR"
      ${source_args[@]+"${source_args[@]}"}
      --num_frames "$NUM_FRAMES" --fps "$FPS" --height "$HEIGHT" --width "$WIDTH" --batch_size "$BATCH_SIZE"
      --num_workers "$NUM_WORKERS" --num_shards "$num_shards" --shard_index "$shard_index" "$@")

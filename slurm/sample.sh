@@ -37,6 +37,9 @@ ENV_ACTIVATE=${ENV_ACTIVATE-source .venv/bin/activate}
 COSMOS_ROOT=${COSMOS_ROOT:-${SCRATCH:-$HOME}/cosmos}
 # The base model the LoRA was trained on: local diffusers checkpoint or hub id.
 MODEL=${MODEL:-$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World}
+# Hub revision of MODEL when it is a hub id, e.g. diffusers/base/post-trained for nvidia/Cosmos-Predict2.5-2B
+# (the family, Predict2 or Predict2.5, is read from the checkpoint itself).
+REVISION=${REVISION:-}
 # Latent cache whose clips give the conditioning frames.
 CACHE_DIR=${CACHE_DIR:-$COSMOS_ROOT/cache}
 # Training output dir or one of its checkpoint-STEP dirs (the first argument wins).
@@ -61,7 +64,7 @@ enter_repo
 set_offline_env "$MODEL" "$CACHE_DIR"
 log_job
 
-cmd=(python sample.py --pretrained_model_name_or_path "$MODEL" --lora_path "$CHECKPOINT"
+cmd=(python sample.py --pretrained_model_name_or_path "$MODEL" ${REVISION:+--revision "$REVISION"} --lora_path "$CHECKPOINT"
      --output_dir "$SAMPLE_OUTPUT_DIR" --from_cache "$CACHE_DIR" --num_videos "$NUM_VIDEOS" "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then
   echo "DRY_RUN: $(quote_cmd "${cmd[@]}")"

@@ -40,6 +40,9 @@ COSMOS_ROOT=${COSMOS_ROOT:-${SCRATCH:-$HOME}/cosmos}
 # Local diffusers checkpoint (download it on a login node: hf download nvidia/Cosmos-Predict2-2B-Video2World
 # --local-dir "$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World"), or a hub id when compute nodes are online.
 MODEL=${MODEL:-$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World}
+# Hub revision of MODEL when it is a hub id, e.g. diffusers/base/post-trained for nvidia/Cosmos-Predict2.5-2B
+# (the family, Predict2 or Predict2.5, is read from the checkpoint itself).
+REVISION=${REVISION:-}
 # Latent cache written by slurm/cache_latents.sh. Several caches, space-separated, are mixed: each may be
 # NAME=PATH:WEIGHT (e.g. "ego=/scratch/cache/ego:0.7 lab=/scratch/cache/lab:0.3"; see the README).
 CACHE_DIR=${CACHE_DIR:-$COSMOS_ROOT/cache}
@@ -63,6 +66,6 @@ log_job
 
 rc=0
 run_launcher accelerate launch --config_file "$ACCELERATE_CONFIG" train_cosmos_lora.py \
-  --pretrained_model_name_or_path "$MODEL" --cache_dir "${cache_dirs[@]}" --output_dir "$OUTPUT_DIR" \
+  --pretrained_model_name_or_path "$MODEL" ${REVISION:+--revision "$REVISION"} --cache_dir "${cache_dirs[@]}" --output_dir "$OUTPUT_DIR" \
   --resume_from_checkpoint latest "$@" || rc=$?
 finish "$rc"

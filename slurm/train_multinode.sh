@@ -42,6 +42,9 @@ ENV_ACTIVATE=${ENV_ACTIVATE-source .venv/bin/activate}
 # Shared base directory for models, caches and runs; it must be on a file system every node sees.
 COSMOS_ROOT=${COSMOS_ROOT:-${SCRATCH:-$HOME}/cosmos}
 MODEL=${MODEL:-$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World}
+# Hub revision of MODEL when it is a hub id, e.g. diffusers/base/post-trained for nvidia/Cosmos-Predict2.5-2B
+# (the family, Predict2 or Predict2.5, is read from the checkpoint itself).
+REVISION=${REVISION:-}
 # Latent cache written by slurm/cache_latents.sh. Several caches, space-separated, are mixed: each may be
 # NAME=PATH:WEIGHT (e.g. "ego=/scratch/cache/ego:0.7 lab=/scratch/cache/lab:0.3"; see the README).
 CACHE_DIR=${CACHE_DIR:-$COSMOS_ROOT/cache}
@@ -89,7 +92,7 @@ run_srun srun "${srun_args[@]}" bash -c "$per_node" per_node \
   --config_file "$ACCELERATE_CONFIG" --num_machines "$num_machines" \
   --num_processes "$((num_machines * GPUS_PER_NODE))" \
   --main_process_ip "$head_node" --main_process_port "$MAIN_PORT" \
-  train_cosmos_lora.py --pretrained_model_name_or_path "$MODEL" --cache_dir "${cache_dirs[@]}" \
+  train_cosmos_lora.py --pretrained_model_name_or_path "$MODEL" ${REVISION:+--revision "$REVISION"} --cache_dir "${cache_dirs[@]}" \
   --output_dir "$OUTPUT_DIR" --resume_from_checkpoint latest "$@" || rc=$?
 if [ "${DRY_RUN:-0}" = 1 ]; then
   exit "$rc"

@@ -120,3 +120,28 @@ def bucket_cache(tiny_model, bucket_videos, tmp_path_factory):
     out = tmp_path_factory.mktemp("bucket_cache")
     assert cache_clips(tiny_model, out, "--video_dir", bucket_videos, "--buckets", *BUCKETS) == 0
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_25(tmp_path_factory):
+    """A random Cosmos-Predict2.5 checkpoint (tiny Qwen2.5-VL: 2 layers x 32, so [512, 64] embeddings)."""
+    import make_random_cosmos
+
+    path = str(tmp_path_factory.mktemp("models") / "tiny-cosmos25")
+    make_random_cosmos.main(
+        make_random_cosmos.parse_args(["--family", "predict2.5", "--size", "tiny", "--output_dir", path])
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def one_clip_cache_25(tiny_model_25, clips, tmp_path_factory):
+    """The first video's first clip cached with the Predict2.5 model (projected text embeddings)."""
+    import shutil
+
+    videos = tmp_path_factory.mktemp("one_video_25")
+    shutil.copy(os.path.join(clips["videos"], clips["keys"][0] + ".mp4"), videos)
+    out = tmp_path_factory.mktemp("one_clip_cache_25")
+    argv = ["--video_dir", videos, "--max_clips_per_video", "1", "--prompt", "a worker's hands"]
+    assert cache_clips(tiny_model_25, out, *argv) == 0
+    return str(out)

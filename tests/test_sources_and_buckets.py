@@ -299,7 +299,7 @@ def sample_args(model, output_dir, *extra):
     )
 
 
-def test_bucket_auto_generates_each_input_at_its_nearest_bucket(bucket_videos, tmp_path):
+def test_bucket_auto_generates_each_input_at_its_nearest_bucket(tiny_model, bucket_videos, tmp_path):
     from PIL import Image
 
     import sample
@@ -307,7 +307,7 @@ def test_bucket_auto_generates_each_input_at_its_nearest_bucket(bucket_videos, t
     image = tmp_path / "landscape.png"
     Image.fromarray(np.zeros((256, 456, 3), np.uint8)).save(image)
     inputs = [os.path.join(bucket_videos, "portrait_1.mp4"), os.path.join(bucket_videos, "short.mp4"), str(image)]
-    args = sample_args("unused", tmp_path, "--input", *inputs, "--bucket", "auto", "--buckets", *BUCKETS)
+    args = sample_args(tiny_model, tmp_path, "--input", *inputs, "--bucket", "auto", "--buckets", *BUCKETS)
     sample.validate_args(args)
     jobs = sample.collect_jobs(args)
     assert [job.shape for job in jobs] == [(17, 112, 64), (17, 64, 112), (17, 64, 112)]

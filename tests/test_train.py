@@ -48,7 +48,8 @@ OVERFIT_ARGS = [
 
 
 def train_args(model, cache, output_dir, *extra):
-    return train.parse_args(
+    """Parsed flags with the model family's defaults filled in, as main() fills them."""
+    args = train.parse_args(
         [
             "--pretrained_model_name_or_path",
             model,
@@ -65,6 +66,8 @@ def train_args(model, cache, output_dir, *extra):
             *map(str, extra),
         ]
     )
+    train.resolve_family_defaults(args)
+    return args
 
 
 def losses(output_dir):

@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# The whole chain on CPU with a tiny random Cosmos: checkpoint, synthetic clips, latent cache, LoRA training, sampling.
+# The whole chain on CPU with tiny random Cosmos models, once per family (Predict2, then Predict2.5): checkpoint,
+# synthetic clips, latent cache, LoRA training, sampling.
 set -euo pipefail
 PY=${PY:-python}
 DEMO=${DEMO:-demo_output}
-MODEL=$DEMO/tiny-cosmos
 CLIP=(--num_frames 17 --height 64 --width 112)
 
-$PY tools/make_random_cosmos.py --size tiny --output_dir "$MODEL"
 $PY tools/make_synthetic_clips.py --output_dir "$DEMO/clips" --num_videos 6 --seconds 4 --captions
-$PY cache_latents.py --pretrained_model_name_or_path "$MODEL" --video_dir "$DEMO/clips/videos" \
-    --output_dir "$DEMO/cache" "${CLIP[@]}" --clip_stride_seconds 1 --num_workers 2 --verify
-$PY -m accelerate.commands.launch --config_file accelerate_configs/cpu.yaml train_cosmos_lora.py \
-    --pretrained_model_name_or_path "$MODEL" --cache_dir "$DEMO/cache" --output_dir "$DEMO/lora" \
-    --max_train_steps 20 --checkpointing_steps 10 --validation_steps 10 --num_validation_clips 2 \
-    --train_batch_size 2 --learning_rate 1e-3 --dataloader_num_workers 0 --report_to tensorboard
-# The guardrail downloads its own models, which a CPU demo without internet cannot do.
-$PY sample.py --pretrained_model_name_or_path "$MODEL" --lora_path "$DEMO/lora" --from_cache "$DEMO/cache" \
-    --num_videos 2 --num_inference_steps 10 "${CLIP[@]}" --output_dir "$DEMO/samples" --disable_safety_checker
-echo "demo done: $DEMO/samples/video_grid.mp4 and $DEMO/samples/contact_sheet.png"
+for FAMILY in predict2 predict2.5; do
+  OUT=$DEMO/$FAMILY
+  $PY tools/make_random_cosmos.py --family "$FAMILY" --size tiny --output_dir "$OUT/tiny-cosmos"
+  $PY cache_latents.py --pretrained_model_name_or_path "$OUT/tiny-cosmos" --video_dir "$DEMO/clips/videos" \
+      --output_dir "$OUT/cache" "${CLIP[@]}" --clip_stride_seconds 1 --num_workers 2 --verify
+  $PY -m accelerate.commands.launch --config_file accelerate_configs/cpu.yaml train_cosmos_lora.py \
+      --pretrained_model_name_or_path "$OUT/tiny-cosmos" --cache_dir "$OUT/cache" --output_dir "$OUT/lora" \
+      --max_train_steps 20 --checkpointing_steps 10 --validation_steps 10 --num_validation_clips 2 \
+      --train_batch_size 2 --learning_rate 1e-3 --dataloader_num_workers 0 --report_to tensorboard
+  # The guardrail downloads its own models, which a CPU demo without internet cannot do.
+  $PY sample.py --pretrained_model_name_or_path "$OUT/tiny-cosmos" --lora_path "$OUT/lora" --from_cache "$OUT/cache" \
+      --num_videos 2 --num_inference_steps 10 "${CLIP[@]}" --output_dir "$OUT/samples" --disable_safety_checker
+done
+echo "demo done: $DEMO/predict2/samples and $DEMO/predict2.5/samples (video_grid.mp4, contact_sheet.png)"
