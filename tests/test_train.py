@@ -171,6 +171,8 @@ def test_resume_is_exact(tiny_model, latent_cache, tmp_path):
         2,
         "--validation_steps",
         2,
+        "--ema_decay",
+        "power",
     ]
     assert train.main(train_args(tiny_model, latent_cache, tmp_path / "full", "--max_train_steps", 6, *common)) == 0
     assert train.main(train_args(tiny_model, latent_cache, tmp_path / "half", "--max_train_steps", 3, *common)) == 0
@@ -184,6 +186,7 @@ def test_resume_is_exact(tiny_model, latent_cache, tmp_path):
                 6,
                 "--resume_from_checkpoint",
                 "latest",
+                "--allow_changed_settings",  # a longer run than the checkpoint's
                 *common,
             )
         )
@@ -192,9 +195,12 @@ def test_resume_is_exact(tiny_model, latent_cache, tmp_path):
     # 10 training clips, batches of 2, 2 micro-steps a step: the 6 steps cross two epoch boundaries.
     assert losses(tmp_path / "half") == losses(tmp_path / "full")
     assert [row["step"] for row in losses(tmp_path / "full")] == [1, 2, 3, 4, 5, 6]
-    for name in (LORA_WEIGHTS, ADAPTER_WEIGHTS):
+    # The weights and their EMA (kept in the checkpoint) end equal.
+    for name in (LORA_WEIGHTS, ADAPTER_WEIGHTS, f"ema/{LORA_WEIGHTS}", f"ema/{ADAPTER_WEIGHTS}"):
         full, half = load_file(tmp_path / "full" / name), load_file(tmp_path / "half" / name)
         assert full.keys() == half.keys() and all(torch.equal(full[k], half[k]) for k in full)
+    raw, ema = load_file(tmp_path / "full" / LORA_WEIGHTS), load_file(tmp_path / "full" / "ema" / LORA_WEIGHTS)
+    assert raw.keys() == ema.keys() and not all(torch.equal(raw[k], ema[k]) for k in raw)
     assert sorted(os.listdir(tmp_path / "full")) == sorted(os.listdir(tmp_path / "half"))
 
 
