@@ -47,6 +47,7 @@ from cosmos_cache import (
     write_cache_info,
     write_clips,
 )
+from cosmos_cli import HelpFormatter, check_pretrained_model, non_negative_int, positive_int
 from cosmos_model import encode_prompts, normalize_latents
 from cosmos_video import (
     check_clip_geometry,
@@ -64,7 +65,7 @@ DEFAULT_PROMPT = "An egocentric video from a head-mounted camera of a worker's h
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--pretrained_model_name_or_path",
         default="nvidia/Cosmos-Predict2-2B-Video2World",
@@ -113,7 +114,9 @@ def parse_args(argv=None):
         default=None,
         help="Seconds between clip starts within a video. Default: the clip length (back to back).",
     )
-    clips.add_argument("--max_clips_per_video", type=int, default=None, help="Cap on clips taken from one video.")
+    clips.add_argument(
+        "--max_clips_per_video", type=positive_int, default=None, help="Cap on clips taken from one video."
+    )
     text = parser.add_argument_group("captions")
     text.add_argument(
         "--prompt", default=DEFAULT_PROMPT, help="Caption for videos without one (Egocentric-100K has no captions)."
@@ -130,10 +133,10 @@ def parse_args(argv=None):
         "(folder: path relative to --video_dir without extension; tars: the member name).",
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--batch_size", type=int, default=8, help="Clips per VAE encode call.")
+    run.add_argument("--batch_size", type=positive_int, default=8, help="Clips per VAE encode call.")
     run.add_argument(
         "--num_workers",
-        type=int,
+        type=non_negative_int,
         default=min(8, os.cpu_count() or 1),
         help="DataLoader workers decoding videos (0 decodes in the main process).",
     )
@@ -145,7 +148,7 @@ def parse_args(argv=None):
     )
     run.add_argument(
         "--num_shards",
-        type=int,
+        type=positive_int,
         default=None,
         help="Split the videos into this many disjoint shards. Default: SLURM_ARRAY_TASK_COUNT or 1.",
     )
@@ -181,6 +184,8 @@ def validate_args(args):
         raise ValueError(f"give one source, not {' and '.join('--' + s for s in sources)}")
     if not sources and not args.verify:
         raise ValueError("give a source: --video_dir, --tars or --dataset (or --verify alone to check a cache)")
+    if sources:
+        check_pretrained_model(args.pretrained_model_name_or_path, ["vae", "text_encoder", "tokenizer"])
     check_clip_geometry(args.num_frames, args.height, args.width)
     if args.fps <= 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")

@@ -312,9 +312,12 @@ def test_sample_script_takes_the_checkpoint_from_the_first_argument_or_the_envir
     )
     assert argv[:2] == ["python", "sample.py"]
     assert option(argv, "--lora_path") == "/runs/r1/checkpoint-8"
-    assert option(argv, "--output_dir") == "/runs/r1/checkpoint-8/samples"
+    # Beside the checkpoints, not inside one: --checkpoints_total_limit deletes old checkpoint dirs.
+    assert option(argv, "--output_dir") == "/runs/r1/samples/checkpoint-8"
     assert (option(argv, "--from_cache"), option(argv, "--num_videos")) == ("/c", "8")
     assert argv[-2:] == ["--num_inference_steps", "2"]
+    argv, _ = run_script_dry("sample.sh", "/runs/r1/", MODEL=tmp_path, CACHE_DIR="/c")
+    assert option(argv, "--output_dir") == "/runs/r1/samples/final"
     argv, _ = run_script_dry(
         "sample.sh", "--disable_safety_checker", CHECKPOINT="/runs/r2", NUM_VIDEOS=3, SAMPLE_OUTPUT_DIR="/s"
     )
@@ -324,6 +327,50 @@ def test_sample_script_takes_the_checkpoint_from_the_first_argument_or_the_envir
         "3",
     )
     assert argv[-1] == "--disable_safety_checker"
+
+
+@pytest.mark.parametrize("sources", [{}, {"VIDEO_DIR": "/v", "TARS": "/t/*.tar"}], ids=["none", "two"])
+def test_cache_script_dry_run_refuses_no_source_or_two(tmp_path, sources):
+    result = subprocess.run(
+        ["bash", os.path.join(SLURM_DIR, "cache_latents.sh")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env=job_env(DRY_RUN=1, ENV_ACTIVATE="", MODEL=tmp_path, **sources),
+    )
+    assert result.returncode == 2 and "DRY_RUN" not in result.stdout
+    assert f"set exactly one source, VIDEO_DIR, TARS or DATASET ({len(sources)} set)" in result.stderr
+
+
+def test_multinode_dry_run_prints_srun_and_every_node_command_without_running_srun(tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text(f"#!/bin/sh\ntouch {tmp_path}/srun_ran\n")
+    (fake_bin / "srun").chmod(0o755)
+    env = job_env(DRY_RUN=1, ENV_ACTIVATE="", MODEL=tmp_path, SLURM_NTASKS=2, GPUS_PER_NODE=4, MAIN_PORT=29500)
+    env["PATH"] = f"{fake_bin}:{env['PATH']}"
+    result = subprocess.run(
+        ["bash", os.path.join(SLURM_DIR, "train_multinode.sh"), "--learning_rate", "5e-5"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "srun_ran").exists()
+    srun = [line for line in result.stdout.splitlines() if line.startswith("DRY_RUN srun: ")]
+    assert len(srun) == 1 and shlex.split(srun[0].split(": ", 1)[1])[:3] == [
+        "srun",
+        "--ntasks=2",
+        "--kill-on-bad-exit=0",
+    ]
+    commands = dry_run_commands(result.stdout)
+    assert sorted(commands) == [0, 1]
+    for rank, (_, argv) in commands.items():
+        assert option(argv, "--machine_rank") == str(rank) and option(argv, "--num_processes") == "8"
+        assert option(argv, "--main_process_port") == "29500" and argv[-2:] == ["--learning_rate", "5e-5"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
