@@ -556,10 +556,10 @@ def validate_args(args):
     """Everything that can fail before a model loads: the guardrail, the model path, the geometry, the weights."""
     if not args.disable_safety_checker and importlib.util.find_spec("cosmos_guardrail") is None:
         load_safety_checker()  # raises its one-line error
+    check_clip_geometry(args.num_frames, args.height, args.width)
     check_pretrained_model(
         args.pretrained_model_name_or_path, ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]
     )
-    check_clip_geometry(args.num_frames, args.height, args.width)
     if args.lora_path and not os.path.isdir(args.lora_path):
         raise FileNotFoundError(f"--lora_path {args.lora_path} is not a directory")
     if args.use_ema and not args.lora_path:

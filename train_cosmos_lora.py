@@ -776,8 +776,8 @@ class EMA:
         raw = [param.detach().clone() for param in self.params]
         for average, param in zip(self.average, self.params, strict=True):
             param.copy_(average)
-        try:
-            return trainable_state_dict(model)
+        try:  # on one CPU process the state dict holds the parameters themselves: copy it before they return
+            return {name: tensor.clone() for name, tensor in trainable_state_dict(model).items()}
         finally:
             for value, param in zip(raw, self.params, strict=True):
                 param.copy_(value)
