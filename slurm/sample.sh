@@ -41,7 +41,8 @@ MODEL=${MODEL:-$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World}
 CACHE_DIR=${CACHE_DIR:-$COSMOS_ROOT/cache}
 # Training output dir or one of its checkpoint-STEP dirs (the first argument wins).
 CHECKPOINT=${CHECKPOINT:-$COSMOS_ROOT/runs/lora}
-NUM_VIDEOS=${NUM_VIDEOS:-8}
+# Clips to generate, at most as many as the run held out (train_cosmos_lora.py --num_validation_clips, default 4).
+NUM_VIDEOS=${NUM_VIDEOS:-4}
 # ---------------------------------------------------------------------------------------------------------------
 
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then

@@ -49,7 +49,7 @@ TRAIN_ARGS = [
     "--learning_rate",
     "1e-3",
     "--num_validation_clips",
-    "0",
+    "2",  # held out and recorded, so that sample.sh --from_cache has clips that never trained
     "--dataloader_num_workers",
     "0",
 ]
@@ -314,7 +314,7 @@ def test_sample_script_takes_the_checkpoint_from_the_first_argument_or_the_envir
     assert option(argv, "--lora_path") == "/runs/r1/checkpoint-8"
     # Beside the checkpoints, not inside one: --checkpoints_total_limit deletes old checkpoint dirs.
     assert option(argv, "--output_dir") == "/runs/r1/samples/checkpoint-8"
-    assert (option(argv, "--from_cache"), option(argv, "--num_videos")) == ("/c", "8")
+    assert (option(argv, "--from_cache"), option(argv, "--num_videos")) == ("/c", "4")
     assert argv[-2:] == ["--num_inference_steps", "2"]
     argv, _ = run_script_dry("sample.sh", "/runs/r1/", MODEL=tmp_path, CACHE_DIR="/c")
     assert option(argv, "--output_dir") == "/runs/r1/samples/final"
@@ -621,7 +621,7 @@ def test_sample_job_writes_the_video_grid(slurm, submit_dir, tiny_model, array_c
     records = slurm.wait(job, timeout=300)
     log = read(submit_dir / "logs" / f"cosmos_sample_{job}.out")
     assert state(records) == [("COMPLETED", "0:0", "0")], log
-    grid = os.path.join(run["dir"], "samples", "video_grid.mp4")
+    grid = os.path.join(run["dir"], "samples", "final", "video_grid.mp4")
     with av.open(grid) as container:
         assert sum(1 for _ in container.decode(video=0)) > 0
 

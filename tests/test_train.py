@@ -362,7 +362,17 @@ def test_nan_loss_stops_with_the_step_named_and_keeps_the_checkpoint(tiny_model,
     save_file({"latents": torch.full_like(latents, float("nan"))}, clip)
     with pytest.raises(RuntimeError, match=r"loss is nan at step 3.*checkpoint-2"):
         train.main(
-            train_args(tiny_model, cache, out, "--max_train_steps", 4, "--resume_from_checkpoint", "latest", *common)
+            train_args(
+                tiny_model,
+                cache,
+                out,
+                "--max_train_steps",
+                4,
+                "--resume_from_checkpoint",
+                "latest",
+                "--allow_changed_settings",
+                *common,
+            )
         )
     assert {n: open(out / "checkpoint-2" / n, "rb").read() for n in os.listdir(out / "checkpoint-2")} == before
     assert not (out / "checkpoint-4").exists()
