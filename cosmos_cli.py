@@ -74,9 +74,10 @@ BOOLEAN_WORDS = {
 
 
 def _yaml_boolean(path, key, value):
-    word = str(value).lower()
-    if isinstance(value, bool) or word in BOOLEAN_WORDS:
-        return value if isinstance(value, bool) else BOOLEAN_WORDS[word]
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in BOOLEAN_WORDS:
+        return BOOLEAN_WORDS[str(value).lower()]
     raise ValueError(f"{path}: {key}: {value!r} is not a boolean (true/false, yes/no)")
 
 
@@ -88,10 +89,7 @@ def yaml_to_argv(path, parser):
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a config is a mapping of flag names to values")
-    actions = {}
-    for action in parser._actions:
-        if f"--{action.dest}" in action.option_strings:
-            actions[action.dest] = action
+    actions = {a.dest: a for a in parser._actions if f"--{a.dest}" in a.option_strings}  # not the --no_X aliases
     unknown = sorted(set(values) - set(actions) | ({"config"} & set(values)))
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}")
@@ -106,11 +104,11 @@ def yaml_to_argv(path, parser):
             argv += [flag] if _yaml_boolean(path, key, value) else []
         elif isinstance(value, list):
             tokens = [str(v) for v in value]
-            argv += [flag, *tokens] if action.nargs in ("+", "*") else [flag, ",".join(tokens)]
+            argv += [flag, *tokens] if action.nargs in ("+", "*") else [f"{flag}={','.join(tokens)}"]
         elif isinstance(value, dict):
             raise ValueError(f"{path}: {key}: a mapping is not a flag value")
         else:
-            argv += [flag, str(value)]
+            argv.append(f"{flag}={value}")  # `=`: a value such as -1 is not taken for a flag
     return argv
 
 

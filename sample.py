@@ -298,17 +298,25 @@ def collect_jobs(args):
 
 
 def held_out_clips_to_sample(args):
-    """--num_videos clips of --from_cache that never trained: with --lora_path, the run's held_out.json record;
-    without, the seeded choice train_cosmos_lora.py makes with the same --seed."""
+    """--num_videos clips of --from_cache that never trained. With --lora_path and the cache the run held clips out
+    of, exactly the clips its held_out.json records; another cache it trained on has none; a cache the run never saw,
+    and no --lora_path, give the seeded choice train_cosmos_lora.py makes with the same --seed."""
     read_cache_info(args.from_cache)
     clips = list_cached_clips(args.from_cache)
-    if not args.lora_path:
-        return hold_out_clips(clips, args.num_videos, args.seed)[1]
-    record = read_held_out(args.lora_path)
-    if record is None:
+    record = read_held_out(args.lora_path) if args.lora_path else None
+    if args.lora_path and record is None:
         raise FileNotFoundError(
             f"--lora_path {args.lora_path} has no {HELD_OUT}, so its held-out clips are unknown; pass clips with "
             "--input instead"
+        )
+    cache = os.path.realpath(args.from_cache)
+    if record is None or cache not in [record["cache_dir"], *record.get("trained_caches", [])]:
+        if record is not None:
+            print(f"note: {args.lora_path} was not trained on {args.from_cache}; taking clips held out by --seed")
+        return hold_out_clips(clips, args.num_videos, args.seed)[1]
+    if cache != record["cache_dir"]:
+        raise ValueError(
+            f"{args.lora_path} trained on every clip of {args.from_cache}; it held clips out of {record['cache_dir']}"
         )
     _, held = split_by_record(clips, args.from_cache, record)
     if len(held) < args.num_videos:

@@ -1127,11 +1127,11 @@ def split_validation_clips(cache, resume_path, args):
     return hold_out_clips(cache.clips, args.num_validation_clips, args.seed)
 
 
-def write_run_record(args, cache, train_clips, validation_clips):
+def write_run_record(args, caches, train_clips, validation_clips):
     """training_args.json and held_out.json in OUTPUT (copied into every checkpoint), once every check has passed."""
     os.makedirs(args.output_dir, exist_ok=True)
     atomic_write_text(os.path.join(args.output_dir, TRAINING_ARGS), json.dumps(vars(args), indent=2))
-    write_held_out(args.output_dir, cache.path, train_clips, validation_clips)
+    write_held_out(args.output_dir, caches[0].path, train_clips, validation_clips, [c.path for c in caches])
 
 
 def main(args):
@@ -1147,7 +1147,7 @@ def main(args):
     accelerator = build_accelerator(args)
     set_seed(args.seed)
     if accelerator.is_main_process:
-        write_run_record(args, caches[0], train_clips, validation_clips)
+        write_run_record(args, caches, train_clips, validation_clips)
     accelerator.wait_for_everyone()
     stop = StopSignal()
     try:

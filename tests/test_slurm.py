@@ -381,6 +381,7 @@ STAND_IN = textwrap.dedent("""\
     from accelerate import Accelerator
     state, stop = Accelerator(), []  # reads ACCELERATE_USE_CPU, as the training script's Accelerator does
     signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # as train_cosmos_lora.py's StopSignal
     out = sys.argv[1]
     open(os.path.join(out, f"ready-{state.process_index}-of-{state.num_processes}"), "w").close()
     if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
@@ -404,8 +405,12 @@ def wait_for_files(directory, names, proc=None, timeout=90):
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("ranks", [1, 2], ids=["one_process", "torchrun_two_processes"])
-def test_usr1_reaches_every_rank_through_accelerate_launch_and_gives_75(tmp_path, ranks):
+@pytest.mark.parametrize(
+    "ranks, stop_signal",
+    [(1, signal.SIGUSR1), (2, signal.SIGUSR1), (1, signal.SIGTERM)],
+    ids=["one_process", "torchrun_two_processes", "one_process_sigterm"],
+)
+def test_usr1_reaches_every_rank_through_accelerate_launch_and_gives_75(tmp_path, ranks, stop_signal):
     (tmp_path / "stand_in.py").write_text(STAND_IN)
     config = os.path.join(REPO, "accelerate_configs", "cpu.yaml")
     if ranks == 2:
@@ -425,7 +430,9 @@ def test_usr1_reaches_every_rank_through_accelerate_launch_and_gives_75(tmp_path
         stderr=subprocess.STDOUT,
     )
     wait_for_files(tmp_path, [f"ready-{r}-of-{ranks}" for r in range(ranks)], proc)
-    proc.send_signal(signal.SIGUSR1)  # to the shell only, as SLURM's --signal=B:USR1 does
+    # To the shell only, as SLURM's --signal=B:USR1 does. For SIGTERM the launcher ignores it (accelerate's
+    # single-process launcher would die at once) and the shell forwards it.
+    proc.send_signal(stop_signal)
     out, _ = proc.communicate(timeout=60)
     assert "run_launcher returned 75" in out, out
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith(("ready", "checkpoint"))) == sorted(

@@ -70,6 +70,18 @@ def test_sampling_from_the_cache_uses_exactly_the_clips_the_run_held_out(tiny_mo
                                         "--num_videos", 3))  # fmt: skip
 
 
+def test_sampling_from_another_cache_of_the_run_is_refused(tiny_model, one_clip_cache, run, tmp_path):
+    args = sample_args(tiny_model, tmp_path, "--from_cache", one_clip_cache, "--lora_path", run, "--num_videos", 1)
+    assert len(sample.collect_jobs(args)) == 1  # a cache the run never saw: the seeded choice
+    mixed = copy_run(run, tmp_path)
+    record = json.load(open(mixed / "held_out.json"))
+    record["trained_caches"].append(os.path.realpath(one_clip_cache))  # as if trained on both caches
+    json.dump(record, open(mixed / "held_out.json", "w"))
+    args.lora_path = str(mixed)
+    with pytest.raises(ValueError, match="trained on every clip of"):
+        sample.collect_jobs(args)
+
+
 def test_a_resumed_run_validates_on_the_recorded_clips(tiny_model, latent_cache, run, tmp_path):
     resumed = copy_run(run, tmp_path)
     before = (resumed / "held_out.json").read_text()
@@ -330,9 +342,15 @@ def test_missing_guardrail_is_reported_before_any_model_loads(image_path, tmp_pa
 # ----------------------------------------------------------------------------------------------------------------
 # 14. W&B offline
 # ----------------------------------------------------------------------------------------------------------------
+def clear_env(monkeypatch, *names):
+    """Unset variables so that whatever the code under test sets is undone too (setenv records the original)."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 def test_wandb_falls_back_to_offline_with_one_warning(tmp_path, monkeypatch):
-    for name in ("WANDB_MODE", "WANDB_DIR", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
+    clear_env(monkeypatch, "WANDB_MODE", "WANDB_DIR", "HF_HUB_OFFLINE")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     monkeypatch.setattr(train, "wandb_reachable", lambda host: pytest.fail("probed although HF_HUB_OFFLINE is set"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -346,6 +364,16 @@ def test_wandb_falls_back_to_offline_with_one_warning(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setattr(train, "wandb_reachable", lambda host: True)
     assert train.configure_wandb(str(tmp_path)) is None and "WANDB_MODE" not in os.environ
+
+
+def test_an_offline_wandb_run_writes_under_the_output_dir(tiny_model, latent_cache, tmp_path, monkeypatch):
+    clear_env(monkeypatch, "WANDB_MODE", "WANDB_DIR")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert train.main(train_args(tiny_model, latent_cache, out, "--max_train_steps", 1, "--report_to", "wandb")) == 0
+    assert list((out / "wandb").glob("offline-run-*")) and not (tmp_path / "wandb").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
