@@ -70,12 +70,13 @@ def test_sampling_from_the_cache_uses_exactly_the_clips_the_run_held_out(tiny_mo
                                         "--num_videos", 3))  # fmt: skip
 
 
-def test_sampling_from_another_cache_of_the_run_is_refused(tiny_model, one_clip_cache, run, tmp_path):
-    args = sample_args(tiny_model, tmp_path, "--from_cache", one_clip_cache, "--lora_path", run, "--num_videos", 1)
+def test_sampling_from_another_cache_of_the_run_is_refused(tiny_model, latent_cache, run, tmp_path):
+    other = str(shutil.copytree(latent_cache, tmp_path / "other_cache"))
+    args = sample_args(tiny_model, tmp_path, "--from_cache", other, "--lora_path", run, "--num_videos", 1)
     assert len(sample.collect_jobs(args)) == 1  # a cache the run never saw: the seeded choice
     mixed = copy_run(run, tmp_path)
     record = json.load(open(mixed / "held_out.json"))
-    record["trained_caches"].append(os.path.realpath(one_clip_cache))  # as if trained on both caches
+    record["trained_caches"].append(os.path.realpath(other))  # as if trained on both caches
     json.dump(record, open(mixed / "held_out.json", "w"))
     args.lora_path = str(mixed)
     with pytest.raises(ValueError, match="trained on every clip of"):
