@@ -184,8 +184,6 @@ def validate_args(args):
         raise ValueError(f"give one source, not {' and '.join('--' + s for s in sources)}")
     if not sources and not args.verify:
         raise ValueError("give a source: --video_dir, --tars or --dataset (or --verify alone to check a cache)")
-    if sources:
-        check_pretrained_model(args.pretrained_model_name_or_path, ["vae", "text_encoder", "tokenizer"])
     check_clip_geometry(args.num_frames, args.height, args.width)
     if args.fps <= 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")
@@ -201,6 +199,8 @@ def validate_args(args):
         raise FileNotFoundError(f"--tars {args.tars!r} matches no file")
     if args.captions_file and not os.path.isfile(args.captions_file):
         raise FileNotFoundError(f"--captions_file {args.captions_file} does not exist")
+    if sources:  # last: the values above are cheaper to fix than a download
+        check_pretrained_model(args.pretrained_model_name_or_path, ["vae", "text_encoder", "tokenizer"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
