@@ -54,6 +54,7 @@ from cosmos_cache import (
     write_cache_info,
     write_clips,
 )
+from cosmos_cli import HelpFormatter, check_pretrained_model, non_negative_int, positive_int
 from cosmos_families import (
     detect_family,
     load_component,
@@ -90,7 +91,7 @@ KEY_COLUMNS = ("__key__", "key", "id", "video_id", "uid")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--pretrained_model_name_or_path",
         default="nvidia/Cosmos-Predict2-2B-Video2World",
@@ -164,7 +165,9 @@ def parse_args(argv=None):
         default=None,
         help="Seconds between clip starts within a video. Default: the clip length (back to back).",
     )
-    clips.add_argument("--max_clips_per_video", type=int, default=None, help="Cap on clips taken from one video.")
+    clips.add_argument(
+        "--max_clips_per_video", type=positive_int, default=None, help="Cap on clips taken from one video."
+    )
     clips.add_argument(
         "--buckets",
         nargs="+",
@@ -197,10 +200,10 @@ def parse_args(argv=None):
         "(folder: path relative to --video_dir without extension; tars: the member name).",
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--batch_size", type=int, default=8, help="Clips per VAE encode call.")
+    run.add_argument("--batch_size", type=positive_int, default=8, help="Clips per VAE encode call.")
     run.add_argument(
         "--num_workers",
-        type=int,
+        type=non_negative_int,
         default=min(8, os.cpu_count() or 1),
         help="DataLoader workers decoding videos (0 decodes in the main process).",
     )
@@ -227,7 +230,7 @@ def parse_args(argv=None):
     )
     run.add_argument(
         "--num_shards",
-        type=int,
+        type=positive_int,
         default=None,
         help="Split the videos into this many disjoint shards. Default: SLURM_ARRAY_TASK_COUNT or 1.",
     )
@@ -291,6 +294,8 @@ def validate_args(args):
         raise ValueError(
             "--compile_vae needs --vae_encode whole (compiling the chunked encode recompiles on its cache)"
         )
+    if sources:  # last: the values above are cheaper to fix than a download
+        check_pretrained_model(args.pretrained_model_name_or_path, ["vae", "text_encoder", "tokenizer"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

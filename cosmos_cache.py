@@ -191,6 +191,48 @@ def hold_out_clips(clips, num_clips, seed):
     return train, round_robin[:num_clips]
 
 
+HELD_OUT = "held_out.json"
+
+
+def write_held_out(directory, cache_dir, train, held, trained_caches):
+    """Record in DIRECTORY/held_out.json which clips of `cache_dir` (the first cache) a run held out: the validation
+    clips (files relative to the cache) and every held-out video key (none of their clips trained); and every cache
+    the run trained on (all clips of the others trained)."""
+    trained_keys = {c["key"] for c in train}
+    record = {
+        "cache_dir": os.path.realpath(cache_dir),
+        "trained_caches": [os.path.realpath(path) for path in trained_caches],
+        "keys": sorted({c["key"] for c in held} - trained_keys),
+        "clips": [os.path.relpath(c["path"], cache_dir) for c in held],
+    }
+    atomic_write_text(os.path.join(directory, HELD_OUT), json.dumps(record, indent=2))
+
+
+def read_held_out(directory):
+    """The held_out.json of a run, checkpoint or export dir (or of the dir above it, for RUN/ema); None if none."""
+    for path in (
+        os.path.join(directory, HELD_OUT),
+        os.path.join(os.path.dirname(os.path.normpath(directory)), HELD_OUT),
+    ):
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+    return None
+
+
+def split_by_record(clips, cache_dir, record):
+    """(train, held) of a cache's clips as a held_out.json recorded them; refuses a record that names other clips."""
+    by_file = {os.path.relpath(c["path"], cache_dir): c for c in clips}
+    missing = [f for f in record["clips"] if f not in by_file]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of the {len(record['clips'])} held-out clips recorded for {record['cache_dir']} are not "
+            f"in {cache_dir} (first: {missing[0]}); give the cache the run was trained on"
+        )
+    held_keys = set(record["keys"])
+    return [c for c in clips if c["key"] not in held_keys], [by_file[f] for f in record["clips"]]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ Predict2.5's transformer first projects the 100352-wide text embedding to 1024 w
 """
 
 import hashlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -131,7 +130,7 @@ class ModelFamily:
     conditioning_posterior: str  # VAE posterior the sampler encodes conditioning frames with: "sample" or "mode"
     conditioning_timestep: float  # t on clean conditioning frames, in training and in the pipeline's sampler
     timestep_shift: float | str  # training noise level t = s*t0 / (1 + (s-1)*t0), t0 = sigmoid(N(0, 1))
-    high_sigma_ratio: float  # NVIDIA's share of samples at sigma in [200, 1e5] (issue 12's --high_sigma_ratio)
+    high_sigma_ratio: float  # NVIDIA's share of samples at sigma in [200, 1e5] (--high_sigma_ratio)
 
     def default_negative_prompt(self):
         import importlib
@@ -152,7 +151,7 @@ FAMILIES = {
         conditioning_side="first",
         conditioning_posterior="sample",
         conditioning_timestep=SIGMA_CONDITIONING / (1 + SIGMA_CONDITIONING),
-        timestep_shift=math.sqrt(24),  # sqrt(state_t) of NVIDIA's 93-frame configs
+        timestep_shift="auto",  # sqrt(latent frames of each clip): NVIDIA's sqrt(state_t)
         high_sigma_ratio=0.05,
     ),
     "Cosmos2_5_PredictBasePipeline": ModelFamily(

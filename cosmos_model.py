@@ -18,6 +18,7 @@ TEXT_MAX_LENGTH = 512
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTER_WEIGHTS = "temporal_adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+EMA_DIR = "ema"  # the EMA weights of a run or checkpoint, in the same format (train_cosmos_lora.py --ema_decay)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,7 +135,8 @@ def split_trainable_state_dict(state_dict):
 
 
 def save_finetuned_weights(state_dict, output_dir, config):
-    """Write pytorch_lora_weights.safetensors (diffusers format), temporal_adapters.safetensors and the config."""
+    """Write pytorch_lora_weights.safetensors (diffusers format), temporal_adapters.safetensors and the config, which
+    lists the weight files written with their sizes (`files`), so that a missing or truncated one is refused."""
     from diffusers.loaders import CosmosLoraLoaderMixin
     from safetensors.torch import save_file
 
@@ -147,19 +149,64 @@ def save_finetuned_weights(state_dict, output_dir, config):
         )
     if other:
         save_file({k: v.contiguous() for k, v in other.items()}, os.path.join(output_dir, ADAPTER_WEIGHTS))
+    names = [name for name, part in ((LORA_WEIGHTS, lora), (ADAPTER_WEIGHTS, other)) if part]
+    config = dict(config, files=file_sizes(output_dir, names))
     with open(os.path.join(output_dir, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
+
+
+def file_sizes(directory, names):
+    return {name: os.path.getsize(os.path.join(directory, name)) for name in names}
+
+
+def check_files(directory, sizes):
+    """Refuse, naming the file, when a file of `{name: bytes}` is missing or shorter or longer than written."""
+    for name, size in sizes.items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing (listed in {directory}); the folder is incomplete")
+        if os.path.getsize(path) != size:
+            raise ValueError(f"{path} is truncated or damaged: {os.path.getsize(path)} bytes, {size} written")
+
+
+def read_adapter_config(path):
+    """The adapter config of an export or checkpoint dir, after checking that every weight file it lists is whole.
+    Configs written before `files` existed name their files by what was trained."""
+    config_path = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path} holds no {ADAPTER_CONFIG}: not a train_cosmos_lora.py output or checkpoint")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except ValueError as error:
+        raise ValueError(f"{config_path} is unreadable: {error}") from None
+    if "files" in config:
+        check_files(path, config["files"])
+    else:
+        trained_other = config.get("use_temporal_adapters") or config.get("train_proj_out")
+        for name in [LORA_WEIGHTS] + ([ADAPTER_WEIGHTS] if trained_other else []):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise FileNotFoundError(f"{os.path.join(path, name)} is missing; the folder is incomplete")
+    return config
+
+
+def load_weight_file(path):
+    """load_file, naming the file when it cannot be read."""
+    try:
+        return load_file(path)
+    except Exception as error:
+        raise ValueError(f"{path} is unreadable ({type(error).__name__}: {error})".splitlines()[0]) from None
 
 
 def read_exported_weights(directory):
     """Inverse of save_finetuned_weights: the exported tensors under the model's own (peft) parameter names."""
     state = {}
     if os.path.isfile(os.path.join(directory, LORA_WEIGHTS)):
-        for name, tensor in load_file(os.path.join(directory, LORA_WEIGHTS)).items():
+        for name, tensor in load_weight_file(os.path.join(directory, LORA_WEIGHTS)).items():
             name = re.sub(r"\.lora_([AB])\.", r".lora_\1.default.", name.removeprefix("transformer."))
             state[name] = tensor
     if os.path.isfile(os.path.join(directory, ADAPTER_WEIGHTS)):
-        state.update(load_file(os.path.join(directory, ADAPTER_WEIGHTS)))
+        state.update(load_weight_file(os.path.join(directory, ADAPTER_WEIGHTS)))
     return state
 
 
@@ -186,18 +233,12 @@ def load_finetuned_weights(transformer, path, scale=1.0):
     base + scale * (trained - base). 0 gives the base model back, 1 the trained one. Returns the adapter config.
     The LoRA loads through diffusers' `load_lora_adapter(prefix="transformer")`.
     """
-    from safetensors.torch import load_file
-
-    config_path = os.path.join(path, ADAPTER_CONFIG)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{path} holds no {ADAPTER_CONFIG}: not a train_cosmos_lora.py output or checkpoint")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = read_adapter_config(path)
     if config.get("use_temporal_adapters"):
         add_temporal_adapters(transformer, config["adapter_reduction_factor"])
     adapter_path = os.path.join(path, ADAPTER_WEIGHTS)
     if os.path.isfile(adapter_path):
-        weights = load_file(adapter_path)
+        weights = load_weight_file(adapter_path)
         own = transformer.state_dict()
         for name, tensor in weights.items():
             if name not in own or own[name].shape != tensor.shape:
@@ -210,7 +251,7 @@ def load_finetuned_weights(transformer, path, scale=1.0):
                 module.scale = scale
     lora_path = os.path.join(path, LORA_WEIGHTS)
     if os.path.isfile(lora_path):
-        _check_lora_fits(transformer, load_file(lora_path))
+        _check_lora_fits(transformer, load_weight_file(lora_path))
         # Naming the directory and weight_name makes diffusers read the LoRA config (alpha, targets) stored in the
         # file; given the file path alone it silently falls back to alpha = rank.
         transformer.load_lora_adapter(path, weight_name=LORA_WEIGHTS, prefix="transformer", adapter_name="default")

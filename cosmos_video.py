@@ -34,6 +34,8 @@ def check_clip_geometry(num_frames, height, width):
             f"--num_frames {num_frames} is not 4k+1 as the Wan VAE needs; "
             f"nearest valid: {nearest_valid_num_frames(num_frames)}"
         )
+    if num_frames == 1:
+        raise ValueError("--num_frames 1 is one latent frame: video2world needs at least 2 (--num_frames 5 or more)")
     for name, value in (("height", height), ("width", width)):
         if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE != 0:
             nearest = max(SIZE_MULTIPLE, SIZE_MULTIPLE * round(value / SIZE_MULTIPLE))
@@ -247,12 +249,27 @@ def video_grid(videos):
     return grid
 
 
-def contact_sheet(videos, frames_per_row=8):
-    """One row of evenly spaced frames per video, as one image."""
+LABEL_HEIGHT = 12  # pixels of the text strip above a labelled contact-sheet row
+
+
+def contact_sheet(videos, labels=None, frames_per_row=8):
+    """One row of evenly spaced frames per video, as one image; with `labels`, each row under a line of text."""
     rows = []
     width = max(v.shape[2] for v in videos) * frames_per_row
-    for video in videos:
+    for index, video in enumerate(videos):
         picks = np.linspace(0, len(video) - 1, frames_per_row).round().astype(int)
         row = np.concatenate(list(video[picks]), axis=1)
-        rows.append(np.pad(row, ((0, 2), (0, width - row.shape[1]), (0, 0))))
+        row = np.pad(row, ((0, 2), (0, width - row.shape[1]), (0, 0)))
+        if labels:
+            row = np.concatenate([label_strip(labels[index], width), row])
+        rows.append(row)
     return np.concatenate(rows)
+
+
+def label_strip(text, width):
+    """A black strip with white text, [LABEL_HEIGHT, width, 3] uint8 (PIL's built-in font: no font files needed)."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (width, LABEL_HEIGHT))
+    ImageDraw.Draw(strip).text((2, 1), text, fill=(255, 255, 255))
+    return np.asarray(strip)

@@ -16,6 +16,7 @@ settings and PSNR/SSIM against the ground truth.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -30,16 +31,27 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from cosmos_cache import (
+    HELD_OUT,
     cache_family,
     cache_text_embeds,
     hold_out_clips,
     list_cached_clips,
     load_text_embeds,
     read_cache_info,
+    read_held_out,
+    split_by_record,
     text_embed_path,
 )
+from cosmos_cli import HelpFormatter, check_pretrained_model, non_negative_float, positive_float, positive_int
 from cosmos_families import detect_family, load_component, project_text, projection_sha, take_text_projection
-from cosmos_model import ADAPTER_CONFIG, decode_to_frames, load_finetuned_weights, normalize_latents
+from cosmos_model import (
+    ADAPTER_CONFIG,
+    EMA_DIR,
+    decode_to_frames,
+    load_finetuned_weights,
+    normalize_latents,
+    read_adapter_config,
+)
 from cosmos_video import (
     VAE_TEMPORAL_FACTOR,
     check_clip_geometry,
@@ -65,7 +77,7 @@ DEFAULT_PROMPT = "An egocentric video from a head-mounted camera of a worker's h
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--pretrained_model_name_or_path",
         default="nvidia/Cosmos-Predict2-2B-Video2World",
@@ -81,12 +93,19 @@ def parse_args(argv=None):
         help="A train_cosmos_lora.py output dir or one of its checkpoint-STEP dirs. Default: the base model alone.",
     )
     parser.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="Load the EMA of the weights (LORA_PATH/ema/, written by train_cosmos_lora.py --ema_decay) instead.",
+    )
+    parser.add_argument(
         "--lora_scale",
         type=float,
         default=1.0,
         help="Strength of the fine-tune (LoRA, adapters and proj_out): 0 is the base model.",
     )
-    parser.add_argument("--fuse_lora", action="store_true", help="Fuse the LoRA into the weights for speed.")
+    parser.add_argument(
+        "--fuse_lora", action="store_true", help="Fuse the LoRA (at --lora_scale) into the weights for speed."
+    )
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument(
         "--input",
@@ -97,10 +116,11 @@ def parse_args(argv=None):
     inputs.add_argument(
         "--from_cache",
         default=None,
-        help="A latent cache: generate from clips held out of training (the same choice "
-        "train_cosmos_lora.py makes with the same --seed).",
+        help="A latent cache: generate from clips held out of training. With --lora_path, exactly the clips the run "
+        "recorded in held_out.json (never a training clip); without, the choice train_cosmos_lora.py makes "
+        "with the same --seed and --num_validation_clips.",
     )
-    inputs.add_argument("--num_videos", type=int, default=4, help="With --from_cache: how many clips.")
+    inputs.add_argument("--num_videos", type=positive_int, default=4, help="With --from_cache: how many clips.")
     inputs.add_argument(
         "--num_conditioning_frames",
         type=int,
@@ -114,10 +134,12 @@ def parse_args(argv=None):
         "--prompt", default=None, help=f"Text prompt. Default: a cached clip's own caption, else {DEFAULT_PROMPT!r}."
     )
     gen.add_argument("--negative_prompt", default=None, help="Negative prompt. Default: the diffusers pipeline's.")
-    gen.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance (1 disables it).")
+    gen.add_argument(
+        "--guidance_scale", type=non_negative_float, default=7.0, help="Classifier-free guidance (1 disables it)."
+    )
     gen.add_argument(
         "--num_inference_steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="Denoising steps. Default: 35 (Predict2), 36 (Predict2.5).",
     )
@@ -141,7 +163,7 @@ def parse_args(argv=None):
     )
     gen.add_argument(
         "--fps",
-        type=float,
+        type=positive_float,
         default=8.0,
         help="Frame rate video inputs are sampled at and the mp4s are written with (cached: own).",
     )
@@ -152,7 +174,7 @@ def parse_args(argv=None):
         help="How inputs are fitted to --height x --width, as in cache_latents.py.",
     )
     gen.add_argument("--seed", type=int, default=0, help="Job i uses seed + i, whatever the batch or process count.")
-    gen.add_argument("--batch_size", type=int, default=1, help="Jobs per denoising batch.")
+    gen.add_argument("--batch_size", type=positive_int, default=1, help="Jobs per denoising batch.")
     gen.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
@@ -332,9 +354,7 @@ def collect_jobs(args, family=None):
         except Exception as error:
             raise ValueError(f"cannot read --input {path}: {type(error).__name__}: {error}".splitlines()[0]) from None
     if args.from_cache:
-        read_cache_info(args.from_cache)
-        _, held = hold_out_clips(list_cached_clips(args.from_cache), args.num_videos, args.seed)
-        held = sorted(held, key=lambda clip: clip["shape"])  # one bucket after another: fuller batches
+        held = sorted(held_out_clips_to_sample(args), key=lambda clip: clip["shape"])  # one bucket after another
         jobs += [cached_job(clip["path"], args.from_cache, family) for clip in held]
     if not jobs:
         raise ValueError("nothing to generate: give --input or --from_cache")
@@ -343,6 +363,36 @@ def collect_jobs(args, family=None):
         if names.count(job.name) > 1:
             job.name = f"{i:03d}_{job.name}"
     return jobs
+
+
+def held_out_clips_to_sample(args):
+    """--num_videos clips of --from_cache that never trained. With --lora_path and the cache the run held clips out
+    of, exactly the clips its held_out.json records; another cache it trained on has none; a cache the run never saw,
+    and no --lora_path, give the seeded choice train_cosmos_lora.py makes with the same --seed."""
+    read_cache_info(args.from_cache)
+    clips = list_cached_clips(args.from_cache)
+    record = read_held_out(args.lora_path) if args.lora_path else None
+    if args.lora_path and record is None:
+        raise FileNotFoundError(
+            f"--lora_path {args.lora_path} has no {HELD_OUT}, so its held-out clips are unknown; pass clips with "
+            "--input instead"
+        )
+    cache = os.path.realpath(args.from_cache)
+    if record is None or cache not in [record["cache_dir"], *record.get("trained_caches", [])]:
+        if record is not None:
+            print(f"note: {args.lora_path} was not trained on {args.from_cache}; taking clips held out by --seed")
+        return hold_out_clips(clips, args.num_videos, args.seed)[1]
+    if cache != record["cache_dir"]:
+        raise ValueError(
+            f"{args.lora_path} trained on every clip of {args.from_cache}; it held clips out of {record['cache_dir']}"
+        )
+    _, held = split_by_record(clips, args.from_cache, record)
+    if len(held) < args.num_videos:
+        raise ValueError(
+            f"--num_videos {args.num_videos}, but the run at {args.lora_path} held out only {len(held)} clips "
+            f"(train with --num_validation_clips {args.num_videos}, or ask for at most {len(held)})"
+        )
+    return held[: args.num_videos]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -360,9 +410,10 @@ def load_pipeline_components(args, device, family=None):
     family = family or detect_family(path, revision)
     transformer = load_component(path, "transformer", revision, dtype, family)
     if args.lora_path:
-        load_finetuned_weights(transformer, args.lora_path, scale=1.0 if args.fuse_lora else args.lora_scale)
+        # The scale reaches the LoRA, the adapters and proj_out; fusing then merges the LoRA at that scale.
+        load_finetuned_weights(transformer, weights_path(args), scale=args.lora_scale)
         if args.fuse_lora and getattr(transformer, "peft_config", None):
-            transformer.fuse_lora(lora_scale=args.lora_scale)
+            transformer.fuse_lora()
     if args.attention_backend:
         transformer.set_attention_backend(args.attention_backend)
     if args.compile:
@@ -380,6 +431,10 @@ def load_pipeline_components(args, device, family=None):
     )
     components["safety_checker"] = None if args.disable_safety_checker else load_safety_checker()
     return components
+
+
+def weights_path(args):
+    return os.path.join(args.lora_path, EMA_DIR) if args.use_ema else args.lora_path
 
 
 def load_safety_checker():
@@ -567,16 +622,32 @@ def run_jobs(jobs, indices, components, args, progress):
                 result.update(frame_metrics(torch.from_numpy(video), torch.from_numpy(truth), num_cond_pixels))
                 side_by_side = np.concatenate([truth[: len(video)], video[: len(truth)]], axis=2)
                 result["side_by_side"] = f"{job.name}_truth_vs_generated.mp4"
+                result["truth"] = "VAE reconstruction" if job.kind == "cached" else "source frames"
                 write_mp4(os.path.join(args.output_dir, result["side_by_side"]), side_by_side, job.fps)
             results.append(result)
             progress.update(1)
     return results
 
 
+def contact_sheet_rows(results, videos, args):
+    """Labelled rows: each job's ground truth (source frames, or the VAE reconstruction of a cached clip's latents),
+    read back from its side-by-side mp4, above what was generated."""
+    rows, labels = [], []
+    for result, video in zip(results, videos, strict=True):
+        if "side_by_side" in result:
+            both = read_mp4(os.path.join(args.output_dir, result["side_by_side"]))
+            rows.append(both[:, :, : both.shape[2] // 2])
+            labels.append(f"{result['name']}: {result['truth']}")
+        rows.append(video)
+        labels.append(f"{result['name']}: generated")
+    return rows, labels
+
+
 def summarize(results, args):
     videos = [read_mp4(os.path.join(args.output_dir, r["video"])) for r in results]
     write_mp4(os.path.join(args.output_dir, "video_grid.mp4"), video_grid(videos), results[0]["fps"])
-    Image.fromarray(contact_sheet(videos)).save(os.path.join(args.output_dir, "contact_sheet.png"))
+    rows, labels = contact_sheet_rows(results, videos, args)
+    Image.fromarray(contact_sheet(rows, labels)).save(os.path.join(args.output_dir, "contact_sheet.png"))
     scored = [r for r in results if "psnr" in r]
     summary = {"settings": vars(args), "videos": results}
     if scored:
@@ -607,12 +678,22 @@ def resolve_buckets(args):
 
 
 def validate_args(args):
+    """Everything that can fail before a model loads: the guardrail, the model path, the geometry, the weights."""
+    if not args.disable_safety_checker and importlib.util.find_spec("cosmos_guardrail") is None:
+        load_safety_checker()  # raises its one-line error
     resolve_buckets(args)
     check_clip_geometry(args.num_frames, args.height, args.width)
+    check_pretrained_model(
+        args.pretrained_model_name_or_path, ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]
+    )
     if args.lora_path and not os.path.isdir(args.lora_path):
         raise FileNotFoundError(f"--lora_path {args.lora_path} is not a directory")
-    if args.batch_size < 1 or (args.num_inference_steps is not None and args.num_inference_steps < 1):
-        raise ValueError("--batch_size and --num_inference_steps must be at least 1")
+    if args.use_ema and not args.lora_path:
+        raise ValueError("--use_ema needs --lora_path")
+    if args.use_ema and not os.path.isdir(weights_path(args)):
+        raise FileNotFoundError(f"--use_ema: {args.lora_path} has no {EMA_DIR}/ (train with --ema_decay)")
+    if args.lora_path:
+        read_adapter_config(weights_path(args))  # every weight file it lists is there and whole
 
 
 def main(args):

@@ -22,13 +22,14 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin, set_seed
@@ -36,6 +37,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from cosmos_cache import (
+    HELD_OUT,
+    atomic_write_text,
     bucket_name,
     cache_family,
     cache_text_embeds,
@@ -44,7 +47,22 @@ from cosmos_cache import (
     load_text_embeds,
     missing_clip_files,
     read_cache_info,
+    read_held_out,
+    split_by_record,
     text_embed_path,
+    write_held_out,
+)
+from cosmos_cli import (
+    HelpFormatter,
+    check_pretrained_model,
+    fraction,
+    hub_offline,
+    int_list,
+    non_negative_float,
+    non_negative_int,
+    parse_with_config,
+    positive_float,
+    positive_int,
 )
 from cosmos_families import (
     detect_family,
@@ -56,10 +74,14 @@ from cosmos_families import (
     text_embed_width,
 )
 from cosmos_model import (
+    EMA_DIR,
     add_temporal_adapters,
+    check_files,
     decode_to_frames,
+    file_sizes,
     lora_config,
     predict_velocity,
+    read_adapter_config,
     read_exported_weights,
     save_finetuned_weights,
     vae_normalization,
@@ -67,13 +89,37 @@ from cosmos_model import (
 from cosmos_video import contact_sheet, write_mp4
 
 logger = get_logger(__name__)
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGUSR1; the SLURM wrapper requeues the job
+# EX_TEMPFAIL: stopped early by SIGUSR1, SIGTERM or a first Ctrl-C after saving a checkpoint; rerunning the same
+# command resumes it, and the SLURM wrappers requeue the job on it.
+REQUEUE_EXIT_CODE = 75
+TRAINING_ARGS = "training_args.json"
+TRAINING_STATE = "training_state.json"
+OPTIMIZER_STATE = "optimizer.pt"
+SCHEDULER_STATE = "scheduler.pt"
+# Settings a resumed run may change without --allow_changed_settings: where it writes, how fast it runs, what it logs.
+SETTINGS_FREE_ON_RESUME = {
+    "output_dir",
+    "resume_from_checkpoint",
+    "allow_changed_settings",
+    "config",
+    "dataloader_num_workers",
+    "report_to",
+    "tracker_project_name",
+    "validation_steps",
+    "validation_videos",
+    "validation_inference_steps",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "compile",
+    "attention_backend",
+    "gradient_checkpointing",
+}
 DEFAULT_LORA_TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 VALIDATION_TIMESTEPS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--config",
         default=None,
@@ -98,15 +144,18 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed for data order, noise and held-out clips.")
 
     model = parser.add_argument_group("what trains")
-    model.add_argument("--lora_rank", type=int, default=16, help="LoRA rank.")
-    model.add_argument("--lora_alpha", type=float, default=32, help="LoRA alpha (the update is scaled by alpha/rank).")
+    model.add_argument("--lora_rank", type=positive_int, default=16, help="LoRA rank.")
+    model.add_argument(
+        "--lora_alpha", type=positive_float, default=32, help="LoRA alpha (the update is scaled by alpha/rank)."
+    )
     model.add_argument(
         "--lora_target_modules",
         nargs="+",
         default=DEFAULT_LORA_TARGETS,
-        help="Module name suffixes that get LoRA, e.g. add attn1.to_q or ff.net.0.proj.",
+        help="Module name suffixes that get LoRA. The list replaces the default: to add self-attention, give all "
+        "of them, e.g. `attn2.to_q attn2.to_k attn2.to_v attn2.to_out.0 attn1.to_q ...` or ff.net.0.proj.",
     )
-    model.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA input.")
+    model.add_argument("--lora_dropout", type=fraction, default=0.0, help="Dropout on the LoRA input.")
     model.add_argument(
         "--use_temporal_adapters",
         action=argparse.BooleanOptionalAction,
@@ -114,8 +163,14 @@ def parse_args(argv=None):
         help="Add a temporal adapter to every transformer block (--no_temporal_adapters to skip).",
     )
     model.add_argument(
+        "--no_temporal_adapters",
+        dest="use_temporal_adapters",
+        action="store_false",
+        help="Train without temporal adapters (the same as --no-use_temporal_adapters).",
+    )
+    model.add_argument(
         "--adapter_reduction_factor",
-        type=int,
+        type=positive_int,
         default=8,
         help="Temporal adapter bottleneck width is hidden_size / this.",
     )
@@ -129,10 +184,19 @@ def parse_args(argv=None):
     objective = parser.add_argument_group("objective")
     objective.add_argument(
         "--timestep_shift",
-        type=float,
+        type=timestep_shift_value,
         default=None,
-        help="Shift s of the logit-normal noise level: t = s*t0 / (1 + (s-1)*t0). Default: the family's, "
-        "sqrt(24) for Predict2 (NVIDIA's 93-frame configs), 5 for Predict2.5.",
+        help="Shift s of the logit-normal noise level: t = s*t0 / (1 + (s-1)*t0). `auto` is NVIDIA's Predict2 choice, "
+        "sqrt(latent frames of each clip): 4 for 61-frame clips, sqrt(24) for 93; a number overrides it. Default: "
+        "the family's, auto for Predict2, 5 for Predict2.5.",
+    )
+    objective.add_argument(
+        "--high_sigma_ratio",
+        type=fraction,
+        default=None,
+        help="Fraction of samples whose noise level is drawn log-uniform in sigma in [200, 1e5] instead "
+        "(t = sigma / (1 + sigma)). Default: the family's, 0.05 for Predict2 (NVIDIA's 2B Video2World config), 0 for "
+        "Predict2.5 (the diffusers example has none). 0 disables.",
     )
     objective.add_argument(
         "--conditioning_timestep",
@@ -144,34 +208,59 @@ def parse_args(argv=None):
     )
     objective.add_argument(
         "--conditioning_frames",
-        default="1,2",
-        help="Comma-separated choices for the number of clean leading latent frames per sample.",
+        type=int_list,
+        default=[1, 2],
+        help="Comma-separated choices for the number of clean leading latent frames per sample, e.g. 1,2.",
     )
     objective.add_argument(
         "--text_dropout",
-        type=float,
+        type=fraction,
         default=0.2,
         help="Probability of replacing a sample's text embedding with zeros.",
     )
 
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--train_batch_size", type=int, default=2, help="Clips per GPU per micro-step.")
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimizer step.")
+    optim.add_argument("--train_batch_size", type=positive_int, default=2, help="Clips per GPU per micro-step.")
     optim.add_argument(
-        "--max_train_steps", type=int, default=None, help="Optimizer steps to train; overrides --num_train_epochs."
+        "--gradient_accumulation_steps", type=positive_int, default=1, help="Micro-steps per optimizer step."
     )
-    optim.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, used when --max_train_steps is unset.")
-    optim.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate of AdamW.")
-    optim.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay.")
+    optim.add_argument(
+        "--max_train_steps",
+        type=positive_int,
+        default=None,
+        help="Optimizer steps to train; overrides --num_train_epochs.",
+    )
+    optim.add_argument(
+        "--num_train_epochs", type=positive_int, default=1, help="Epochs, used when --max_train_steps is unset."
+    )
+    optim.add_argument("--learning_rate", type=positive_float, default=1e-4, help="Peak learning rate of AdamW.")
+    optim.add_argument("--adam_weight_decay", type=non_negative_float, default=0.01, help="AdamW weight decay.")
     optim.add_argument(
         "--lr_scheduler",
         choices=["cosine", "linear", "constant"],
         default="cosine",
         help="Learning-rate schedule after warmup; cosine and linear decay to --min_lr.",
     )
-    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="Linear warmup steps.")
-    optim.add_argument("--min_lr", type=float, default=1e-6, help="Floor of the cosine and linear schedules.")
-    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    optim.add_argument("--lr_warmup_steps", type=non_negative_int, default=0, help="Linear warmup steps.")
+    optim.add_argument(
+        "--min_lr", type=non_negative_float, default=1e-6, help="Floor of the cosine and linear schedules."
+    )
+    optim.add_argument(
+        "--max_grad_norm",
+        type=non_negative_float,
+        default=0.1,
+        help="Gradient clipping norm (0 disables). NVIDIA clips at 1.0 a loss it scales by 10, which is 0.1 on "
+        "this script's unscaled loss: 0.1 matches NVIDIA.",
+    )
+    optim.add_argument(
+        "--ema_decay",
+        type=ema_decay_value,
+        default=0.0,
+        help="Keep an exponential moving average of the trainable weights, exported to OUTPUT/ema/ beside the raw "
+        "weights (sample.py --use_ema loads it). A number d in (0, 1) is a constant decay; `power` is NVIDIA's "
+        "LoRA examples' power EMA (sigma_rel 0.1: decay (1 - 1/step)^7.94, 0.9992 at step 10k). Off (0) by "
+        "default: it costs a second fp32 copy of the trainable weights and pays off on long runs.",
+    )
     optim.add_argument(
         "--mixed_precision",
         choices=["no", "bf16"],
@@ -200,7 +289,9 @@ def parse_args(argv=None):
     )
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataloader_num_workers", type=int, default=4, help="DataLoader workers per process.")
+    data.add_argument(
+        "--dataloader_num_workers", type=non_negative_int, default=4, help="DataLoader workers per process."
+    )
     data.add_argument(
         "--max_bad_clips",
         type=int,
@@ -210,67 +301,76 @@ def parse_args(argv=None):
     )
     data.add_argument(
         "--num_validation_clips",
-        type=int,
+        type=non_negative_int,
         default=4,
-        help="Clips held out from the first cache (whole videos) that never train.",
+        help="Clips held out from the first cache (whole videos) that never train. They are listed in "
+        "OUTPUT/held_out.json (and in every checkpoint), which sample.py --from_cache --lora_path uses.",
     )
 
     run = parser.add_argument_group("checkpoints, validation, logging")
-    run.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
-    run.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    run.add_argument("--checkpointing_steps", type=positive_int, default=500, help="Save a checkpoint every N steps.")
+    run.add_argument(
+        "--checkpoints_total_limit", type=positive_int, default=None, help="Keep at most this many checkpoints."
+    )
     run.add_argument(
         "--resume_from_checkpoint",
         default=None,
-        help="`latest` (the newest checkpoint in --output_dir, if any) or a checkpoint-STEP path.",
+        help="`latest` (the newest checkpoint in --output_dir, if any) or a checkpoint-STEP path. Refused when "
+        "a setting that shapes the run differs from the checkpoint's (see --allow_changed_settings).",
+    )
+    run.add_argument(
+        "--allow_changed_settings",
+        action="store_true",
+        help="Resume even though settings differ from the checkpoint's (they are listed, then used): a new "
+        "--max_train_steps, for example, reshapes the learning-rate schedule.",
     )
     run.add_argument(
         "--validation_steps",
-        type=int,
+        type=positive_int,
         default=500,
         help="Every N steps, compute the held-out loss at fixed noise levels.",
     )
     run.add_argument(
         "--validation_videos",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="Every --validation_steps, also generate this many held-out clips from their first latent "
         "frame with sample.py's sampler (no CFG: training loads no T5) and write ground truth | "
         "generated mp4s to OUTPUT/validation/step-N/. Loads the VAE.",
     )
-    run.add_argument("--validation_inference_steps", type=int, default=35, help="Denoising steps of those videos.")
+    run.add_argument(
+        "--validation_inference_steps", type=positive_int, default=35, help="Denoising steps of those videos."
+    )
     run.add_argument(
         "--report_to",
         choices=["tensorboard", "wandb", "all", "none"],
         default="tensorboard",
-        help="Experiment tracker. W&B runs offline when WANDB_API_KEY is unset.",
+        help="Experiment tracker. W&B writes under OUTPUT/wandb and runs offline when WANDB_API_KEY is unset, "
+        "HF_HUB_OFFLINE is set or its server cannot be reached (`wandb sync` the run later).",
     )
     run.add_argument("--tracker_project_name", default="cosmos-finetune", help="Project name for the tracker.")
 
-    config_args, _ = parser.parse_known_args(argv)
-    if config_args.config:
-        parser.set_defaults(**load_yaml_defaults(config_args.config, parser))
-    args = parser.parse_args(argv)
-    args.conditioning_frames = [int(n) for n in str(args.conditioning_frames).split(",")]
-    return args
+    return parse_with_config(parser, argv)
 
 
-def load_yaml_defaults(path, parser):
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}")
-    return values
+def timestep_shift_value(text):
+    return "auto" if text == "auto" else positive_float(text)
+
+
+def ema_decay_value(text):
+    if text == "power":
+        return text
+    value = fraction(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1 (or `power`), got {text}")
+    return value
 
 
 def validate_args(args):
+    """Checks that need more than one flag; single values are checked by their argparse types."""
     if not args.cache_dir:
         raise ValueError("give at least one --cache_dir")
-    if any(n < 1 for n in args.conditioning_frames):
-        raise ValueError(f"--conditioning_frames must be positive, got {args.conditioning_frames}")
-    if not 0 <= args.text_dropout <= 1:
-        raise ValueError(f"--text_dropout must be in [0, 1], got {args.text_dropout}")
+    check_pretrained_model(args.pretrained_model_name_or_path, ["transformer", "vae"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,6 +403,8 @@ def resolve_family_defaults(args):
         args.timestep_shift = family.timestep_shift
     if args.conditioning_timestep is None:
         args.conditioning_timestep = family.conditioning_timestep
+    if args.high_sigma_ratio is None:
+        args.high_sigma_ratio = family.high_sigma_ratio
     args.family = family.name
     return family
 
@@ -480,6 +582,7 @@ def build_train_dataloader(caches, args, num_processes):
         batch_sampler=sampler,
         collate_fn=collate_clips,
         num_workers=args.dataloader_num_workers,
+        worker_init_fn=ignore_stop_signals,
         pin_memory=torch.cuda.is_available(),
     )
     return loader, groups
@@ -626,7 +729,13 @@ def flow_matching_loss(transformer, latents, prompt_embeds, t, noise, num_cond_f
         target  = eps - z0   (the velocity; the sampler's x0 = (1 - t) * x_t - t * F inverts it exactly)
         loss    = mean over non-conditioning frames of (F(input, t) - target)^2, in fp32
     This equals NVIDIA's ||x0 - x0_hat||^2 * (1 + sigma)^2 / sigma^2 with sigma = t / (1 - t).
-    t is drawn by `sample_timesteps`; the transformer is called by `predict_velocity`, as in the sampler.
+    t is drawn by `sample_timesteps`, as NVIDIA draws sigma (cosmos-predict2 `video2world_model.py`,
+    `draw_training_sigma_and_epsilon`):
+        t0 = sigmoid(N(0, 1)),  t = s * t0 / (1 + (s - 1) * t0),  i.e. sigma = s * exp(N(0, 1)),
+        with the shift s = sqrt(latent frames of the clip) (`--timestep_shift auto`, `default_timestep_shift`);
+        and for a fraction `--high_sigma_ratio` (0.05, NVIDIA's 2B config) of the samples instead
+        sigma ~ log-uniform in [200, 1e5],  t = sigma / (1 + sigma).
+    The transformer is called by `predict_velocity`, as in the sampler.
     """
     batch, _, frames, height, width = latents.shape
     frame_index = torch.arange(frames, device=latents.device).view(1, 1, frames, 1, 1)
@@ -640,16 +749,32 @@ def flow_matching_loss(transformer, latents, prompt_embeds, t, noise, num_cond_f
     return squared_error.sum() / ((1 - cond).sum() * squared_error.shape[1] * height * width)
 
 
-def sample_timesteps(batch, shift, device):
-    """Logit-normal t0 = sigmoid(N(0, 1)), shifted towards noise: t = shift * t0 / (1 + (shift - 1) * t0)."""
+HIGH_SIGMA_RANGE = (200.0, 1e5)  # NVIDIA's LOGUNIFORM200_100000 high-sigma strategy
+
+
+def default_timestep_shift(latent_frames):
+    """NVIDIA's noise-level shift for clips of this many latent frames: sqrt(latent frames) (its
+    `video_noise_multiplier = sqrt(state_t)`): 4 for 61 pixel frames, sqrt(24) for 93."""
+    return math.sqrt(latent_frames)
+
+
+def sample_timesteps(batch, shift, device, high_sigma_ratio=0.0):
+    """Logit-normal t0 = sigmoid(N(0, 1)), shifted towards noise: t = shift * t0 / (1 + (shift - 1) * t0); a fraction
+    high_sigma_ratio of the samples get t = sigma / (1 + sigma) with sigma log-uniform in [200, 1e5] instead."""
     t0 = torch.sigmoid(torch.randn(batch, device=device))
-    return shift * t0 / (1 + (shift - 1) * t0)
+    t = shift * t0 / (1 + (shift - 1) * t0)
+    if high_sigma_ratio > 0:
+        high = torch.rand(batch, device=device) < high_sigma_ratio
+        low, top = (math.log(v) for v in HIGH_SIGMA_RANGE)
+        sigma = torch.exp(torch.rand(batch, device=device) * (top - low) + low)
+        t = torch.where(high, sigma / (1 + sigma), t)
+    return t
 
 
 def clip_timestep_shift(shift, latents):
     """The shift of each clip of a batch [B]: a number, or `auto`, the square root of the clip's latent frames
     (NVIDIA's sqrt(state_t): 4 for 61 frames, sqrt(24) for 93). A batch holds one bucket, so one frame count."""
-    value = math.sqrt(latents.shape[2]) if shift == "auto" else float(shift)
+    value = default_timestep_shift(latents.shape[2]) if shift == "auto" else float(shift)
     return torch.full((latents.shape[0],), value, device=latents.device)
 
 
@@ -660,7 +785,7 @@ def training_loss(transformer, batch, args, null_text=None):
     """
     latents, prompt_embeds = batch["latents"], batch["prompt_embeds"]
     size, device = latents.shape[0], latents.device
-    t = sample_timesteps(size, clip_timestep_shift(args.timestep_shift, latents), device)
+    t = sample_timesteps(size, clip_timestep_shift(args.timestep_shift, latents), device, args.high_sigma_ratio)
     noise = torch.randn_like(latents)
     choices = torch.tensor(args.conditioning_frames, device=device)
     num_cond = choices[torch.randint(len(choices), (size,), device=device)]
@@ -774,25 +899,83 @@ def load_trainable_state_dict(model, directory):
     )
 
 
+POWER_EMA_SIGMA_REL = 0.1  # NVIDIA's PowerEMAConfig rate, enabled in its LoRA examples
+
+
+def power_ema_exponent(sigma_rel):
+    """gamma of the power EMA (Karras et al. 2024) of relative width sigma_rel: NVIDIA's `ema_exp_coefficient`."""
+    import numpy as np
+
+    return float(np.roots([1, 7, 16 - sigma_rel**-2, 12 - sigma_rel**-2]).real.max())
+
+
+class EMA:
+    """Exponential moving average of the trainable weights, updated after every optimizer step n = 1, 2, ...:
+        ema = d * ema + (1 - d) * weights
+    with d constant (--ema_decay D), or NVIDIA's power EMA d = (1 - 1/n)^(gamma + 1), gamma = 6.94 for sigma_rel 0.1
+    (cosmos-predict2 `ema_beta`): a plain average at first that narrows to about the last tenth of the run.
+    The averages are clones of the (under FSDP2, sharded) parameters, so they are sharded alike.
+    """
+
+    def __init__(self, params, decay):
+        self.params, self.decay = params, decay
+        self.exponent = power_ema_exponent(POWER_EMA_SIGMA_REL) + 1 if decay == "power" else None
+        self.average = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, step):
+        decay = (1 - 1 / step) ** self.exponent if self.decay == "power" else self.decay
+        for average, param in zip(self.average, self.params, strict=True):
+            average.lerp_(param.detach(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_from_model(self):
+        for average, param in zip(self.average, self.params, strict=True):
+            average.copy_(param.detach())
+
+    @torch.no_grad()
+    def state_dict(self, model):
+        """The averages under the model's clean parameter names. A collective under FSDP: call it on every rank."""
+        raw = [param.detach().clone() for param in self.params]
+        for average, param in zip(self.average, self.params, strict=True):
+            param.copy_(average)
+        try:  # on one CPU process the state dict holds the parameters themselves: copy it before they return
+            return {name: tensor.clone() for name, tensor in trainable_state_dict(model).items()}
+        finally:
+            for value, param in zip(raw, self.params, strict=True):
+                param.copy_(value)
+
+
 def optimizer_state_dict(model, optimizer):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_checkpoint(accelerator, model, optimizer, lr_scheduler, step, batches_consumed, args):
-    """Write OUTPUT/checkpoint-STEP atomically: trainable weights, optimizer, scheduler and data position."""
+def save_checkpoint(accelerator, model, optimizer, lr_scheduler, ema, step, batches_consumed, args):
+    """Write OUTPUT/checkpoint-STEP atomically: trainable weights (and their EMA in ema/), optimizer, scheduler, data
+    position, the run's settings and its held-out clips. training_state.json lists the state files with their sizes."""
     weights = trainable_state_dict(model)
+    ema_weights = ema.state_dict(model) if ema else None
     optim_state = optimizer_state_dict(model, optimizer.optimizer)
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     if accelerator.is_main_process:
         tmp = f"{final}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_finetuned_weights(weights, tmp, adapter_config(args))
-        torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
-        torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        with open(os.path.join(tmp, "training_state.json"), "w") as f:
-            json.dump({"global_step": step, "batches_consumed": batches_consumed}, f)
+        if ema_weights is not None:
+            save_finetuned_weights(ema_weights, os.path.join(tmp, EMA_DIR), adapter_config(args))
+        torch.save(optim_state, os.path.join(tmp, OPTIMIZER_STATE))
+        torch.save(lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER_STATE))
+        for name in (TRAINING_ARGS, HELD_OUT):
+            shutil.copy(os.path.join(args.output_dir, name), tmp)
+        state = {
+            "global_step": step,
+            "batches_consumed": batches_consumed,
+            "files": file_sizes(tmp, [OPTIMIZER_STATE, SCHEDULER_STATE]),
+        }
+        with open(os.path.join(tmp, TRAINING_STATE), "w") as f:
+            json.dump(state, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
@@ -821,20 +1004,68 @@ def resolve_resume_path(args):
     if args.resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(args.output_dir)
         return checkpoints[-1] if checkpoints else None
-    if not os.path.isfile(os.path.join(args.resume_from_checkpoint, "training_state.json")):
+    if not os.path.isdir(args.resume_from_checkpoint):
         raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint dir")
     return args.resume_from_checkpoint
 
 
-def load_checkpoint(path, model, optimizer, lr_scheduler):
+def read_json(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as error:
+        raise ValueError(f"{path} is unreadable: {error}") from None
+
+
+def check_checkpoint(path, args):
+    """Before any model loads: every file of the checkpoint is there and whole, and its settings are these."""
+    state = read_json(os.path.join(path, TRAINING_STATE))
+    check_files(path, state.get("files", {}))
+    for name in (OPTIMIZER_STATE, SCHEDULER_STATE):  # checkpoints written before `files` was recorded
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"{os.path.join(path, name)} is missing; the checkpoint is incomplete")
+    read_adapter_config(path)
+    if os.path.isdir(os.path.join(path, EMA_DIR)):
+        read_adapter_config(os.path.join(path, EMA_DIR))
+    changed = changed_settings(path, args)
+    if changed and not args.allow_changed_settings:
+        raise ValueError(
+            f"{path} was trained with other settings ({'; '.join(changed)}): resume with the same flags, or pass "
+            "--allow_changed_settings to continue with the new ones"
+        )
+    if changed:
+        print(f"resuming {path} with changed settings: {'; '.join(changed)}")
+
+
+def changed_settings(path, args):
+    """`name: old -> new` for every setting that shapes the run and differs from the checkpoint's."""
+    args_path = os.path.join(path, TRAINING_ARGS)
+    if not os.path.isfile(args_path):
+        return [f"{TRAINING_ARGS}: not in the checkpoint, so its settings cannot be compared"]
+    saved, current = read_json(args_path), json.loads(json.dumps(vars(args)))
+    names = sorted((saved.keys() | current.keys()) - SETTINGS_FREE_ON_RESUME)
+    missing = "(unset)"
+    return [
+        f"{name}: {saved.get(name, missing)} -> {current.get(name, missing)}"
+        for name in names
+        if saved.get(name, missing) != current.get(name, missing)
+    ]
+
+
+def load_checkpoint(path, model, optimizer, lr_scheduler, ema):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if ema:  # the EMA goes through the model's own parameters, which the raw weights then overwrite
+        if os.path.isdir(os.path.join(path, EMA_DIR)):
+            load_trainable_state_dict(model, os.path.join(path, EMA_DIR))
+        ema.copy_from_model()
     load_trainable_state_dict(model, path)
-    optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
+    optim_state = torch.load(os.path.join(path, OPTIMIZER_STATE), weights_only=False)
     set_optimizer_state_dict(model, optimizer.optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
-    lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
-    with open(os.path.join(path, "training_state.json")) as f:
-        state = json.load(f)
+    lr_scheduler.load_state_dict(torch.load(os.path.join(path, SCHEDULER_STATE), weights_only=False))
+    state = read_json(os.path.join(path, TRAINING_STATE))
     return state["global_step"], state["batches_consumed"]
 
 
@@ -907,16 +1138,39 @@ def step_logs(loss, lr_scheduler, grad_norm, clock, samples, tokens):
     return logs
 
 
+STOP_SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
+
+
 class StopSignal:
-    """Remembers a SIGUSR1 (SLURM's warning before the time limit) until the current step is done."""
+    """Remembers SIGUSR1 (SLURM's warning before the time limit), SIGTERM (preemption, scancel, a time limit without
+    --signal) or a first Ctrl-C until the current step is done; the loop then saves a checkpoint and exits 75. A
+    second Ctrl-C stops at once. `restore` puts the previous handlers back."""
 
     def __init__(self):
-        self.received = False
-        if hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, self.handle)
+        self.received = None  # the name of the first stop signal
+        self.previous = {}
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                self.previous[name] = signal.signal(getattr(signal, name), self.handle)
 
     def handle(self, signum, frame):
-        self.received = True
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received:
+            raise KeyboardInterrupt
+        if not self.received:
+            print(f"{name}: finishing this step, then saving a checkpoint (Ctrl-C again stops at once)", flush=True)
+        self.received = self.received or name
+
+    def restore(self):
+        for name, handler in self.previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave stop signals to the training process, which finishes its step with their batches."""
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def step_seed(seed, step, micro_step, process_index):
@@ -924,9 +1178,39 @@ def step_seed(seed, step, micro_step, process_index):
     return (seed * 1_000_003 + step * 1009 + micro_step * 31 + process_index) % (2**63)
 
 
+def configure_wandb(output_dir):
+    """W&B writes under OUTPUT/wandb and runs offline without WANDB_API_KEY, or with a key when HF_HUB_OFFLINE is
+    set or its server does not answer within 3 s (compute nodes are usually offline). Returns the warning, if any."""
+    os.environ.setdefault("WANDB_DIR", os.path.abspath(output_dir))
+    if os.environ.get("WANDB_MODE"):
+        return None
+    if not os.environ.get("WANDB_API_KEY"):
+        os.environ["WANDB_MODE"] = "offline"
+        return None
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    reason = "HF_HUB_OFFLINE is set" if hub_offline() else None if wandb_reachable(host) else f"{host} is unreachable"
+    if reason is None:
+        return None
+    os.environ["WANDB_MODE"] = "offline"
+    return (
+        f"warning: W&B runs offline ({reason}); `wandb sync {os.path.join(output_dir, 'wandb')}/offline-run-*` later"
+    )
+
+
+def wandb_reachable(host, timeout=3.0):
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def init_trackers(accelerator, args):
-    if args.report_to in ("wandb", "all") and not os.environ.get("WANDB_API_KEY"):
-        os.environ.setdefault("WANDB_MODE", "offline")
+    if args.report_to in ("wandb", "all"):
+        os.makedirs(args.output_dir, exist_ok=True)
+        warning = configure_wandb(args.output_dir) if accelerator.is_main_process else None
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
     accelerator.init_trackers(args.tracker_project_name, config=config)
 
@@ -977,7 +1261,7 @@ def reduce_micro_step(accelerator, loss, batch, stop):
     tokens = latents.shape[0] * math.prod(latents.shape[2:]) // 4  # 2x2 spatial patches
     local = [
         loss.detach().float(),
-        *(torch.tensor(float(v), device=loss.device) for v in (tokens, len(batch["bad_clips"]), stop.received)),
+        *(torch.tensor(float(v), device=loss.device) for v in (tokens, len(batch["bad_clips"]), bool(stop.received))),
     ]
     total = accelerator.reduce(torch.stack(local).double(), reduction="sum").tolist()
     return MicroStepStats(total[0] / accelerator.num_processes, int(total[1]), int(total[2]), total[3] > 0)
@@ -1023,11 +1307,44 @@ def run_validation(transformer, validation_set, decoder, args, step, accelerator
     transformer.train()
 
 
+def check_clip_frames(caches, args):
+    """Every clip needs a latent frame to predict beyond the largest number of conditioning frames."""
+    frames = min(clip["shape"][1] for cache in caches for clip in cache.clips)
+    if frames < 2:
+        raise ValueError(
+            "a cache holds clips of 1 latent frame (--num_frames 1): video2world needs at least 2 (--num_frames 5)"
+        )
+    if max(args.conditioning_frames) >= frames:
+        raise ValueError(
+            f"--conditioning_frames {','.join(map(str, args.conditioning_frames))} leaves no frame to predict in "
+            f"clips of {frames} latent frames; use fewer conditioning frames or longer clips"
+        )
+
+
+def split_validation_clips(cache, resume_path, args):
+    """(train, validation) clips of the first cache: as the checkpoint recorded them, or held out under --seed."""
+    record = read_held_out(resume_path) if resume_path else None
+    if record is not None:
+        return split_by_record(cache.clips, cache.path, record)
+    return hold_out_clips(cache.clips, args.num_validation_clips, args.seed)
+
+
+def write_run_record(args, caches, train_clips, validation_clips):
+    """training_args.json and held_out.json in OUTPUT (copied into every checkpoint), once every check has passed."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    atomic_write_text(os.path.join(args.output_dir, TRAINING_ARGS), json.dumps(vars(args), indent=2))
+    write_held_out(args.output_dir, caches[0].path, train_clips, validation_clips, [c.path for c in caches])
+
+
 def main(args):
     validate_args(args)
     family = resolve_family_defaults(args)
     caches, info = load_caches(args.cache_dir, args.pretrained_model_name_or_path, args.revision)
-    train_clips, validation_clips = hold_out_clips(caches[0].clips, args.num_validation_clips, args.seed)
+    check_clip_frames(caches, args)
+    resume_path = resolve_resume_path(args)
+    if resume_path:
+        check_checkpoint(resume_path, args)
+    train_clips, validation_clips = split_validation_clips(caches[0], resume_path, args)
     caches[0].clips = train_clips
 
     shapes = {tuple(clip["shape"]) for cache in caches for clip in cache.clips} | {
@@ -1036,11 +1353,17 @@ def main(args):
     accelerator = build_accelerator(args, len(shapes))
     set_seed(args.seed)
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        write_run_record(args, caches, train_clips, validation_clips)
+    accelerator.wait_for_everyone()
     stop = StopSignal()
+    try:
+        return run_training(args, family, accelerator, caches, info, validation_clips, resume_path, stop)
+    finally:
+        stop.restore()
 
+
+def run_training(args, family, accelerator, caches, info, validation_clips, resume_path, stop):
+    """Load the model, then loop: data, noise, forward, loss, backward, step, log, validate, checkpoint."""
     train_dataloader, groups = build_train_dataloader(caches, args, accelerator.num_processes)
     batch_sampler = train_dataloader.batch_sampler
     accelerator.print(bucket_table(groups, args.train_batch_size))
@@ -1053,6 +1376,7 @@ def main(args):
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     transformer, optimizer, train_dataloader = accelerator.prepare(transformer, optimizer, train_dataloader)
     params = [p for p in transformer.parameters() if p.requires_grad]  # FSDP2 replaced them with sharded ones
+    ema = EMA(params, args.ema_decay) if args.ema_decay else None
 
     batches_per_epoch = len(train_dataloader)
     steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
@@ -1066,9 +1390,10 @@ def main(args):
     )
 
     state = TrainState()
-    resume_path = resolve_resume_path(args)
     if resume_path:
-        state.global_step, state.batches_consumed = load_checkpoint(resume_path, transformer, optimizer, lr_scheduler)
+        state.global_step, state.batches_consumed = load_checkpoint(
+            resume_path, transformer, optimizer, lr_scheduler, ema
+        )
         state.last_checkpoint = resume_path
         accelerator.print(f"resumed from {resume_path} at step {state.global_step}")
     loss_log = os.path.join(args.output_dir, "losses.jsonl")
@@ -1119,9 +1444,11 @@ def main(args):
             if not accelerator.sync_gradients:
                 continue
 
-            # Step: schedule and bookkeeping once per optimizer step.
+            # Step: schedule, EMA and bookkeeping once per optimizer step.
             lr_scheduler.step()
             state.global_step += 1
+            if ema:
+                ema.update(state.global_step)
             step_loss = loss_sum / micro_step
             samples = micro_step * args.train_batch_size * accelerator.num_processes  # short at an epoch's end
             step_tokens, micro_step, loss_sum, tokens = tokens, 0, 0.0, 0
@@ -1141,11 +1468,19 @@ def main(args):
             # Checkpoint, and stop for a requeue when asked.
             if state.global_step % args.checkpointing_steps == 0 or stats.stop_requested:
                 state.last_checkpoint = save_checkpoint(
-                    accelerator, transformer, optimizer, lr_scheduler, state.global_step, state.batches_consumed, args
+                    accelerator,
+                    transformer,
+                    optimizer,
+                    lr_scheduler,
+                    ema,
+                    state.global_step,
+                    state.batches_consumed,
+                    args,
                 )
             if stats.stop_requested:
                 accelerator.print(
-                    f"SIGUSR1: saved {state.last_checkpoint}; exiting with {REQUEUE_EXIT_CODE} to requeue"
+                    f"{stop.received or 'a stop signal on another rank'}: saved {state.last_checkpoint}; exiting with "
+                    f"{REQUEUE_EXIT_CODE} (run the same command again to resume; the SLURM scripts requeue)"
                 )
                 accelerator.end_training()
                 return REQUEUE_EXIT_CODE
@@ -1153,21 +1488,27 @@ def main(args):
                 break
             clock.restart()  # validation and checkpoints do not count as step time
 
-    # Export the final weights.
+    # Export the final weights (and their EMA).
     weights = trainable_state_dict(transformer)
+    ema_weights = ema.state_dict(transformer) if ema else None
     if accelerator.is_main_process:
-        export_final_weights(weights, args)
+        export_final_weights(weights, ema_weights, args)
     accelerator.end_training()
     return 0
 
 
-def export_final_weights(weights, args):
-    """Write the final weights next to the checkpoints, each file replaced atomically."""
+def export_final_weights(weights, ema_weights, args):
+    """Write the final weights next to the checkpoints (the EMA in ema/), each file or folder replaced atomically."""
     tmp = os.path.join(args.output_dir, ".export.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_finetuned_weights(weights, tmp, adapter_config(args))
+    if ema_weights is not None:
+        save_finetuned_weights(ema_weights, os.path.join(tmp, EMA_DIR), adapter_config(args))
     for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
+        target = os.path.join(args.output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(tmp, name), target)
     os.rmdir(tmp)
     print(f"saved {', '.join(sorted(os.listdir(args.output_dir)))} in {args.output_dir}")
 

@@ -67,6 +67,14 @@ fi
 source "$REPO_DIR/slurm/common.sh"
 enter_repo
 
+num_sources=0
+for value in "$VIDEO_DIR" "$TARS" "$DATASET"; do
+  [ -n "$value" ] && num_sources=$((num_sources + 1))
+done
+if [ "$num_sources" -ne 1 ]; then
+  echo "error: set exactly one source, VIDEO_DIR, TARS or DATASET ($num_sources set)" >&2
+  exit 2
+fi
 source_args=()
 local_paths=("$MODEL")
 if [ -n "$VIDEO_DIR" ]; then

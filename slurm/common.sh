@@ -55,20 +55,31 @@ log_job() {
 #
 # The training script answers USR1 by finishing the optimizer step, saving OUTPUT_DIR/checkpoint-STEP and exiting 75.
 # accelerate launch reports any failed rank as exit code 1, so a launcher that fails after USR1 arrived counts as 75.
+#
+# SIGTERM (SLURM's preemption with PreemptMode=REQUEUE, scancel, a time limit without --signal) is forwarded the
+# same way, and the training saves and exits 75 as for USR1, well inside SLURM's KillWait (30 s by default). The
+# launcher ignores TERM too: accelerate's single-process launcher would otherwise die at once and let this shell end
+# the job while the training still saves. After TERM this shell does not requeue: SLURM requeues a preempted job
+# itself, and a cancelled one must stay cancelled.
 # ---------------------------------------------------------------------------------------------------------------
 PREEMPT_EXIT=75
 
-_forward_usr1() {
-  USR1_RECEIVED=1
+_forward_signal() {
+  local sig=$1
+  if [ "$sig" = TERM ]; then
+    TERM_RECEIVED=1
+  else
+    USR1_RECEIVED=1
+  fi
   if [ "$FORWARD_TO" = self ]; then
-    log "SIGUSR1: forwarding it to $FORWARD_PID"
-    kill -USR1 "$FORWARD_PID" 2>/dev/null || true
+    log "SIG$sig: forwarding it to $FORWARD_PID"
+    kill -"$sig" "$FORWARD_PID" 2>/dev/null || true
     return 0
   fi
-  log "SIGUSR1: forwarding it to the training processes (children of launcher $FORWARD_PID)"
+  log "SIG$sig: forwarding it to the training processes (children of launcher $FORWARD_PID)"
   local tries
   for tries in $(seq 60); do  # the launcher may not have started them yet
-    if pkill -USR1 -P "$FORWARD_PID"; then
+    if pkill -"$sig" -P "$FORWARD_PID"; then
       return 0
     fi
     kill -0 "$FORWARD_PID" 2>/dev/null || return 0
@@ -83,13 +94,15 @@ _run_forwarding_usr1() {
   FORWARD_TO=$1
   shift
   USR1_RECEIVED=0
+  TERM_RECEIVED=0
   if [ "$FORWARD_TO" = self ]; then
     "$@" &
   else
-    (trap '' USR1; exec "$@") &
+    (trap '' USR1 TERM; exec "$@") &
   fi
   FORWARD_PID=$!
-  trap _forward_usr1 USR1
+  trap '_forward_signal USR1' USR1
+  trap '_forward_signal TERM' TERM
   local rc
   while true; do
     rc=0
@@ -100,9 +113,9 @@ _run_forwarding_usr1() {
     fi
     break
   done
-  trap '' USR1  # the training is over: a late USR1 must not kill this shell before it requeues or exits
-  if [ "$USR1_RECEIVED" = 1 ] && [ "$rc" -ne 0 ] && [ "$rc" -ne "$PREEMPT_EXIT" ]; then
-    log "exit code $rc after SIGUSR1: taken as the checkpoint-and-stop exit $PREEMPT_EXIT"
+  trap '' USR1 TERM  # the training is over: a late signal must not kill this shell before it requeues or exits
+  if [ "$USR1_RECEIVED$TERM_RECEIVED" != 00 ] && [ "$rc" -ne 0 ] && [ "$rc" -ne "$PREEMPT_EXIT" ]; then
+    log "exit code $rc after a stop signal: taken as the checkpoint-and-stop exit $PREEMPT_EXIT"
     rc=$PREEMPT_EXIT
   fi
   return "$rc"
@@ -112,7 +125,8 @@ _run_forwarding_usr1() {
 # DRY_RUN=1 prints the command, with the node and rank it would run on, instead of running it.
 run_launcher() {
   if [ "${DRY_RUN:-0}" = 1 ]; then
-    echo "DRY_RUN host=$(hostname -s) SLURM_NODEID=${SLURM_NODEID:-} SLURM_PROCID=${SLURM_PROCID:-}: $(quote_cmd "$@")"
+    echo "DRY_RUN host=${DRY_RUN_HOST:-$(hostname -s)} SLURM_NODEID=${SLURM_NODEID:-} SLURM_PROCID=${SLURM_PROCID:-}:" \
+      "$(quote_cmd "$@")"
     return 0
   fi
   log "running: $(quote_cmd "$@")"
@@ -129,7 +143,10 @@ run_srun() {
 # checkpoint; any other code is the job's exit code.
 finish() {
   local rc=$1
-  if [ "$rc" -eq "$PREEMPT_EXIT" ]; then
+  if [ "$rc" -eq "$PREEMPT_EXIT" ] && [ "${TERM_RECEIVED:-0}" = 1 ]; then
+    log "training saved a checkpoint and stopped on SIGTERM (exit $rc); not requeueing: SLURM requeues a" \
+        "preempted job itself, and resubmitting the same command resumes"
+  elif [ "$rc" -eq "$PREEMPT_EXIT" ]; then
     if [ -n "${SLURM_JOB_ID:-}" ]; then
       log "training saved a checkpoint and stopped (exit $rc): requeueing job $SLURM_JOB_ID"
       if scontrol requeue "$SLURM_JOB_ID"; then

@@ -7,7 +7,7 @@
 #   CHECKPOINT=/scratch/runs/lora NUM_VIDEOS=16 sbatch slurm/sample.sh --num_inference_steps 35
 #
 # The checkpoint is the first argument or CHECKPOINT; further arguments go to sample.py. Videos and video_grid.mp4
-# are written to SAMPLE_OUTPUT_DIR (default CHECKPOINT/samples).
+# are written to SAMPLE_OUTPUT_DIR (default RUN/samples/checkpoint-STEP, or RUN/samples/final for a run dir).
 # The Cosmos safety checker stays on unless you pass --disable_safety_checker (the NVIDIA Open Model License does
 # not allow bypassing it in use); it needs the cosmos-guardrail package and its models in the Hugging Face cache,
 # since compute nodes are usually offline.
@@ -44,15 +44,23 @@ REVISION=${REVISION:-}
 CACHE_DIR=${CACHE_DIR:-$COSMOS_ROOT/cache}
 # Training output dir or one of its checkpoint-STEP dirs (the first argument wins).
 CHECKPOINT=${CHECKPOINT:-$COSMOS_ROOT/runs/lora}
-NUM_VIDEOS=${NUM_VIDEOS:-8}
+# Clips to generate, at most as many as the run held out (train_cosmos_lora.py --num_validation_clips, default 4).
+NUM_VIDEOS=${NUM_VIDEOS:-4}
 # ---------------------------------------------------------------------------------------------------------------
 
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
   CHECKPOINT=$1
   shift
 fi
-# Where the videos go.
-SAMPLE_OUTPUT_DIR=${SAMPLE_OUTPUT_DIR:-$CHECKPOINT/samples}
+# Where the videos go: beside the checkpoints, not inside one (--checkpoints_total_limit deletes old checkpoints):
+# RUN/samples/checkpoint-STEP for a checkpoint, RUN/samples/final for the run's exported weights.
+checkpoint=${CHECKPOINT%/}
+if [[ $(basename "$checkpoint") == checkpoint-* ]]; then
+  default_output=$(dirname "$checkpoint")/samples/$(basename "$checkpoint")
+else
+  default_output=$checkpoint/samples/final
+fi
+SAMPLE_OUTPUT_DIR=${SAMPLE_OUTPUT_DIR:-$default_output}
 
 if [ ! -f "$REPO_DIR/slurm/common.sh" ]; then
   echo "REPO_DIR=$REPO_DIR is not this repository: submit from the repository root or set REPO_DIR" >&2

@@ -5,7 +5,7 @@
 #   mkdir -p logs && sbatch slurm/train_multinode.sh                     # 2 nodes x 8 GPUs
 #   sbatch --nodes=4 slurm/train_multinode.sh --learning_rate 5e-5      # extra arguments go to train_cosmos_lora.py
 #   GPUS_PER_NODE=4 sbatch --nodes=2 --gres=gpu:4 slurm/train_multinode.sh
-#   DRY_RUN=1 sbatch slurm/train_multinode.sh                           # each node prints its command instead
+#   DRY_RUN=1 sbatch slurm/train_multinode.sh      # prints the srun command and each node's command; runs nothing
 #
 # Keep one task per node: the number of machines is the number of tasks (SLURM_NTASKS), and each task's rank is its
 # SLURM_PROCID. GPUS_PER_NODE must match --gres=gpu:N and the accelerate config.
@@ -72,10 +72,11 @@ log_job
 
 num_machines=${SLURM_NTASKS:-1}
 if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-  head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+  mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 else
-  head_node=$(hostname -s)
+  hosts=("$(hostname -s)")
 fi
+head_node=${hosts[0]}
 log "$num_machines machines x $GPUS_PER_NODE processes, rendezvous at $head_node:$MAIN_PORT"
 
 # --kill-on-bad-exit=0: after USR1 the nodes exit 75 one after the other; the first must not kill the others while
@@ -87,14 +88,20 @@ fi
 # Runs on every node; $SLURM_PROCID is evaluated there. A node whose training stops after USR1 exits 75.
 # shellcheck disable=SC2016
 per_node='source slurm/common.sh && run_launcher accelerate launch --machine_rank "$SLURM_PROCID" "$@"'
-rc=0
-run_srun srun "${srun_args[@]}" bash -c "$per_node" per_node \
-  --config_file "$ACCELERATE_CONFIG" --num_machines "$num_machines" \
-  --num_processes "$((num_machines * GPUS_PER_NODE))" \
-  --main_process_ip "$head_node" --main_process_port "$MAIN_PORT" \
-  train_cosmos_lora.py --pretrained_model_name_or_path "$MODEL" ${REVISION:+--revision "$REVISION"} --cache_dir "${cache_dirs[@]}" \
-  --output_dir "$OUTPUT_DIR" --resume_from_checkpoint latest "$@" || rc=$?
+launch_args=(--config_file "$ACCELERATE_CONFIG" --num_machines "$num_machines"
+  --num_processes "$((num_machines * GPUS_PER_NODE))"
+  --main_process_ip "$head_node" --main_process_port "$MAIN_PORT"
+  train_cosmos_lora.py --pretrained_model_name_or_path "$MODEL" ${REVISION:+--revision "$REVISION"} --cache_dir "${cache_dirs[@]}"
+  --output_dir "$OUTPUT_DIR" --resume_from_checkpoint latest "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then
-  exit "$rc"
+  # Dry: print the srun command, then what each task would run on its node (srun places tasks in blocks).
+  echo "DRY_RUN srun: $(quote_cmd srun "${srun_args[@]}" bash -c "$per_node" per_node "${launch_args[@]}")"
+  for ((rank = 0; rank < num_machines; rank++)); do
+    node=$((rank * ${#hosts[@]} / num_machines))
+    DRY_RUN_HOST=${hosts[$node]} SLURM_NODEID=$node SLURM_PROCID=$rank bash -c "$per_node" per_node "${launch_args[@]}"
+  done
+  exit 0
 fi
+rc=0
+run_srun srun "${srun_args[@]}" bash -c "$per_node" per_node "${launch_args[@]}" || rc=$?
 finish "$rc"

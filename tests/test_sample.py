@@ -279,13 +279,13 @@ def test_metrics():
 def test_bad_inputs_give_one_line_errors(tiny_model, image, overfit_run, tmp_path, extra, message):
     from safetensors.torch import load_file, save_file
 
-    from cosmos_model import LORA_WEIGHTS
+    from cosmos_model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS
 
     if "WRONG_LORA" in extra or "WRONG_RANK" in extra:
         bad = tmp_path / "bad_lora"
         bad.mkdir()
         for name in os.listdir(overfit_run):
-            if name.endswith(".json"):
+            if name.endswith(".json") or name == ADAPTER_WEIGHTS:
                 (bad / name).write_bytes(open(os.path.join(overfit_run, name), "rb").read())
         lora = load_file(os.path.join(overfit_run, LORA_WEIGHTS))
         if "WRONG_LORA" in extra:
@@ -293,6 +293,9 @@ def test_bad_inputs_give_one_line_errors(tiny_model, image, overfit_run, tmp_pat
         else:
             lora = {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if ".lora_A." in k else v) for k, v in lora.items()}
         save_file(lora, str(bad / LORA_WEIGHTS))
+        config = json.load(open(bad / ADAPTER_CONFIG))  # a whole file, just not one of this model
+        config["files"][LORA_WEIGHTS] = os.path.getsize(bad / LORA_WEIGHTS)
+        json.dump(config, open(bad / ADAPTER_CONFIG, "w"))
     extra = [str(bad) if e in ("WRONG_LORA", "WRONG_RANK") else image if e == "IMAGE" else e for e in extra]
     # Flags after TINY win, as argparse keeps the last value.
     result = run_script(

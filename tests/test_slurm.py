@@ -49,7 +49,7 @@ TRAIN_ARGS = [
     "--learning_rate",
     "1e-3",
     "--num_validation_clips",
-    "0",
+    "2",  # held out and recorded, so that sample.sh --from_cache has clips that never trained
     "--dataloader_num_workers",
     "0",
 ]
@@ -312,9 +312,12 @@ def test_sample_script_takes_the_checkpoint_from_the_first_argument_or_the_envir
     )
     assert argv[:2] == ["python", "sample.py"]
     assert option(argv, "--lora_path") == "/runs/r1/checkpoint-8"
-    assert option(argv, "--output_dir") == "/runs/r1/checkpoint-8/samples"
-    assert (option(argv, "--from_cache"), option(argv, "--num_videos")) == ("/c", "8")
+    # Beside the checkpoints, not inside one: --checkpoints_total_limit deletes old checkpoint dirs.
+    assert option(argv, "--output_dir") == "/runs/r1/samples/checkpoint-8"
+    assert (option(argv, "--from_cache"), option(argv, "--num_videos")) == ("/c", "4")
     assert argv[-2:] == ["--num_inference_steps", "2"]
+    argv, _ = run_script_dry("sample.sh", "/runs/r1/", MODEL=tmp_path, CACHE_DIR="/c")
+    assert option(argv, "--output_dir") == "/runs/r1/samples/final"
     argv, _ = run_script_dry(
         "sample.sh", "--disable_safety_checker", CHECKPOINT="/runs/r2", NUM_VIDEOS=3, SAMPLE_OUTPUT_DIR="/s"
     )
@@ -326,6 +329,50 @@ def test_sample_script_takes_the_checkpoint_from_the_first_argument_or_the_envir
     assert argv[-1] == "--disable_safety_checker"
 
 
+@pytest.mark.parametrize("sources", [{}, {"VIDEO_DIR": "/v", "TARS": "/t/*.tar"}], ids=["none", "two"])
+def test_cache_script_dry_run_refuses_no_source_or_two(tmp_path, sources):
+    result = subprocess.run(
+        ["bash", os.path.join(SLURM_DIR, "cache_latents.sh")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env=job_env(DRY_RUN=1, ENV_ACTIVATE="", MODEL=tmp_path, **sources),
+    )
+    assert result.returncode == 2 and "DRY_RUN" not in result.stdout
+    assert f"set exactly one source, VIDEO_DIR, TARS or DATASET ({len(sources)} set)" in result.stderr
+
+
+def test_multinode_dry_run_prints_srun_and_every_node_command_without_running_srun(tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text(f"#!/bin/sh\ntouch {tmp_path}/srun_ran\n")
+    (fake_bin / "srun").chmod(0o755)
+    env = job_env(DRY_RUN=1, ENV_ACTIVATE="", MODEL=tmp_path, SLURM_NTASKS=2, GPUS_PER_NODE=4, MAIN_PORT=29500)
+    env["PATH"] = f"{fake_bin}:{env['PATH']}"
+    result = subprocess.run(
+        ["bash", os.path.join(SLURM_DIR, "train_multinode.sh"), "--learning_rate", "5e-5"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "srun_ran").exists()
+    srun = [line for line in result.stdout.splitlines() if line.startswith("DRY_RUN srun: ")]
+    assert len(srun) == 1 and shlex.split(srun[0].split(": ", 1)[1])[:3] == [
+        "srun",
+        "--ntasks=2",
+        "--kill-on-bad-exit=0",
+    ]
+    commands = dry_run_commands(result.stdout)
+    assert sorted(commands) == [0, 1]
+    for rank, (_, argv) in commands.items():
+        assert option(argv, "--machine_rank") == str(rank) and option(argv, "--num_processes") == "8"
+        assert option(argv, "--main_process_port") == "29500" and argv[-2:] == ["--learning_rate", "5e-5"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The USR1 -> exit 75 -> requeue machinery of slurm/common.sh, with a stand-in training script.
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,6 +381,7 @@ STAND_IN = textwrap.dedent("""\
     from accelerate import Accelerator
     state, stop = Accelerator(), []  # reads ACCELERATE_USE_CPU, as the training script's Accelerator does
     signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # as train_cosmos_lora.py's StopSignal
     out = sys.argv[1]
     open(os.path.join(out, f"ready-{state.process_index}-of-{state.num_processes}"), "w").close()
     if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
@@ -357,8 +405,12 @@ def wait_for_files(directory, names, proc=None, timeout=90):
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("ranks", [1, 2], ids=["one_process", "torchrun_two_processes"])
-def test_usr1_reaches_every_rank_through_accelerate_launch_and_gives_75(tmp_path, ranks):
+@pytest.mark.parametrize(
+    "ranks, stop_signal",
+    [(1, signal.SIGUSR1), (2, signal.SIGUSR1), (1, signal.SIGTERM)],
+    ids=["one_process", "torchrun_two_processes", "one_process_sigterm"],
+)
+def test_usr1_reaches_every_rank_through_accelerate_launch_and_gives_75(tmp_path, ranks, stop_signal):
     (tmp_path / "stand_in.py").write_text(STAND_IN)
     config = os.path.join(REPO, "accelerate_configs", "cpu.yaml")
     if ranks == 2:
@@ -378,7 +430,9 @@ def test_usr1_reaches_every_rank_through_accelerate_launch_and_gives_75(tmp_path
         stderr=subprocess.STDOUT,
     )
     wait_for_files(tmp_path, [f"ready-{r}-of-{ranks}" for r in range(ranks)], proc)
-    proc.send_signal(signal.SIGUSR1)  # to the shell only, as SLURM's --signal=B:USR1 does
+    # To the shell only, as SLURM's --signal=B:USR1 does. For SIGTERM the launcher ignores it (accelerate's
+    # single-process launcher would die at once) and the shell forwards it.
+    proc.send_signal(stop_signal)
     out, _ = proc.communicate(timeout=60)
     assert "run_launcher returned 75" in out, out
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith(("ready", "checkpoint"))) == sorted(
@@ -574,7 +628,7 @@ def test_sample_job_writes_the_video_grid(slurm, submit_dir, tiny_model, array_c
     records = slurm.wait(job, timeout=300)
     log = read(submit_dir / "logs" / f"cosmos_sample_{job}.out")
     assert state(records) == [("COMPLETED", "0:0", "0")], log
-    grid = os.path.join(run["dir"], "samples", "video_grid.mp4")
+    grid = os.path.join(run["dir"], "samples", "final", "video_grid.mp4")
     with av.open(grid) as container:
         assert sum(1 for _ in container.decode(video=0)) > 0
 

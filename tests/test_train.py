@@ -176,6 +176,8 @@ def test_resume_is_exact_on_a_cache_of_three_buckets(tiny_model, bucket_cache, t
         2,
         "--validation_steps",
         2,
+        "--ema_decay",
+        "power",
     ]
     assert train.main(train_args(tiny_model, bucket_cache, tmp_path / "full", "--max_train_steps", 6, *common)) == 0
     assert train.main(train_args(tiny_model, bucket_cache, tmp_path / "half", "--max_train_steps", 3, *common)) == 0
@@ -189,6 +191,7 @@ def test_resume_is_exact_on_a_cache_of_three_buckets(tiny_model, bucket_cache, t
                 6,
                 "--resume_from_checkpoint",
                 "latest",
+                "--allow_changed_settings",  # a longer run than the checkpoint's
                 *common,
             )
         )
@@ -198,9 +201,12 @@ def test_resume_is_exact_on_a_cache_of_three_buckets(tiny_model, bucket_cache, t
     # is 2 batches, so the 6 steps cross five epoch boundaries.
     assert losses(tmp_path / "half") == losses(tmp_path / "full")
     assert [row["step"] for row in losses(tmp_path / "full")] == [1, 2, 3, 4, 5, 6]
-    for name in (LORA_WEIGHTS, ADAPTER_WEIGHTS):
+    # The weights and their EMA (kept in the checkpoint) end equal.
+    for name in (LORA_WEIGHTS, ADAPTER_WEIGHTS, f"ema/{LORA_WEIGHTS}", f"ema/{ADAPTER_WEIGHTS}"):
         full, half = load_file(tmp_path / "full" / name), load_file(tmp_path / "half" / name)
         assert full.keys() == half.keys() and all(torch.equal(full[k], half[k]) for k in full)
+    raw, ema = load_file(tmp_path / "full" / LORA_WEIGHTS), load_file(tmp_path / "full" / "ema" / LORA_WEIGHTS)
+    assert raw.keys() == ema.keys() and not all(torch.equal(raw[k], ema[k]) for k in raw)
     assert sorted(os.listdir(tmp_path / "full")) == sorted(os.listdir(tmp_path / "half"))
 
 
@@ -377,7 +383,17 @@ def test_nan_loss_stops_with_the_step_named_and_keeps_the_checkpoint(tiny_model,
     save_file({"latents": torch.full_like(latents, float("nan"))}, clip)
     with pytest.raises(RuntimeError, match=r"loss is nan at step 3.*checkpoint-2"):
         train.main(
-            train_args(tiny_model, cache, out, "--max_train_steps", 4, "--resume_from_checkpoint", "latest", *common)
+            train_args(
+                tiny_model,
+                cache,
+                out,
+                "--max_train_steps",
+                4,
+                "--resume_from_checkpoint",
+                "latest",
+                "--allow_changed_settings",
+                *common,
+            )
         )
     assert {n: open(out / "checkpoint-2" / n, "rb").read() for n in os.listdir(out / "checkpoint-2")} == before
     assert not (out / "checkpoint-4").exists()

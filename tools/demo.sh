@@ -20,4 +20,6 @@ for FAMILY in predict2 predict2.5; do
   $PY sample.py --pretrained_model_name_or_path "$OUT/tiny-cosmos" --lora_path "$OUT/lora" --from_cache "$OUT/cache" \
       --num_videos 2 --num_inference_steps 10 "${CLIP[@]}" --output_dir "$OUT/samples" --disable_safety_checker
 done
-echo "demo done: $DEMO/predict2/samples and $DEMO/predict2.5/samples (video_grid.mp4, contact_sheet.png)"
+echo "demo done: $DEMO/predict2/samples and $DEMO/predict2.5/samples (video_grid.mp4, contact_sheet.png). The models" \
+     "are random, so the pictures are noise and the PSNR means nothing: the demo proves that caching, training," \
+     "export, reloading and sampling run end to end for both families, not that anything was learned."
