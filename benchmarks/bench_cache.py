@@ -181,7 +181,7 @@ def time_variant(encode, clips, batch_size, num_clips, flops, reference):
     return {
         "clips_per_s": round(rate, 2),
         "tflops": round(rate * flops / 1e12, 1),
-        "rel_error_vs_fp32_chunked": relative_error(latents[:count], reference[:count]),
+        "rel_error_vs_fp32_chunked": relative_error(latents[:count].cpu(), reference[:count]),
         "first_call_s": round(first_call_s, 1),
         "peak_gib": peak_gib(),
     }

@@ -122,12 +122,12 @@ def test_every_layout_caches_the_folder_sources_clips_and_captions(tiny_model, c
             )
 
 
-def test_an_unknown_layout_fails_in_one_line_naming_its_columns_before_any_model_loads(tmp_path):
+def test_an_unknown_layout_fails_in_one_line_naming_its_columns_before_any_model_loads(tiny_model, tmp_path):
     write_parquet(str(tmp_path / "data" / "train-0.parquet"), {"frame_count": [3, 4], "label": ["a", "b"]})
     args = cache_latents.parse_args(
         [
             "--pretrained_model_name_or_path",
-            str(tmp_path / "no-model"),
+            tiny_model,
             "--output_dir",
             str(tmp_path / "out"),
             "--dataset",
@@ -147,9 +147,9 @@ def test_an_unknown_layout_fails_in_one_line_naming_its_columns_before_any_model
 # ----------------------------------------------------------------------------------------------------------------
 # Sources that are empty or do not match
 # ----------------------------------------------------------------------------------------------------------------
-def test_an_empty_video_dir_and_unmatched_captions_fail_before_any_model_loads(clips, tmp_path, capsys):
+def test_an_empty_video_dir_and_unmatched_captions_fail_before_any_model_loads(tiny_model, clips, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    argv = ["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--output_dir", str(tmp_path / "out")]
+    argv = ["--pretrained_model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "out")]
     with pytest.raises(FileNotFoundError, match="holds no video file"):
         cache_latents.main(cache_latents.parse_args([*argv, "--video_dir", str(tmp_path / "empty")]))
     captions = tmp_path / "captions.jsonl"
