@@ -23,7 +23,7 @@
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
 #SBATCH --gres=gpu:1
-#SBATCH --cpus-per-task=8
+#SBATCH --cpus-per-task=6
 #SBATCH --time=04:00:00
 #SBATCH --output=logs/%x_%A_%a.out
 ## Site-specific; uncomment or pass to sbatch:
