@@ -194,15 +194,16 @@ def hold_out_clips(clips, num_clips, seed):
 HELD_OUT = "held_out.json"
 
 
-def write_held_out(directory, cache_dir, train, held, trained_caches):
-    """Record in DIRECTORY/held_out.json which clips of `cache_dir` (the first cache) a run held out: the validation
-    clips (files relative to the cache) and every held-out video key (none of their clips trained); and every cache
-    the run trained on (all clips of the others trained)."""
+def write_held_out(directory, cache_dir, clips, train, held, trained_caches):
+    """Record in DIRECTORY/held_out.json which clips of `cache_dir` (the first cache, whose clips are `clips`) a run
+    held out: the validation clips (files relative to the cache) and every held-out video key, including videos held
+    out whose clips are not among the validation clips (none of their clips trained); and every cache the run
+    trained on (all clips of the others trained)."""
     trained_keys = {c["key"] for c in train}
     record = {
         "cache_dir": os.path.realpath(cache_dir),
         "trained_caches": [os.path.realpath(path) for path in trained_caches],
-        "keys": sorted({c["key"] for c in held} - trained_keys),
+        "keys": sorted({c["key"] for c in clips} - trained_keys),
         "clips": [os.path.relpath(c["path"], cache_dir) for c in held],
     }
     atomic_write_text(os.path.join(directory, HELD_OUT), json.dumps(record, indent=2))

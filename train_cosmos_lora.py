@@ -1329,11 +1329,12 @@ def split_validation_clips(cache, resume_path, args):
     return hold_out_clips(cache.clips, args.num_validation_clips, args.seed)
 
 
-def write_run_record(args, caches, train_clips, validation_clips):
+def write_run_record(args, caches, first_cache_clips, train_clips, validation_clips):
     """training_args.json and held_out.json in OUTPUT (copied into every checkpoint), once every check has passed."""
     os.makedirs(args.output_dir, exist_ok=True)
     atomic_write_text(os.path.join(args.output_dir, TRAINING_ARGS), json.dumps(vars(args), indent=2))
-    write_held_out(args.output_dir, caches[0].path, train_clips, validation_clips, [c.path for c in caches])
+    paths = [c.path for c in caches]
+    write_held_out(args.output_dir, caches[0].path, first_cache_clips, train_clips, validation_clips, paths)
 
 
 def main(args):
@@ -1344,6 +1345,7 @@ def main(args):
     resume_path = resolve_resume_path(args)
     if resume_path:
         check_checkpoint(resume_path, args)
+    first_cache_clips = caches[0].clips
     train_clips, validation_clips = split_validation_clips(caches[0], resume_path, args)
     caches[0].clips = train_clips
 
@@ -1353,7 +1355,7 @@ def main(args):
     accelerator = build_accelerator(args, len(shapes))
     set_seed(args.seed)
     if accelerator.is_main_process:
-        write_run_record(args, caches, train_clips, validation_clips)
+        write_run_record(args, caches, first_cache_clips, train_clips, validation_clips)
     accelerator.wait_for_everyone()
     stop = StopSignal()
     try:

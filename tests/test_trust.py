@@ -271,8 +271,8 @@ def test_documented_flags_exist_and_help_shows_every_default(capsys):
     assert not train.parse_args(["--no_temporal_adapters"]).use_temporal_adapters
     assert not train.parse_args(["--no-use_temporal_adapters"]).use_temporal_adapters
     assert not train.parse_args(["--no-train_proj_out"]).train_proj_out
-    for script, defaults in [(train, ["(default: 16)", "(default: auto)", "(default: 0.05)", "(default: 0.1)"]),
-                             (sample, ["(default: 35)", "(default: 7.0)"]),
+    for script, defaults in [(train, ["(default: 16)", "auto for Predict2", "0.05 for Predict2", "(default: 0.1)"]),
+                             (sample, ["Default: 35 (Predict2), 36 (Predict2.5)", "(default: 7.0)"]),
                              (cache_latents, ["(default: 61)", "(default: 8.0)"])]:  # fmt: skip
         with pytest.raises(SystemExit):
             script.parse_args(["--help"])
@@ -423,7 +423,7 @@ def test_timestep_shift_is_sqrt_latent_frames_unless_given(tiny_model, latent_ca
     batch = {"latents": torch.zeros(2, 16, 5, 8, 14), "prompt_embeds": torch.zeros(2, 512, 32)}
     train.training_loss(None, batch, train_args(tiny_model, latent_cache, "x"))
     train.training_loss(None, batch, train_args(tiny_model, latent_cache, "x", "--timestep_shift", 3))
-    assert shifts == [math.sqrt(5), 3.0]
+    assert [s.tolist() for s in shifts] == [[pytest.approx(math.sqrt(5))] * 2, [3.0] * 2]  # one shift per clip
     assert train.default_timestep_shift(16) == 4.0
 
 
