@@ -1312,7 +1312,7 @@ def check_clip_frames(caches, args):
     frames = min(clip["shape"][1] for cache in caches for clip in cache.clips)
     if frames < 2:
         raise ValueError(
-            "a cache holds clips of 1 latent frame (--num_frames 1): video2world needs at least 2 (--num_frames 5)"
+            "a cache's clips have 1 latent frame (--num_frames 1): video2world needs at least 2 (--num_frames 5)"
         )
     if max(args.conditioning_frames) >= frames:
         raise ValueError(

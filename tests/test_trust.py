@@ -234,6 +234,11 @@ def test_clip_length_is_checked_against_the_cache_before_the_model_loads(
     info = json.load(open(cache / "cache_info.json"))
     info["latent_shape"][1] = latent_frames
     json.dump(info, open(cache / "cache_info.json", "w"))
+    manifest = cache / "shard_00000" / "manifest.jsonl"  # each row records its own clip shape
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for row in rows:
+        row["shape"][1] = latent_frames
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     monkeypatch.setattr(train, "load_transformer", lambda *a: pytest.fail("the model loaded"))
     with pytest.raises(ValueError, match=message):
         train.main(train_args(tiny_model, str(cache), tmp_path / "out", *flags))
