@@ -1,5 +1,6 @@
-"""The model side shared by the three scripts: latent normalization, prompt encoding, the temporal adapters, exporting
-and loading fine-tuned weights, the transformer's velocity prediction, and the video2world sampler.
+"""The model side shared by the three scripts: latent normalization, prompt encoding, the temporal adapters, per-frame
+AdaLN modulation, exporting and loading fine-tuned weights, the transformer's velocity prediction, and the video2world
+sampler.
 """
 
 import json
@@ -99,8 +100,17 @@ def _add_adapter_output(block, args, output):
 def _record_num_frames(transformer, args, kwargs):
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     num_frames = hidden_states.shape[2] // transformer.config.patch_size[0]
-    for block in transformer.transformer_blocks:
-        block.temporal_adapter.num_frames = num_frames
+    for module in transformer.frame_counted_modules:
+        module.num_frames = num_frames
+
+
+def count_frames_for(transformer, modules):
+    """Set `num_frames` on each of `modules` before every forward of the transformer (its tokens arrive flattened as
+    T*H*W, so a module that works per frame needs T)."""
+    if not hasattr(transformer, "frame_counted_modules"):
+        transformer.frame_counted_modules = []
+        transformer.register_forward_pre_hook(_record_num_frames, with_kwargs=True)
+    transformer.frame_counted_modules.extend(modules)
 
 
 def add_temporal_adapters(transformer, reduction_factor=8):
@@ -109,7 +119,58 @@ def add_temporal_adapters(transformer, reduction_factor=8):
     for block in transformer.transformer_blocks:
         block.temporal_adapter = TemporalAdapter(dim, reduction_factor).to(transformer.device)
         block.register_forward_hook(_add_adapter_output)
-    transformer.register_forward_pre_hook(_record_num_frames, with_kwargs=True)
+    count_frames_for(transformer, [block.temporal_adapter for block in transformer.transformer_blocks])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-frame AdaLN modulation
+# ----------------------------------------------------------------------------------------------------------------
+class FrameModulation:
+    """Mixed into Cosmos' AdaLN-Zero norm: its shift, scale and gate are computed once per latent frame.
+
+    With a timestep per frame ([B, 1, T, 1, 1], as `predict_velocity` passes it) the transformer repeats the timestep
+    embeddings over each frame's H*W tokens, so the stock norm runs SiLU -> linear_1 -> linear_2 -> + temb on every
+    token: about a tenth of a forward's matmul FLOPs, all on rows that repeat. Here it runs on one row per frame and
+    is broadcast over the frame's tokens; the numbers are the same. Parameters and their names are unchanged, so
+    checkpoints, LoRA targets and FSDP sharding see the stock module. Any other timestep goes the stock way.
+    (A mixin, so that importing this module does not import diffusers.)
+    """
+
+    num_frames = 1
+
+    def forward(self, hidden_states, embedded_timestep, temb=None):
+        if embedded_timestep.ndim != 3:
+            return super().forward(hidden_states, embedded_timestep, temb)
+        batch, tokens, dim = hidden_states.shape
+        frame_tokens = tokens // self.num_frames
+
+        def first_token_of_each_frame(x):  # [B, T*H*W, C] -> [B, T, 1, C]
+            return x.unflatten(1, (self.num_frames, frame_tokens))[:, :, :1]
+
+        modulation = self.linear_2(self.linear_1(self.activation(first_token_of_each_frame(embedded_timestep))))
+        if temb is not None:
+            modulation = modulation + first_token_of_each_frame(temb)
+        shift, scale, gate = modulation.chunk(3, dim=-1)
+        hidden_states = self.norm(hidden_states).unflatten(1, (self.num_frames, frame_tokens)) * (1 + scale) + shift
+        gate = gate.expand(batch, self.num_frames, frame_tokens, dim)
+        return hidden_states.flatten(1, 2), gate.flatten(1, 2)
+
+
+_FRAME_MODULATED_CLASSES = {}
+
+
+def modulate_per_frame(transformer):
+    """Give every block's three AdaLN norms the per-frame computation of FrameModulation, in place."""
+    blocks = transformer.transformer_blocks
+    norms = [norm for block in blocks for norm in (block.norm1, block.norm2, block.norm3)]
+    norms = [norm for norm in norms if not isinstance(norm, FrameModulation)]
+    for norm in norms:
+        stock = type(norm)
+        if stock not in _FRAME_MODULATED_CLASSES:
+            _FRAME_MODULATED_CLASSES[stock] = type(f"FrameModulated{stock.__name__}", (FrameModulation, stock), {})
+        norm.__class__ = _FRAME_MODULATED_CLASSES[stock]
+    count_frames_for(transformer, norms)
+    return transformer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,7 +375,8 @@ def denoise_video2world(
     At each Karras sigma, with t = sigma / (sigma + 1): the transformer sees the conditioning frames clean (timestep
     t_cond) and the rest as latents * (1 - t); its velocity F gives x0 = (1 - t) * latents - t * F; the conditioning
     frames of x0 are replaced by the clean ones; CFG is x0_c + g * (x0_c - x0_u); Euler steps on
-    (latents - x0) / sigma.
+    (latents - x0) / sigma. The schedule ends on a repeated sigma (dt = 0), so num_inference_steps - 1 steps change
+    the latents and the model is called that many times; the result is the pipeline's to the bit.
     `noise` is standard normal; it is scaled by sigma_max here. The transformer is called by `predict_velocity`.
     """
     dtype = getattr(transformer, "module", transformer).dtype  # DDP wraps the model in .module
@@ -332,6 +394,9 @@ def denoise_video2world(
     copies = 2 if use_cfg else 1
     for i, timestep in enumerate(scheduler.timesteps):
         sigma = scheduler.sigmas[i]
+        # the last sigma is repeated: its Euler step (dt = 0) leaves the latents as they are, so skip its model call
+        if scheduler.sigmas[i + 1] == sigma:
+            break
         t = sigma / (sigma + 1)
         model_input = (cond * cond_latents + (1 - cond) * latents * (1 - t)).to(dtype)
         frame_t = (cond * t_cond + (1 - cond) * t.view(1, 1, 1, 1, 1)).expand(batch, 1, frames, 1, 1).to(dtype)

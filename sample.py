@@ -49,6 +49,7 @@ from cosmos_model import (
     EMA_DIR,
     decode_to_frames,
     load_finetuned_weights,
+    modulate_per_frame,
     normalize_latents,
     read_adapter_config,
 )
@@ -408,7 +409,7 @@ def load_pipeline_components(args, device, family=None):
     }[args.dtype]
     path, revision = args.pretrained_model_name_or_path, args.revision
     family = family or detect_family(path, revision)
-    transformer = load_component(path, "transformer", revision, dtype, family)
+    transformer = modulate_per_frame(load_component(path, "transformer", revision, dtype, family))
     if args.lora_path:
         # The scale reaches the LoRA, the adapters and proj_out; fusing then merges the LoRA at that scale.
         load_finetuned_weights(transformer, weights_path(args), scale=args.lora_scale)

@@ -80,6 +80,7 @@ from cosmos_model import (
     decode_to_frames,
     file_sizes,
     lora_config,
+    modulate_per_frame,
     predict_velocity,
     read_adapter_config,
     read_exported_weights,
@@ -592,10 +593,12 @@ def build_train_dataloader(caches, args, num_processes):
 # Model
 # ----------------------------------------------------------------------------------------------------------------
 def load_transformer(args, weight_dtype, family=None):
-    """Frozen base transformer in weight_dtype with LoRA, temporal adapters and proj_out trainable in fp32."""
+    """Frozen base transformer in weight_dtype with LoRA, temporal adapters and proj_out trainable in fp32, and its
+    AdaLN modulation computed per frame."""
     transformer = load_component(
         args.pretrained_model_name_or_path, "transformer", args.revision, weight_dtype, family
     )
+    modulate_per_frame(transformer)
     transformer.requires_grad_(False)
     transformer.add_adapter(lora_config(args.lora_rank, args.lora_alpha, args.lora_target_modules, args.lora_dropout))
     if args.use_temporal_adapters:

@@ -23,7 +23,7 @@ from cosmos_families import (
     projection_sha,
     take_text_projection,
 )
-from cosmos_model import LORA_WEIGHTS
+from cosmos_model import LORA_WEIGHTS, modulate_per_frame
 
 PROMPT = "a worker picks up a tool"
 
@@ -182,7 +182,7 @@ def test_five_frame_video_conditions_on_its_last_frames_like_the_pipeline(tiny_m
 
 
 def test_fresh_adapters_give_exactly_the_base_output(tiny_model_25, one_clip_cache_25):
-    base = load_component(tiny_model_25, "transformer")
+    base = modulate_per_frame(load_component(tiny_model_25, "transformer"))  # the base as the scripts run it
     args = train_args(tiny_model_25, one_clip_cache_25, "unused", "--lora_target_modules", *ALL_LINEAR)
     adapted = train.load_transformer(args, torch.float32)
     inputs = dict(random_inputs(base), encoder_hidden_states=torch.randn(2, 512, 64))

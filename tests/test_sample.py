@@ -10,6 +10,8 @@ from test_train import OVERFIT_ARGS, train_args
 import sample
 import train_cosmos_lora as train
 from conftest import run_script
+from cosmos_families import load_component
+from cosmos_model import modulate_per_frame
 
 TINY = ["--height", "64", "--width", "112", "--num_frames", "17", "--disable_safety_checker"]
 
@@ -60,10 +62,13 @@ def overfit_run(tiny_model, one_clip_cache, tmp_path_factory):
     return str(out)
 
 
-def pipeline_output(model, image, output_type, steps=4, guidance=7.0, fps=None):
+def pipeline_output(model, image, output_type, steps=4, guidance=7.0, fps=None, prepare=None):
+    """The pipeline's frames or latents; `prepare(pipe)` may patch or instrument it first."""
     from diffusers import Cosmos2VideoToWorldPipeline
 
     pipe = Cosmos2VideoToWorldPipeline.from_pretrained(model, safety_checker=StandInSafetyChecker())
+    if prepare:
+        prepare(pipe)
     return pipe(
         image=Image.open(image),
         prompt="a worker picks up a tool",
@@ -101,6 +106,60 @@ def test_latents_match_the_diffusers_pipeline(tiny_model, image, tmp_path, guida
     theirs = pipeline_output(tiny_model, image, "latent", guidance=guidance)
     assert num_cond == 1
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def count_calls(module):
+    calls = []
+    module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_the_last_step_is_skipped_and_the_latents_equal_the_pipelines_to_the_bit(tiny_model, image, tmp_path):
+    """The pipeline's last Euler step has dt = 0: sample.py skips its model call. With the pipeline's transformer on
+    the same per-frame modulation and one pass per step (no CFG), the latents are bit-identical."""
+    steps = 4
+    args = sample_args(tiny_model, tmp_path, "--input", image, "--prompt", "a worker picks up a tool")
+    args.num_inference_steps, args.guidance_scale, args.seed = steps, 1.0, 3
+    components = sample.load_pipeline_components(args, torch.device("cpu"))
+    our_calls = count_calls(components["transformer"])
+    ours, _ = sample.generate_latents(sample.collect_jobs(args), components, args, first_index=0)
+    pipeline_calls = []
+
+    def per_frame_and_counted(pipe):
+        modulate_per_frame(pipe.transformer)
+        pipeline_calls.append(count_calls(pipe.transformer))
+
+    theirs = pipeline_output(tiny_model, image, "latent", steps=steps, guidance=1.0, prepare=per_frame_and_counted)
+    pipeline_calls = pipeline_calls[0]
+    assert (len(our_calls), len(pipeline_calls)) == (steps - 1, steps)
+    assert torch.equal(ours, theirs)
+
+
+def test_per_frame_modulation_gives_the_stock_transformers_output(tiny_model):
+    """Per-frame AdaLN: the modulation's linears see one row per latent frame instead of one per token, and the
+    output equals the stock transformer's, with clean conditioning frames (another timestep) in the clip."""
+    stock = load_component(tiny_model, "transformer")
+    per_frame = modulate_per_frame(load_component(tiny_model, "transformer"))
+    rows = []
+    per_frame.transformer_blocks[0].norm1.linear_1.register_forward_hook(lambda m, i, o: rows.append(i[0].shape))
+    batch, frames, height, width = 2, 5, 8, 14
+    timestep = torch.rand(batch, 1, frames, 1, 1)
+    timestep[:, :, :2] = 1e-4
+    inputs = dict(
+        timestep=timestep,
+        encoder_hidden_states=torch.randn(batch, 512, stock.config.text_embed_dim),
+        condition_mask=(timestep < 1e-3).float().expand(batch, 1, frames, height, width),
+        padding_mask=torch.zeros(1, 1, height * 8, width * 8),
+        fps=None,
+        return_dict=False,
+    )
+    latents = torch.randn(batch, 16, frames, height, width)
+    with torch.no_grad():
+        expected = stock(latents, **inputs)[0]
+        got = per_frame(latents, **inputs)[0]
+    dim = stock.config.num_attention_heads * stock.config.attention_head_dim
+    assert rows == [(batch, frames, 1, dim)]  # the stock norm sees (batch, frames * 4 * 7 tokens, dim)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_five_frame_video_conditioning_matches_the_pipeline(tiny_model, clips, tmp_path):

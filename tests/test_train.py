@@ -12,7 +12,14 @@ from safetensors.torch import load_file, save_file
 import train_cosmos_lora as train
 from conftest import REPO, TWO_CPU_PROCESSES, run_script
 from cosmos_cache import CACHE_INFO, hold_out_clips, list_cached_clips
-from cosmos_model import ADAPTER_WEIGHTS, LORA_WEIGHTS, TemporalAdapter, load_finetuned_weights, save_finetuned_weights
+from cosmos_model import (
+    ADAPTER_WEIGHTS,
+    LORA_WEIGHTS,
+    TemporalAdapter,
+    load_finetuned_weights,
+    modulate_per_frame,
+    save_finetuned_weights,
+)
 
 ALL_LINEAR = [
     "attn1.to_q",
@@ -99,7 +106,7 @@ def output(transformer, inputs):
 def test_fresh_adapters_give_exactly_the_base_output(tiny_model, latent_cache):
     from diffusers import CosmosTransformer3DModel
 
-    base = CosmosTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer")
+    base = modulate_per_frame(CosmosTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer"))
     adapted = train.load_transformer(
         train_args(tiny_model, latent_cache, "unused", "--lora_target_modules", *ALL_LINEAR), torch.float32
     )
@@ -261,7 +268,7 @@ def test_exported_weights_reload_onto_a_fresh_base(tiny_model, latent_cache, tmp
         optimizer.zero_grad()
     save_finetuned_weights(train.trainable_state_dict(model), tmp_path, train.adapter_config(args))
 
-    fresh = CosmosTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer")
+    fresh = modulate_per_frame(CosmosTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer"))
     inputs = random_inputs(fresh)
     base_output = output(fresh, inputs)
     load_finetuned_weights(fresh, str(tmp_path))

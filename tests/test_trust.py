@@ -23,7 +23,7 @@ import sample
 import train_cosmos_lora as train
 from conftest import REPO
 from cosmos_cache import list_cached_clips
-from cosmos_model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS, load_finetuned_weights
+from cosmos_model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS, load_finetuned_weights, modulate_per_frame
 from cosmos_video import LABEL_HEIGHT, contact_sheet, label_strip
 
 # Two steps at a high learning rate leave LoRA, adapters and proj_out clearly away from the base model.
@@ -46,7 +46,7 @@ def copy_run(run, tmp_path):
 def base_transformer(tiny_model):
     from diffusers import CosmosTransformer3DModel
 
-    return CosmosTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer")
+    return modulate_per_frame(CosmosTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
