@@ -110,7 +110,7 @@ def count_frames_for(transformer, modules):
     if not hasattr(transformer, "frame_counted_modules"):
         transformer.frame_counted_modules = []
         transformer.register_forward_pre_hook(_record_num_frames, with_kwargs=True)
-    transformer.frame_counted_modules.extend(modules)
+    transformer.frame_counted_modules.extend(m for m in modules if m not in transformer.frame_counted_modules)
 
 
 def add_temporal_adapters(transformer, reduction_factor=8):

@@ -16,6 +16,7 @@ losses.jsonl (one row per optimizer step) and logs for TensorBoard / W&B.
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -114,6 +115,7 @@ SETTINGS_FREE_ON_RESUME = {
     "compile",
     "attention_backend",
     "gradient_checkpointing",
+    "fp8",
 }
 DEFAULT_LORA_TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 VALIDATION_TIMESTEPS = [0.1, 0.3, 0.5, 0.7, 0.9]
@@ -284,6 +286,14 @@ def parse_args(argv=None):
         help="Compile each transformer block in place with torch.compile (regional, FSDP2-safe).",
     )
     speed.add_argument(
+        "--fp8",
+        action="store_true",
+        help="Run the frozen linears of the transformer blocks (the LoRA base layers included) in FP8 with "
+        "torchao's dynamic tensorwise scaling; LoRA, adapters, AdaLN and proj_out stay as they are, and the export "
+        "is unchanged. Needs torchao and an FP8 GPU (compute capability 8.9+); use with --compile (eager FP8 is "
+        "slower than bf16). On a CPU the FP8 casts are emulated.",
+    )
+    speed.add_argument(
         "--attention_backend",
         default=None,
         help="diffusers attention backend, e.g. native, _native_cudnn, _native_flash, flash. Default: native SDPA.",
@@ -372,6 +382,16 @@ def validate_args(args):
     if not args.cache_dir:
         raise ValueError("give at least one --cache_dir")
     check_pretrained_model(args.pretrained_model_name_or_path, ["transformer", "vae"])
+    if args.fp8:
+        check_fp8_support()
+
+
+def check_fp8_support():
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError("--fp8 needs torchao: pip install torchao")
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        name = torch.cuda.get_device_name()
+        raise ValueError(f"--fp8 needs a GPU with FP8 matmuls (compute capability 8.9+); {name} has none")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,6 +632,26 @@ def load_transformer(args, weight_dtype, family=None):
     if args.gradient_checkpointing != "none":
         apply_gradient_checkpointing(transformer, args.gradient_checkpointing)
     return transformer
+
+
+def convert_frozen_linears_to_fp8(transformer, emulate=False):
+    """--fp8: swap the frozen nn.Linear layers inside the transformer blocks for torchao's Float8Linear (dynamic
+    tensorwise scales, e4m3 forward, e5m2 gradients). The LoRA A/B, the temporal adapters and the AdaLN linears
+    (one row per frame) keep their precision; dimensions not divisible by 16 are left alone. Weights stay the same
+    bf16 parameters, so checkpoints and exports do not change."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    def frozen_block_linear(module, name):
+        return (
+            name.startswith("transformer_blocks.")
+            and not re.search(r"lora_|norm|temporal_adapter", name)
+            and not module.weight.requires_grad
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+        )
+
+    config = Float8LinearConfig(emulate=emulate)
+    return convert_to_float8_training(transformer, module_filter_fn=frozen_block_linear, config=config)
 
 
 def prepare_text_projection(transformer, text_embeds):
@@ -1374,6 +1414,8 @@ def run_training(args, family, accelerator, caches, info, validation_clips, resu
     accelerator.print(bucket_table(groups, args.train_batch_size))
     weight_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     transformer = load_transformer(args, weight_dtype, family)
+    if args.fp8:
+        convert_frozen_linears_to_fp8(transformer, emulate=accelerator.device.type != "cuda")
     null_text = prepare_text_projection(transformer, cache_text_embeds(info))
     if accelerator.is_main_process:
         print(trainable_parameter_table(transformer))

@@ -5,14 +5,14 @@ The pipeline is the checkpoint's own (model_index.json): Cosmos2VideoToWorldPipe
 Cosmos2_5_PredictBasePipeline for Predict2.5 (36 steps). Both start from the same conditioning image, prompt, seed,
 steps and guidance 7, in bf16 on the random-weight 2B checkpoint. The pipeline runs the conditional and
 unconditional passes one after the other; sample.py batches them, and adds cuDNN attention, cuDNN convolution
-autotuning and regional compile one after the other. Times cover
+autotuning, regional compile and per-frame AdaLN modulation one after the other. Times cover
 prompt encoding, conditioning, denoising and VAE decoding, after a 2-step warm-up run each. The last variant's
 denoising is then profiled by kernel category.
 
     python benchmarks/bench_sample.py --model /tmp/bench/random-cosmos-2b --out results/      # 61x256x448
     python benchmarks/bench_sample.py --model /tmp/bench25/random-cosmos-predict2.5-2b --out results25/
     python benchmarks/bench_sample.py --model /tmp/bench/random-cosmos-2b --out results/ \
-        --num_frames 93 --height 480 --width 832 --repeats 1 --variants compile
+        --num_frames 93 --height 480 --width 832 --repeats 1 --variants per_frame_modulation
 """
 
 import argparse
@@ -92,7 +92,7 @@ def main():
         default=list(VARIANTS),
         choices=list(VARIANTS),
         help="Which of sample.py's variants to time. Each one includes all before it in the list "
-        "batched_cfg, cudnn_attention, cudnn_benchmark, compile.",
+        "batched_cfg, cudnn_attention, cudnn_benchmark, compile, per_frame_modulation (sample.py's default).",
     )
     cli = parser.parse_args()
     import diffusers
@@ -214,12 +214,31 @@ def autotune_vae_convolutions(components):
     torch.backends.cudnn.benchmark = True
 
 
+def stock_modulation(components):
+    """Undo sample.py's per-frame AdaLN (cosmos_model.modulate_per_frame): the stock per-token modulation."""
+    for norm in adaln_norms(components["transformer"]):
+        norm.__class__ = type(norm).__bases__[1]  # FrameModulated<Stock> derives from (FrameModulation, Stock)
+
+
+def per_frame_modulation(components):
+    from cosmos_model import modulate_per_frame
+
+    modulate_per_frame(components["transformer"])
+
+
+def adaln_norms(transformer):
+    return [norm for block in transformer.transformer_blocks for norm in (block.norm1, block.norm2, block.norm3)]
+
+
 # Each variant adds one step of sample.py's speed options (--attention_backend, --compile) to the ones before it.
+# The variants up to `compile` run the stock per-token AdaLN; `per_frame_modulation` is sample.py's default path.
+# Every variant skips the pipeline's dt = 0 last step (Predict2), as sample.py does.
 VARIANTS = {
-    "batched_cfg": lambda components: None,
+    "batched_cfg": stock_modulation,
     "cudnn_attention": use_cudnn_attention,
     "cudnn_benchmark": autotune_vae_convolutions,
     "compile": compile_blocks,
+    "per_frame_modulation": per_frame_modulation,
 }
 
 

@@ -49,6 +49,10 @@ CONFIGS = {
     "1gpu_naive": (1, "single_gpu.yaml", [], [], REFERENCE, 2),
     "1gpu_compile": (1, "single_gpu.yaml", [], ["--compile"], REFERENCE, 2),
     "1gpu_compile_cudnn": (1, "single_gpu.yaml", [], FAST, REFERENCE, 2),
+    "1gpu_compile_cudnn_b4": (1, "single_gpu.yaml", [], FAST, REFERENCE, 4),
+    "1gpu_compile_cudnn_b6": (1, "single_gpu.yaml", [], FAST, REFERENCE, 6),
+    "1gpu_compile_cudnn_fp8": (1, "single_gpu.yaml", [], [*FAST, "--fp8"], REFERENCE, 2),
+    "1gpu_compile_cudnn_fp8_b4": (1, "single_gpu.yaml", [], [*FAST, "--fp8"], REFERENCE, 4),
     "1gpu_memory_93x480x832_full_gc": (
         1,
         "single_gpu.yaml",
@@ -88,7 +92,17 @@ CONFIGS = {
         (93, 480, 832),
         1,
     ),
+    "1gpu_memory_93x480x832_selective_gc_compile_cudnn": (
+        1,
+        "single_gpu.yaml",
+        [],
+        ["--gradient_checkpointing", "selective", *FAST],
+        (93, 480, 832),
+        1,
+    ),
+    "1gpu_memory_93x480x832_compile_cudnn": (1, "single_gpu.yaml", [], FAST, (93, 480, 832), 1),
 }
+LOSS_WINDOW = 20  # steps per mean in loss_window_means (runs of at least two windows)
 
 
 def parse_args():
@@ -302,9 +316,17 @@ def run_config(name, args, model_dir, gpus):
             steady_samples_per_s=round(sum(r["samples_per_s"] for r in steady) / len(steady), 3),
             steady_latent_tokens_per_s=round(sum(r["latent_tokens_per_s"] for r in steady) / len(steady)),
             final_loss=round(rows[-1]["loss"], 4),
+            loss_window_means=loss_window_means(rows),
             export_ok=export_ok(output),
         )
     return result
+
+
+def loss_window_means(rows):
+    """Mean loss over each full window of LOSS_WINDOW steps: two runs' curves compared within noise."""
+    losses = [r["loss"] for r in rows]
+    windows = range(0, len(losses) - LOSS_WINDOW + 1, LOSS_WINDOW)
+    return [round(statistics.mean(losses[i : i + LOSS_WINDOW]), 4) for i in windows] if len(windows) > 1 else None
 
 
 def export_ok(output):

@@ -1,0 +1,53 @@
+"""--fp8: which linears become torchao Float8Linear, and a short run whose export matches a bf16/fp32 run's.
+
+On the CPU torchao emulates the FP8 casts, so the numbers move as FP8 moves them; the GPU speed and the 300-step
+loss curve are in benchmarks/bench_train.py (configs *_fp8) and benchmarks/RESULTS.md."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import ALL_LINEAR, losses, train_args
+
+import train_cosmos_lora as train
+from cosmos_model import ADAPTER_WEIGHTS, LORA_WEIGHTS
+
+pytest.importorskip("torchao")
+
+
+def test_fp8_converts_only_the_frozen_block_linears(tiny_model, latent_cache):
+    from torchao.float8.float8_linear import Float8Linear
+
+    args = train_args(tiny_model, latent_cache, "unused", "--lora_target_modules", "attn2.to_q", "attn2.to_k")
+    transformer = train.load_transformer(args, torch.float32)
+    keys_before = transformer.state_dict().keys()
+    trainable_before = [name for name, p in transformer.named_parameters() if p.requires_grad]
+    train.convert_frozen_linears_to_fp8(transformer, emulate=True)
+    converted = {name for name, module in transformer.named_modules() if isinstance(module, Float8Linear)}
+    per_block = {name.split(".", 2)[2] for name in converted}
+    assert per_block == {
+        "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+        "attn2.to_q.base_layer", "attn2.to_k.base_layer", "attn2.to_v", "attn2.to_out.0",
+        "ff.net.0.proj", "ff.net.2",
+    }  # fmt: skip
+    assert len(converted) == len(per_block) * len(transformer.transformer_blocks)
+    assert transformer.state_dict().keys() == keys_before
+    assert [name for name, p in transformer.named_parameters() if p.requires_grad] == trainable_before
+
+
+def test_an_fp8_run_trains_and_exports_what_a_plain_run_exports(tiny_model, latent_cache, tmp_path):
+    def run(name, *extra):
+        out = tmp_path / name
+        flags = ("--max_train_steps", 3, "--lora_target_modules", *ALL_LINEAR, "--seed", 5, *extra)
+        assert train.main(train_args(tiny_model, latent_cache, out, *flags)) == 0
+        return out
+
+    plain, fp8 = run("plain"), run("fp8", "--fp8")
+    plain_losses, fp8_losses = losses(plain), losses(fp8)
+    assert [row["step"] for row in fp8_losses] == [1, 2, 3]
+    # FP8 rounding changes every loss a little (so the FP8 path ran), and no more than a little.
+    for a, b in zip((row["loss"] for row in plain_losses), (row["loss"] for row in fp8_losses), strict=True):
+        assert a != b and abs(a - b) < 0.05 * abs(a)
+    for name in (LORA_WEIGHTS, ADAPTER_WEIGHTS):
+        plain_weights, fp8_weights = load_file(plain / name), load_file(fp8 / name)
+        assert {k: v.shape for k, v in fp8_weights.items()} == {k: v.shape for k, v in plain_weights.items()}
+        assert all(v.dtype == plain_weights[k].dtype for k, v in fp8_weights.items())
