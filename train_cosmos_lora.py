@@ -605,6 +605,7 @@ def build_train_dataloader(caches, args, num_processes):
         num_workers=args.dataloader_num_workers,
         worker_init_fn=ignore_stop_signals,
         pin_memory=torch.cuda.is_available(),
+        persistent_workers=args.dataloader_num_workers > 0,  # no worker restart (and GPU stall) at each epoch
     )
     return loader, groups
 
