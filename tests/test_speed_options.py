@@ -1,17 +1,15 @@
-"""--fp8: which linears become torchao Float8Linear, and a short run whose export matches a bf16/fp32 run's.
+"""Speed options: --fp8 (which linears become torchao Float8Linear; a short run whose export matches a plain run's)
+and DataLoader workers that live across epochs.
 
-On the CPU torchao emulates the FP8 casts, so the numbers move as FP8 moves them; the GPU speed and the 300-step
-loss curve are in benchmarks/bench_train.py (configs *_fp8) and benchmarks/RESULTS.md."""
+On the CPU torchao emulates the FP8 casts, so the numbers move as FP8 moves them; the GPU speed and the loss
+curves are in benchmarks/bench_train.py (configs *_fp8) and benchmarks/RESULTS.md."""
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import ALL_LINEAR, losses, train_args
 
 import train_cosmos_lora as train
 from cosmos_model import ADAPTER_WEIGHTS, LORA_WEIGHTS
-
-pytest.importorskip("torchao")
 
 
 def test_fp8_converts_only_the_frozen_block_linears(tiny_model, latent_cache):
@@ -51,3 +49,16 @@ def test_an_fp8_run_trains_and_exports_what_a_plain_run_exports(tiny_model, late
         plain_weights, fp8_weights = load_file(plain / name), load_file(fp8 / name)
         assert {k: v.shape for k, v in fp8_weights.items()} == {k: v.shape for k, v in plain_weights.items()}
         assert all(v.dtype == plain_weights[k].dtype for k, v in fp8_weights.items())
+
+
+def test_dataloader_workers_live_across_epochs(tiny_model, latent_cache, tmp_path):
+    """Workers restarting at each epoch stalled the GPU (benchmarks/RESULTS.md run 16): the loader keeps them."""
+    args = train_args(tiny_model, latent_cache, tmp_path, "--dataloader_num_workers", 1, "--train_batch_size", 2)
+    caches, _ = train.load_caches(args.cache_dir, tiny_model)
+    loader, _ = train.build_train_dataloader(caches, args, num_processes=1)
+    first = iter(loader)
+    epoch_one = [batch["latents"] for batch in first]
+    loader.batch_sampler.set_epoch(1)
+    second = iter(loader)
+    assert second is first  # the same workers serve the next epoch
+    assert len([batch["latents"] for batch in second]) == len(epoch_one) > 0
