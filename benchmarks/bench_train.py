@@ -236,44 +236,51 @@ def synthetic_cache_for(model_dir, workdir):
     return cache
 
 
+def training_flags(model, cache, output, steps, checkpointing_steps=100000):
+    """The train_cosmos_lora.py flags every benchmark run shares: no validation, no tracker, a constant LR."""
+    return [
+        "--pretrained_model_name_or_path",
+        model,
+        "--cache_dir",
+        cache,
+        "--output_dir",
+        output,
+        "--max_train_steps",
+        str(steps),
+        "--checkpointing_steps",
+        str(checkpointing_steps),
+        "--num_validation_clips",
+        "0",
+        "--report_to",
+        "none",
+        "--lr_scheduler",
+        "constant",
+    ]
+
+
+def launch_command(config_file, script, *script_args, launch_flags=()):
+    """`python -m accelerate.commands.launch --config_file CONFIG [launch flags] SCRIPT ARGS...`"""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, *launch_flags]
+    return [*launcher, script, *script_args]
+
+
 def run_config(name, args, model_dir, gpus):
     num_gpus, config_file, launch_flags, extra, entry, batch = CONFIGS[name]
     shapes = config_shapes(entry)
     cache = cache_path(args.workdir, *shapes[0], shapes[1:])
     output = os.path.join(args.workdir, "runs", name)
     subprocess.run(["rm", "-rf", output], check=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
+    cmd = launch_command(
         os.path.join(REPO, "accelerate_configs", config_file),
-        "--num_processes",
-        str(num_gpus),
-        *launch_flags,
         os.path.abspath(args.script),
-        "--pretrained_model_name_or_path",
-        model_dir,
-        "--cache_dir",
-        cache,
-        "--output_dir",
-        output,
-        "--max_train_steps",
-        str(args.steps),
-        "--checkpointing_steps",
-        "100000",
-        "--num_validation_clips",
-        "0",
-        "--report_to",
-        "none",
+        *training_flags(model_dir, cache, output, args.steps),
         "--train_batch_size",
         str(batch),
         "--dataloader_num_workers",
         "4",
-        "--lr_scheduler",
-        "constant",
         *extra,
-    ]
+        launch_flags=["--num_processes", str(num_gpus), *launch_flags],
+    )
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
     start = time.time()
     with open(os.path.join(args.out, f"{name}.log"), "w") as log:

@@ -122,39 +122,16 @@ def run_mode(args, model, cache, mode):
     output = os.path.join(args.workdir, f"export_check_{mode}")
     shutil.rmtree(output, ignore_errors=True)  # also removes rank reports of an earlier run
     train_argv = [
-        "--pretrained_model_name_or_path",
-        model,
-        "--cache_dir",
-        cache,
-        "--output_dir",
-        output,
-        "--max_train_steps",
-        str(args.steps),
-        "--checkpointing_steps",
-        "1000",
-        "--num_validation_clips",
-        "0",
-        "--report_to",
-        "none",
-        "--lr_scheduler",
-        "constant",
+        *bench_train.training_flags(model, cache, output, args.steps, checkpointing_steps=1000),
         "--learning_rate",
         "1e-2",
         "--gradient_checkpointing",
         mode,
         *args.train_args,
     ]
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        args.config_file,
-        os.path.abspath(__file__),
-        "--probe",
-        os.path.join(output, "export_check"),
-        *train_argv,
-    ]
+    command = bench_train.launch_command(
+        args.config_file, os.path.abspath(__file__), "--probe", os.path.join(output, "export_check"), *train_argv
+    )
     log = subprocess.run(command, capture_output=True, text=True)
     if log.returncode:
         return {"error": (log.stdout + log.stderr)[-1500:]}

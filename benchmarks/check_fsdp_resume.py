@@ -24,33 +24,14 @@ REPO = bench_train.REPO
 
 
 def launch(model, cache, output, steps, log, *extra):
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
+    cmd = bench_train.launch_command(
         os.path.join(REPO, "accelerate_configs", "fsdp3.yaml"),
         os.path.join(REPO, "train_cosmos_lora.py"),
-        "--pretrained_model_name_or_path",
-        model,
-        "--cache_dir",
-        cache,
-        "--output_dir",
-        output,
-        "--max_train_steps",
-        str(steps),
-        "--checkpointing_steps",
-        "4",
-        "--num_validation_clips",
-        "0",
-        "--report_to",
-        "none",
-        "--lr_scheduler",
-        "constant",
+        *bench_train.training_flags(model, cache, output, steps, checkpointing_steps=4),
         "--learning_rate",
         "1e-3",
         *extra,
-    ]
+    )
     with open(log, "a") as f:
         subprocess.run(
             cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0,1,2")

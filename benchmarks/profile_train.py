@@ -212,31 +212,12 @@ def profile_config(args, model, cache, config_file):
     subprocess.run(["rm", "-rf", output], check=True)
     os.makedirs(output)
     train_argv = [
-        "--pretrained_model_name_or_path",
-        model,
-        "--cache_dir",
-        cache,
-        "--output_dir",
-        output,
-        "--max_train_steps",
-        str(args.warmup + args.profile_steps),
-        "--checkpointing_steps",
-        "100000",
-        "--num_validation_clips",
-        "0",
-        "--report_to",
-        "none",
-        "--lr_scheduler",
-        "constant",
+        *bench_train.training_flags(model, cache, output, args.warmup + args.profile_steps),
         "--train_batch_size",
         "2",
         *args.train_args,
     ]
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
+    command = bench_train.launch_command(
         os.path.join(bench_train.REPO, "accelerate_configs", config_file),
         os.path.abspath(__file__),
         "--probe",
@@ -245,7 +226,7 @@ def profile_config(args, model, cache, config_file):
         str(args.profile_steps),
         os.path.abspath(args.script),
         *train_argv,
-    ]
+    )
     log = subprocess.run(command, capture_output=True, text=True)
     if log.returncode:
         return {"error": (log.stdout + log.stderr)[-3000:]}
