@@ -8,9 +8,9 @@ processes, and waits for the node to be idle. `stop()` cancels the jobs and ends
 The node advertises 32 fake GPUs (their device files are copies of /dev/null), so the scripts' `#SBATCH --gres=gpu:N`
 lines are accepted as they are, by several jobs at once; the jobs themselves run on the CPU. It also advertises at
 least 16 CPUs, whatever it has, so that the tests' one-CPU jobs run side by side: one job's start-up or requeue wait
-overlaps another's work. A
-requeued job may start again after about 6 s (cred_expire=5, SLURM's minimum) instead of SLURM's default 121 s, and
-the scheduler looks at pending jobs every second, which keeps the preemption tests short.
+overlaps another's work. A requeued job may start again after about 6 s (cred_expire=5, SLURM's minimum; a lower
+value is refused and 120 s used) instead of SLURM's default 121 s, and the scheduler looks at pending jobs every
+second, which keeps the preemption tests short.
 
     python tests/slurm_cluster.py   # start one, print how to use it, stop it on Ctrl-C or SIGTERM
 """
@@ -165,7 +165,7 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
 # Pending jobs are looked at every second; a job whose dependency failed is cancelled instead of pending forever.
 SchedulerParameters=sched_interval=1,kill_invalid_depend
-# The node's CPUs as configured, not as detected (CPUs= above is more than the machine has).
+# The node's CPUs as configured, not as detected (CPUs= on the NodeName line is more than the machine has).
 SlurmdParameters=config_overrides
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none

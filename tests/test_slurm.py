@@ -35,7 +35,7 @@ SLURM_DIR = os.path.join(REPO, "slurm")
 # The node has few CPUs; the scripts' own --cpus-per-task would not fit. --time stays well above the 300 s warning.
 TEST_SBATCH = ["--cpus-per-task=1", "--time=15"]
 SECRET = "hf_slurmtest_token_never_logged"
-# The tiny model trains at ~25 steps/s on one idle CPU: enough steps after the first checkpoint for USR1 to arrive
+# The tiny model trains at 10-25 steps/s on one CPU: enough steps after the first checkpoint for USR1 to arrive
 # mid-run.
 TRAIN_STEPS = 48
 TRAIN_ARGS = [
