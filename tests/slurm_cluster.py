@@ -5,9 +5,12 @@ Debian's `slurmctld slurmd slurm-client munge` when they are missing, writes a p
 directories under a temporary directory, starts `munged`, `slurmctld` and `slurmd` in the foreground as child
 processes, and waits for the node to be idle. `stop()` cancels the jobs and ends exactly the processes it started.
 
-The node advertises 8 fake GPUs (their device files are copies of /dev/null), so the scripts' `#SBATCH --gres=gpu:N`
-lines are accepted as they are; the jobs themselves run on the CPU. A requeued job may start again after 11 s
-(cred_expire=10) instead of SLURM's default 121 s, which keeps the preemption tests short.
+The node advertises 32 fake GPUs (their device files are copies of /dev/null), so the scripts' `#SBATCH --gres=gpu:N`
+lines are accepted as they are, by several jobs at once; the jobs themselves run on the CPU. It also advertises at
+least 16 CPUs, whatever it has, so that the tests' one-CPU jobs run side by side: one job's start-up or requeue wait
+overlaps another's work. A requeued job may start again after about 6 s (cred_expire=5, SLURM's minimum; a lower
+value is refused and 120 s used) instead of SLURM's default 121 s, and the scheduler looks at pending jobs every
+second, which keeps the preemption tests short.
 
     python tests/slurm_cluster.py   # start one, print how to use it, stop it on Ctrl-C or SIGTERM
 """
@@ -25,7 +28,8 @@ import time
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel", "munged"]
-FAKE_GPUS = 8
+FAKE_GPUS = 32
+FAKE_CPUS = 16
 # Job states after which a job (or array task) will not run again.
 FINAL_STATES = {
     "COMPLETED",
@@ -131,8 +135,7 @@ class SlurmCluster:
             with open(self.munge_key, "wb") as f:
                 f.write(os.urandom(1024))
             os.chmod(self.munge_key, 0o400)
-        cpus = os.cpu_count() or 1
-        self.cpus = cpus
+        cpus = max(os.cpu_count() or 1, FAKE_CPUS)
         conf = f"""\
 # Written by tests/slurm_cluster.py: one node, one partition, everything under {r}.
 ClusterName=slurmtest
@@ -143,8 +146,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
-AuthInfo=socket={self.munge_socket},cred_expire=10
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s, minimum 5).
+AuthInfo=socket={self.munge_socket},cred_expire=5
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid
@@ -160,7 +163,10 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
-SchedulerParameters=sched_interval=2
+# Pending jobs are looked at every second; a job whose dependency failed is cancelled instead of pending forever.
+SchedulerParameters=sched_interval=1,kill_invalid_depend
+# The node's CPUs as configured, not as detected (CPUs= on the NodeName line is more than the machine has).
+SlurmdParameters=config_overrides
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
@@ -305,7 +311,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
                 records.append(dict(re.findall(r"(\w[\w:/]*)=(\S*)", line)))
         return records
 
-    def wait(self, job_id, timeout=180, poll=0.5):
+    def wait(self, job_id, timeout=180, poll=0.2):
         """Wait until every task of the job is in a final state; return the records."""
         deadline = time.time() + timeout
         while True:

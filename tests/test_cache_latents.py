@@ -35,6 +35,27 @@ def report(output_dir, shard=0):
         return json.load(f)
 
 
+def latents_beside(output_dir, reference):
+    """(latents, reference latents) for each clip of output_dir, the reference read from the same clip file name."""
+    pairs = []
+    for clip in list_cached_clips(str(output_dir)):
+        with safe_open(clip["path"], "pt") as a, safe_open(str(reference / "shard_00000" / clip["file"]), "pt") as b:
+            pairs.append((a.get_tensor("latents").float(), b.get_tensor("latents").float()))
+    assert pairs
+    return pairs
+
+
+def some_videos(clips, tmp_path, count):
+    """A folder with the first count of the synthetic videos and their captions."""
+    folder = tmp_path / "some_videos"
+    folder.mkdir()
+    for key in clips["keys"][:count]:
+        for name in os.listdir(clips["videos"]):
+            if name.startswith(key + "."):
+                shutil.copy(os.path.join(clips["videos"], name), folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def folder_cache(latent_cache):
     return Path(latent_cache)
@@ -74,12 +95,9 @@ def test_tar_shards_and_hub_style_dataset_give_the_same_clips(tiny_model, clips,
     folder_captions = {c["key"]: c["caption_hash"] for c in list_cached_clips(str(folder_cache))}
     assert {c["key"]: c["caption_hash"] for c in list_cached_clips(str(tmp_path / "tars"))} == folder_captions
     # Same decoded frames, same VAE: the latents agree whichever source they came from.
-    for clip in list_cached_clips(str(tmp_path / "hub"))[:3]:
-        with (
-            safe_open(clip["path"], "pt") as a,
-            safe_open(str(folder_cache / "shard_00000" / clip["file"]), "pt") as b,
-        ):
-            assert torch.equal(a.get_tensor("latents"), b.get_tensor("latents"))
+    for source in ("tars", "hub"):
+        for latents, reference in latents_beside(tmp_path / source, folder_cache):
+            assert torch.equal(latents, reference), source
 
 
 def test_cached_latent_equals_direct_vae_encode(tiny_model, clips, folder_cache):
@@ -101,20 +119,20 @@ def test_cached_latent_equals_direct_vae_encode(tiny_model, clips, folder_cache)
     torch.testing.assert_close(stored.float(), expected, rtol=8e-3, atol=2e-3)
 
 
-def test_rerun_does_nothing(tiny_model, clips, folder_cache):
-    files = sorted((folder_cache / "shard_00000").glob("*.safetensors"))
+def test_rerun_does_nothing(tiny_model, clips, folder_cache, tmp_path):
+    copy = shutil.copytree(folder_cache, tmp_path / "cache", copy_function=shutil.copy2)  # the fixture stays as made
+    files = sorted((copy / "shard_00000").glob("*.safetensors"))
     mtimes = [f.stat().st_mtime_ns for f in files]
-    assert cache(tiny_model, folder_cache, "--video_dir", clips["videos"], extra=["--clip_stride_seconds", "1"]) == 0
-    rerun = report(folder_cache)
+    assert cache(tiny_model, copy, "--video_dir", clips["videos"], extra=["--clip_stride_seconds", "1"]) == 0
+    rerun = report(copy)
     assert (rerun["written"], rerun["already_cached"], rerun["failures"]) == (0, 12, [])
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 
 
 def test_killed_run_is_completed_by_a_rerun(tiny_model, clips, folder_cache, tmp_path):
+    """SIGKILL a real caching process part-way (no cleanup runs); a rerun writes only what is missing."""
     out = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        os.path.join(REPO, "cache_latents.py"),
+    argv = [
         "--pretrained_model_name_or_path",
         tiny_model,
         "--output_dir",
@@ -123,23 +141,33 @@ def test_killed_run_is_completed_by_a_rerun(tiny_model, clips, folder_cache, tmp
         clips["videos"],
         "--clip_stride_seconds",
         "1",
+        "--max_clips_per_video",
+        "1",
         "--batch_size",
         "1",
         *CLIP_ARGS,
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "cache_latents.py"), *argv],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     shard = out / "shard_00000"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(shard.glob("*.safetensors"))) < 3:
-        time.sleep(0.05)
+    while time.time() < deadline and len(list(shard.glob("*.safetensors"))) < 2 and proc.poll() is None:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     written = len(list(shard.glob("*.safetensors")))
-    assert 3 <= written < 12, "the run should be killed part-way"
-    assert run_script("cache_latents.py", *cmd[2:], "--verify").returncode == 0
+    assert 2 <= written < 6, "the run should be killed part-way"
+    assert cache_latents.main(cache_latents.parse_args([*argv, "--verify"])) == 0
     assert not list(out.rglob("*.tmp"))
-    assert cached_ids(out) == cached_ids(folder_cache)
-    assert report(out)["written"] == 12 - written
+    assert cached_ids(out) == [(k, 0) for k in sorted(clips["keys"])]
+    assert report(out)["written"] == 6 - written
+    # Whichever run wrote a clip, it holds the clip's latents (up to batch-size-dependent rounding).
+    for latents, reference in latents_beside(out, folder_cache):
+        torch.testing.assert_close(latents, reference, rtol=8e-3, atol=2e-3)
 
 
 def test_corrupt_and_short_videos_are_skipped_and_reported(tiny_model, clips, tmp_path):
@@ -210,6 +238,8 @@ def test_dataloader_workers_give_the_same_cache(tiny_model, clips, folder_cache,
         == 0
     )
     assert cached_ids(tmp_path) == cached_ids(folder_cache)
+    for latents, reference in latents_beside(tmp_path, folder_cache):
+        assert torch.equal(latents, reference)
 
 
 @pytest.mark.parametrize(
@@ -222,20 +252,39 @@ def test_dataloader_workers_give_the_same_cache(tiny_model, clips, folder_cache,
     ],
 )
 def test_invalid_clip_geometry_fails_at_once_in_one_line(tmp_path, flag, value, message):
+    args = cache_latents.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            str(tmp_path / "no-model"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--video_dir",
+            str(tmp_path),
+            flag,
+            value,
+        ]
+    )
+    with pytest.raises(ValueError) as error:
+        cache_latents.main(args)  # the missing model would be reported after the geometry
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_script_prints_a_bad_value_as_one_error_line(tmp_path):
+    """The one real process: what `python cache_latents.py` prints for a ValueError, and its exit code."""
     result = run_script(
         "cache_latents.py",
         "--pretrained_model_name_or_path",
-        str(tmp_path / "no-model"),
+        tmp_path / "no-model",
         "--output_dir",
-        str(tmp_path / "out"),
+        tmp_path / "out",
         "--video_dir",
-        str(tmp_path),
-        flag,
-        value,
+        tmp_path,
+        "--num_frames",
+        "64",
     )
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --num_frames 64 is not 4k+1 as the Wan VAE needs; nearest valid: 65"
     assert not (tmp_path / "out").exists()
 
 
@@ -259,22 +308,12 @@ def test_fit_frames_centre_crops_456_to_448_without_resampling():
 
 
 def test_bfloat16_vae_encoding_stays_within_bf16_tolerance_of_float32(tiny_model, clips, folder_cache, tmp_path):
-    assert (
-        cache(
-            tiny_model,
-            tmp_path,
-            "--video_dir",
-            clips["videos"],
-            extra=["--clip_stride_seconds", "1", "--max_clips_per_video", "1", "--vae_dtype", "bfloat16"],
-        )
-        == 0
-    )
-    for clip in list_cached_clips(str(tmp_path)):
-        with (
-            safe_open(clip["path"], "pt") as a,
-            safe_open(str(folder_cache / "shard_00000" / clip["file"]), "pt") as b,
-        ):
-            fast, exact = a.get_tensor("latents").float(), b.get_tensor("latents").float()
+    # Two videos, one clip each: bfloat16 convolutions are slow on the CPU.
+    videos = some_videos(clips, tmp_path, 2)
+    extra = ["--clip_stride_seconds", "1", "--max_clips_per_video", "1", "--vae_dtype", "bfloat16"]
+    assert cache(tiny_model, tmp_path / "cache", "--video_dir", str(videos), extra=extra) == 0
+    assert len(list_cached_clips(str(tmp_path / "cache"))) == 2
+    for fast, exact in latents_beside(tmp_path / "cache", folder_cache):
         # Measured: mean difference 0.3% of the mean magnitude, correlation 0.99999.
         assert (fast - exact).abs().mean() < 0.01 * exact.abs().mean()
         assert torch.corrcoef(torch.stack([fast.flatten(), exact.flatten()]))[0, 1] > 0.9999
@@ -286,12 +325,7 @@ def test_whole_clip_encode_gives_the_chunked_cache(tiny_model, clips, folder_cac
     run = report(tmp_path)
     assert (run["written"], run["vae_encode"], run["compile_vae"]) == (6, "whole", False)
     assert 0 < run["data_wait_share"] < 1 and 0 < run["first_batch_seconds"] < run["seconds"]
-    for clip in list_cached_clips(str(tmp_path)):
-        with (
-            safe_open(clip["path"], "pt") as a,
-            safe_open(str(folder_cache / "shard_00000" / clip["file"]), "pt") as b,
-        ):
-            whole, chunked = a.get_tensor("latents").float(), b.get_tensor("latents").float()
+    for whole, chunked in latents_beside(tmp_path, folder_cache):
         # The same computation in float32: at most one bfloat16 rounding step apart, nearly all values identical.
         torch.testing.assert_close(whole, chunked, rtol=2**-7, atol=1e-5)
         assert (whole == chunked).float().mean() > 0.99

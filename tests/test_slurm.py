@@ -3,6 +3,9 @@
 tests/slurm_cluster.py starts SLURM (installing it with apt-get if needed) unless `sinfo` already answers; the tests
 that need it are skipped when it cannot run. Jobs run the repository in place, with the test interpreter's venv
 activated through ENV_ACTIVATE, and write their logs under a temporary submit directory.
+
+The first test submits the whole pipeline at once, chained with --dependency; the tests that need no SLURM run while
+its jobs do, and the later tests wait for the job they check.
 """
 
 import json
@@ -15,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass, field
 
 import av
 import pytest
@@ -27,15 +31,12 @@ from cosmos_cache import read_cache_info
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
 SLURM_DIR = os.path.join(REPO, "slurm")
-TRAIN_SCRIPT = os.path.join(REPO, "train_cosmos_lora.py")
-SAMPLE_SCRIPT = os.path.join(REPO, "sample.py")
-needs_train = pytest.mark.skipif(not os.path.exists(TRAIN_SCRIPT), reason="train_cosmos_lora.py is not written yet")
-needs_sample = pytest.mark.skipif(not os.path.exists(SAMPLE_SCRIPT), reason="sample.py is not written yet")
 
 # The node has few CPUs; the scripts' own --cpus-per-task would not fit. --time stays well above the 300 s warning.
 TEST_SBATCH = ["--cpus-per-task=1", "--time=15"]
 SECRET = "hf_slurmtest_token_never_logged"
-# The tiny model trains at ~25 steps/s here: enough steps after the first checkpoint for USR1 to arrive mid-run.
+# The tiny model trains at 10-25 steps/s on one CPU: enough steps after the first checkpoint for USR1 to arrive
+# mid-run.
 TRAIN_STEPS = 48
 TRAIN_ARGS = [
     "--max_train_steps",
@@ -79,14 +80,16 @@ def activate_command():
 
 def job_env(**values):
     """The environment a user submits from: no SLURM job variables, no offline flags (the scripts set them),
-    a token."""
+    a token; one thread per process, as each job has one CPU (accelerate launch would start two per process)."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
         and k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "WANDB_API_KEY", "VIRTUAL_ENV")
     }
-    env.update(REPO_DIR=REPO, ENV_ACTIVATE=activate_command(), HF_TOKEN=SECRET, CUDA_VISIBLE_DEVICES="")
+    env.update(
+        REPO_DIR=REPO, ENV_ACTIVATE=activate_command(), HF_TOKEN=SECRET, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"
+    )
     env.update({k: str(v) for k, v in values.items()})
     return env
 
@@ -160,64 +163,161 @@ def submit(slurm, submit_dir, script, *args, env=None, sbatch_args=()):
     )
 
 
-@pytest.fixture(scope="module")
-def array_cache(slurm, submit_dir, tiny_model, clips, tmp_path_factory):
-    cache_dir = tmp_path_factory.mktemp("slurm_cache") / "cache"
-    job = submit(
-        slurm,
-        submit_dir,
-        "cache_latents.sh",
-        *CLIP_ARGS,
-        "--clip_stride_seconds",
-        "1",
-        env={"MODEL": tiny_model, "CACHE_DIR": cache_dir, "VIDEO_DIR": clips["videos"]},
-        sbatch_args=["--array=0-1"],
-    )
-    records = slurm.wait(job, timeout=300)
-    logs = [read(submit_dir / "logs" / f"cache_latents_{job}_{task}.out") for task in (0, 1)]
-    return {"dir": str(cache_dir), "records": records, "logs": logs}
+@dataclass
+class Job:
+    """A submitted job: its id, its log file(s) under the submit directory, its output directory."""
+
+    id: str
+    logs: list
+    dir: str = ""
+    records: list = None  # `scontrol show job` records once it ended
+    after_first_segment: list = field(default_factory=list)  # the preempted run's files when it requeued
+
+    @property
+    def text(self):
+        return "\n".join(read(path) for path in self.logs)
 
 
-@pytest.fixture(scope="module")
-def training_runs(slurm, submit_dir, tiny_model, array_cache, tmp_path_factory):
-    """An uninterrupted run and, at the same time, the same run stopped by USR1 after its first checkpoint."""
-    assert all(r["JobState"] == "COMPLETED" for r in array_cache["records"]), array_cache["logs"]
-    root = tmp_path_factory.mktemp("slurm_runs")
-    runs = {}
-    for name in ("uninterrupted", "preempted"):
-        output_dir = root / name
-        env = {
-            "MODEL": tiny_model,
-            "CACHE_DIR": array_cache["dir"],
-            "OUTPUT_DIR": output_dir,
-            "ACCELERATE_CONFIG": "accelerate_configs/cpu.yaml",
-        }
-        job = submit(slurm, submit_dir, "train.sh", *TRAIN_ARGS, env=env, sbatch_args=[f"--job-name={name}"])
-        runs[name] = {"job": job, "dir": str(output_dir), "log": submit_dir / "logs" / f"{name}_{job}.out"}
+def finished(slurm, job, timeout=400):
+    """Wait for job (once) and return it with its final records."""
+    if job.records is None:
+        job.records = slurm.wait(job.id, timeout=timeout)
+    return job
 
-    preempted = runs["preempted"]
+
+def preempt_after_first_checkpoint(slurm, job):
+    """scancel --batch --signal=USR1 as soon as the run has a checkpoint; return once the job requeued itself."""
     deadline = time.time() + 300
-    while not checkpoints(root / "preempted"):
-        records = slurm.jobs(preempted["job"])
+    while not checkpoints(job.dir):
+        records = slurm.jobs(job.id)
         assert records and records[0]["JobState"] in ("PENDING", "RUNNING"), (
-            f"{state(records)} before the first checkpoint: {read(preempted['log'])}"
+            f"{state(records)} before the first checkpoint: {job.text}"
         )
-        assert time.time() < deadline, f"no checkpoint after 300 s: {read(preempted['log'])}"
+        assert time.time() < deadline, f"no checkpoint after 300 s: {job.text}"
         time.sleep(0.05)
-    slurm.run("scancel", "--batch", "--signal=USR1", preempted["job"])
+    slurm.run("scancel", "--batch", "--signal=USR1", job.id)
     # The job stops, requeues itself and waits to start again: what did the first segment leave behind?
     deadline = time.time() + 120
     while True:
-        record = slurm.jobs(preempted["job"])[0]
+        record = slurm.jobs(job.id)[0]
         if record["Restarts"] != "0" or record["JobState"] not in ("RUNNING", "PENDING"):
             break
-        assert time.time() < deadline, f"not requeued: {read(preempted['log'])}"
+        assert time.time() < deadline, f"not requeued: {job.text}"
         time.sleep(0.1)
-    preempted["after_first_segment"] = sorted(os.listdir(root / "preempted"))
-    for run in runs.values():
-        run["records"] = slurm.wait(run["job"], timeout=400)
-        run["text"] = read(run["log"])
-    return runs
+    job.after_first_segment = sorted(os.listdir(job.dir))
+
+
+@pytest.fixture(scope="module")
+def pipeline(slurm, submit_dir, tiny_model, clips, tmp_path_factory):
+    """Every job script submitted at once, chained with --dependency as a user may chain them: the cache array job
+    (one clip per video, two shards); on its cache an uninterrupted training run, the same run stopped by USR1 after
+    its first checkpoint (this fixture sends it), and a run on two machines; sampling from the uninterrupted run.
+    The node runs each job as soon as its input is there, so start-ups and the requeue wait overlap other work."""
+    root = tmp_path_factory.mktemp("slurm_pipeline")
+    logs = submit_dir / "logs"
+    jobs = {}
+    cache_dir = str(root / "cache")
+    cache_args = [*CLIP_ARGS, "--clip_stride_seconds", "1", "--max_clips_per_video", "1"]
+    env = {"MODEL": tiny_model, "CACHE_DIR": cache_dir, "VIDEO_DIR": clips["videos"]}
+    job = submit(slurm, submit_dir, "cache_latents.sh", *cache_args, env=env, sbatch_args=["--array=0-1"])
+    jobs["cache"] = Job(job, [logs / f"cache_latents_{job}_{task}.out" for task in (0, 1)], cache_dir)
+    after_cache = f"--dependency=afterok:{job}"
+
+    for name in ("uninterrupted", "preempted"):
+        env = {
+            "MODEL": tiny_model,
+            "CACHE_DIR": cache_dir,
+            "OUTPUT_DIR": root / name,
+            "ACCELERATE_CONFIG": "accelerate_configs/cpu.yaml",
+        }
+        job = submit(
+            slurm, submit_dir, "train.sh", *TRAIN_ARGS, env=env, sbatch_args=[f"--job-name={name}", after_cache]
+        )
+        jobs[name] = Job(job, [logs / f"{name}_{job}.out"], str(root / name))
+
+    # Two srun tasks on the one node play two machines: torchrun rendezvous at the head node, gloo, one rank each.
+    config = root / "torchrun_cpu.yaml"
+    config.write_text(TORCHRUN_CPU_CONFIG)
+    env = {
+        "MODEL": tiny_model,
+        "CACHE_DIR": cache_dir,
+        "OUTPUT_DIR": root / "multinode",
+        "ACCELERATE_CONFIG": config,
+        "ACCELERATE_USE_CPU": 1,
+        "GPUS_PER_NODE": 1,
+    }
+    multinode_args = [
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--seed",
+        "0",
+        "--train_batch_size",
+        "1",
+        "--num_validation_clips",
+        "0",
+        "--dataloader_num_workers",
+        "0",
+    ]
+    job = submit(
+        slurm,
+        submit_dir,
+        "train_multinode.sh",
+        *multinode_args,
+        env=env,
+        sbatch_args=["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", after_cache],
+    )
+    jobs["multinode"] = Job(job, [logs / f"cosmos_lora_multinode_{job}.out"], str(root / "multinode"))
+
+    sample_args = [
+        "--disable_safety_checker",
+        "--num_inference_steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "112",
+        "--num_frames",
+        "17",
+    ]
+    env = {"MODEL": tiny_model, "CACHE_DIR": cache_dir, "NUM_VIDEOS": 2}
+    job = submit(
+        slurm,
+        submit_dir,
+        "sample.sh",
+        jobs["uninterrupted"].dir,
+        *sample_args,
+        env=env,
+        sbatch_args=[f"--dependency=afterok:{jobs['uninterrupted'].id}"],
+    )
+    jobs["sample"] = Job(job, [logs / f"cosmos_sample_{job}.out"], os.path.join(jobs["uninterrupted"].dir, "samples"))
+
+    preempt_after_first_checkpoint(slurm, jobs["preempted"])
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The job scripts on SLURM. This first test starts the pipeline; the tests after it that need no SLURM run meanwhile.
+# ----------------------------------------------------------------------------------------------------------------
+def test_cache_array_job_shards_are_disjoint_and_complete(slurm, pipeline, clips):
+    job = finished(slurm, pipeline["cache"])
+    assert state(job.records) == [("COMPLETED", "0:0", "0")] * 2, job.text
+    shards = []
+    for index in (0, 1):
+        with open(os.path.join(job.dir, f"shard_{index:05d}", "manifest.jsonl")) as f:
+            shards.append({(row["key"], row["clip_index"]) for row in map(json.loads, f)})
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    # One clip per video (--max_clips_per_video 1), the videos split between the two array tasks.
+    assert sorted(shards[0] | shards[1]) == sorted((k, 0) for k in clips["keys"])
+    info = read_cache_info(job.dir)
+    assert (info["num_clips"], info["num_shards"]) == (6, 2)
+    assert cache_latents.verify_cache(job.dir)[1] == []
+    for index, path in enumerate(job.logs):
+        log = read(path)
+        assert f"shard {index}/2: wrote {len(shards[index])} clips" in log, log
+        assert "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1" in log and "HF_TOKEN=set" in log
+        assert SECRET not in log
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,27 +474,91 @@ def test_multinode_dry_run_prints_srun_and_every_node_command_without_running_sr
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The USR1 -> exit 75 -> requeue machinery of slurm/common.sh, with a stand-in training script.
+# The USR1 -> exit 75 machinery of slurm/common.sh through the launchers, with a stand-in training script (the
+# requeue in a real batch job: test_preempted_train_job_... below).
 # ----------------------------------------------------------------------------------------------------------------
 STAND_IN = textwrap.dedent("""\
     import os, signal, sys, time
-    from accelerate import Accelerator
-    state, stop = Accelerator(), []  # reads ACCELERATE_USE_CPU, as the training script's Accelerator does
+    # torchrun sets RANK and WORLD_SIZE; accelerate's one-process launcher starts the script as it is. No torch
+    # import: the launchers are under test, and the stand-in starts in a fraction of a second.
+    rank, world, stop = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1"), []
     signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # as train_cosmos_lora.py's StopSignal
     out = sys.argv[1]
-    open(os.path.join(out, f"ready-{state.process_index}-of-{state.num_processes}"), "w").close()
-    if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
-        open(os.path.join(out, "resumed"), "w").close()
-        sys.exit(0)
+    open(os.path.join(out, f"ready-{rank}-of-{world}"), "w").close()
     deadline = time.time() + float(sys.argv[2])
     while not stop and time.time() < deadline:
         time.sleep(0.05)
     if stop:
-        open(os.path.join(out, f"checkpoint-{state.process_index}"), "w").close()
+        open(os.path.join(out, f"checkpoint-{rank}"), "w").close()
         sys.exit(75)
     sys.exit(int(sys.argv[3]))
 """)
+
+
+# accelerate launch without the accelerate CLI's other commands, whose imports double its start-up.
+LAUNCH = "python -m accelerate.commands.launch"
+# name: (processes, signal to the shell or None, the stand-in's exit code without one)
+LAUNCHES = {
+    "one_process": (1, signal.SIGUSR1, 0),
+    "torchrun_two_processes": (2, signal.SIGUSR1, 0),
+    "one_process_sigterm": (1, signal.SIGTERM, 0),
+    "failure_without_usr1": (1, None, 3),
+}
+
+
+@dataclass
+class Launch:
+    directory: str
+    ranks: int
+    proc: subprocess.Popen
+    returncode: int = None
+    out: str = ""
+
+    def files(self):
+        return sorted(n for n in os.listdir(self.directory) if n.startswith(("ready", "checkpoint")))
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """Every case of run_launcher at once (each is mostly the launcher's start-up, on one core): USR1 or SIGTERM to
+    the shell only, as SLURM's --signal=B:USR1 does, once every rank is ready; or a failure with no signal."""
+    started = {}
+    for name, (ranks, stop_signal, exit_code) in LAUNCHES.items():
+        directory = tmp_path_factory.mktemp(name)
+        (directory / "stand_in.py").write_text(STAND_IN)
+        config = os.path.join(REPO, "accelerate_configs", "cpu.yaml")
+        if ranks == 2:
+            config = directory / "torchrun_cpu.yaml"
+            config.write_text(TORCHRUN_CPU_CONFIG)
+        seconds = 60 if stop_signal else 0
+        snippet = (
+            f"source slurm/common.sh; rc=0; run_launcher {LAUNCH} --config_file {config} {directory}/stand_in.py"
+            f' {directory} {seconds} {exit_code} || rc=$?; echo "run_launcher returned $rc"; finish $rc'
+        )
+        env = job_env(ACCELERATE_USE_CPU=1)
+        proc = subprocess.Popen(
+            ["bash", "-c", f"{env['ENV_ACTIVATE']}; {snippet}"],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        started[name] = Launch(str(directory), ranks, proc)
+    for name, launch in started.items():
+        stop_signal = LAUNCHES[name][1]
+        if stop_signal:
+            wait_for_files(
+                launch.directory, [f"ready-{r}-of-{launch.ranks}" for r in range(launch.ranks)], launch.proc
+            )
+            # For SIGTERM the launcher ignores it (accelerate's single-process launcher would die at once) and the
+            # shell forwards it.
+            launch.proc.send_signal(stop_signal)
+    for launch in started.values():
+        launch.out, _ = launch.proc.communicate(timeout=120)
+        launch.returncode = launch.proc.returncode
+    return started
 
 
 def wait_for_files(directory, names, proc=None, timeout=90):
@@ -402,115 +566,27 @@ def wait_for_files(directory, names, proc=None, timeout=90):
     while not all(os.path.exists(os.path.join(directory, n)) for n in names):
         assert proc is None or proc.poll() is None, proc.communicate()
         assert time.time() < deadline, f"{names} not in {os.listdir(directory)}"
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
-@pytest.mark.parametrize(
-    "ranks, stop_signal",
-    [(1, signal.SIGUSR1), (2, signal.SIGUSR1), (1, signal.SIGTERM)],
-    ids=["one_process", "torchrun_two_processes", "one_process_sigterm"],
-)
-def test_usr1_reaches_every_rank_through_accelerate_launch_and_gives_75(tmp_path, ranks, stop_signal):
-    (tmp_path / "stand_in.py").write_text(STAND_IN)
-    config = os.path.join(REPO, "accelerate_configs", "cpu.yaml")
-    if ranks == 2:
-        config = tmp_path / "torchrun_cpu.yaml"
-        config.write_text(TORCHRUN_CPU_CONFIG)
-    snippet = (
-        f"source slurm/common.sh; rc=0; run_launcher accelerate launch --config_file {config}"
-        f' {tmp_path}/stand_in.py {tmp_path} 60 0 || rc=$?; echo "run_launcher returned $rc"'
+@pytest.mark.parametrize("name", ["one_process", "torchrun_two_processes", "one_process_sigterm"])
+def test_usr1_reaches_every_rank_through_accelerate_launch_and_gives_75(launches, name):
+    launch = launches[name]
+    assert "run_launcher returned 75" in launch.out, launch.out
+    ranks = range(launch.ranks)
+    assert launch.files() == sorted(
+        [*(f"ready-{r}-of-{launch.ranks}" for r in ranks), *(f"checkpoint-{r}" for r in ranks)]
     )
-    env = job_env(ACCELERATE_USE_CPU=1)
-    proc = subprocess.Popen(
-        ["bash", "-c", f"{env['ENV_ACTIVATE']}; {snippet}"],
-        cwd=REPO,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    wait_for_files(tmp_path, [f"ready-{r}-of-{ranks}" for r in range(ranks)], proc)
-    # To the shell only, as SLURM's --signal=B:USR1 does. For SIGTERM the launcher ignores it (accelerate's
-    # single-process launcher would die at once) and the shell forwards it.
-    proc.send_signal(stop_signal)
-    out, _ = proc.communicate(timeout=60)
-    assert "run_launcher returned 75" in out, out
-    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(("ready", "checkpoint"))) == sorted(
-        [*(f"ready-{r}-of-{ranks}" for r in range(ranks)), *(f"checkpoint-{r}" for r in range(ranks))]
-    )
+    # Outside a SLURM job `finish` does not requeue; after SIGTERM it leaves requeueing to SLURM.
+    assert launch.returncode == 75 and "requeueing job" not in launch.out, launch.out
 
 
-def test_a_failure_without_usr1_is_not_taken_for_a_preemption(tmp_path):
-    (tmp_path / "stand_in.py").write_text(STAND_IN)
-    snippet = (
-        "source slurm/common.sh; rc=0; run_launcher accelerate launch --config_file accelerate_configs/cpu.yaml"
-        f' {tmp_path}/stand_in.py {tmp_path} 0 3 || rc=$?; echo "run_launcher returned $rc"; finish $rc'
-    )
-    env = job_env()
-    result = subprocess.run(
-        ["bash", "-c", f"{env['ENV_ACTIVATE']}; {snippet}"],
-        cwd=REPO,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=120,
-    )
+def test_a_failure_without_usr1_is_not_taken_for_a_preemption(launches):
+    launch = launches["failure_without_usr1"]
     # accelerate launch reports the stand-in's exit code 3 as 1; the script passes that on.
-    assert result.returncode not in (0, 75) and "run_launcher returned 75" not in result.stdout, result.stdout
-    assert "requeue" not in result.stdout
-
-
-def test_usr1_to_the_batch_shell_requeues_and_the_job_resumes(slurm, submit_dir, tmp_path):
-    """common.sh in a real batch job: scancel --batch --signal=USR1 -> checkpoint, exit 75 -> requeue -> resume."""
-    (tmp_path / "stand_in.py").write_text(STAND_IN)
-    script = tmp_path / "preemptible.sh"
-    script.write_text(
-        textwrap.dedent(f"""\
-        #!/usr/bin/env bash
-        #SBATCH --job-name=preemptible
-        #SBATCH --output=logs/%x_%j.out
-        #SBATCH --open-mode=append
-        #SBATCH --requeue
-        set -euo pipefail
-        source "$REPO_DIR/slurm/common.sh"
-        enter_repo
-        log_job
-        rc=0
-        run_launcher accelerate launch --config_file accelerate_configs/cpu.yaml {tmp_path}/stand_in.py {tmp_path} \\
-            120 0 || rc=$?
-        finish "$rc"
-        """)
-    )
-    job = slurm.sbatch(str(script), env=job_env(), cwd=submit_dir, sbatch_args=TEST_SBATCH)
-    wait_for_files(tmp_path, ["ready-0-of-1"])
-    slurm.run("scancel", "--batch", "--signal=USR1", job)
-    records = slurm.wait(job, timeout=120)
-    log = read(submit_dir / "logs" / f"preemptible_{job}.out")
-    assert state(records) == [("COMPLETED", "0:0", "1")], log
-    assert (tmp_path / "checkpoint-0").exists() and (tmp_path / "resumed").exists()
-    assert "restart 0 on" in log and "restart 1 on" in log and f"requeueing job {job}" in log, log
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The job scripts on SLURM.
-# ----------------------------------------------------------------------------------------------------------------
-def test_cache_array_job_shards_are_disjoint_and_complete(array_cache, clips):
-    records, logs = array_cache["records"], array_cache["logs"]
-    assert state(records) == [("COMPLETED", "0:0", "0")] * 2, logs
-    shards = []
-    for index in (0, 1):
-        with open(os.path.join(array_cache["dir"], f"shard_{index:05d}", "manifest.jsonl")) as f:
-            shards.append({(row["key"], row["clip_index"]) for row in map(json.loads, f)})
-    assert shards[0] and shards[1] and not shards[0] & shards[1]
-    # 4 s videos with a clip start every second: 2 clips each (as in test_cache_latents.py).
-    assert sorted(shards[0] | shards[1]) == sorted((k, c) for k in clips["keys"] for c in range(2))
-    info = read_cache_info(array_cache["dir"])
-    assert (info["num_clips"], info["num_shards"]) == (12, 2)
-    assert cache_latents.verify_cache(array_cache["dir"])[1] == []
-    for index, log in enumerate(logs):
-        assert f"shard {index}/2: wrote {len(shards[index])} clips" in log, log
-        assert "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1" in log and "HF_TOKEN=set" in log
-        assert SECRET not in log
+    assert launch.returncode not in (0, 75) and "run_launcher returned 75" not in launch.out, launch.out
+    assert "requeue" not in launch.out and "failed with exit code" in launch.out, launch.out
+    assert launch.files() == ["ready-0-of-1"]
 
 
 def test_multinode_dry_run_prints_one_command_per_node(slurm, submit_dir, tiny_model):
@@ -567,110 +643,64 @@ def test_multinode_dry_run_prints_one_command_per_node(slurm, submit_dir, tiny_m
     assert [a for a in commands[0][1] if a != "0"] == [a for a in commands[1][1] if a != "1"]
 
 
-@needs_train
-def test_train_job_trains_and_exports(training_runs):
-    run = training_runs["uninterrupted"]
-    assert state(run["records"]) == [("COMPLETED", "0:0", "0")], run["text"]
+def test_train_job_trains_and_exports(slurm, pipeline):
+    run = finished(slurm, pipeline["uninterrupted"])
+    assert state(run.records) == [("COMPLETED", "0:0", "0")], run.text
     for name in EXPORTS:
-        assert load_file(os.path.join(run["dir"], name)), name
-    assert checkpoints(run["dir"])
-    rows = loss_rows(run["dir"])
+        assert load_file(os.path.join(run.dir, name)), name
+    assert checkpoints(run.dir)
+    rows = loss_rows(run.dir)
     assert [row["step"] for row in rows] == list(range(1, TRAIN_STEPS + 1))
     assert all(isinstance(row["loss"], float) and row["loss"] == row["loss"] for row in rows)
-    assert "HF_HUB_OFFLINE=1" in run["text"] and "WANDB_MODE=offline" in run["text"]
-    assert SECRET not in run["text"]
+    assert "HF_HUB_OFFLINE=1" in run.text and "WANDB_MODE=offline" in run.text
+    assert SECRET not in run.text
 
 
-@needs_train
-def test_preempted_train_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one(training_runs):
-    run, reference = training_runs["preempted"], training_runs["uninterrupted"]
-    text = run["text"]
-    assert state(run["records"]) == [("COMPLETED", "0:0", "1")], text
+def test_preempted_train_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one(slurm, pipeline):
+    """train.sh in a real batch job: scancel --batch --signal=USR1 -> the shell forwards it to the training, which
+    checkpoints and exits 75 -> common.sh requeues the job -> it resumes from the checkpoint and ends as if never
+    stopped."""
+    run, reference = finished(slurm, pipeline["preempted"]), finished(slurm, pipeline["uninterrupted"])
+    text = run.text
+    assert state(run.records) == [("COMPLETED", "0:0", "1")], text
     # The first segment stopped on USR1 with a checkpoint and requeued the job; the second resumed and finished.
-    assert checkpoints(run["after_first_segment"]), run["after_first_segment"]
+    assert checkpoints(run.after_first_segment), run.after_first_segment
     assert "SIGUSR1: forwarding it to the training processes" in text
-    assert f"requeueing job {run['job']}" in text
+    assert re.search(r"SIGUSR1: saved \S+/checkpoint-\d+; exiting with 75", text), text
+    assert f"requeueing job {run.id}" in text
     assert "restart 0 on" in text and "restart 1 on" in text
-    assert not any(name in run["after_first_segment"] for name in EXPORTS), "it finished before the signal came"
-    rows = loss_rows(run["dir"])
+    assert re.search(r"resumed from \S+/checkpoint-\d+ at step \d+", text), text
+    assert not any(name in run.after_first_segment for name in EXPORTS), "it finished before the signal came"
+    rows = loss_rows(run.dir)
     assert [row["step"] for row in rows] == list(range(1, TRAIN_STEPS + 1)), rows
-    assert [row["loss"] for row in rows] == pytest.approx(
-        [row["loss"] for row in loss_rows(reference["dir"])], rel=1e-6
-    )
+    assert [row["loss"] for row in rows] == pytest.approx([row["loss"] for row in loss_rows(reference.dir)], rel=1e-6)
     for name in EXPORTS:
-        resumed, expected = load_file(os.path.join(run["dir"], name)), load_file(os.path.join(reference["dir"], name))
+        resumed, expected = load_file(os.path.join(run.dir, name)), load_file(os.path.join(reference.dir, name))
         assert resumed.keys() == expected.keys()
         for key in expected:
             assert torch.equal(resumed[key], expected[key]), f"{name} {key}"
 
 
-@needs_train
-@needs_sample
-def test_sample_job_writes_the_video_grid(slurm, submit_dir, tiny_model, array_cache, training_runs):
-    run = training_runs["uninterrupted"]
-    assert state(run["records"])[0][0] == "COMPLETED"
-    job = submit(
-        slurm,
-        submit_dir,
-        "sample.sh",
-        run["dir"],
-        "--disable_safety_checker",
-        "--num_inference_steps",
-        "2",
-        "--height",
-        "64",
-        "--width",
-        "112",
-        "--num_frames",
-        "17",
-        env={"MODEL": tiny_model, "CACHE_DIR": array_cache["dir"], "NUM_VIDEOS": 2},
-    )
-    records = slurm.wait(job, timeout=300)
-    log = read(submit_dir / "logs" / f"cosmos_sample_{job}.out")
-    assert state(records) == [("COMPLETED", "0:0", "0")], log
-    grid = os.path.join(run["dir"], "samples", "final", "video_grid.mp4")
-    with av.open(grid) as container:
+def test_sample_job_writes_the_video_grid_of_the_held_out_clips(slurm, pipeline):
+    job = finished(slurm, pipeline["sample"])
+    assert state(job.records) == [("COMPLETED", "0:0", "0")], job.text
+    with av.open(os.path.join(job.dir, "final", "video_grid.mp4")) as container:
         assert sum(1 for _ in container.decode(video=0)) > 0
+    # NUM_VIDEOS=2 from the cache: the two clips the run held out, never trained on.
+    with open(os.path.join(job.dir, "final", "results.json")) as f:
+        inputs = [os.path.relpath(video["input"], pipeline["cache"].dir) for video in json.load(f)["videos"]]
+    with open(os.path.join(pipeline["uninterrupted"].dir, "held_out.json")) as f:
+        assert sorted(inputs) == sorted(json.load(f)["clips"]) and len(inputs) == 2
 
 
-@needs_train
-def test_multinode_job_trains_on_two_machines(slurm, submit_dir, tiny_model, array_cache, tmp_path):
-    """Two srun tasks on the one node play two machines: torchrun rendezvous at the head node, gloo, one rank each."""
-    config = tmp_path / "torchrun_cpu.yaml"
-    config.write_text(TORCHRUN_CPU_CONFIG)
-    job = submit(
-        slurm,
-        submit_dir,
-        "train_multinode.sh",
-        "--max_train_steps",
-        "2",
-        "--checkpointing_steps",
-        "2",
-        "--seed",
-        "0",
-        "--train_batch_size",
-        "1",
-        "--num_validation_clips",
-        "0",
-        "--dataloader_num_workers",
-        "0",
-        env={
-            "MODEL": tiny_model,
-            "CACHE_DIR": array_cache["dir"],
-            "OUTPUT_DIR": tmp_path / "run",
-            "ACCELERATE_CONFIG": config,
-            "ACCELERATE_USE_CPU": 1,
-            "GPUS_PER_NODE": 1,
-        },
-        sbatch_args=["--nodes=1", "--ntasks=2", "--ntasks-per-node=2"],
-    )
-    records = slurm.wait(job, timeout=300)
-    log = read(submit_dir / "logs" / f"cosmos_lora_multinode_{job}.out")
-    assert state(records) == [("COMPLETED", "0:0", "0")], log
-    assert "2 machines x 1 processes" in log
+def test_multinode_job_trains_on_two_machines(slurm, pipeline):
+    job = finished(slurm, pipeline["multinode"])
+    assert state(job.records) == [("COMPLETED", "0:0", "0")], job.text
+    assert "2 machines x 1 processes" in job.text
+    assert "num_processes=2 (" in job.text, job.text  # one world of two ranks
     for name in EXPORTS:
-        assert load_file(str(tmp_path / "run" / name)), name
-    assert [row["step"] for row in loss_rows(tmp_path / "run")] == [1, 2]
+        assert load_file(os.path.join(job.dir, name)), name
+    assert [row["step"] for row in loss_rows(job.dir)] == [1, 2]
 
 
 def test_shellcheck_passes_on_every_script():
