@@ -55,8 +55,82 @@ def run_script(script, *args, env=None, **kwargs):
     )
 
 
+def error_line(result):
+    """The one `error: ...` line a script ends with on bad input (torch and torchao may log warnings at import
+    before it), checked to be the last line, alone and without a traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], result.stderr[-2000:]
+    return lines[-1]
+
+
 # accelerate_configs/cpu_2proc.yaml starts two gloo processes only with this variable set.
 TWO_CPU_PROCESSES = {"ACCELERATE_USE_CPU": "1"}
+
+ALL_LINEAR = [
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+]
+# Settings that make the tiny model memorize one clip quickly.
+OVERFIT_ARGS = [
+    "--learning_rate",
+    "3e-3",
+    "--lr_scheduler",
+    "constant",
+    "--train_batch_size",
+    "4",
+    "--text_dropout",
+    "0",
+    "--conditioning_frames",
+    "1",
+    "--lora_rank",
+    "16",
+    "--lora_alpha",
+    "16",
+    "--lora_target_modules",
+    *ALL_LINEAR,
+]
+
+
+def train_args(model, cache, output_dir, *extra):
+    """Parsed train_cosmos_lora.py flags with the model family's defaults filled in, as main() fills them."""
+    import train_cosmos_lora as train
+
+    args = train.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            model,
+            "--cache_dir",
+            *([cache] if isinstance(cache, str) else cache),
+            "--output_dir",
+            str(output_dir),
+            "--dataloader_num_workers",
+            "0",
+            "--num_validation_clips",
+            "0",
+            "--report_to",
+            "none",
+            *map(str, extra),
+        ]
+    )
+    train.resolve_family_defaults(args)
+    return args
+
+
+def losses(output_dir):
+    """(step, loss) rows of a training run's losses.jsonl, without the timing columns."""
+    import json
+
+    with open(os.path.join(output_dir, "losses.jsonl")) as f:
+        return [{"step": row["step"], "loss": row["loss"]} for row in map(json.loads, f)]
 
 
 def cache_clips(model, output_dir, *args):
@@ -144,4 +218,18 @@ def one_clip_cache_25(tiny_model_25, clips, tmp_path_factory):
     out = tmp_path_factory.mktemp("one_clip_cache_25")
     argv = ["--video_dir", videos, "--max_clips_per_video", "1", "--prompt", "a worker's hands"]
     assert cache_clips(tiny_model_25, out, *argv) == 0
+    return str(out)
+
+
+OVERFIT_STEPS = 300
+
+
+@pytest.fixture(scope="session")
+def overfit_run(tiny_model, one_clip_cache, tmp_path_factory):
+    """The tiny model trained until it memorizes the one cached clip: its output dir (weights, losses.jsonl)."""
+    import train_cosmos_lora as train
+
+    out = tmp_path_factory.mktemp("overfit")
+    args = train_args(tiny_model, one_clip_cache, out, "--max_train_steps", OVERFIT_STEPS, *OVERFIT_ARGS)
+    assert train.main(args) == 0
     return str(out)

@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from test_sample import StandInSafetyChecker, sample_args
-from test_train import ALL_LINEAR, OVERFIT_ARGS, random_inputs, train_args
+from test_train import ALL_LINEAR, random_inputs, train_args
 
 import sample
 import train_cosmos_lora as train
-from conftest import cache_clips
+from conftest import OVERFIT_ARGS, cache_clips
 from cosmos_cache import CACHE_INFO, list_cached_clips, text_embed_path
 from cosmos_families import (
     detect_family,

@@ -1,15 +1,15 @@
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import OVERFIT_ARGS, train_args
+from test_train import no_model_may_load
 
 import sample
-import train_cosmos_lora as train
-from conftest import run_script
+from conftest import error_line, run_script
 from cosmos_families import load_component
 from cosmos_model import modulate_per_frame
 
@@ -45,21 +45,6 @@ def image(tmp_path_factory, clips):
     path = tmp_path_factory.mktemp("image") / "first_frame.png"
     Image.fromarray(fit_frames(torch.from_numpy(frame)[None], 64, 112)[0].numpy()).save(path)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def overfit_run(tiny_model, one_clip_cache, tmp_path_factory):
-    """The tiny model trained until it memorizes the one cached clip."""
-    out = tmp_path_factory.mktemp("overfit")
-    assert (
-        train.main(
-            train_args(
-                tiny_model, one_clip_cache, out, "--max_train_steps", 300, "--checkpointing_steps", 1000, *OVERFIT_ARGS
-            )
-        )
-        == 0
-    )
-    return str(out)
 
 
 def pipeline_output(model, image, output_type, steps=4, guidance=7.0, fps=None, prepare=None):
@@ -326,45 +311,61 @@ def test_metrics():
 
 
 @pytest.mark.parametrize(
-    "extra, message",
+    "extra, error, message",
     [
-        (["--input", "/no/such/file.mp4"], "--input /no/such/file.mp4 does not exist"),
-        (["--input", "IMAGE", "--height", "60"], "--height 60 is not a multiple of 16"),
-        (["--input", "IMAGE", "--lora_path", "/no/such/run"], "--lora_path /no/such/run is not a directory"),
-        (["--input", "IMAGE", "--lora_path", "WRONG_LORA"], "which this transformer does not have"),
-        (["--input", "IMAGE", "--lora_path", "WRONG_RANK"], "trained on another model size"),
+        (["--input", "/no/such/file.mp4"], FileNotFoundError, "--input /no/such/file.mp4 does not exist"),
+        (["--input", "IMAGE", "--height", "60"], ValueError, "--height 60 is not a multiple of 16"),
+        (["--input", "IMAGE", "--lora_path", "/no/such/run"], FileNotFoundError, "--lora_path /no/such/run is not a"),
+        (["--input", "IMAGE", "GUARDRAIL"], ValueError, "`pip install cosmos-guardrail`, or pass --disable_safety"),
     ],
 )
-def test_bad_inputs_give_one_line_errors(tiny_model, image, overfit_run, tmp_path, extra, message):
+def test_bad_inputs_fail_in_one_line_before_any_model_loads(
+    tiny_model, image, tmp_path, monkeypatch, extra, error, message
+):
+    no_model_may_load(monkeypatch, sample)
+    args = sample_args(
+        tiny_model, tmp_path / "out", *[image if e == "IMAGE" else e for e in extra if e != "GUARDRAIL"]
+    )
+    args.disable_safety_checker = "GUARDRAIL" not in extra  # cosmos-guardrail is not installed here
+    with pytest.raises(error, match=re.escape(message)) as raised:
+        sample.main(args)  # flags after TINY win
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("target", "LoRA targets transformer_blocks.0.attn9.to_q, which this transformer does not have"),
+        ("rank", "trained on another model size"),
+    ],
+)
+def test_a_lora_of_another_model_fails_in_one_line(tiny_model, image, overfit_run, tmp_path, change, message):
     from safetensors.torch import load_file, save_file
 
     from cosmos_model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS
 
-    if "WRONG_LORA" in extra or "WRONG_RANK" in extra:
-        bad = tmp_path / "bad_lora"
-        bad.mkdir()
-        for name in os.listdir(overfit_run):
-            if name.endswith(".json") or name == ADAPTER_WEIGHTS:
-                (bad / name).write_bytes(open(os.path.join(overfit_run, name), "rb").read())
-        lora = load_file(os.path.join(overfit_run, LORA_WEIGHTS))
-        if "WRONG_LORA" in extra:
-            lora = {k.replace("attn2.to_q", "attn9.to_q"): v for k, v in lora.items()}
-        else:
-            lora = {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if ".lora_A." in k else v) for k, v in lora.items()}
-        save_file(lora, str(bad / LORA_WEIGHTS))
-        config = json.load(open(bad / ADAPTER_CONFIG))  # a whole file, just not one of this model
-        config["files"][LORA_WEIGHTS] = os.path.getsize(bad / LORA_WEIGHTS)
-        json.dump(config, open(bad / ADAPTER_CONFIG, "w"))
-    extra = [str(bad) if e in ("WRONG_LORA", "WRONG_RANK") else image if e == "IMAGE" else e for e in extra]
-    # Flags after TINY win, as argparse keeps the last value.
-    result = run_script(
-        "sample.py", "--pretrained_model_name_or_path", tiny_model, "--output_dir", tmp_path / "out", *TINY, *extra
-    )
-    assert result.returncode != 0
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    bad = tmp_path / "bad_lora"
+    bad.mkdir()
+    for name in os.listdir(overfit_run):
+        if name.endswith(".json") or name == ADAPTER_WEIGHTS:
+            (bad / name).write_bytes(open(os.path.join(overfit_run, name), "rb").read())
+    lora = load_file(os.path.join(overfit_run, LORA_WEIGHTS))
+    if change == "target":
+        lora = {k.replace("attn2.to_q", "attn9.to_q"): v for k, v in lora.items()}
+    else:
+        lora = {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if ".lora_A." in k else v) for k, v in lora.items()}
+    save_file(lora, str(bad / LORA_WEIGHTS))
+    config = json.load(open(bad / ADAPTER_CONFIG))  # a whole file, just not one of this model
+    config["files"][LORA_WEIGHTS] = os.path.getsize(bad / LORA_WEIGHTS)
+    json.dump(config, open(bad / ADAPTER_CONFIG, "w"))
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        sample.main(sample_args(tiny_model, tmp_path / "out", "--input", image, "--lora_path", bad))
+    assert "\n" not in str(raised.value)
 
 
-def test_safety_checker_is_required_unless_disabled(tiny_model, image, tmp_path):
+def test_the_script_prints_a_bad_input_in_one_error_line_and_exits_1(tiny_model, image, tmp_path):
+    """Without cosmos-guardrail installed, the safety checker is required unless disabled."""
     result = run_script(
         "sample.py",
         "--pretrained_model_name_or_path",
@@ -380,8 +381,8 @@ def test_safety_checker_is_required_unless_disabled(tiny_model, image, tmp_path)
         "--num_frames",
         17,
     )
-    assert result.returncode != 0
-    assert "cosmos-guardrail" in result.stderr and "--disable_safety_checker" in result.stderr
+    line = error_line(result)
+    assert line.startswith("error: the Cosmos guardrail is not installed") and "--disable_safety_checker" in line
 
 
 def test_two_processes_split_the_jobs_and_the_main_one_writes_the_grid(tiny_model, latent_cache, tmp_path):
