@@ -290,8 +290,8 @@ def parse_args(argv=None):
         action="store_true",
         help="Run the frozen linears of the transformer blocks (the LoRA base layers included) in FP8 with "
         "torchao's dynamic tensorwise scaling; LoRA, adapters, AdaLN and proj_out stay as they are, and the export "
-        "is unchanged. Needs torchao and an FP8 GPU (compute capability 8.9+); use with --compile (eager FP8 is "
-        "slower than bf16). On a CPU the FP8 casts are emulated.",
+        "is unchanged. Needs torchao (requirements-fp8.txt) and an FP8 GPU (compute capability 8.9+); use with "
+        "--compile (eager FP8 is slower than bf16). On a CPU the FP8 casts are emulated.",
     )
     speed.add_argument(
         "--attention_backend",
@@ -388,7 +388,7 @@ def validate_args(args):
 
 def check_fp8_support():
     if importlib.util.find_spec("torchao") is None:
-        raise ValueError("--fp8 needs torchao: pip install torchao")
+        raise ValueError("--fp8 needs torchao: pip install -r requirements-fp8.txt")
     if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
         name = torch.cuda.get_device_name()
         raise ValueError(f"--fp8 needs a GPU with FP8 matmuls (compute capability 8.9+); {name} has none")

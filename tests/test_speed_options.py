@@ -62,3 +62,17 @@ def test_dataloader_workers_live_across_epochs(tiny_model, latent_cache, tmp_pat
     second = iter(loader)
     assert second is first  # the same workers serve the next epoch
     assert len([batch["latents"] for batch in second]) == len(epoch_one) > 0
+
+
+def test_fp8_without_torchao_is_refused_before_anything_loads(tiny_model, latent_cache, tmp_path, monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a)
+    )
+    with pytest.raises(ValueError, match=r"^--fp8 needs torchao: pip install -r requirements-fp8.txt$"):
+        train.main(train_args(tiny_model, latent_cache, tmp_path / "run", "--fp8"))
+    assert not (tmp_path / "run").exists()
