@@ -23,9 +23,12 @@ import torch
 from cosmos_model import (
     SIGMA_CONDITIONING,
     TEXT_MAX_LENGTH,
+    conditioning_mask,
     denoise_video2world,
     encode_prompts,
-    predict_velocity,
+    guidance_text,
+    guide,
+    predict_velocity_per_text,
 )
 
 PREDICT25_CONDITIONING_TIMESTEP = 1e-4
@@ -89,27 +92,16 @@ def denoise_flow_unipc(
     latents = noise.float()
     cond_latents = cond_latents.float()
     batch, _, frames, _, _ = latents.shape
-    cond = torch.zeros(1, 1, frames, 1, 1, device=device)
-    cond[:, :, :num_cond_latent_frames] = 1.0
+    cond = conditioning_mask(frames, num_cond_latent_frames, device)
     true_velocity = (latents - cond_latents) * cond
-    use_cfg = guidance_scale > 1.0
-    text = torch.cat([prompt_embeds, negative_prompt_embeds]) if use_cfg else prompt_embeds
-    copies = 2 if use_cfg else 1
+    text = guidance_text(prompt_embeds, negative_prompt_embeds, guidance_scale)
+    copies = text.shape[0] // batch
     for i, timestep in enumerate(scheduler.timesteps):
         t = scheduler.sigmas[i].to(device=device, dtype=torch.float32)
         model_input = cond * cond_latents + (1 - cond) * latents
         frame_t = (cond * PREDICT25_CONDITIONING_TIMESTEP + (1 - cond) * t).expand(batch, 1, frames, 1, 1)
-        velocity = predict_velocity(
-            transformer,
-            model_input.repeat(copies, 1, 1, 1, 1),
-            frame_t.repeat(copies, 1, 1, 1, 1),
-            text,
-            cond.expand(batch * copies, 1, frames, 1, 1),
-        )
-        velocity = true_velocity.repeat(copies, 1, 1, 1, 1) + velocity * (1 - cond)
-        if use_cfg:
-            v_cond, v_uncond = velocity.chunk(2)
-            velocity = v_cond + guidance_scale * (v_cond - v_uncond)
+        velocity = predict_velocity_per_text(transformer, model_input, frame_t, text, cond)
+        velocity = guide(true_velocity.repeat(copies, 1, 1, 1, 1) + velocity * (1 - cond), guidance_scale)
         latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0]
     return latents
 

@@ -159,11 +159,14 @@ class FrameModulation:
 _FRAME_MODULATED_CLASSES = {}
 
 
+def adaln_norms(transformer):
+    """The three AdaLN-Zero norms of every block (before self-attention, cross-attention and the MLP)."""
+    return [norm for block in transformer.transformer_blocks for norm in (block.norm1, block.norm2, block.norm3)]
+
+
 def modulate_per_frame(transformer):
     """Give every block's three AdaLN norms the per-frame computation of FrameModulation, in place."""
-    blocks = transformer.transformer_blocks
-    norms = [norm for block in blocks for norm in (block.norm1, block.norm2, block.norm3)]
-    norms = [norm for norm in norms if not isinstance(norm, FrameModulation)]
+    norms = [norm for norm in adaln_norms(transformer) if not isinstance(norm, FrameModulation)]
     for norm in norms:
         stock = type(norm)
         if stock not in _FRAME_MODULATED_CLASSES:
@@ -358,6 +361,39 @@ def predict_velocity(transformer, model_input, timestep, prompt_embeds, conditio
     return velocity.float()
 
 
+def conditioning_mask(frames, num_cond_latent_frames, device):
+    """[1, 1, T, 1, 1]: 1 on the clean conditioning latent frames, 0 on the frames to generate."""
+    cond = torch.zeros(1, 1, frames, 1, 1, device=device)
+    cond[:, :, :num_cond_latent_frames] = 1.0
+    return cond
+
+
+def guidance_text(prompt_embeds, negative_prompt_embeds, guidance_scale):
+    """The text of a sampling step's one batched call: the prompts, then under CFG (scale > 1) the negative ones."""
+    return torch.cat([prompt_embeds, negative_prompt_embeds]) if guidance_scale > 1.0 else prompt_embeds
+
+
+def predict_velocity_per_text(transformer, model_input, timestep, text, condition_mask):
+    """predict_velocity with the latents [B, ...] repeated for each of the B-sized text batches (twice under CFG)."""
+    copies = text.shape[0] // model_input.shape[0]
+    batch, _, frames, _, _ = model_input.shape
+    return predict_velocity(
+        transformer,
+        model_input.repeat(copies, 1, 1, 1, 1),
+        timestep.repeat(copies, 1, 1, 1, 1),
+        text,
+        condition_mask.expand(batch * copies, 1, frames, 1, 1),
+    )
+
+
+def guide(x, guidance_scale):
+    """CFG on the stacked conditional and unconditional halves of x: x_c + g * (x_c - x_u); x as it is without CFG."""
+    if guidance_scale <= 1.0:
+        return x
+    x_cond, x_uncond = x.chunk(2)
+    return x_cond + guidance_scale * (x_cond - x_uncond)
+
+
 @torch.no_grad()
 def denoise_video2world(
     transformer,
@@ -384,14 +420,12 @@ def denoise_video2world(
     set_sampling_schedule(scheduler, num_inference_steps, device)
     latents = noise.float() * SIGMA_MAX
     cond_latents = cond_latents.float()
-    batch, _, frames, height, width = latents.shape
-    cond = torch.zeros(1, 1, frames, 1, 1, device=device)
-    cond[:, :, :num_cond_latent_frames] = 1.0
+    batch, _, frames, _, _ = latents.shape
+    cond = conditioning_mask(frames, num_cond_latent_frames, device)
     sigma_cond = torch.tensor(SIGMA_CONDITIONING, dtype=torch.float32, device=device)
     t_cond = sigma_cond / (sigma_cond + 1)
-    use_cfg = guidance_scale > 1.0
-    text = torch.cat([prompt_embeds, negative_prompt_embeds]) if use_cfg else prompt_embeds
-    copies = 2 if use_cfg else 1
+    text = guidance_text(prompt_embeds, negative_prompt_embeds, guidance_scale)
+    copies = text.shape[0] // batch
     for i, timestep in enumerate(scheduler.timesteps):
         sigma = scheduler.sigmas[i]
         # the last sigma is repeated: its Euler step (dt = 0) leaves the latents as they are, so skip its model call
@@ -400,18 +434,9 @@ def denoise_video2world(
         t = sigma / (sigma + 1)
         model_input = (cond * cond_latents + (1 - cond) * latents * (1 - t)).to(dtype)
         frame_t = (cond * t_cond + (1 - cond) * t.view(1, 1, 1, 1, 1)).expand(batch, 1, frames, 1, 1).to(dtype)
-        velocity = predict_velocity(
-            transformer,
-            model_input.repeat(copies, 1, 1, 1, 1),
-            frame_t.repeat(copies, 1, 1, 1, 1),
-            text,
-            cond.expand(batch * copies, 1, frames, 1, 1),
-        )
+        velocity = predict_velocity_per_text(transformer, model_input, frame_t, text, cond)
         x0 = ((1 - t) * latents.repeat(copies, 1, 1, 1, 1) - t * velocity).to(dtype)
-        x0 = cond * cond_latents.repeat(copies, 1, 1, 1, 1) + (1 - cond) * x0
-        if use_cfg:
-            x0_cond, x0_uncond = x0.chunk(2)
-            x0 = x0_cond + guidance_scale * (x0_cond - x0_uncond)
+        x0 = guide(cond * cond_latents.repeat(copies, 1, 1, 1, 1) + (1 - cond) * x0, guidance_scale)
         latents = scheduler.step((latents - x0) / sigma, timestep, latents, return_dict=False)[0]
     return latents
 

@@ -216,6 +216,8 @@ def autotune_vae_convolutions(components):
 
 def stock_modulation(components):
     """Undo sample.py's per-frame AdaLN (cosmos_model.modulate_per_frame): the stock per-token modulation."""
+    from cosmos_model import adaln_norms
+
     for norm in adaln_norms(components["transformer"]):
         norm.__class__ = type(norm).__bases__[1]  # FrameModulated<Stock> derives from (FrameModulation, Stock)
 
@@ -224,10 +226,6 @@ def per_frame_modulation(components):
     from cosmos_model import modulate_per_frame
 
     modulate_per_frame(components["transformer"])
-
-
-def adaln_norms(transformer):
-    return [norm for block in transformer.transformer_blocks for norm in (block.norm1, block.norm2, block.norm3)]
 
 
 # Each variant adds one step of sample.py's speed options (--attention_backend, --compile) to the ones before it.
