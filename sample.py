@@ -258,41 +258,28 @@ def last_frame_indices(num_source_frames, source_fps, num_frames, fps):
 
 
 def video_job(path, args, family):
-    if family.conditioning_side == "last":
-        with open_video(path) as container:
-            num_source_frames, source_fps = probe_video(container)
-            shape = input_shape(args, *video_size(container), num_source_frames, source_fps)
-            planned = last_frame_indices(num_source_frames, source_fps, args.num_conditioning_frames, args.fps)
-            if not planned:
-                raise ValueError(f"{path} has fewer than {args.num_conditioning_frames} frames at {args.fps} fps")
-            decoded = decode_frames(container, set(planned[0]))
-        frames = torch.stack([torch.from_numpy(decoded[i]) for i in planned[0]])
-        return Job(
-            name=os.path.splitext(os.path.basename(path))[0],
-            kind="video",
-            source=path,
-            cond_frames=fit_frames(frames, shape[1], shape[2], args.resize_mode),
-            shape=shape,
-            fps=args.fps,
-        )
+    """A video input. Predict2.5 conditions on its last frames, as its pipeline does. Predict2 conditions on its first
+    frames; a video long enough for the whole clip also gives the clip as ground truth."""
+    n = args.num_conditioning_frames
     with open_video(path) as container:
         num_source_frames, source_fps = probe_video(container)
         num_frames, height, width = shape = input_shape(args, *video_size(container), num_source_frames, source_fps)
-        clips = plan_clips(num_source_frames, source_fps, num_frames, args.fps, max_clips=1)
-        if clips:  # long enough: the whole clip is ground truth
-            indices = clips[0]
+        clips = []
+        if family.conditioning_side == "last":
+            planned = last_frame_indices(num_source_frames, source_fps, n, args.fps)
         else:
-            indices = plan_clips(num_source_frames, source_fps, args.num_conditioning_frames, args.fps, max_clips=1)
-            if not indices:
-                raise ValueError(f"{path} has fewer than {args.num_conditioning_frames} frames at {args.fps} fps")
-            indices = indices[0]
-        decoded = decode_frames(container, set(indices))
-    frames = fit_frames(torch.stack([torch.from_numpy(decoded[i]) for i in indices]), height, width, args.resize_mode)
+            clips = plan_clips(num_source_frames, source_fps, num_frames, args.fps, max_clips=1)
+            planned = clips or plan_clips(num_source_frames, source_fps, n, args.fps, max_clips=1)
+        if not planned:
+            raise ValueError(f"{path} has fewer than {n} frames at {args.fps} fps")
+        decoded = decode_frames(container, set(planned[0]))
+    frames = torch.stack([torch.from_numpy(decoded[i]) for i in planned[0]])
+    frames = fit_frames(frames, height, width, args.resize_mode)
     return Job(
         name=os.path.splitext(os.path.basename(path))[0],
         kind="video",
         source=path,
-        cond_frames=frames[: args.num_conditioning_frames],
+        cond_frames=frames[:n],
         truth_frames=frames if clips else None,
         shape=shape,
         fps=args.fps,
