@@ -1,8 +1,9 @@
 """The model side shared by the three scripts: latent normalization, prompt encoding, the temporal adapters, per-frame
-AdaLN modulation, exporting and loading fine-tuned weights, the transformer's velocity prediction, and the video2world
-sampler.
+AdaLN modulation, exporting and loading fine-tuned weights, FP8 matmuls, the transformer's velocity prediction, and
+the video2world sampler.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -321,6 +322,37 @@ def load_finetuned_weights(transformer, path, scale=1.0):
         transformer.load_lora_adapter(path, weight_name=LORA_WEIGHTS, prefix="transformer", adapter_name="default")
         transformer.set_adapters(["default"], weights=[scale])
     return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FP8 matmuls (--fp8)
+# ----------------------------------------------------------------------------------------------------------------
+def check_fp8_support():
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError("--fp8 needs torchao: pip install -r requirements-fp8.txt")
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        name = torch.cuda.get_device_name()
+        raise ValueError(f"--fp8 needs a GPU with FP8 matmuls (compute capability 8.9+); {name} has none")
+
+
+def convert_frozen_linears_to_fp8(transformer, emulate=False):
+    """--fp8 of training and sampling: swap the frozen nn.Linear layers inside the transformer blocks for torchao's
+    Float8Linear (dynamic tensorwise scales, e4m3 forward, e5m2 gradients). The LoRA A/B, the temporal adapters and
+    the AdaLN linears (one row per frame) keep their precision; dimensions not divisible by 16 are left alone.
+    Weights stay the same bf16 parameters, so checkpoints and exports do not change."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    def frozen_block_linear(module, name):
+        return (
+            name.startswith("transformer_blocks.")
+            and not re.search(r"lora_|norm|temporal_adapter", name)
+            and not module.weight.requires_grad
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+        )
+
+    config = Float8LinearConfig(emulate=emulate)
+    return convert_to_float8_training(transformer, module_filter_fn=frozen_block_linear, config=config)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ from cosmos_families import detect_family, load_component, project_text, project
 from cosmos_model import (
     ADAPTER_CONFIG,
     EMA_DIR,
+    check_fp8_support,
+    convert_frozen_linears_to_fp8,
     decode_to_frames,
     load_finetuned_weights,
     modulate_per_frame,
@@ -60,6 +62,7 @@ from cosmos_video import (
     decode_frames,
     fit_frames,
     frames_to_vae_input,
+    latent_shape,
     nearest_bucket_size,
     open_video,
     parse_bucket,
@@ -192,6 +195,15 @@ def parse_args(argv=None):
         "--attention_backend",
         default=None,
         help="diffusers attention backend, e.g. _native_cudnn or flash. Default: native SDPA.",
+    )
+    gen.add_argument(
+        "--fp8",
+        action="store_true",
+        help="Run the linears of the transformer blocks (the LoRA base layers included) in FP8 with torchao's "
+        "dynamic tensorwise scaling, as train_cosmos_lora.py --fp8 does; AdaLN, LoRA A/B, adapters and proj_out stay "
+        "as they are. Faster, not bit-equal: benchmarks/RESULTS.md gives its PSNR against the bf16 output. Needs "
+        "torchao (requirements-fp8.txt) and an FP8 GPU (compute capability 8.9+); use with --compile. On a CPU "
+        "the FP8 casts are emulated.",
     )
     out = parser.add_argument_group("outputs")
     out.add_argument("--output_dir", required=True, help="Where the mp4s, grid, contact sheet and JSON go.")
@@ -402,12 +414,15 @@ def load_pipeline_components(args, device, family=None):
         load_finetuned_weights(transformer, weights_path(args), scale=args.lora_scale)
         if args.fuse_lora and getattr(transformer, "peft_config", None):
             transformer.fuse_lora()
+    transformer.eval().requires_grad_(False)
     if args.attention_backend:
         transformer.set_attention_backend(args.attention_backend)
+    if args.fp8:
+        convert_frozen_linears_to_fp8(transformer, emulate=device.type != "cuda")
     if args.compile:
         for block in transformer.transformer_blocks:
             block.compile()
-    transformer = transformer.to(device).eval().requires_grad_(False)
+    transformer = transformer.to(device)
     components = dict(
         family=family,
         transformer=transformer,
@@ -464,21 +479,31 @@ def check_projected_embeddings(jobs, projection):
 
 
 def conditioning_latents(job, vae, generator, device, posterior):
-    """Clean latents the generation is conditioned on, and how many latent frames of them count.
+    """Clean latents [1, z, T, h, w] the generation is conditioned on, and how many latent frames of them count.
 
-    Image and video jobs follow the family's pipeline: the conditioning frames padded to the clip length with the last
-    frame, encoded with the VAE posterior (Predict2: a sample drawn with the job's generator; Predict2.5: its mode),
-    then normalized.
+    Image and video jobs follow the family's pipeline, which pads the conditioning frames to the clip length with
+    the last frame, encodes that whole clip with the VAE posterior (Predict2: a sample drawn with the job's
+    generator; Predict2.5: its mode), normalizes it and then uses only the conditioning latent frames. The VAE is
+    causal in time, so those latent frames depend on the conditioning frames alone: only they are encoded, and the
+    other latent frames are zero (the conditioning mask multiplies them by 0). The posterior noise is drawn for the
+    whole clip, as the pipeline draws it, so the generator then draws the same starting noise.
     """
+    from diffusers.utils.torch_utils import randn_tensor
+
     if job.kind == "cached":
         return job.latents[None].to(device), None
-    num_frames = job.shape[0]
     frames = job.cond_frames
-    padded = torch.cat([frames, frames[-1:].expand(num_frames - len(frames), -1, -1, -1)])
-    x = frames_to_vae_input(padded)[None].to(device, vae.dtype)
-    dist = vae.encode(x).latent_dist
-    latents = (dist.sample(generator) if posterior == "sample" else dist.mode()).float()
-    return normalize_latents(latents, vae.config), (len(frames) - 1) // VAE_TEMPORAL_FACTOR + 1
+    num_cond = (len(frames) - 1) // VAE_TEMPORAL_FACTOR + 1
+    dist = vae.encode(frames_to_vae_input(frames)[None].to(device, vae.dtype)).latent_dist
+    clip_shape = (1, *latent_shape(*job.shape, channels=dist.mean.shape[1]))
+    if posterior == "sample":
+        noise = randn_tensor(clip_shape, generator=generator, device=device, dtype=dist.mean.dtype)
+        latents = dist.mean + dist.std * noise[:, :, :num_cond]
+    else:
+        latents = dist.mode()
+    latents = normalize_latents(latents.float(), vae.config)
+    rest = latents.new_zeros(*clip_shape[:2], clip_shape[2] - num_cond, *clip_shape[3:])
+    return torch.cat([latents, rest], dim=2), num_cond
 
 
 @torch.no_grad()
@@ -682,6 +707,8 @@ def validate_args(args):
         raise FileNotFoundError(f"--use_ema: {args.lora_path} has no {EMA_DIR}/ (train with --ema_decay)")
     if args.lora_path:
         read_adapter_config(weights_path(args))  # every weight file it lists is there and whole
+    if args.fp8:
+        check_fp8_support()
 
 
 def main(args):

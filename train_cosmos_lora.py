@@ -16,7 +16,6 @@ losses.jsonl (one row per optimizer step) and logs for TensorBoard / W&B.
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -78,6 +77,8 @@ from cosmos_model import (
     EMA_DIR,
     add_temporal_adapters,
     check_files,
+    check_fp8_support,
+    convert_frozen_linears_to_fp8,
     decode_to_frames,
     file_sizes,
     lora_config,
@@ -386,14 +387,6 @@ def validate_args(args):
         check_fp8_support()
 
 
-def check_fp8_support():
-    if importlib.util.find_spec("torchao") is None:
-        raise ValueError("--fp8 needs torchao: pip install -r requirements-fp8.txt")
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
-        name = torch.cuda.get_device_name()
-        raise ValueError(f"--fp8 needs a GPU with FP8 matmuls (compute capability 8.9+); {name} has none")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
@@ -633,26 +626,6 @@ def load_transformer(args, weight_dtype, family=None):
     if args.gradient_checkpointing != "none":
         apply_gradient_checkpointing(transformer, args.gradient_checkpointing)
     return transformer
-
-
-def convert_frozen_linears_to_fp8(transformer, emulate=False):
-    """--fp8: swap the frozen nn.Linear layers inside the transformer blocks for torchao's Float8Linear (dynamic
-    tensorwise scales, e4m3 forward, e5m2 gradients). The LoRA A/B, the temporal adapters and the AdaLN linears
-    (one row per frame) keep their precision; dimensions not divisible by 16 are left alone. Weights stay the same
-    bf16 parameters, so checkpoints and exports do not change."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-    def frozen_block_linear(module, name):
-        return (
-            name.startswith("transformer_blocks.")
-            and not re.search(r"lora_|norm|temporal_adapter", name)
-            and not module.weight.requires_grad
-            and module.in_features % 16 == 0
-            and module.out_features % 16 == 0
-        )
-
-    config = Float8LinearConfig(emulate=emulate)
-    return convert_to_float8_training(transformer, module_filter_fn=frozen_block_linear, config=config)
 
 
 def prepare_text_projection(transformer, text_embeds):

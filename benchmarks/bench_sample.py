@@ -5,9 +5,12 @@ The pipeline is the checkpoint's own (model_index.json): Cosmos2VideoToWorldPipe
 Cosmos2_5_PredictBasePipeline for Predict2.5 (36 steps). Both start from the same conditioning image, prompt, seed,
 steps and guidance 7, in bf16 on the random-weight 2B checkpoint. The pipeline runs the conditional and
 unconditional passes one after the other; sample.py batches them, and adds cuDNN attention, cuDNN convolution
-autotuning, regional compile and per-frame AdaLN modulation one after the other. Times cover
-prompt encoding, conditioning, denoising and VAE decoding, after a 2-step warm-up run each. The last variant's
-denoising is then profiled by kernel category.
+autotuning, regional compile and per-frame AdaLN modulation one after the other (VARIANTS). Then come levers not in
+sample.py's default path: a compiled VAE decode, the transformer replayed as a CUDA graph, and --fp8. Times cover
+prompt encoding, conditioning, denoising and VAE decoding, after a 2-step warm-up run each; each variant also gets
+its wall-clock ms per model call (a 6-step run minus a 2-step one), its frames' PSNR against the pipeline's and
+against the bf16 default's (per_frame_modulation). The default's and the last variant's denoising are profiled by
+kernel category.
 
     python benchmarks/bench_sample.py --model /tmp/bench/random-cosmos-2b --out results/      # 61x256x448
     python benchmarks/bench_sample.py --model /tmp/bench25/random-cosmos-predict2.5-2b --out results25/
@@ -69,6 +72,69 @@ def kernel_ms_by_category(fn):
     return totals
 
 
+def ms_per_model_call(run_ours, transformer):
+    """Wall-clock ms per transformer call: a 6-step generation minus a 2-step one, over the calls between them."""
+    calls = []
+    hook = transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    seconds = []
+    for steps in (2, 6):
+        calls.clear()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run_ours(steps, decode=False)
+        torch.cuda.synchronize()
+        seconds.append((time.perf_counter() - start, len(calls)))
+    hook.remove()
+    (short, short_calls), (long, long_calls) = seconds
+    return round(1e3 * (long - short) / (long_calls - short_calls), 1)
+
+
+def conditioning_encode_seconds(job, vae, family):
+    """sample.py's conditioning encode (the conditioning frames alone) against the pipeline's (those frames padded
+    to the whole clip with the last one, then encoded): seconds of each, after one warm-up call each."""
+    from cosmos_video import frames_to_vae_input
+
+    frames = job.cond_frames
+    padded = torch.cat([frames, frames[-1:].expand(job.shape[0] - len(frames), -1, -1, -1)])
+
+    def ours():
+        generator = torch.Generator().manual_seed(0)
+        sample.conditioning_latents(job, vae, generator, vae.device, family.conditioning_posterior)
+
+    def pipelines():
+        vae.encode(frames_to_vae_input(padded)[None].to(vae.device, vae.dtype)).latent_dist.mode()
+
+    seconds = {}
+    for name, fn in (("conditioning_frames_only", ours), ("padded_clip", pipelines)):
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        seconds[name] = round(time.perf_counter() - start, 3)
+    return seconds
+
+
+def measure_variant(run_ours, clock, components, repeats, theirs, pipeline_s):
+    """Seconds per video, its denoise and decode parts, ms per model call and the latents against the pipeline's."""
+    ours, seconds = timed(run_ours, repeats)
+    difference = (ours.float() - theirs.float()).abs()
+    return {
+        "s_per_video": round(seconds, 3),
+        "speedup": round(pipeline_s / seconds, 2),
+        "last_run_denoise_s": round(clock["denoise_s"], 3),
+        "last_run_vae_decode_s": round(clock["vae_decode_s"], 3),
+        "max_abs_latent_difference": round(float(difference.max()), 4),
+        "mean_abs_latent_difference": round(float(difference.mean()), 5),
+        "latent_std": round(float(theirs.float().std()), 4),
+        "ms_per_model_call": ms_per_model_call(run_ours, components["transformer"]),
+    }
+
+
+def psnr_db(a, b):
+    return round(sample.psnr(torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))), 2)
+
+
 def profile_denoising(run_ours):
     """GPU kernel ms of one denoising step by category: a 5-step generation minus a 1-step one, divided by 4, so the
     conditioning encode and prompt encoding drop out."""
@@ -91,8 +157,8 @@ def main():
         nargs="+",
         default=list(VARIANTS),
         choices=list(VARIANTS),
-        help="Which of sample.py's variants to time. Each one includes all before it in the list "
-        "batched_cfg, cudnn_attention, cudnn_benchmark, compile, per_frame_modulation (sample.py's default).",
+        help="Which variants to time. Each one includes all before it in the list batched_cfg, cudnn_attention, "
+        "cudnn_benchmark, compile, per_frame_modulation (sample.py's default), compiled_decode, cuda_graph, fp8.",
     )
     cli = parser.parse_args()
     import diffusers
@@ -128,7 +194,8 @@ def main():
             generator=torch.Generator().manual_seed(0),
         ).frames
 
-    _, pipeline_s = timed(run_pipeline, cli.repeats)
+    pipeline_frames, pipeline_s = timed(run_pipeline, cli.repeats)
+    pipeline_frames = (np.asarray(pipeline_frames[0]) * 255).round().astype(np.uint8)
     theirs = run_pipeline(output_type="latent")
     results = {
         "device": torch.cuda.get_device_name(0),
@@ -164,6 +231,8 @@ def main():
     )
     components = sample.load_pipeline_components(args, torch.device("cuda"))
     jobs = sample.collect_jobs(args)
+    results["conditioning_encode_s"] = conditioning_encode_seconds(jobs[0], components["vae"], family)
+    print(results["conditioning_encode_s"], flush=True)
     clock = {}
 
     def run_ours(steps=None, decode=True):
@@ -173,28 +242,32 @@ def main():
         torch.cuda.synchronize()
         clock["denoise_s"] = time.perf_counter() - start
         if decode:
-            sample.decode_to_frames(components["vae"], latents)
+            clock["frames"] = sample.decode_to_frames(components["vae"], latents)[0].numpy()
             torch.cuda.synchronize()
             clock["vae_decode_s"] = time.perf_counter() - start - clock["denoise_s"]
         return latents
 
+    default_frames = None
+    last_variant = [name for name in VARIANTS if name in cli.variants][-1]
     for name, apply in VARIANTS.items():
-        apply(components)
-        if name not in cli.variants:
+        try:
+            apply(components)
+            if name not in cli.variants:
+                continue
+            results[name] = measure_variant(run_ours, clock, components, cli.repeats, theirs, pipeline_s)
+        except Exception as error:  # a lever that fails is reported, and the ones after it still run
+            vars(components["transformer"]).pop("forward", None)  # a failed CUDA graph: back to the eager forward
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+            print(name, results[name], flush=True)
             continue
-        ours, seconds = timed(run_ours, cli.repeats)
-        difference = (ours.float() - theirs.float()).abs()
-        results[name] = {
-            "s_per_video": round(seconds, 3),
-            "speedup": round(pipeline_s / seconds, 2),
-            "last_run_denoise_s": round(clock["denoise_s"], 3),
-            "last_run_vae_decode_s": round(clock["vae_decode_s"], 3),
-            "max_abs_latent_difference": round(float(difference.max()), 4),
-            "mean_abs_latent_difference": round(float(difference.mean()), 5),
-            "latent_std": round(float(theirs.float().std()), 4),
-        }
+        results[name]["psnr_db_vs_pipeline"] = psnr_db(clock["frames"], pipeline_frames)
+        if name == "per_frame_modulation":
+            default_frames = clock["frames"]
+        elif default_frames is not None:
+            results[name]["psnr_db_vs_bf16_default"] = psnr_db(clock["frames"], default_frames)
+        if name in ("per_frame_modulation", last_variant):
+            results[name]["denoise_profile_ms_per_step"] = profile_denoising(run_ours)
         print(name, results[name], flush=True)
-    results["denoise_profile_ms_per_step"] = profile_denoising(run_ours)
     name = f"sample_results_{cli.num_frames}x{cli.height}x{cli.width}.json"
     with open(os.path.join(cli.out, name), "w") as f:
         json.dump(results, f, indent=2)
@@ -228,15 +301,68 @@ def per_frame_modulation(components):
     modulate_per_frame(components["transformer"])
 
 
+def compile_vae_decode(components):
+    import cosmos_vae
+
+    cosmos_vae.decode_whole_clip = torch.compile(cosmos_vae.decode_whole_clip, dynamic=False)
+
+
+def replay_cuda_graph(components):
+    """The transformer's forward captured once per input shape as a CUDA graph and replayed: inputs are copied into
+    the graph's static buffers, and no Python runs per kernel."""
+    transformer = components["transformer"]
+    eager, graphs = transformer.forward, {}
+
+    def forward(**inputs):
+        tensors = {k: v for k, v in inputs.items() if torch.is_tensor(v)}
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in tensors.items())
+        if key not in graphs:
+            static = {k: v.clone() for k, v in tensors.items()}
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile and autotune outside the capture
+                    eager(**{**inputs, **static})
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = eager(**{**inputs, **static})
+            graphs[key] = (graph, static, output)
+        graph, static, output = graphs[key]
+        for k, v in tensors.items():
+            static[k].copy_(v)
+        graph.replay()
+        return tuple(o.clone() for o in output)
+
+    transformer.forward = forward
+
+
+def fp8_linears(components):
+    """sample.py --fp8 on the blocks; a CUDA graph captured before is dropped and captured again."""
+    from cosmos_model import convert_frozen_linears_to_fp8
+
+    transformer = components["transformer"]
+    graphed = "forward" in vars(transformer)
+    if graphed:
+        del transformer.forward
+    convert_frozen_linears_to_fp8(transformer)
+    if graphed:
+        replay_cuda_graph(components)
+
+
 # Each variant adds one step of sample.py's speed options (--attention_backend, --compile) to the ones before it.
-# The variants up to `compile` run the stock per-token AdaLN; `per_frame_modulation` is sample.py's default path.
-# Every variant skips the pipeline's dt = 0 last step (Predict2), as sample.py does.
+# The variants up to `compile` run the stock per-token AdaLN; `per_frame_modulation` is sample.py's default path
+# (--compile --attention_backend _native_cudnn), and the ones after it are levers beyond it. Every variant skips
+# the pipeline's dt = 0 last step (Predict2), as sample.py does.
 VARIANTS = {
     "batched_cfg": stock_modulation,
     "cudnn_attention": use_cudnn_attention,
     "cudnn_benchmark": autotune_vae_convolutions,
     "compile": compile_blocks,
     "per_frame_modulation": per_frame_modulation,
+    "compiled_decode": compile_vae_decode,
+    "cuda_graph": replay_cuda_graph,
+    "fp8": fp8_linears,
 }
 
 

@@ -40,6 +40,21 @@ def clips(tmp_path_factory):
     return {"root": root, "videos": os.path.join(root, "videos"), "tars": os.path.join(root, "tars"), "keys": keys}
 
 
+@pytest.fixture(scope="session")
+def image(tmp_path_factory, clips):
+    """The first frame of a synthetic video, at the generation size (so no resizing differs)."""
+    import torch
+    from PIL import Image
+
+    from cosmos_video import fit_frames, open_video
+
+    with open_video(os.path.join(clips["videos"], clips["keys"][2] + ".mp4")) as container:
+        frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    path = tmp_path_factory.mktemp("image") / "first_frame.png"
+    Image.fromarray(fit_frames(torch.from_numpy(frame)[None], 64, 112)[0].numpy()).save(path)
+    return str(path)
+
+
 def run_script(script, *args, env=None, **kwargs):
     """Run one of the project's scripts in a subprocess, the way a user does."""
     import subprocess

@@ -35,18 +35,6 @@ def sample_args(model, output_dir, *extra):
     )
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory, clips):
-    """The first frame of a synthetic video, at the generation size (so no resizing differs)."""
-    from cosmos_video import fit_frames, open_video
-
-    with open_video(os.path.join(clips["videos"], clips["keys"][2] + ".mp4")) as container:
-        frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
-    path = tmp_path_factory.mktemp("image") / "first_frame.png"
-    Image.fromarray(fit_frames(torch.from_numpy(frame)[None], 64, 112)[0].numpy()).save(path)
-    return str(path)
-
-
 def pipeline_output(model, image, output_type, steps=4, guidance=7.0, fps=None, prepare=None):
     """The pipeline's frames or latents; `prepare(pipe)` may patch or instrument it first."""
     from diffusers import Cosmos2VideoToWorldPipeline
@@ -145,6 +133,45 @@ def test_per_frame_modulation_gives_the_stock_transformers_output(tiny_model):
     dim = stock.config.num_attention_heads * stock.config.attention_head_dim
     assert rows == [(batch, frames, 1, dim)]  # the stock norm sees (batch, frames * 4 * 7 tokens, dim)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("posterior", ["sample", "mode"])
+@pytest.mark.parametrize("num_cond_frames", [1, 5])
+def test_only_the_conditioning_frames_are_encoded_and_give_the_padded_clips_latents(
+    tiny_model, posterior, num_cond_frames
+):
+    """The pipeline encodes the conditioning frames padded to the whole clip with the last one; the VAE is causal, so
+    encoding the conditioning frames alone gives the same conditioning latent frames to the bit, and the generator
+    ends in the same state (the posterior noise is drawn for the whole clip)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from cosmos_model import normalize_latents
+    from cosmos_video import frames_to_vae_input
+
+    vae = load_component(tiny_model, "vae")
+    frames = torch.randint(0, 256, (num_cond_frames, 64, 112, 3), dtype=torch.uint8)
+    job = sample.Job(name="clip", kind="image", source="clip.png", cond_frames=frames, shape=(17, 64, 112))
+    encoded = []
+    vae.encoder.register_forward_pre_hook(lambda m, args: encoded.append(args[0].shape[2]))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        latents, num_cond = sample.conditioning_latents(job, vae, generator, torch.device("cpu"), posterior)
+    after = randn_tensor((4,), generator=generator)
+    frames_encoded = sum(encoded)  # the diffusers encoder runs frame 0, then chunks of 4
+
+    padded = torch.cat([frames, frames[-1:].expand(17 - num_cond_frames, -1, -1, -1)])
+    pipeline_generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        dist = vae.encode(frames_to_vae_input(padded)[None]).latent_dist
+    whole = dist.sample(pipeline_generator) if posterior == "sample" else dist.mode()
+    whole = normalize_latents(whole.float(), vae.config)
+
+    assert num_cond == (1 if num_cond_frames == 1 else 2)
+    assert frames_encoded == num_cond_frames
+    assert latents.shape == whole.shape
+    assert torch.equal(latents[:, :, :num_cond], whole[:, :, :num_cond])
+    assert not latents[:, :, num_cond:].any()
+    assert torch.equal(after, randn_tensor((4,), generator=pipeline_generator))
 
 
 def test_five_frame_video_conditioning_matches_the_pipeline(tiny_model, clips, tmp_path):

@@ -1,15 +1,18 @@
-"""Speed options: --fp8 (which linears become torchao Float8Linear; a short run whose export matches a plain run's)
-and DataLoader workers that live across epochs.
+"""Speed options: --fp8 (which linears become torchao Float8Linear; a short run whose export matches a plain run's;
+sampling in FP8 close to, but not equal to, bf16) and DataLoader workers that live across epochs.
 
 On the CPU torchao emulates the FP8 casts, so the numbers move as FP8 moves them; the GPU speed and the loss
 curves are in benchmarks/bench_train.py (configs *_fp8) and benchmarks/RESULTS.md."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
+from test_sample import sample_args
 from test_train import ALL_LINEAR, losses, train_args
 
+import sample
 import train_cosmos_lora as train
-from cosmos_model import ADAPTER_WEIGHTS, LORA_WEIGHTS
+from cosmos_model import ADAPTER_WEIGHTS, LORA_WEIGHTS, convert_frozen_linears_to_fp8
 
 
 def test_fp8_converts_only_the_frozen_block_linears(tiny_model, latent_cache):
@@ -19,7 +22,7 @@ def test_fp8_converts_only_the_frozen_block_linears(tiny_model, latent_cache):
     transformer = train.load_transformer(args, torch.float32)
     keys_before = transformer.state_dict().keys()
     trainable_before = [name for name, p in transformer.named_parameters() if p.requires_grad]
-    train.convert_frozen_linears_to_fp8(transformer, emulate=True)
+    convert_frozen_linears_to_fp8(transformer, emulate=True)
     converted = {name for name, module in transformer.named_modules() if isinstance(module, Float8Linear)}
     per_block = {name.split(".", 2)[2] for name in converted}
     assert per_block == {
@@ -64,15 +67,38 @@ def test_dataloader_workers_live_across_epochs(tiny_model, latent_cache, tmp_pat
     assert len([batch["latents"] for batch in second]) == len(epoch_one) > 0
 
 
-def test_fp8_without_torchao_is_refused_before_anything_loads(tiny_model, latent_cache, tmp_path, monkeypatch):
-    import importlib.util
+def test_fp8_sampling_converts_the_block_linears_and_stays_close_to_the_plain_latents(tiny_model, image, tmp_path):
+    from torchao.float8.float8_linear import Float8Linear
 
-    import pytest
+    def generate(*extra):
+        args = sample_args(tiny_model, tmp_path, "--input", image, "--num_inference_steps", 3, "--seed", 3, *extra)
+        components = sample.load_pipeline_components(args, torch.device("cpu"))
+        latents, _ = sample.generate_latents(sample.collect_jobs(args), components, args, first_index=0)
+        transformer = components["transformer"]
+        converted = [m for m in transformer.transformer_blocks.modules() if isinstance(m, Float8Linear)]
+        return latents, len(converted), len(transformer.transformer_blocks)
+
+    plain, none_converted, _ = generate()
+    fp8, converted, blocks = generate("--fp8")
+    assert (none_converted, converted) == (0, 10 * blocks)
+    difference = (fp8 - plain).abs().mean() / plain.abs().mean()
+    assert 0 < difference < 0.05
+
+
+@pytest.mark.parametrize("script", ["train", "sample"])
+def test_fp8_without_torchao_is_refused_before_anything_loads(
+    tiny_model, latent_cache, image, tmp_path, monkeypatch, script
+):
+    import importlib.util
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a)
     )
+    if script == "train":
+        main, args = train.main, train_args(tiny_model, latent_cache, tmp_path / "run", "--fp8")
+    else:
+        main, args = sample.main, sample_args(tiny_model, tmp_path / "run", "--input", image, "--fp8")
     with pytest.raises(ValueError, match=r"^--fp8 needs torchao: pip install -r requirements-fp8.txt$"):
-        train.main(train_args(tiny_model, latent_cache, tmp_path / "run", "--fp8"))
+        main(args)
     assert not (tmp_path / "run").exists()
