@@ -474,8 +474,8 @@ def denoise_video2world(
 
 
 @torch.no_grad()
-def decode_to_frames(vae, latents):
-    """Normalized latents [B, 16, T, h, w] -> uint8 frames [B, T, H, W, 3]."""
-    video = cosmos_vae.decode(vae, denormalize_latents(latents.float(), vae.config).to(vae.dtype))
+def decode_to_frames(vae, latents, compiled=False):
+    """Normalized latents [B, 16, T, h, w] -> uint8 frames [B, T, H, W, 3] (`compiled`: see cosmos_vae.decode)."""
+    video = cosmos_vae.decode(vae, denormalize_latents(latents.float(), vae.config).to(vae.dtype), compiled)
     video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return video.permute(0, 2, 3, 4, 1).cpu()

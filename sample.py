@@ -188,8 +188,8 @@ def parse_args(argv=None):
     gen.add_argument(
         "--compile",
         action="store_true",
-        help="Compile each transformer block with torch.compile (1.7x faster on an H100; the first "
-        "video pays the compile time).",
+        help="Compile each transformer block and the VAE decode with torch.compile (with --attention_backend "
+        "_native_cudnn, 2x the diffusers pipeline on an H200; the first video of each shape pays the compile time).",
     )
     gen.add_argument(
         "--attention_backend",
@@ -557,9 +557,9 @@ def prompt_embeddings(job, components, args):
     return project_text(components["text_projection"], embeds)
 
 
-def ground_truth(job, vae):
+def ground_truth(job, vae, compiled=False):
     if job.kind == "cached":
-        return decode_to_frames(vae, job.latents[None].to(vae.device))[0]
+        return decode_to_frames(vae, job.latents[None].to(vae.device), compiled)[0]
     return job.truth_frames
 
 
@@ -615,7 +615,7 @@ def run_jobs(jobs, indices, components, args, progress):
     results = []
     for batch, batch_indices in shape_batches(jobs, indices, args.batch_size):
         latents, num_cond = generate_latents(batch, components, args, batch_indices[0])
-        videos = decode_to_frames(components["vae"], latents)
+        videos = decode_to_frames(components["vae"], latents, compiled=args.compile)
         for job, index, video in zip(batch, batch_indices, videos.numpy(), strict=True):
             if components["safety_checker"] is not None:
                 video = components["safety_checker"].check_video_safety(video)
@@ -628,7 +628,7 @@ def run_jobs(jobs, indices, components, args, progress):
                 "video": f"{job.name}.mp4",
             }
             write_mp4(os.path.join(args.output_dir, result["video"]), video, job.fps)
-            truth = ground_truth(job, components["vae"])
+            truth = ground_truth(job, components["vae"], compiled=args.compile)
             if truth is not None:
                 truth = truth.numpy()
                 num_cond_pixels = 1 if num_cond == 1 else 1 + VAE_TEMPORAL_FACTOR * (num_cond - 1)
