@@ -121,7 +121,7 @@ def measure_variant(run_ours, clock, components, repeats, theirs, pipeline_s):
     ours, seconds = timed(run_ours, repeats)
     result = {
         "s_per_video": round(seconds, 3),
-        "speedup": round(pipeline_s / seconds, 2),
+        "speedup": round(pipeline_s / seconds, 2) if pipeline_s else None,
         "last_run_denoise_s": round(clock["denoise_s"], 3),
         "last_run_vae_decode_s": round(clock["vae_decode_s"], 3),
         "ms_per_model_call": ms_per_model_call(run_ours, components["transformer"]),
@@ -147,6 +147,39 @@ def profile_denoising(run_ours):
     return {label: round(ms, 1) for label, ms in sorted(per_step.items(), key=lambda kv: -kv[1])}
 
 
+def time_pipeline(cli, family, image_path, size):
+    """The family's diffusers pipeline: its frames (uint8), seconds per video, and its latents when compared."""
+    import diffusers
+
+    pipe = (
+        getattr(diffusers, family.pipeline_class)
+        .from_pretrained(cli.model, torch_dtype=torch.bfloat16, safety_checker=StandInSafetyChecker())
+        .to("cuda")
+    )
+    pipe.set_progress_bar_config(disable=True)
+    # Predict2's pipeline rescales RoPE by its default fps=16 unless told fps=None; the 2.5 one passes no fps.
+    fps = {"fps": None} if family.name == "predict2" else {}
+
+    def run_pipeline(steps=None, output_type="np"):
+        return pipe(
+            image=Image.open(image_path),
+            prompt=PROMPT,
+            **size,
+            num_inference_steps=steps or family.num_inference_steps,
+            guidance_scale=7.0,
+            **fps,
+            output_type=output_type,
+            generator=torch.Generator().manual_seed(0),
+        ).frames
+
+    frames, seconds = timed(run_pipeline, cli.repeats)
+    frames = (np.asarray(frames[0]) * 255).round().astype(np.uint8)
+    latents = run_pipeline(output_type="latent") if cli.latent_comparison else None
+    del pipe
+    torch.cuda.empty_cache()
+    return frames, seconds, latents
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="2B diffusers checkpoint (tools/make_random_cosmos.py).")
@@ -155,6 +188,12 @@ def main():
     parser.add_argument("--num_frames", type=int, default=61, help="Frames per video.")
     parser.add_argument("--height", type=int, default=256, help="Video height.")
     parser.add_argument("--width", type=int, default=448, help="Video width.")
+    parser.add_argument(
+        "--pipeline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Time the diffusers pipeline first (--no-pipeline: sample.py's variants alone, without speedups).",
+    )
     parser.add_argument(
         "--latent_comparison",
         action=argparse.BooleanOptionalAction,
@@ -172,8 +211,6 @@ def main():
         "and the levers asked for of cuda_graph, fp8.",
     )
     cli = parser.parse_args()
-    import diffusers
-
     from cosmos_families import detect_family
 
     family = detect_family(cli.model)
@@ -184,30 +221,6 @@ def main():
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (cli.height, cli.width, 3), dtype=np.uint8)).save(
         image_path
     )
-    pipe = (
-        getattr(diffusers, family.pipeline_class)
-        .from_pretrained(cli.model, torch_dtype=torch.bfloat16, safety_checker=StandInSafetyChecker())
-        .to("cuda")
-    )
-    pipe.set_progress_bar_config(disable=True)
-    # Predict2's pipeline rescales RoPE by its default fps=16 unless told fps=None; the 2.5 one passes no fps.
-    fps = {"fps": None} if family.name == "predict2" else {}
-
-    def run_pipeline(steps=None, output_type="np"):
-        return pipe(
-            image=Image.open(image_path),
-            prompt=PROMPT,
-            **size,
-            num_inference_steps=steps or steps_default,
-            guidance_scale=7.0,
-            **fps,
-            output_type=output_type,
-            generator=torch.Generator().manual_seed(0),
-        ).frames
-
-    pipeline_frames, pipeline_s = timed(run_pipeline, cli.repeats)
-    pipeline_frames = (np.asarray(pipeline_frames[0]) * 255).round().astype(np.uint8)
-    theirs = run_pipeline(output_type="latent") if cli.latent_comparison else None
     results = {
         "device": torch.cuda.get_device_name(0),
         "family": family.name,
@@ -215,8 +228,11 @@ def main():
         "size": size,
         "steps": steps_default,
         "guidance_scale": 7.0,
-        "pipeline_s_per_video": round(pipeline_s, 3),
     }
+    pipeline_frames, pipeline_s, theirs = None, None, None
+    if cli.pipeline:
+        pipeline_frames, pipeline_s, theirs = time_pipeline(cli, family, image_path, size)
+        results["pipeline_s_per_video"] = round(pipeline_s, 3)
     print(results, flush=True)
 
     args = sample.parse_args(
@@ -272,7 +288,8 @@ def main():
             results[name] = {"error": f"{type(error).__name__}: {error}"}
             print(name, results[name], flush=True)
             continue
-        results[name]["psnr_db_vs_pipeline"] = psnr_db(clock["frames"], pipeline_frames)
+        if pipeline_frames is not None:
+            results[name]["psnr_db_vs_pipeline"] = psnr_db(clock["frames"], pipeline_frames)
         if name == "per_frame_modulation":
             default_frames = clock["frames"]
         elif default_frames is not None:
