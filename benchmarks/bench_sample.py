@@ -116,6 +116,14 @@ def conditioning_encode_seconds(job, vae, family):
     return seconds
 
 
+def write_results(results, cli):
+    """OUT/sample_results_FxHxW.json, rewritten after every measurement, so that a run stopped by a time limit keeps
+    what it measured."""
+    name = f"sample_results_{cli.num_frames}x{cli.height}x{cli.width}.json"
+    with open(os.path.join(cli.out, name), "w") as f:
+        json.dump(results, f, indent=2)
+
+
 def measure_variant(run_ours, clock, components, repeats, theirs, pipeline_s):
     """Seconds per video, its denoise and decode parts, ms per model call and the latents against the pipeline's."""
     ours, seconds = timed(run_ours, repeats)
@@ -259,6 +267,7 @@ def main():
     jobs = sample.collect_jobs(args)
     results["conditioning_encode_s"] = conditioning_encode_seconds(jobs[0], components["vae"], family)
     print(results["conditioning_encode_s"], flush=True)
+    write_results(results, cli)
     clock = {}
 
     def run_ours(steps=None, decode=True):
@@ -296,9 +305,7 @@ def main():
         if name in ("per_frame_modulation", last_variant):
             results[name]["denoise_profile_ms_per_step"] = profile_denoising(run_ours)
         print(name, results[name], flush=True)
-    name = f"sample_results_{cli.num_frames}x{cli.height}x{cli.width}.json"
-    with open(os.path.join(cli.out, name), "w") as f:
-        json.dump(results, f, indent=2)
+        write_results(results, cli)
     print(json.dumps(results, indent=2))
 
 
