@@ -189,7 +189,7 @@ def parse_args(argv=None):
         "--compile",
         action="store_true",
         help="Compile each transformer block and the VAE decode with torch.compile (with --attention_backend "
-        "_native_cudnn, 2x the diffusers pipeline on an H200; the first video of each shape pays the compile time).",
+        "_native_cudnn, 1.9-2x the diffusers pipeline on an H200; the first video of each shape compiles).",
     )
     gen.add_argument(
         "--attention_backend",
