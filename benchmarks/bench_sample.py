@@ -6,8 +6,8 @@ Cosmos2_5_PredictBasePipeline for Predict2.5 (36 steps). Both start from the sam
 steps and guidance 7, in bf16 on the random-weight 2B checkpoint. The pipeline runs the conditional and
 unconditional passes one after the other; sample.py batches them, and adds cuDNN attention, cuDNN convolution
 autotuning, compile (regional, and the VAE decode) and per-frame AdaLN modulation one after the other (VARIANTS).
-Then, each only when asked for, levers beyond sample.py's fast path (LEVERS): the transformer replayed as a CUDA
-graph, and --fp8. Times cover
+Then, each only when asked for, levers beyond sample.py's fast path (LEVERS): --fp8, and the transformer replayed as
+a CUDA graph. Times cover
 prompt encoding, conditioning, denoising and VAE decoding, after a 2-step warm-up run each; each variant also gets
 its wall-clock ms per model call (a 6-step run minus a 2-step one), its frames' PSNR against the pipeline's and
 against the bf16 default's (per_frame_modulation). The default's and the last variant's denoising are profiled by
@@ -214,7 +214,7 @@ def main():
         choices=list(VARIANTS) + list(LEVERS),
         help="Which variants to time. Each one includes all before it in the list batched_cfg, cudnn_attention, "
         "cudnn_benchmark, compile, per_frame_modulation (sample.py --compile --attention_backend _native_cudnn), "
-        "and the levers asked for of cuda_graph, fp8.",
+        "and the levers asked for of fp8, cuda_graph.",
     )
     cli = parser.parse_args()
     from cosmos_families import detect_family
@@ -369,16 +369,10 @@ def replay_cuda_graph(components, args):
 
 
 def fp8_linears(components, args):
-    """sample.py --fp8 on the blocks; a CUDA graph captured before is dropped and captured again."""
+    """sample.py --fp8 on the blocks (before a CUDA graph is captured, so that the graph replays the FP8 kernels)."""
     from cosmos_model import convert_frozen_linears_to_fp8
 
-    transformer = components["transformer"]
-    graphed = "forward" in vars(transformer)
-    if graphed:
-        del transformer.forward
-    convert_frozen_linears_to_fp8(transformer)
-    if graphed:
-        replay_cuda_graph(components, args)
+    convert_frozen_linears_to_fp8(components["transformer"])
 
 
 # Each variant adds one step of sample.py's speed options (--attention_backend, --compile) to the ones before it.
@@ -393,7 +387,7 @@ VARIANTS = {
     "per_frame_modulation": per_frame_modulation,
 }
 # Levers beyond it, applied in this order on top of it, each only when --variants names it.
-LEVERS = {"cuda_graph": replay_cuda_graph, "fp8": fp8_linears}
+LEVERS = {"fp8": fp8_linears, "cuda_graph": replay_cuda_graph}
 
 
 if __name__ == "__main__":
