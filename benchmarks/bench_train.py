@@ -51,6 +51,7 @@ CONFIGS = {
     "1gpu_compile_cudnn": (1, "single_gpu.yaml", [], FAST, REFERENCE, 2),
     "1gpu_compile_cudnn_b4": (1, "single_gpu.yaml", [], FAST, REFERENCE, 4),
     "1gpu_compile_cudnn_b6": (1, "single_gpu.yaml", [], FAST, REFERENCE, 6),
+    "1gpu_compile_cudnn_b7": (1, "single_gpu.yaml", [], FAST, REFERENCE, 7),
     "1gpu_compile_cudnn_b8": (1, "single_gpu.yaml", [], FAST, REFERENCE, 8),
     "1gpu_compile_cudnn_fp8": (1, "single_gpu.yaml", [], [*FAST, "--fp8"], REFERENCE, 2),
     "1gpu_compile_cudnn_fp8_b4": (1, "single_gpu.yaml", [], [*FAST, "--fp8"], REFERENCE, 4),

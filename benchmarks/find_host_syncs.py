@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Where sample.py's sampler makes the host wait for the GPU: each synchronizing call of a short generation, by line.
+
+PyTorch's sync debug mode warns at every operation that synchronizes the stream with the host (.item(), a device to
+host copy, a data-dependent shape). One warning per step in the sampling loop leaves the GPU idle while the host
+launches the next step's first kernels. This runs a generation of --steps steps on --model at --num_frames x
+--height x --width (after a warm-up run that is not counted) and prints the Python line behind each warning with
+its count.
+
+    python benchmarks/find_host_syncs.py --model /tmp/bench25/random-cosmos-predict2.5-2b --out results/
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sample  # noqa: E402
+
+
+def synchronizing_lines(generate):
+    """{"file:line": count} of the sync debug mode's warnings while generate() runs."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            generate()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    lines = collections.Counter(
+        f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+    )
+    return dict(lines.most_common())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Diffusers checkpoint of either family.")
+    parser.add_argument("--out", required=True, help="Where host_syncs_<family>.json goes.")
+    parser.add_argument("--steps", type=int, default=4, help="Sampling steps of the counted generation.")
+    parser.add_argument("--num_frames", type=int, default=61, help="Frames per video.")
+    parser.add_argument("--height", type=int, default=256, help="Video height.")
+    parser.add_argument("--width", type=int, default=448, help="Video width.")
+    cli = parser.parse_args()
+    os.makedirs(cli.out, exist_ok=True)
+    image_path = os.path.join(cli.out, "condition.png")
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (cli.height, cli.width, 3), dtype=np.uint8)).save(
+        image_path
+    )
+    args = sample.parse_args(
+        ["--pretrained_model_name_or_path", cli.model, "--input", image_path, "--output_dir", cli.out]
+        + ["--disable_safety_checker", "--dtype", "bfloat16", "--num_inference_steps", str(cli.steps)]
+        + ["--num_frames", str(cli.num_frames), "--height", str(cli.height), "--width", str(cli.width)]
+    )
+    components = sample.load_pipeline_components(args, torch.device("cuda"))
+    jobs = sample.collect_jobs(args)
+    sample.generate_latents(jobs, components, args, 0)  # warm-up: cuDNN plans, allocator
+    lines = synchronizing_lines(lambda: sample.generate_latents(jobs, components, args, 0))
+    result = {"family": components["family"].name, "steps": cli.steps, "synchronizing_lines": lines}
+    print(json.dumps(result, indent=2))
+    with open(os.path.join(cli.out, f"host_syncs_{result['family']}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
