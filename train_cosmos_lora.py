@@ -1346,6 +1346,18 @@ def split_validation_clips(cache, resume_path, args):
     return hold_out_clips(cache.clips, args.num_validation_clips, args.seed)
 
 
+def held_out_summary(first_cache_clips, train_clips, validation_clips):
+    """One line: how many videos of the first cache are held out, how many of their clips validate, and how many
+    others neither train nor validate."""
+    trained = {c["key"] for c in train_clips}
+    videos = len({c["key"] for c in first_cache_clips} - trained)
+    unused = len(first_cache_clips) - len(train_clips) - len(validation_clips)
+    return (
+        f"held-out videos: {videos}; their clips that validate: {len(validation_clips)}; "
+        f"their other clips, which neither train nor validate: {unused}"
+    )
+
+
 def write_run_record(args, caches, first_cache_clips, train_clips, validation_clips):
     """training_args.json and held_out.json in OUTPUT (copied into every checkpoint), once every check has passed."""
     os.makedirs(args.output_dir, exist_ok=True)
@@ -1373,6 +1385,7 @@ def main(args):
     set_seed(args.seed)
     if accelerator.is_main_process:
         write_run_record(args, caches, first_cache_clips, train_clips, validation_clips)
+    accelerator.print(held_out_summary(first_cache_clips, train_clips, validation_clips))
     accelerator.wait_for_everyone()
     stop = StopSignal()
     try:

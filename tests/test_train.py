@@ -286,6 +286,15 @@ def test_held_out_videos_never_train(latent_cache):
     assert len(held) == 3 and {c["key"] for c in held}.isdisjoint({c["key"] for c in trainable})
 
 
+def test_the_run_says_how_many_clips_of_held_out_videos_go_unused():
+    clips = [{"key": key, "shape": [61, 256, 448]} for key in "aaabbc"]  # video a has 3 clips
+    train_clips = clips[3:]  # video a is held out
+    assert train.held_out_summary(clips, train_clips, clips[:2]) == (
+        "held-out videos: 1; their clips that validate: 2; their other clips, which neither train nor validate: 1"
+    )
+    assert train.held_out_summary(clips, train_clips, clips[:3]).endswith("nor validate: 0")
+
+
 def copy_cache(src, dst):
     shutil.copytree(src, dst)
     return str(dst)
