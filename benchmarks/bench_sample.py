@@ -186,6 +186,23 @@ def time_pipeline(cli, family, image_path, size):
     return frames, seconds, latents
 
 
+def write_condition_image(cli):
+    """OUT/condition.png: a seeded random image of the clip's size, the conditioning frame of every run."""
+    path = os.path.join(cli.out, "condition.png")
+    pixels = np.random.RandomState(0).randint(0, 255, (cli.height, cli.width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def sample_args(cli, image_path):
+    """sample.py's arguments for one bf16 video of the clip's size from the conditioning image, without guardrail."""
+    return sample.parse_args(
+        ["--pretrained_model_name_or_path", cli.model, "--input", image_path, "--prompt", PROMPT]
+        + ["--output_dir", cli.out, "--disable_safety_checker", "--dtype", "bfloat16"]
+        + ["--num_frames", str(cli.num_frames), "--height", str(cli.height), "--width", str(cli.width)]
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="2B diffusers checkpoint (tools/make_random_cosmos.py).")
@@ -223,10 +240,7 @@ def main():
     steps_default = family.num_inference_steps
     os.makedirs(cli.out, exist_ok=True)
     size = dict(height=cli.height, width=cli.width, num_frames=cli.num_frames)
-    image_path = os.path.join(cli.out, "condition.png")
-    Image.fromarray(np.random.RandomState(0).randint(0, 255, (cli.height, cli.width, 3), dtype=np.uint8)).save(
-        image_path
-    )
+    image_path = write_condition_image(cli)
     results = {
         "device": torch.cuda.get_device_name(0),
         "family": family.name,
@@ -242,27 +256,7 @@ def main():
         results["pipeline_s_per_video"] = round(pipeline_s, 3)
     print(results, flush=True)
 
-    args = sample.parse_args(
-        [
-            "--pretrained_model_name_or_path",
-            cli.model,
-            "--input",
-            image_path,
-            "--prompt",
-            PROMPT,
-            "--output_dir",
-            cli.out,
-            "--disable_safety_checker",
-            "--dtype",
-            "bfloat16",
-            "--num_frames",
-            str(cli.num_frames),
-            "--height",
-            str(cli.height),
-            "--width",
-            str(cli.width),
-        ]
-    )
+    args = sample_args(cli, image_path)
     components = sample.load_pipeline_components(args, torch.device("cuda"))
     jobs = sample.collect_jobs(args)
     results["conditioning_encode_s"] = conditioning_encode_seconds(jobs[0], components["vae"], family)

@@ -17,11 +17,11 @@ import os
 import sys
 import warnings
 
-import numpy as np
 import torch
-from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_sample  # noqa: E402
+
 import sample  # noqa: E402
 
 
@@ -51,15 +51,8 @@ def main():
     parser.add_argument("--width", type=int, default=448, help="Video width.")
     cli = parser.parse_args()
     os.makedirs(cli.out, exist_ok=True)
-    image_path = os.path.join(cli.out, "condition.png")
-    Image.fromarray(np.random.RandomState(0).randint(0, 255, (cli.height, cli.width, 3), dtype=np.uint8)).save(
-        image_path
-    )
-    args = sample.parse_args(
-        ["--pretrained_model_name_or_path", cli.model, "--input", image_path, "--output_dir", cli.out]
-        + ["--disable_safety_checker", "--dtype", "bfloat16", "--num_inference_steps", str(cli.steps)]
-        + ["--num_frames", str(cli.num_frames), "--height", str(cli.height), "--width", str(cli.width)]
-    )
+    args = bench_sample.sample_args(cli, bench_sample.write_condition_image(cli))
+    args.num_inference_steps = cli.steps
     components = sample.load_pipeline_components(args, torch.device("cuda"))
     jobs = sample.collect_jobs(args)
     sample.generate_latents(jobs, components, args, 0)  # warm-up: cuDNN plans, allocator
