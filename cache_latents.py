@@ -54,7 +54,15 @@ from cosmos_cache import (
     write_cache_info,
     write_clips,
 )
-from cosmos_cli import HelpFormatter, check_pretrained_model, non_negative_int, positive_int
+from cosmos_cli import (
+    HelpFormatter,
+    check_pretrained_model,
+    ignore_stop_signals,
+    non_negative_int,
+    positive_int,
+    run_main,
+    stage,
+)
 from cosmos_families import (
     detect_family,
     load_component,
@@ -618,7 +626,8 @@ class LoopClock:
         iterator = iter(loader)
         while True:
             start = time.time()
-            item = next(iterator, None)
+            with stage("decoding videos"):
+                item = next(iterator, None)
             self.data_wait += time.time() - start
             if item is None:
                 return
@@ -726,13 +735,15 @@ def cache_videos(args, layout, accelerator):
         VideoClips(args, layout, shard_dir, captions, part, num_parts),
         batch_size=None,
         num_workers=args.num_workers,
+        worker_init_fn=ignore_stop_signals,
         pin_memory=accelerator.device.type == "cuda",
     )
     # Captions known up front (local folders) are encoded now, and the text encoder is freed before the VAE loop.
     text_cache = TextEmbedCache(args.output_dir, args, family, projection, device, dtype)
     if args.video_dir:
-        for key, video_path in list_local_videos(args.video_dir)[part::num_parts]:
-            text_cache.ensure(captions.get(key) or sidecar_caption(video_path, args.caption_field) or args.prompt)
+        with stage("encoding captions"):
+            for key, video_path in list_local_videos(args.video_dir)[part::num_parts]:
+                text_cache.ensure(captions.get(key) or sidecar_caption(video_path, args.caption_field) or args.prompt)
         text_cache.release()
     gpu = accelerator.device.type == "cuda"
     mode = args.vae_encode or ("whole" if gpu else "chunked")
@@ -748,12 +759,13 @@ def cache_videos(args, layout, accelerator):
 
     def flush(batch):
         nonlocal written
-        hashes = [text_cache.ensure(item["caption"]) for item in batch]
-        latents = encode_clips(encode, [item["frames"] for item in batch], vae.config)
+        with stage(f"encoding {len(batch)} clips of {batch[0]['key']}"):
+            hashes = [text_cache.ensure(item["caption"]) for item in batch]
+            latents = encode_clips(encode, [item["frames"] for item in batch], vae.config)
         clock.first_batch = clock.first_batch or time.time() - start
         pending.append(writer.submit(write_clips, list(batch), latents, hashes, shard_dir, config))
         while len(pending) > 2:
-            pending.popleft().result()  # re-raises a failed write here
+            wait_for_write(pending.popleft())
         written += len(batch)
         progress.update(len(batch))
         progress.set_postfix(
@@ -780,7 +792,7 @@ def cache_videos(args, layout, accelerator):
         if batch:
             flush(batch)
     for future in pending:
-        future.result()
+        wait_for_write(future)
     writer.shutdown()
     progress.close()
     seconds = time.time() - start
@@ -829,6 +841,12 @@ def cache_videos(args, layout, accelerator):
     return None
 
 
+def wait_for_write(future):
+    """Wait for one batch's files, re-raising here what failed on the writer thread."""
+    with stage("writing latents"):
+        future.result()
+
+
 def check_captions_file(args):
     """With --video_dir all keys are known up front: report how many captions match one, and refuse none."""
     captions = read_captions_file(args.captions_file, args.caption_field)
@@ -863,7 +881,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(parse_args()))
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_main(main, parse_args)

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cosmos_cli import file_written_whole
 from cosmos_model import vae_normalization
 from cosmos_video import latent_shape
 
@@ -48,16 +49,13 @@ CACHE_CONFIG_KEYS = (
 # ----------------------------------------------------------------------------------------------------------------
 def atomic_save(tensors, path, metadata=None):
     """Write safetensors to a temporary name and rename it, so a killed job never leaves a partial file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with file_written_whole(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def atomic_write_text(path, text):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    with file_written_whole(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def remove_stale_temp_files(directory):

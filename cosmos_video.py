@@ -6,12 +6,13 @@ frames and a height and width that are multiples of 16.
 
 import io
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from cosmos_cli import file_written_whole
 
 VAE_TEMPORAL_FACTOR = 4
 VAE_SPATIAL_FACTOR = 8
@@ -64,6 +65,9 @@ class Bucket:
     @property
     def name(self):
         return f"{self.num_frames}x{self.height}x{self.width}"
+
+    def __str__(self):  # how a run's settings record a bucket (results.json, training_args.json)
+        return self.name
 
     def latent_shape(self, channels=16):
         return latent_shape(self.num_frames, self.height, self.width, channels)
@@ -208,22 +212,21 @@ def write_mp4(path, frames, fps):
     import imageio_ffmpeg  # imported here: training needs it only for validation videos
 
     frames = np.ascontiguousarray(frames)
-    tmp = f"{path}.tmp.mp4"
-    writer = imageio_ffmpeg.write_frames(
-        tmp,
-        (frames.shape[2], frames.shape[1]),
-        fps=fps,
-        codec="libx264",
-        pix_fmt_out="yuv420p",
-        macro_block_size=1,
-        quality=8,
-        output_params=["-loglevel", "error"],
-    )
-    writer.send(None)
-    for frame in frames:
-        writer.send(frame.tobytes())
-    writer.close()
-    os.replace(tmp, path)
+    with file_written_whole(path) as tmp:
+        writer = imageio_ffmpeg.write_frames(
+            tmp,
+            (frames.shape[2], frames.shape[1]),
+            fps=fps,
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            macro_block_size=1,
+            quality=8,
+            output_params=["-loglevel", "error", "-f", "mp4"],  # the temporary name has no .mp4 to go by
+        )
+        writer.send(None)
+        for frame in frames:
+            writer.send(frame.tobytes())
+        writer.close()
 
 
 def read_mp4(path):

@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from cosmos_cache import (
     HELD_OUT,
+    atomic_write_text,
     cache_family,
     cache_text_embeds,
     hold_out_clips,
@@ -42,7 +42,15 @@ from cosmos_cache import (
     split_by_record,
     text_embed_path,
 )
-from cosmos_cli import HelpFormatter, check_pretrained_model, non_negative_float, positive_float, positive_int
+from cosmos_cli import (
+    HelpFormatter,
+    check_pretrained_model,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    run_main,
+    stage,
+)
 from cosmos_families import detect_family, load_component, project_text, projection_sha, take_text_projection
 from cosmos_model import (
     ADAPTER_CONFIG,
@@ -614,8 +622,11 @@ def run_jobs(jobs, indices, components, args, progress):
     """Generate the given jobs in batches of equal shape; write their mp4s; return their results."""
     results = []
     for batch, batch_indices in shape_batches(jobs, indices, args.batch_size):
-        latents, num_cond = generate_latents(batch, components, args, batch_indices[0])
-        videos = decode_to_frames(components["vae"], latents, compiled=args.compile)
+        # Generate and decode the batch.
+        with stage(f"generating {', '.join(job.name for job in batch)}"):
+            latents, num_cond = generate_latents(batch, components, args, batch_indices[0])
+            videos = decode_to_frames(components["vae"], latents, compiled=args.compile)
+        # Check, write and score each video.
         for job, index, video in zip(batch, batch_indices, videos.numpy(), strict=True):
             if components["safety_checker"] is not None:
                 video = components["safety_checker"].check_video_safety(video)
@@ -627,16 +638,17 @@ def run_jobs(jobs, indices, components, args, progress):
                 "fps": job.fps,
                 "video": f"{job.name}.mp4",
             }
-            write_mp4(os.path.join(args.output_dir, result["video"]), video, job.fps)
-            truth = ground_truth(job, components["vae"], compiled=args.compile)
-            if truth is not None:
-                truth = truth.numpy()
-                num_cond_pixels = 1 if num_cond == 1 else 1 + VAE_TEMPORAL_FACTOR * (num_cond - 1)
-                result.update(frame_metrics(torch.from_numpy(video), torch.from_numpy(truth), num_cond_pixels))
-                side_by_side = np.concatenate([truth[: len(video)], video[: len(truth)]], axis=2)
-                result["side_by_side"] = f"{job.name}_truth_vs_generated.mp4"
-                result["truth"] = "VAE reconstruction" if job.kind == "cached" else "source frames"
-                write_mp4(os.path.join(args.output_dir, result["side_by_side"]), side_by_side, job.fps)
+            with stage(f"writing {job.name}"):
+                write_mp4(os.path.join(args.output_dir, result["video"]), video, job.fps)
+                truth = ground_truth(job, components["vae"], compiled=args.compile)
+                if truth is not None:
+                    truth = truth.numpy()
+                    num_cond_pixels = 1 if num_cond == 1 else 1 + VAE_TEMPORAL_FACTOR * (num_cond - 1)
+                    result.update(frame_metrics(torch.from_numpy(video), torch.from_numpy(truth), num_cond_pixels))
+                    side_by_side = np.concatenate([truth[: len(video)], video[: len(truth)]], axis=2)
+                    result["side_by_side"] = f"{job.name}_truth_vs_generated.mp4"
+                    result["truth"] = "VAE reconstruction" if job.kind == "cached" else "source frames"
+                    write_mp4(os.path.join(args.output_dir, result["side_by_side"]), side_by_side, job.fps)
             results.append(result)
             progress.update(1)
     return results
@@ -666,8 +678,7 @@ def summarize(results, args):
     if scored:
         summary["mean_psnr"] = sum(r["psnr"] for r in scored) / len(scored)
         summary["mean_ssim"] = sum(r["ssim"] for r in scored) / len(scored)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    atomic_write_text(os.path.join(args.output_dir, "results.json"), json.dumps(summary, indent=2, default=str))
     for r in scored:
         print(f"{r['name']}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}")
     if scored:
@@ -736,7 +747,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_main(main, parse_args)

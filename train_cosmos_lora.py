@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -53,16 +54,22 @@ from cosmos_cache import (
     write_held_out,
 )
 from cosmos_cli import (
+    STOP_SIGNALS,
     HelpFormatter,
+    RunStopped,
     check_pretrained_model,
+    folder_written_whole,
     fraction,
     hub_offline,
+    ignore_stop_signals,
     int_list,
     non_negative_float,
     non_negative_int,
     parse_with_config,
     positive_float,
     positive_int,
+    run_main,
+    stage,
 )
 from cosmos_families import (
     detect_family,
@@ -977,24 +984,21 @@ def save_checkpoint(accelerator, model, optimizer, lr_scheduler, ema, step, batc
     optim_state = optimizer_state_dict(model, optimizer.optimizer)
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     if accelerator.is_main_process:
-        tmp = f"{final}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_finetuned_weights(weights, tmp, adapter_config(args))
-        if ema_weights is not None:
-            save_finetuned_weights(ema_weights, os.path.join(tmp, EMA_DIR), adapter_config(args))
-        torch.save(optim_state, os.path.join(tmp, OPTIMIZER_STATE))
-        torch.save(lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER_STATE))
-        for name in (TRAINING_ARGS, HELD_OUT):
-            shutil.copy(os.path.join(args.output_dir, name), tmp)
-        state = {
-            "global_step": step,
-            "batches_consumed": batches_consumed,
-            "files": file_sizes(tmp, [OPTIMIZER_STATE, SCHEDULER_STATE]),
-        }
-        with open(os.path.join(tmp, TRAINING_STATE), "w") as f:
-            json.dump(state, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with folder_written_whole(final) as tmp:
+            save_finetuned_weights(weights, tmp, adapter_config(args))
+            if ema_weights is not None:
+                save_finetuned_weights(ema_weights, os.path.join(tmp, EMA_DIR), adapter_config(args))
+            torch.save(optim_state, os.path.join(tmp, OPTIMIZER_STATE))
+            torch.save(lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER_STATE))
+            for name in (TRAINING_ARGS, HELD_OUT):
+                shutil.copy(os.path.join(args.output_dir, name), tmp)
+            state = {
+                "global_step": step,
+                "batches_consumed": batches_consumed,
+                "files": file_sizes(tmp, [OPTIMIZER_STATE, SCHEDULER_STATE]),
+            }
+            with open(os.path.join(tmp, TRAINING_STATE), "w") as f:
+                json.dump(state, f)
         prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
         logger.info(f"saved {final}")
     accelerator.wait_for_everyone()
@@ -1040,9 +1044,10 @@ def check_checkpoint(path, args):
     """Before any model loads: every file of the checkpoint is there and whole, and its settings are these."""
     state = read_json(os.path.join(path, TRAINING_STATE))
     check_files(path, state.get("files", {}))
-    for name in (OPTIMIZER_STATE, SCHEDULER_STATE):  # checkpoints written before `files` was recorded
+    for name in (OPTIMIZER_STATE, SCHEDULER_STATE):
         if not os.path.isfile(os.path.join(path, name)):
             raise FileNotFoundError(f"{os.path.join(path, name)} is missing; the checkpoint is incomplete")
+        load_state_file(os.path.join(path, name), mmap=True)  # refused here, before any model loads
     read_adapter_config(path)
     if os.path.isdir(os.path.join(path, EMA_DIR)):
         read_adapter_config(os.path.join(path, EMA_DIR))
@@ -1071,6 +1076,18 @@ def changed_settings(path, args):
     ]
 
 
+def load_state_file(path, mmap=False):
+    """An optimizer or scheduler state written by torch.save, read with weights_only=True: tensors, numbers, strings
+    and containers only, so a crafted file in a checkpoint folder is refused and never runs code."""
+    try:
+        return torch.load(path, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds more than tensors and plain values, so it is not loaded "
+            f"({str(error).splitlines()[0]}); resume only from checkpoints this script wrote"
+        ) from None
+
+
 def load_checkpoint(path, model, optimizer, lr_scheduler, ema):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -1079,9 +1096,9 @@ def load_checkpoint(path, model, optimizer, lr_scheduler, ema):
             load_trainable_state_dict(model, os.path.join(path, EMA_DIR))
         ema.copy_from_model()
     load_trainable_state_dict(model, path)
-    optim_state = torch.load(os.path.join(path, OPTIMIZER_STATE), weights_only=False)
+    optim_state = load_state_file(os.path.join(path, OPTIMIZER_STATE))
     set_optimizer_state_dict(model, optimizer.optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
-    lr_scheduler.load_state_dict(torch.load(os.path.join(path, SCHEDULER_STATE), weights_only=False))
+    lr_scheduler.load_state_dict(load_state_file(os.path.join(path, SCHEDULER_STATE)))
     state = read_json(os.path.join(path, TRAINING_STATE))
     return state["global_step"], state["batches_consumed"]
 
@@ -1129,7 +1146,8 @@ def timed(loader, clock):
     while True:
         start = time.perf_counter()
         try:
-            batch = next(iterator)
+            with stage("reading a batch of cached clips"):
+                batch = next(iterator)
         except StopIteration:
             return
         clock.data_wait += time.perf_counter() - start
@@ -1155,9 +1173,6 @@ def step_logs(loss, lr_scheduler, grad_norm, clock, samples, tokens):
     return logs
 
 
-STOP_SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
-
-
 class StopSignal:
     """Remembers SIGUSR1 (SLURM's warning before the time limit), SIGTERM (preemption, scancel, a time limit without
     --signal) or a first Ctrl-C until the current step is done; the loop then saves a checkpoint and exits 75. A
@@ -1181,13 +1196,6 @@ class StopSignal:
     def restore(self):
         for name, handler in self.previous.items():
             signal.signal(getattr(signal, name), handler)
-
-
-def ignore_stop_signals(worker_id):
-    """DataLoader workers leave stop signals to the training process, which finishes its step with their batches."""
-    for name in STOP_SIGNALS:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def step_seed(seed, step, micro_step, process_index):
@@ -1291,7 +1299,7 @@ def check_bad_clips(batch, stats, state, args):
     state.bad_clips += batch["bad_clips"]
     state.num_bad_clips += stats.bad_clips
     if state.num_bad_clips > args.max_bad_clips:
-        raise RuntimeError(
+        raise RunStopped(
             f"{state.num_bad_clips} clips failed to load, more than --max_bad_clips {args.max_bad_clips}; stopping "
             f"at step {state.global_step + 1}. This process's: {'; '.join(state.bad_clips)}"
         )
@@ -1299,7 +1307,7 @@ def check_bad_clips(batch, stats, state, args):
 
 def check_finite(loss, state):
     if not math.isfinite(loss):
-        raise RuntimeError(
+        raise RunStopped(
             f"loss is {loss} at step {state.global_step + 1}; stopping before the update "
             f"(last checkpoint: {state.last_checkpoint or 'none'})"
         )
@@ -1458,7 +1466,7 @@ def run_training(args, family, accelerator, caches, info, validation_clips, resu
         for batch in timed(loader, clock):
             # Noise: every random draw of this micro-step depends only on its position, so resume is exact.
             torch.manual_seed(step_seed(args.seed, state.global_step, micro_step, accelerator.process_index))
-            with accelerator.accumulate(transformer):
+            with accelerator.accumulate(transformer), stage(f"training step {state.global_step + 1}"):
                 # Forward and loss.
                 loss = training_loss(transformer, batch, args, null_text)
                 stats = reduce_micro_step(accelerator, loss, batch, stop)
@@ -1497,20 +1505,22 @@ def run_training(args, family, accelerator, caches, info, validation_clips, resu
 
             # Validate.
             if validation_clips and state.global_step % args.validation_steps == 0:
-                run_validation(transformer, validation_set, decoder, args, state.global_step, accelerator)
+                with stage(f"validation at step {state.global_step}"):
+                    run_validation(transformer, validation_set, decoder, args, state.global_step, accelerator)
 
             # Checkpoint, and stop for a requeue when asked.
             if state.global_step % args.checkpointing_steps == 0 or stats.stop_requested:
-                state.last_checkpoint = save_checkpoint(
-                    accelerator,
-                    transformer,
-                    optimizer,
-                    lr_scheduler,
-                    ema,
-                    state.global_step,
-                    state.batches_consumed,
-                    args,
-                )
+                with stage(f"saving the checkpoint of step {state.global_step}"):
+                    state.last_checkpoint = save_checkpoint(
+                        accelerator,
+                        transformer,
+                        optimizer,
+                        lr_scheduler,
+                        ema,
+                        state.global_step,
+                        state.batches_consumed,
+                        args,
+                    )
             if stats.stop_requested:
                 accelerator.print(
                     f"{stop.received or 'a stop signal on another rank'}: saved {state.last_checkpoint}; exiting with "
@@ -1523,10 +1533,11 @@ def run_training(args, family, accelerator, caches, info, validation_clips, resu
             clock.restart()  # validation and checkpoints do not count as step time
 
     # Export the final weights (and their EMA).
-    weights = trainable_state_dict(transformer)
-    ema_weights = ema.state_dict(transformer) if ema else None
-    if accelerator.is_main_process:
-        export_final_weights(weights, ema_weights, args)
+    with stage("exporting the final weights"):
+        weights = trainable_state_dict(transformer)
+        ema_weights = ema.state_dict(transformer) if ema else None
+        if accelerator.is_main_process:
+            export_final_weights(weights, ema_weights, args)
     accelerator.end_training()
     return 0
 
@@ -1535,9 +1546,13 @@ def export_final_weights(weights, ema_weights, args):
     """Write the final weights next to the checkpoints (the EMA in ema/), each file or folder replaced atomically."""
     tmp = os.path.join(args.output_dir, ".export.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_finetuned_weights(weights, tmp, adapter_config(args))
-    if ema_weights is not None:
-        save_finetuned_weights(ema_weights, os.path.join(tmp, EMA_DIR), adapter_config(args))
+    try:
+        save_finetuned_weights(weights, tmp, adapter_config(args))
+        if ema_weights is not None:
+            save_finetuned_weights(ema_weights, os.path.join(tmp, EMA_DIR), adapter_config(args))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous export, if any, stays whole
+        raise
     for name in os.listdir(tmp):
         target = os.path.join(args.output_dir, name)
         if os.path.isdir(target):
@@ -1548,7 +1563,4 @@ def export_final_weights(weights, ema_weights, args):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(parse_args()))
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_main(main, parse_args)
