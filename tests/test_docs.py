@@ -39,7 +39,7 @@ RUN_ELSEWHERE = {
 }
 # `python SCRIPT.py --help` and `bash slurm/NAME.sh` stand for each script.
 PLACEHOLDER_SCRIPTS = {"SCRIPT.py", "slurm/NAME.sh"}
-COMMAND_START = re.compile(r"^(?:[A-Z_]+=\S*\s+)*(?:python3?|\$PY|accelerate|sbatch|make|bash)\s")
+COMMAND_START = re.compile(r"^(?:[A-Z_]+=\S*\s+)*(?:python3?|\$PY|accelerate|sbatch|make|bash|pip)\s")
 
 
 def relative(path):
@@ -160,6 +160,10 @@ def check_command(tokens):
         if wrapper == "slurm/sample.sh" and argv and not argv[0].startswith("-"):
             argv = argv[1:]  # the checkpoint
         return "sbatch", parse_with(script, [*required, *argv])
+    if program == "pip":
+        files = [tokens[i + 1] for i, token in enumerate(tokens) if token == "-r"]
+        missing = [f for f in files if not os.path.isfile(os.path.join(REPO, f))]
+        return "pip", f"{missing} do not exist" if missing else None
     return "other", None
 
 
@@ -195,6 +199,7 @@ def test_a_stale_flag_in_a_command_is_caught():
     assert "invalid choice" in check_command(tokens_of("python sample.py --output_dir o --resize_mode fit"))[1]
     assert "must be above 0.0" in check_command(tokens_of("sbatch slurm/train.sh --learning_rate 0"))[1]
     assert check_command(tokens_of("make deploy"))[1] == "no Makefile target ['deploy']"
+    assert "do not exist" in check_command(tokens_of("pip install -r requirements-nope.txt"))[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
