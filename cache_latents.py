@@ -55,10 +55,20 @@ from cosmos_cache import (
     write_clips,
 )
 from cosmos_cli import (
+    CAPTION_COLUMNS,
+    DEFAULT_PROMPT,
+    KEY_COLUMNS,
+    VIDEO_COLUMNS,
+    VIDEO_EXTENSIONS,
     HelpFormatter,
+    add_clip_plan_arguments,
+    add_config_argument,
+    add_model_arguments,
+    add_source_arguments,
     check_pretrained_model,
     ignore_stop_signals,
     non_negative_int,
+    parse_with_config,
     positive_int,
     run_main,
     stage,
@@ -88,84 +98,20 @@ from cosmos_video import (
     video_size,
 )
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
-DEFAULT_PROMPT = "An egocentric video from a head-mounted camera of a worker's hands doing manual work in a factory."
 # torch.compile of the whole-clip encode by default on GPU (--compile_vae overrides it).
 COMPILE_VAE_ON_GPU = True
-# Column names guessed, in this order, when --video_column / --caption_column / --key_column are not given.
-VIDEO_COLUMNS = ("video", "videos", "mp4", "mkv", "webm", "mov", "avi", "video_bytes", "video_path", "path", "file")
-CAPTION_COLUMNS = ("caption", "text", "txt", "prompt", "description")
-KEY_COLUMNS = ("__key__", "key", "id", "video_id", "uid")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument(
-        "--pretrained_model_name_or_path",
-        default="nvidia/Cosmos-Predict2-2B-Video2World",
-        help="Hub id or local diffusers directory of a Cosmos-Predict2 Video2World or Cosmos-Predict2.5 checkpoint "
-        "(the family is read from its model_index.json). Its vae/, text_encoder/ and tokenizer/ are used.",
-    )
-    parser.add_argument(
-        "--revision",
-        default=None,
-        help="Hub revision (branch, tag or commit) of the checkpoint, e.g. diffusers/base/post-trained for "
-        "nvidia/Cosmos-Predict2.5-2B.",
-    )
+    add_config_argument(parser)
+    add_model_arguments(parser)
     parser.add_argument("--output_dir", required=True, help="Cache directory to create or complete.")
-    source = parser.add_argument_group("source (exactly one, except with --verify alone)")
-    source.add_argument("--video_dir", help="Local folder searched recursively for .mp4/.mkv/.webm/.mov files.")
-    source.add_argument(
-        "--tars",
-        help="Glob of local WebDataset tar shards holding KEY.mp4 (+ KEY.json), e.g. '/data/ego/factory*/**/*.tar'.",
-    )
-    source.add_argument(
-        "--dataset",
-        help="Hugging Face dataset id (or local dataset folder) streamed with "
-        "`datasets`, e.g. builddotai/Egocentric-100K. Gated datasets read the "
-        "token from the environment (HF_TOKEN or `hf auth login`).",
-    )
-    source.add_argument(
-        "--data_files", default=None, help="With --dataset: glob of files to stream, e.g. 'factory001/**/*.tar'."
-    )
-    source.add_argument("--split", default="train", help="With --dataset: split to stream.")
-    source.add_argument(
-        "--video_column",
-        default=None,
-        help="With --tars/--dataset: column (or tar member extension) holding the video as bytes, a path or a "
-        '{"bytes", "path"} dict. Default: the first of ' + ", ".join(VIDEO_COLUMNS) + " that the first example has.",
-    )
-    source.add_argument(
-        "--caption_column",
-        default=None,
-        help="With --tars/--dataset: column (or tar member, e.g. txt) holding the caption. Default: the first of "
-        + ", ".join(CAPTION_COLUMNS)
-        + ", else --caption_field of a json member, else --prompt.",
-    )
-    source.add_argument(
-        "--key_column",
-        default=None,
-        help="With --tars/--dataset: column holding a unique, stable id per video (it names the clip files). "
-        "Default: the first of " + ", ".join(KEY_COLUMNS) + ", else the video's path without extension, else a "
-        "hash of the video's bytes.",
-    )
-    clips = parser.add_argument_group("clips")
-    clips.add_argument(
-        "--num_frames", type=int, default=61, help="Frames per clip; must be 4k+1 (61 -> 16 latent frames)."
-    )
-    clips.add_argument("--fps", type=float, default=8.0, help="Frame rate the clips are resampled to.")
-    clips.add_argument("--height", type=int, default=256, help="Clip height in pixels, a multiple of 16.")
-    clips.add_argument(
-        "--width",
-        type=int,
-        default=448,
-        help="Clip width in pixels, a multiple of 16 (456-wide Egocentric-100K videos are centre-cropped to 448).",
-    )
-    clips.add_argument(
-        "--resize_mode",
-        choices=["crop", "resize"],
-        default="crop",
-        help="crop: scale to cover the target size and centre-crop; resize: stretch to it.",
+    add_source_arguments(parser)
+    clips = add_clip_plan_arguments(
+        parser,
+        "Without --buckets, one bucket: --num_frames x --height x --width. These settings are the cache's clip\n"
+        "plan: a rerun into the cache with another plan is refused.",
     )
     clips.add_argument(
         "--clip_stride_seconds",
@@ -175,14 +121,6 @@ def parse_args(argv=None):
     )
     clips.add_argument(
         "--max_clips_per_video", type=positive_int, default=None, help="Cap on clips taken from one video."
-    )
-    clips.add_argument(
-        "--buckets",
-        nargs="+",
-        default=None,
-        help="Clip shapes FRAMESxHEIGHTxWIDTH, e.g. 61x256x448 61x448x256 93x256x448. Each video goes to the "
-        "buckets of the nearest aspect ratio; each clip takes the longest of their frame counts that the rest of "
-        "the video holds. Default: one bucket, --num_frames x --height x --width.",
     )
     text = parser.add_argument_group("captions")
     text.add_argument(
@@ -254,7 +192,7 @@ def parse_args(argv=None):
         help="Check every file of the cache and print its statistics. Alone (no source) it only "
         "verifies; with a source it verifies after caching.",
     )
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
     resolve_shard_args(args)
     args.buckets = (
         [parse_bucket(b) for b in args.buckets] if args.buckets else [Bucket(args.num_frames, args.height, args.width)]
@@ -278,8 +216,6 @@ def validate_args(args):
     if not sources and not args.verify:
         raise ValueError("give a source: --video_dir, --tars or --dataset (or --verify alone to check a cache)")
     check_clip_geometry(args.num_frames, args.height, args.width)
-    if args.fps <= 0:
-        raise ValueError(f"--fps must be positive, got {args.fps}")
     if args.clip_stride_seconds is not None and args.clip_stride_seconds <= 0:
         raise ValueError(f"--clip_stride_seconds must be positive, got {args.clip_stride_seconds}")
     if not 0 <= args.shard_index < args.num_shards:
@@ -288,8 +224,6 @@ def validate_args(args):
         )
     if len(set(args.buckets)) != len(args.buckets):
         raise ValueError(f"--buckets lists a bucket twice: {' '.join(b.name for b in args.buckets)}")
-    if args.max_clips_per_video is not None and args.max_clips_per_video < 1:
-        raise ValueError(f"--max_clips_per_video must be at least 1, got {args.max_clips_per_video}")
     if args.video_dir and not os.path.isdir(args.video_dir):
         raise FileNotFoundError(f"--video_dir {args.video_dir} is not a directory")
     if args.video_dir and not list_local_videos(args.video_dir):

@@ -28,7 +28,6 @@ from cosmos_video import latent_shape
 CACHE_INFO = "cache_info.json"
 TEXT_EMBEDS_DIR = "text_embeds"
 MANIFEST = "manifest.jsonl"
-REPORT = "report.json"
 CACHE_FORMAT_VERSION = 2  # 2: family, text_embeds, clip_plan, buckets, per-row shapes; 1 still trains
 # Settings that must match for clips to share one cache.
 CACHE_CONFIG_KEYS = (

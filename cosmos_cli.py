@@ -1,6 +1,7 @@
-"""Command-line pieces the three scripts share: the help formatter, value types that fail at parse time, a YAML
-config read through the same parser as the command line, the model-path check that runs before any model loads, and
-how a script ends (`run_main`: exit codes, the one error line, no worker left behind).
+"""Command-line pieces the scripts share: the help formatter, value types that fail at parse time, the flags several
+scripts take (defined once here), a YAML config read through the same parser as the command line, the model-path
+check that runs before any model loads, and how a script ends (`run_main`: exit codes, the one error line, no worker
+left behind).
 """
 
 import argparse
@@ -16,6 +17,13 @@ from contextlib import contextmanager
 import yaml
 
 DEFAULT_MODEL = "nvidia/Cosmos-Predict2-2B-Video2World"
+# The caption of videos without one (Egocentric-100K has no captions) and the prompt of sample.py's video inputs.
+DEFAULT_PROMPT = "An egocentric video from a head-mounted camera of a worker's hands doing manual work in a factory."
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
+# Column names guessed, in this order, when --video_column / --caption_column / --key_column are not given.
+VIDEO_COLUMNS = ("video", "videos", "mp4", "mkv", "webm", "mov", "avi", "video_bytes", "video_path", "path", "file")
+CAPTION_COLUMNS = ("caption", "text", "txt", "prompt", "description")
+KEY_COLUMNS = ("__key__", "key", "id", "video_id", "uid")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -63,6 +71,110 @@ def int_list(text):
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags several scripts take, defined once
+# ----------------------------------------------------------------------------------------------------------------
+def add_config_argument(parser):
+    """`--config FILE`, read by parse_with_config."""
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML file of defaults (keys are these flags without dashes); command-line flags win.",
+    )
+
+
+def add_model_arguments(parser):
+    """The checkpoint every script loads from: pass the same one (and revision) to all of them."""
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        default=DEFAULT_MODEL,
+        help="Hub id or local diffusers directory of the base model: Cosmos-Predict2 Video2World or "
+        "Cosmos-Predict2.5 (the family is read from its model_index.json).",
+    )
+    parser.add_argument(
+        "--revision",
+        default=None,
+        help="Hub revision (branch, tag or commit) of the model, e.g. diffusers/base/post-trained for "
+        "nvidia/Cosmos-Predict2.5-2B.",
+    )
+
+
+def add_source_arguments(parser):
+    """Where videos come from: a folder, local WebDataset tars, or a `datasets` dataset (exactly one)."""
+    source = parser.add_argument_group("source (exactly one, except with --verify alone)")
+    source.add_argument(
+        "--video_dir",
+        help=f"Local folder searched recursively for {'/'.join(VIDEO_EXTENSIONS)} files.",
+    )
+    source.add_argument(
+        "--tars",
+        help="Glob of local WebDataset tar shards holding KEY.mp4 (+ KEY.json), e.g. '/data/ego/factory*/**/*.tar'.",
+    )
+    source.add_argument(
+        "--dataset",
+        help="Hugging Face dataset id (or local dataset folder) streamed with "
+        "`datasets`, e.g. builddotai/Egocentric-100K. Gated datasets read the "
+        "token from the environment (HF_TOKEN or `hf auth login`).",
+    )
+    source.add_argument(
+        "--data_files", default=None, help="With --dataset: glob of files to stream, e.g. 'factory001/**/*.tar'."
+    )
+    source.add_argument("--split", default="train", help="With --dataset: split to stream.")
+    source.add_argument(
+        "--video_column",
+        default=None,
+        help="With --tars/--dataset: column (or tar member extension) holding the video as bytes, a path or a "
+        '{"bytes", "path"} dict. Default: the first of ' + ", ".join(VIDEO_COLUMNS) + " that the first example has.",
+    )
+    source.add_argument(
+        "--caption_column",
+        default=None,
+        help="With --tars/--dataset: column (or tar member, e.g. txt) holding the caption. Default: the first of "
+        + ", ".join(CAPTION_COLUMNS)
+        + ", else --caption_field of a json member, else --prompt.",
+    )
+    source.add_argument(
+        "--key_column",
+        default=None,
+        help="With --tars/--dataset: column holding a unique, stable id per video (it names the clip files). "
+        "Default: the first of " + ", ".join(KEY_COLUMNS) + ", else the video's path without extension, else a "
+        "hash of the video's bytes.",
+    )
+    return source
+
+
+def add_clip_plan_arguments(parser, description=None):
+    """Clip shape, frame rate and fitting, as cache_latents.py cuts clips and sample.py fits its inputs. Returns the
+    argument group, to which a script adds its own clip flags."""
+    clips = parser.add_argument_group("clips", description)
+    clips.add_argument(
+        "--num_frames", type=int, default=61, help="Frames per clip; must be 4k+1 (61 -> 16 latent frames)."
+    )
+    clips.add_argument("--fps", type=positive_float, default=8.0, help="Frame rate the clips are resampled to.")
+    clips.add_argument("--height", type=int, default=256, help="Clip height in pixels, a multiple of 16.")
+    clips.add_argument(
+        "--width",
+        type=int,
+        default=448,
+        help="Clip width in pixels, a multiple of 16 (456-wide Egocentric-100K videos are centre-cropped to 448).",
+    )
+    clips.add_argument(
+        "--resize_mode",
+        choices=["crop", "resize"],
+        default="crop",
+        help="crop: scale to cover the target size and centre-crop; resize: stretch to it.",
+    )
+    clips.add_argument(
+        "--buckets",
+        nargs="+",
+        default=None,
+        help="Clip shapes FRAMESxHEIGHTxWIDTH, e.g. 61x256x448 61x448x256 93x256x448. Each video goes to the "
+        "buckets of the nearest aspect ratio; each clip takes the longest of their frame counts that the rest of "
+        "the video holds.",
+    )
+    return clips
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,8 +234,10 @@ def yaml_to_argv(path, parser):
 def parse_with_config(parser, argv):
     """Parse argv; with `--config FILE`, the file's values come first, so the command line wins."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    known, _ = parser.parse_known_args(argv)
-    if not getattr(known, "config", None):
+    first = argparse.ArgumentParser(add_help=False)  # --config alone: a required flag may come from the file
+    first.add_argument("--config", default=None)
+    known, _ = first.parse_known_args(argv)
+    if not known.config:
         return parser.parse_args(argv)
     return parser.parse_args(yaml_to_argv(known.config, parser) + argv)
 

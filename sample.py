@@ -43,10 +43,15 @@ from cosmos_cache import (
     text_embed_path,
 )
 from cosmos_cli import (
+    DEFAULT_PROMPT,
+    VIDEO_EXTENSIONS,
     HelpFormatter,
+    add_clip_plan_arguments,
+    add_config_argument,
+    add_model_arguments,
     check_pretrained_model,
     non_negative_float,
-    positive_float,
+    parse_with_config,
     positive_int,
     run_main,
     stage,
@@ -84,21 +89,12 @@ from cosmos_video import (
 )
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
-DEFAULT_PROMPT = "An egocentric video from a head-mounted camera of a worker's hands doing manual work in a factory."
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument(
-        "--pretrained_model_name_or_path",
-        default="nvidia/Cosmos-Predict2-2B-Video2World",
-        help="Hub id or local diffusers directory of the base model: Cosmos-Predict2 Video2World or "
-        "Cosmos-Predict2.5 (the family is read from its model_index.json).",
-    )
-    parser.add_argument(
-        "--revision", default=None, help="Hub revision of the model, e.g. diffusers/base/post-trained."
-    )
+    add_config_argument(parser)
+    add_model_arguments(parser)
     parser.add_argument(
         "--lora_path",
         default=None,
@@ -155,36 +151,6 @@ def parse_args(argv=None):
         default=None,
         help="Denoising steps. Default: 35 (Predict2), 36 (Predict2.5).",
     )
-    gen.add_argument(
-        "--num_frames", type=int, default=61, help="Frames to generate (4k+1). Cached clips use their own length."
-    )
-    gen.add_argument("--height", type=int, default=256, help="Height in pixels, a multiple of 16 (cached: own).")
-    gen.add_argument("--width", type=int, default=448, help="Width in pixels, a multiple of 16 (cached: own).")
-    gen.add_argument(
-        "--bucket",
-        default=None,
-        help="Shape FRAMESxHEIGHTxWIDTH for video and image inputs, or `auto`: of --buckets, the one nearest each "
-        "input's aspect ratio, with the longest frame count the video holds (images: the longest). Default: "
-        "--num_frames x --height x --width.",
-    )
-    gen.add_argument(
-        "--buckets",
-        nargs="+",
-        default=None,
-        help="The bucket list of --bucket auto, as given to cache_latents.py. Default: the buckets of --from_cache.",
-    )
-    gen.add_argument(
-        "--fps",
-        type=positive_float,
-        default=8.0,
-        help="Frame rate video inputs are sampled at and the mp4s are written with (cached: own).",
-    )
-    gen.add_argument(
-        "--resize_mode",
-        choices=["crop", "resize"],
-        default="crop",
-        help="How inputs are fitted to --height x --width, as in cache_latents.py.",
-    )
     gen.add_argument("--seed", type=int, default=0, help="Job i uses seed + i, whatever the batch or process count.")
     gen.add_argument("--batch_size", type=positive_int, default=1, help="Jobs per denoising batch.")
     gen.add_argument(
@@ -213,6 +179,18 @@ def parse_args(argv=None):
         "torchao (requirements-fp8.txt) and an FP8 GPU (compute capability 8.9+); use with --compile. On a CPU "
         "the FP8 casts are emulated.",
     )
+    clips = add_clip_plan_arguments(
+        parser,
+        "The shape and frame rate of generation for video and image inputs; cached clips keep their own.\n"
+        "--buckets is the list --bucket auto chooses from (default: the buckets of --from_cache).",
+    )
+    clips.add_argument(
+        "--bucket",
+        default=None,
+        help="Shape FRAMESxHEIGHTxWIDTH for video and image inputs, or `auto`: of --buckets, the one nearest each "
+        "input's aspect ratio, with the longest frame count the video holds (images: the longest). Default: "
+        "--num_frames x --height x --width.",
+    )
     out = parser.add_argument_group("outputs")
     out.add_argument("--output_dir", required=True, help="Where the mp4s, grid, contact sheet and JSON go.")
     out.add_argument(
@@ -221,7 +199,7 @@ def parse_args(argv=None):
         help="Skip NVIDIA's Cosmos guardrail (cosmos-guardrail). Only for offline tests; the model "
         "license does not allow bypassing it in use.",
     )
-    return parser.parse_args(argv)
+    return parse_with_config(parser, argv)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ from cosmos_cli import (
     STOP_SIGNALS,
     HelpFormatter,
     RunStopped,
+    add_config_argument,
+    add_model_arguments,
     check_pretrained_model,
     folder_written_whole,
     fraction,
@@ -131,18 +133,8 @@ VALIDATION_TIMESTEPS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument(
-        "--config",
-        default=None,
-        help="YAML file of defaults (keys are these flags without dashes); command-line flags win.",
-    )
-    parser.add_argument(
-        "--pretrained_model_name_or_path",
-        default="nvidia/Cosmos-Predict2-2B-Video2World",
-        help="Hub id or local diffusers directory of the base model: Cosmos-Predict2 Video2World or "
-        "Cosmos-Predict2.5 (e.g. nvidia/Cosmos-Predict2.5-2B with --revision diffusers/base/post-trained).",
-    )
-    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
+    add_config_argument(parser)
+    add_model_arguments(parser)
     parser.add_argument(
         "--cache_dir",
         nargs="+",
@@ -171,13 +163,7 @@ def parse_args(argv=None):
         "--use_temporal_adapters",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Add a temporal adapter to every transformer block (--no_temporal_adapters to skip).",
-    )
-    model.add_argument(
-        "--no_temporal_adapters",
-        dest="use_temporal_adapters",
-        action="store_false",
-        help="Train without temporal adapters (the same as --no-use_temporal_adapters).",
+        help="Add a temporal adapter to every transformer block (--no-use_temporal_adapters to skip).",
     )
     model.add_argument(
         "--adapter_reduction_factor",
@@ -197,25 +183,23 @@ def parse_args(argv=None):
         "--timestep_shift",
         type=timestep_shift_value,
         default=None,
-        help="Shift s of the logit-normal noise level: t = s*t0 / (1 + (s-1)*t0). `auto` is NVIDIA's Predict2 choice, "
-        "sqrt(latent frames of each clip): 4 for 61-frame clips, sqrt(24) for 93; a number overrides it. Default: "
-        "the family's, auto for Predict2, 5 for Predict2.5.",
+        help="Shift s of the logit-normal noise level: t = s*t0 / (1 + (s-1)*t0). `auto` is sqrt(latent frames of "
+        "each clip): 4 for 61-frame clips, sqrt(24) for 93; a number overrides it. Default: the family's, auto for "
+        "Predict2, 5 for Predict2.5.",
     )
     objective.add_argument(
         "--high_sigma_ratio",
         type=fraction,
         default=None,
         help="Fraction of samples whose noise level is drawn log-uniform in sigma in [200, 1e5] instead "
-        "(t = sigma / (1 + sigma)). Default: the family's, 0.05 for Predict2 (NVIDIA's 2B Video2World config), 0 for "
-        "Predict2.5 (the diffusers example has none). 0 disables.",
+        "(t = sigma / (1 + sigma)). Default: the family's, 0.05 for Predict2, 0 for Predict2.5. 0 disables.",
     )
     objective.add_argument(
         "--conditioning_timestep",
         type=float,
         default=None,
         help="Timestep t of the clean conditioning frames. Default: what the family's diffusers pipeline samples "
-        "with, so training and sampling agree: 1e-4/(1+1e-4) for Predict2, 1e-4 for Predict2.5 (upstream is not "
-        "settled: NVIDIA's post-trained 2.5 experiment uses 0.1, its LoRA configs the sample's own t).",
+        "with, so training and sampling agree: 1e-4/(1+1e-4) for Predict2, 1e-4 for Predict2.5.",
     )
     objective.add_argument(
         "--conditioning_frames",
@@ -260,17 +244,16 @@ def parse_args(argv=None):
         "--max_grad_norm",
         type=non_negative_float,
         default=0.1,
-        help="Gradient clipping norm (0 disables). NVIDIA clips at 1.0 a loss it scales by 10, which is 0.1 on "
-        "this script's unscaled loss: 0.1 matches NVIDIA.",
+        help="Gradient clipping norm (0 disables); 0.1 matches NVIDIA (see docs/objective.md).",
     )
     optim.add_argument(
         "--ema_decay",
         type=ema_decay_value,
         default=0.0,
         help="Keep an exponential moving average of the trainable weights, exported to OUTPUT/ema/ beside the raw "
-        "weights (sample.py --use_ema loads it). A number d in (0, 1) is a constant decay; `power` is NVIDIA's "
-        "LoRA examples' power EMA (sigma_rel 0.1: decay (1 - 1/step)^7.94, 0.9992 at step 10k). Off (0) by "
-        "default: it costs a second fp32 copy of the trainable weights and pays off on long runs.",
+        "weights (sample.py --use_ema loads it). A number d in (0, 1) is a constant decay; `power` is a power EMA "
+        "with sigma_rel 0.1 (decay (1 - 1/step)^7.94, 0.9992 at step 10k). Off (0) by default: it costs a second "
+        "fp32 copy of the trainable weights.",
     )
     optim.add_argument(
         "--mixed_precision",

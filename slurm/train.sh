@@ -44,7 +44,7 @@ MODEL=${MODEL:-$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World}
 # (the family, Predict2 or Predict2.5, is read from the checkpoint itself).
 REVISION=${REVISION:-}
 # Latent cache written by slurm/cache_latents.sh. Several caches, space-separated, are mixed: each may be
-# NAME=PATH:WEIGHT (e.g. "ego=/scratch/cache/ego:0.7 lab=/scratch/cache/lab:0.3"; see the README).
+# NAME=PATH:WEIGHT (e.g. "ego=/scratch/cache/ego:0.7 lab=/scratch/cache/lab:0.3"; see docs/training.md).
 CACHE_DIR=${CACHE_DIR:-$COSMOS_ROOT/cache}
 # Run directory: checkpoint-STEP/ folders, losses.jsonl, and the exported LoRA at the end.
 OUTPUT_DIR=${OUTPUT_DIR:-$COSMOS_ROOT/runs/lora}

@@ -46,7 +46,7 @@ MODEL=${MODEL:-$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World}
 # (the family, Predict2 or Predict2.5, is read from the checkpoint itself).
 REVISION=${REVISION:-}
 # Latent cache written by slurm/cache_latents.sh. Several caches, space-separated, are mixed: each may be
-# NAME=PATH:WEIGHT (e.g. "ego=/scratch/cache/ego:0.7 lab=/scratch/cache/lab:0.3"; see the README).
+# NAME=PATH:WEIGHT (e.g. "ego=/scratch/cache/ego:0.7 lab=/scratch/cache/lab:0.3"; see docs/training.md).
 CACHE_DIR=${CACHE_DIR:-$COSMOS_ROOT/cache}
 OUTPUT_DIR=${OUTPUT_DIR:-$COSMOS_ROOT/runs/lora_multinode}
 # accelerate config, relative to REPO_DIR (its machine count, rank and address are given on the command line).
