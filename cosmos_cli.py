@@ -157,3 +157,12 @@ def check_pretrained_model(path, subfolders, flag="--pretrained_model_name_or_pa
             f"({constants.HF_HUB_CACHE}): run `hf download {path}` on a login node with the same HF_HOME, or "
             f"`hf download {path} --local-dir DIR` and pass DIR"
         )
+
+
+def model_dtype(choice, device):
+    """The torch dtype of a `--dtype`/`--vae_dtype` choice: auto is bfloat16 on GPU and float32 on CPU."""
+    import torch
+
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]

@@ -24,15 +24,16 @@ from conftest import (
     run_script,
     train_args,
 )
-from cosmos_cache import CACHE_INFO, hold_out_clips, list_cached_clips
-from cosmos_model import (
+from cosmos_adapters import (
     ADAPTER_WEIGHTS,
     LORA_WEIGHTS,
     TemporalAdapter,
     load_finetuned_weights,
-    modulate_per_frame,
     save_finetuned_weights,
 )
+from cosmos_cache import CACHE_INFO, hold_out_clips, list_cached_clips
+from cosmos_families import detect_family
+from cosmos_speed import modulate_per_frame
 
 
 def random_inputs(transformer, frames=5, height=8, width=14, seed=0):
@@ -217,7 +218,9 @@ def test_exported_weights_reload_onto_a_fresh_base(tiny_model, latent_cache, tmp
     args = train_args(tiny_model, latent_cache, tmp_path, "--lora_target_modules", *ALL_LINEAR, "--lora_alpha", 8)
     model = train.load_transformer(args, torch.float32)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    dataset = train.CachedClips(train.load_caches([latent_cache], tiny_model)[0][0].clips)
+    dataset = train.CachedClips(
+        train.load_caches([latent_cache], tiny_model, family=detect_family(tiny_model))[0][0].clips
+    )
     batch = {k: torch.stack([dataset[0][k], dataset[1][k]]) for k in ("latents", "prompt_embeds")}
     for _ in range(3):
         train.training_loss(model, batch, args).backward()
@@ -269,7 +272,7 @@ def test_cache_spec_parsing():
 
 def test_two_caches_are_mixed_in_training(tiny_model, latent_cache, one_clip_cache, tmp_path):
     args = train_args(tiny_model, [f"a={latent_cache}:0.5", f"b={one_clip_cache}:0.5"], tmp_path)
-    caches, _ = train.load_caches(args.cache_dir, tiny_model)
+    caches, _ = train.load_caches(args.cache_dir, tiny_model, family=detect_family(tiny_model))
     loader, _ = train.build_train_dataloader(caches, args, num_processes=1)
     paths = []
     for epoch in range(5):  # each batch comes from one cache: count over a few epochs
@@ -417,7 +420,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, la
         for name, param in model.named_parameters():
             if name.endswith("up.weight"):
                 torch.nn.init.normal_(param, std=0.02)
-        dataset = train.CachedClips(train.load_caches([latent_cache], tiny_model)[0][0].clips)
+        dataset = train.CachedClips(
+            train.load_caches([latent_cache], tiny_model, family=detect_family(tiny_model))[0][0].clips
+        )
         batch = {k: torch.stack([dataset[0][k], dataset[1][k]]) for k in ("latents", "prompt_embeds")}
         torch.manual_seed(0)
         loss = train.training_loss(model, batch, args)
