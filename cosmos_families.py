@@ -1,17 +1,25 @@
-"""What differs between the two Cosmos model families the scripts fine-tune, in one place, and the one function that
-loads a checkpoint's components.
+"""Everything the two Cosmos model families the scripts fine-tune differ in, in one place: each family's prompt
+encoder and sampler, and the `ModelFamily` the scripts ask (never testing which family they hold).
 
     predict2    nvidia/Cosmos-Predict2-2B-Video2World    Cosmos2VideoToWorldPipeline     T5-XXL [512, 1024]
     predict2.5  nvidia/Cosmos-Predict2.5-2B              Cosmos2_5_PredictBasePipeline   Qwen2.5-VL [512, 100352]
                 (revision diffusers/base/post-trained)
 
-The family is read from the checkpoint's model_index.json `_class_name`, never from a flag. Both share the
-transformer class, the Wan2.1 VAE, the rectified-flow training objective (they differ in its defaults) and the LoRA
-files; they differ in the text encoder, the scheduler and sampling loop, and which input frames condition a video.
+The family is read once per process from the checkpoint's model_index.json `_class_name` (`detect_family`), never
+from a flag, and passed down; `load_component` loads a checkpoint's components with it. Both share the transformer
+class, the Wan2.1 VAE, the rectified-flow training objective (they differ in its defaults), the velocity prediction
+(cosmos_sampling.py) and the LoRA files; they differ in the text encoder, the scheduler and sampling loop, which
+input frames condition a video and how their VAE posterior is drawn.
 
 Predict2.5's transformer first projects the 100352-wide text embedding to 1024 with its `crossattn_proj`
 (Linear + GELU). While that projection is frozen, a cache can hold its output instead (100x smaller):
 `take_text_projection` moves it out of the transformer so that projected embeddings pass straight through.
+
+    ModelFamily         the interface: encode_prompts, denoise, video_frames, conditioning_latents, defaults
+    FAMILIES            the two families by model_index.json `_class_name`
+    detect_family       the family of a checkpoint
+    load_component      one component of a checkpoint
+    text projection     text_embed_kind/_width, take_text_projection, project_text, load_/prepare_text_projection
 """
 
 import hashlib
