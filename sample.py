@@ -393,7 +393,11 @@ def load_pipeline_components(args, device, family):
     embedding is projected before the transformer sees it, so cached projected ones and fresh raw ones batch alike."""
     dtype = model_dtype(args.dtype, device)
     path, revision = args.pretrained_model_name_or_path, args.revision
-    transformer = modulate_per_frame(load_component(path, "transformer", revision, dtype, family=family))
+
+    def load(name, dtype=None):
+        return load_component(path, name, revision, dtype, family=family)
+
+    transformer = modulate_per_frame(load("transformer", dtype))
     if args.lora_path:
         # The scale reaches the LoRA, the adapters and proj_out; fusing then merges the LoRA at that scale.
         load_finetuned_weights(transformer, weights_path(args), scale=args.lora_scale)
@@ -412,12 +416,10 @@ def load_pipeline_components(args, device, family):
         family=family,
         transformer=transformer,
         text_projection=take_text_projection(transformer),
-        vae=load_component(path, "vae", revision, dtype, family=family).to(device).eval().requires_grad_(False),
-        text_encoder=load_component(path, "text_encoder", revision, dtype, family=family)
-        .to(device)
-        .requires_grad_(False),
-        tokenizer=load_component(path, "tokenizer", revision, family=family),
-        scheduler=load_component(path, "scheduler", revision, family=family),
+        vae=load("vae", dtype).to(device).eval().requires_grad_(False),
+        text_encoder=load("text_encoder", dtype).to(device).requires_grad_(False),
+        tokenizer=load("tokenizer"),
+        scheduler=load("scheduler"),
     )
     components["safety_checker"] = None if args.disable_safety_checker else load_safety_checker()
     return components
