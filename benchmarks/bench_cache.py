@@ -13,7 +13,7 @@ Stages, in the order they run (each result is saved as soon as it is measured):
 4. vae_only: clips already on the GPU: the chunked encode (plain batch 4, and as cache_latents.py runs it), the
    whole-clip encode eager, and compiled at each --compile_batches, with peak memory, compile time and a kernel
    profile of the compiled batch 8.
-5. default: cache_latents.py with its GPU defaults (whole-clip encode, compiled unless COMPILE_VAE_ON_GPU is off).
+5. default: cache_latents.py with its GPU defaults (whole-clip encode, compiled).
 6. vae_decode: diffusers' chunked decode against cosmos_vae.decode_whole_clip at the reference clip and at
    93x480x832 (sample.py's default size), batch 1.
 

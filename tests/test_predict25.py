@@ -193,7 +193,7 @@ def test_fresh_adapters_give_exactly_the_base_output(tiny_model_25, one_clip_cac
         load_component(tiny_model_25, "transformer", family=detect_family(tiny_model_25))
     )  # the base as the scripts run it
     args = train_args(tiny_model_25, one_clip_cache_25, "unused", "--lora_target_modules", *ALL_LINEAR)
-    adapted = train.load_transformer(args, torch.float32)
+    adapted = train.load_transformer(args, torch.float32, detect_family(args.pretrained_model_name_or_path))
     inputs = dict(random_inputs(base), encoder_hidden_states=torch.randn(2, 512, 64))
     with torch.no_grad():
         assert torch.equal(base(**inputs)[0], adapted(**inputs)[0])

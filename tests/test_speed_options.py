@@ -21,7 +21,7 @@ def test_fp8_converts_only_the_frozen_block_linears(tiny_model, latent_cache):
     from torchao.float8.float8_linear import Float8Linear
 
     args = train_args(tiny_model, latent_cache, "unused", "--lora_target_modules", "attn2.to_q", "attn2.to_k")
-    transformer = train.load_transformer(args, torch.float32)
+    transformer = train.load_transformer(args, torch.float32, detect_family(args.pretrained_model_name_or_path))
     keys_before = transformer.state_dict().keys()
     trainable_before = [name for name, p in transformer.named_parameters() if p.requires_grad]
     convert_frozen_linears_to_fp8(transformer, emulate=True)

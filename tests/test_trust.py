@@ -298,7 +298,7 @@ def test_documented_flags_exist_and_help_shows_every_default(capsys):
 
 def test_lora_target_modules_replace_the_default(tiny_model, latent_cache):
     model = train.load_transformer(train_args(tiny_model, latent_cache, "x", "--lora_target_modules", "attn1.to_q"),
-                                   torch.float32)  # fmt: skip
+                                   torch.float32, detect_family(tiny_model))  # fmt: skip
     targets = {n.split(".lora_")[0].split(".", 2)[2] for n, p in model.named_parameters() if ".lora_" in n}
     assert targets == {"attn1.to_q"}
 
