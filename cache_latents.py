@@ -67,6 +67,7 @@ from cosmos_cli import (
     add_source_arguments,
     check_pretrained_model,
     ignore_stop_signals,
+    model_dtype,
     non_negative_int,
     parse_with_config,
     positive_int,
@@ -77,13 +78,11 @@ from cosmos_families import (
     detect_family,
     load_component,
     load_component_config,
+    load_text_projection,
     project_text,
-    projection_sha,
-    take_text_projection,
     text_embed_kind,
     text_embed_width,
 )
-from cosmos_model import normalize_latents
 from cosmos_video import (
     Bucket,
     check_clip_geometry,
@@ -97,9 +96,6 @@ from cosmos_video import (
     probe_video,
     video_size,
 )
-
-# torch.compile of the whole-clip encode by default on GPU (--compile_vae overrides it).
-COMPILE_VAE_ON_GPU = True
 
 
 def parse_args(argv=None):
@@ -544,7 +540,7 @@ def encode_clips(encode, frames, vae_config):
     vae = encode.vae
     x = torch.stack([frames_to_vae_input(f.to(vae.device, non_blocking=True)) for f in frames]).to(vae.dtype)
     latents = encode(x).float()
-    return normalize_latents(latents, vae_config).to(torch.bfloat16).cpu()
+    return cosmos_vae.normalize_latents(latents, vae_config).to(torch.bfloat16).cpu()
 
 
 @dataclass
@@ -628,30 +624,17 @@ def print_verify(output_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def load_text_projection(args, family, kind, device, dtype):
-    """Predict2.5's frozen crossattn_proj (and its weight hash) when the cache stores projected embeddings."""
-    if kind != "projected":
-        return None, None
-    transformer = load_component(args.pretrained_model_name_or_path, "transformer", args.revision, dtype, family)
-    projection = take_text_projection(transformer)
-    return projection.to(device).eval().requires_grad_(False), projection_sha(projection)
-
-
 def cache_videos(args, layout, accelerator):
     """Cache this run's part of the videos; return the shard's report (on the main process)."""
     torch.backends.cudnn.benchmark = True  # VAE calls repeat a few shapes, so the fastest conv kernels pay off
     path, revision, device = args.pretrained_model_name_or_path, args.revision, accelerator.device
-    dtype = {
-        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-        "float32": torch.float32,
-        "bfloat16": torch.bfloat16,
-    }[args.vae_dtype]
+    dtype = model_dtype(args.vae_dtype, device)
     family = detect_family(path, revision)
     transformer_config = load_component_config(path, "transformer", revision)
     kind = text_embed_kind(transformer_config, args.text_embeds)
-    projection, sha = load_text_projection(args, family, kind, device, dtype)
+    projection, sha = load_text_projection(path, revision, family, kind, device, dtype)
     text_embeds = {"kind": kind, "shape": [512, text_embed_width(transformer_config, kind)], "projection_sha": sha}
-    vae = load_component(path, "vae", revision, dtype, family).to(device).eval().requires_grad_(False)
+    vae = load_component(path, "vae", revision, dtype, family=family).to(device).eval().requires_grad_(False)
     config = cache_config(args, vae.config, text_embeds, family.name)
     check_cache_compatible(args.output_dir, config)
     shard_dir = os.path.join(args.output_dir, f"shard_{args.shard_index:05d}")
@@ -681,7 +664,7 @@ def cache_videos(args, layout, accelerator):
         text_cache.release()
     gpu = accelerator.device.type == "cuda"
     mode = args.vae_encode or ("whole" if gpu else "chunked")
-    compile_vae = args.compile_vae if args.compile_vae is not None else gpu and mode == "whole" and COMPILE_VAE_ON_GPU
+    compile_vae = args.compile_vae if args.compile_vae is not None else gpu and mode == "whole"
     encode = ClipEncoder(vae, mode, compile_vae, args.batch_size)
     written, skipped, failures, keys_captioned = 0, 0, [], set()
     batches = {bucket: [] for bucket in args.buckets}  # one VAE batch per clip shape

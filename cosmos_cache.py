@@ -22,13 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cosmos_cli import file_written_whole
-from cosmos_model import vae_normalization
 from cosmos_video import latent_shape
 
 CACHE_INFO = "cache_info.json"
 TEXT_EMBEDS_DIR = "text_embeds"
 MANIFEST = "manifest.jsonl"
-CACHE_FORMAT_VERSION = 2  # 2: family, text_embeds, clip_plan, buckets, per-row shapes; 1 still trains
+CACHE_FORMAT_VERSION = 2  # 2: family, text_embeds, clip_plan, buckets, per-row shapes; older ones are refused
 # Settings that must match for clips to share one cache.
 CACHE_CONFIG_KEYS = (
     "num_frames",
@@ -85,11 +84,16 @@ def clip_file_name(key, clip_index):
 # Reading
 # ----------------------------------------------------------------------------------------------------------------
 def read_cache_info(cache_dir):
+    """cache_info.json of a cache of the current format (an older one is refused: re-cache it)."""
     path = os.path.join(cache_dir, CACHE_INFO)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{cache_dir} is not a latent cache (no {CACHE_INFO}); run cache_latents.py first")
     with open(path) as f:
-        return json.load(f)
+        info = json.load(f)
+    version = info.get("format_version", 1)
+    if version != CACHE_FORMAT_VERSION:
+        raise ValueError(f"{cache_dir} is a format-{version} cache, not format {CACHE_FORMAT_VERSION}: re-cache it")
+    return info
 
 
 def read_manifest(shard_dir):
@@ -102,17 +106,18 @@ def read_manifest(shard_dir):
 
 
 def list_cached_clips(cache_dir):
-    """All clips of a cache as manifest rows, each with `path` set to the clip file and `shape` to its latent shape
-    (rows of a version-1 cache, which has one shape, get the cache's)."""
-    default_shape = None
-    clips = []
-    for shard in shard_dirs(cache_dir):
-        for row in read_manifest(shard):
-            if "shape" not in row:
-                default_shape = default_shape or read_cache_info(cache_dir)["latent_shape"]
-                row["shape"] = default_shape
-            clips.append(dict(row, path=os.path.join(shard, row["file"])))
-    return clips
+    """All clips of a cache as manifest rows, each with `path` set to the clip file (and `shape`, its latent shape)."""
+    return [
+        dict(row, path=os.path.join(shard, row["file"]))
+        for shard in shard_dirs(cache_dir)
+        for row in read_manifest(shard)
+    ]
+
+
+def read_clip(path):
+    """A clip file's latents [16, T, h, w] (bfloat16) and its metadata (what cache_latents.py wrote in its header)."""
+    with safe_open(path, "pt") as f:
+        return f.get_tensor("latents"), f.metadata()
 
 
 def missing_clip_files(clips):
@@ -140,16 +145,6 @@ def load_text_embeds(path):
     in memory instead of being read again for every clip. Callers must not change the tensor in place."""
     with safe_open(path, "pt") as f:
         return f.get_tensor("prompt_embeds")
-
-
-def cache_family(info):
-    """The model family a cache was made with; format-1 caches (no `family` key) are Predict2's."""
-    return info.get("family", "predict2")
-
-
-def cache_text_embeds(info):
-    """{kind, shape, projection_sha} of a cache's text embeddings; format-1 caches hold T5 embeddings."""
-    return info.get("text_embeds") or {"kind": "t5", "shape": info["text_embed_shape"], "projection_sha": None}
 
 
 def hold_out_clips(clips, num_clips, seed):
@@ -234,7 +229,12 @@ def split_by_record(clips, cache_dir, record):
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------------
-def cache_config(args, vae_config, text_embeds, family="predict2"):
+def vae_normalization(vae_config):
+    """The per-channel mean/std the pipeline normalizes latents with, from a VAE config (a cache records it)."""
+    return {"latents_mean": list(vae_config["latents_mean"]), "latents_std": list(vae_config["latents_std"])}
+
+
+def cache_config(args, vae_config, text_embeds, family):
     """What cache_info.json records before counting: the cache identity.
 
     `text_embeds` is {"kind": "t5"|"projected"|"full", "shape": [512, D], "projection_sha"}. `clip_plan` holds every
@@ -270,23 +270,15 @@ def cache_config(args, vae_config, text_embeds, family="predict2"):
 
 
 def check_cache_compatible(output_dir, config):
-    path = os.path.join(output_dir, CACHE_INFO)
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(output_dir, CACHE_INFO)):
         return
-    with open(path) as f:
-        existing = json.load(f)
-    existing = dict(existing, family=cache_family(existing), text_embeds=cache_text_embeds(existing))
+    existing = read_cache_info(output_dir)
     for key in CACHE_CONFIG_KEYS:
         if existing.get(key) != config[key]:
             raise ValueError(
                 f"{output_dir} was cached with {key}={existing.get(key)}, this run asks for "
                 f"{config[key]}; use a new --output_dir"
             )
-    if "clip_plan" not in existing:
-        raise ValueError(
-            f"{output_dir} was cached by an older cache_latents.py that did not record its clip plan, so this run "
-            "cannot tell whether it would mix two plans; use a new --output_dir"
-        )
     for key, value in config["clip_plan"].items():
         if existing["clip_plan"].get(key) != value:
             raise ValueError(
@@ -358,9 +350,8 @@ def rebuild_manifest(shard_dir):
 def verify_cache(output_dir):
     """Check every clip file against its own shape, every listed file's presence and every text file; return
     (statistics with clips per bucket, problems)."""
-    with open(os.path.join(output_dir, CACHE_INFO)) as f:
-        info = json.load(f)
-    buckets = info.get("buckets") or [bucket_name(info["latent_shape"])]  # a version-1 cache has one shape
+    info = read_cache_info(output_dir)
+    buckets = info["buckets"]
     channels = (info["latent_shape"] or next(iter(info["bucket_latent_shapes"].values())))[0]
     problems, num_clips, keys, clip_bytes, failures, seconds = [], 0, set(), 0, 0, 0.0
     hashes, per_bucket = set(), Counter()
@@ -388,7 +379,7 @@ def verify_cache(output_dir):
                 problems.append(f"{path}: holds NaN or inf")
             if name not in listed:
                 problems.append(f"{path}: missing from the shard manifest")
-            elif listed[name].get("shape", info["latent_shape"]) != list(latents.shape):
+            elif listed[name]["shape"] != list(latents.shape):
                 problems.append(f"{path}: manifest shape {listed[name].get('shape')} differs from the file's")
             num_clips += 1
             per_bucket[bucket] += 1

@@ -413,3 +413,12 @@ def run_main(main, parse_args, bad_input=(ValueError, FileNotFoundError)):
         gc.collect()  # the failed run's progress bars print once more as they close: before the last line, not after
         print(message, file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def model_dtype(choice, device):
+    """The torch dtype of a `--dtype`/`--vae_dtype` choice: auto is bfloat16 on GPU and float32 on CPU."""
+    import torch
+
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]

@@ -1,36 +1,116 @@
-"""What differs between the two Cosmos model families the scripts fine-tune, in one place, and the one function that
-loads a checkpoint's components.
+"""Everything the two Cosmos model families the scripts fine-tune differ in, in one place: each family's prompt
+encoder and sampler, and the `ModelFamily` the scripts ask (never testing which family they hold).
 
     predict2    nvidia/Cosmos-Predict2-2B-Video2World    Cosmos2VideoToWorldPipeline     T5-XXL [512, 1024]
     predict2.5  nvidia/Cosmos-Predict2.5-2B              Cosmos2_5_PredictBasePipeline   Qwen2.5-VL [512, 100352]
                 (revision diffusers/base/post-trained)
 
-The family is read from the checkpoint's model_index.json `_class_name`, never from a flag. Both share the
-transformer class, the Wan2.1 VAE, the rectified-flow training objective (they differ in its defaults) and the LoRA
-files; they differ in the text encoder, the scheduler and sampling loop, and which input frames condition a video.
+The family is read once per process from the checkpoint's model_index.json `_class_name` (`detect_family`), never
+from a flag, and passed down; `load_component` loads a checkpoint's components with it. Both share the transformer
+class, the Wan2.1 VAE, the rectified-flow training objective (they differ in its defaults), the velocity prediction
+(cosmos_sampling.py) and the LoRA files; they differ in the text encoder, the scheduler and sampling loop, which
+input frames condition a video and how their VAE posterior is drawn.
 
 Predict2.5's transformer first projects the 100352-wide text embedding to 1024 with its `crossattn_proj`
 (Linear + GELU). While that projection is frozen, a cache can hold its output instead (100x smaller):
 `take_text_projection` moves it out of the transformer so that projected embeddings pass straight through.
+
+    ModelFamily         the interface: encode_prompts, denoise, video_frames, conditioning_latents, defaults
+    FAMILIES            the two families by model_index.json `_class_name`
+    detect_family       the family of a checkpoint
+    load_component      one component of a checkpoint
+    text projection     text_embed_kind/_width, take_text_projection, project_text, load_/prepare_text_projection
 """
 
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from cosmos_model import (
-    SIGMA_CONDITIONING,
-    TEXT_MAX_LENGTH,
-    conditioning_mask,
-    denoise_video2world,
-    encode_prompts,
-    guidance_text,
-    guide,
-    predict_velocity_per_text,
-)
+from cosmos_sampling import conditioning_mask, guidance_text, guide, predict_velocity_per_text
+from cosmos_video import Bucket, plan_bucket_clips
 
+TEXT_MAX_LENGTH = 512
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Predict2: T5 prompts, Euler on Karras sigmas (the math of diffusers' Cosmos2VideoToWorldPipeline, CFG batched)
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_t5_prompts(tokenizer, text_encoder, prompts, device, dtype=None):
+    """T5 embeddings [B, 512, D] with the positions past each prompt's length zeroed, as the pipeline does."""
+    inputs = tokenizer(prompts, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt")
+    mask = inputs.attention_mask.bool().to(device)
+    embeds = text_encoder(inputs.input_ids.to(device), attention_mask=mask).last_hidden_state
+    embeds = embeds.to(dtype or text_encoder.dtype)
+    for i, length in enumerate(mask.sum(dim=1).tolist()):
+        embeds[i, length:] = 0
+    return embeds
+
+
+SIGMA_MAX = 80.0
+SIGMA_CONDITIONING = 1e-4
+
+
+def set_sampling_schedule(scheduler, num_inference_steps, device):
+    """Karras sigmas from 80 down to 0.002 as the pipeline sets them, with the last sigma repeated."""
+    scheduler.register_to_config(sigma_max=SIGMA_MAX, sigma_min=0.002, sigma_data=1.0, final_sigmas_type="sigma_min")
+    scheduler.set_timesteps(sigmas=np.linspace(0, 1, num_inference_steps), device=device)
+    scheduler.sigmas[-1] = scheduler.sigmas[-2]
+
+
+@torch.no_grad()
+def denoise_video2world(
+    transformer,
+    scheduler,
+    noise,
+    cond_latents,
+    num_cond_latent_frames,
+    prompt_embeds,
+    negative_prompt_embeds=None,
+    guidance_scale=7.0,
+    num_inference_steps=35,
+):
+    """Generate normalized latents [B, 16, T, h, w] from noise and clean conditioning frames.
+
+    At each Karras sigma, with t = sigma / (sigma + 1): the transformer sees the conditioning frames clean (timestep
+    t_cond) and the rest as latents * (1 - t); its velocity F gives x0 = (1 - t) * latents - t * F; the conditioning
+    frames of x0 are replaced by the clean ones; CFG is x0_c + g * (x0_c - x0_u); Euler steps on
+    (latents - x0) / sigma. The schedule ends on a repeated sigma (dt = 0), so num_inference_steps - 1 steps change
+    the latents and the model is called that many times; the result is the pipeline's to the bit.
+    `noise` is standard normal; it is scaled by sigma_max here. The transformer is called by `predict_velocity`.
+    """
+    dtype = getattr(transformer, "module", transformer).dtype  # DDP wraps the model in .module
+    device = noise.device
+    set_sampling_schedule(scheduler, num_inference_steps, device)
+    latents = noise.float() * SIGMA_MAX
+    cond_latents = cond_latents.float()
+    batch, _, frames, _, _ = latents.shape
+    cond = conditioning_mask(frames, num_cond_latent_frames, device)
+    sigma_cond = torch.tensor(SIGMA_CONDITIONING, dtype=torch.float32, device=device)
+    t_cond = sigma_cond / (sigma_cond + 1)
+    text = guidance_text(prompt_embeds, negative_prompt_embeds, guidance_scale)
+    copies = text.shape[0] // batch
+    for i, timestep in enumerate(scheduler.timesteps):
+        sigma = scheduler.sigmas[i]
+        # the last sigma is repeated: its Euler step (dt = 0) leaves the latents as they are, so skip its model call
+        if scheduler.sigmas[i + 1] == sigma:
+            break
+        t = sigma / (sigma + 1)
+        model_input = (cond * cond_latents + (1 - cond) * latents * (1 - t)).to(dtype)
+        frame_t = (cond * t_cond + (1 - cond) * t.view(1, 1, 1, 1, 1)).expand(batch, 1, frames, 1, 1).to(dtype)
+        velocity = predict_velocity_per_text(transformer, model_input, frame_t, text, cond)
+        x0 = ((1 - t) * latents.repeat(copies, 1, 1, 1, 1) - t * velocity).to(dtype)
+        x0 = guide(cond * cond_latents.repeat(copies, 1, 1, 1, 1) + (1 - cond) * x0, guidance_scale)
+        latents = scheduler.step((latents - x0) / sigma, timestep, latents, return_dict=False)[0]
+    return latents
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Predict2.5: Qwen2.5-VL prompts, UniPC on flow sigmas (the math of Cosmos2_5_PredictBasePipeline, CFG batched)
+# ----------------------------------------------------------------------------------------------------------------
 PREDICT25_CONDITIONING_TIMESTEP = 1e-4
 QWEN_SYSTEM_PROMPT = "You are a helpful assistant who will provide prompts to an image generator."
 
@@ -106,9 +186,19 @@ def denoise_flow_unipc(
     return latents
 
 
+def last_frame_indices(num_source_frames, source_fps, num_frames, fps):
+    """Source indices of the last `num_frames` frames at `fps`, ending at the video's last frame."""
+    last = num_source_frames - 1
+    indices = [last - round((num_frames - 1 - j) * source_fps / fps) for j in range(num_frames)]
+    return [indices] if indices[0] >= 0 else []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The families
+# ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelFamily:
-    """Everything that differs between Cosmos-Predict2 and Cosmos-Predict2.5."""
+    """Everything that differs between Cosmos-Predict2 and Cosmos-Predict2.5; the scripts ask this, never the name."""
 
     name: str
     pipeline_class: str  # model_index.json `_class_name`, also the diffusers pipeline the parity tests compare with
@@ -129,6 +219,36 @@ class ModelFamily:
 
         return importlib.import_module(self.pipeline_module).DEFAULT_NEGATIVE_PROMPT
 
+    def video_frames(self, num_source_frames, source_fps, shape, num_cond_frames, fps):
+        """(source frame indices to read from a video input, whether they are the whole clip: its ground truth).
+
+        The first `num_cond_frames` of them condition the generation of `shape` (frames, height, width). Predict2
+        takes the video's first frames, and the whole clip where the video holds it; Predict2.5 its last frames, as
+        its pipeline does (the generation continues the video, without ground truth). None: the video is too short.
+        """
+        if self.conditioning_side == "last":
+            planned = last_frame_indices(num_source_frames, source_fps, num_cond_frames, fps)
+            return (planned[0] if planned else None), False
+        num_frames, height, width = shape
+        for frames, whole in ((num_frames, True), (num_cond_frames, False)):
+            clips = plan_bucket_clips([Bucket(frames, height, width)], num_source_frames, source_fps, fps, max_clips=1)
+            if clips:
+                return clips[0][1], whole
+        return None, False
+
+    def conditioning_latents(self, posterior, clip_shape, num_cond_latent_frames, generator):
+        """The conditioning latent frames (not normalized) from the VAE posterior of the conditioning frames, as the
+        family's pipeline draws them: Predict2 a sample with the job's generator, its noise drawn for the whole clip
+        `clip_shape` as the pipeline draws it (so the generator then draws the same starting noise); Predict2.5 the
+        posterior's mode."""
+        if self.conditioning_posterior == "mode":
+            return posterior.mode()
+        from diffusers.utils.torch_utils import randn_tensor
+
+        mean = posterior.mean
+        noise = randn_tensor(clip_shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + posterior.std * noise[:, :, :num_cond_latent_frames]
+
 
 FAMILIES = {
     "Cosmos2VideoToWorldPipeline": ModelFamily(
@@ -137,7 +257,7 @@ FAMILIES = {
         pipeline_module="diffusers.pipelines.cosmos.pipeline_cosmos2_video2world",
         text_encoder_class="T5EncoderModel",
         scheduler_class="FlowMatchEulerDiscreteScheduler",
-        encode_prompts=encode_prompts,
+        encode_prompts=encode_t5_prompts,
         denoise=denoise_video2world,
         num_inference_steps=35,
         conditioning_side="first",
@@ -162,7 +282,11 @@ FAMILIES = {
         high_sigma_ratio=0.0,
     ),
 }
-FAMILY_NAMES = {family.name: family for family in FAMILIES.values()}
+
+
+def recorded_family(record):
+    """The family name a fine-tune's adapter_config.json records; configs written before it did are Predict2's."""
+    return record.get("family", FAMILIES["Cosmos2VideoToWorldPipeline"].name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,10 +320,9 @@ def component_class(family, name):
     return classes[name]
 
 
-def load_component(path, name, revision=None, dtype=None, family=None):
-    """One component (transformer, vae, text_encoder, tokenizer, scheduler) of a checkpoint; every script loads
-    through here. `dtype` applies to the models."""
-    family = family or detect_family(path, revision)
+def load_component(path, name, revision=None, dtype=None, *, family):
+    """One component (transformer, vae, text_encoder, tokenizer, scheduler) of a checkpoint of `family` (detected
+    once per process by `detect_family`); every script loads through here. `dtype` applies to the models."""
     kwargs = {"subfolder": name, "revision": revision}
     if dtype is not None and name in ("transformer", "vae", "text_encoder"):
         kwargs["torch_dtype"] = dtype
@@ -217,9 +340,6 @@ def load_component_config(path, name, revision=None):
 # ----------------------------------------------------------------------------------------------------------------
 # The text projection of Predict2.5
 # ----------------------------------------------------------------------------------------------------------------
-TEXT_EMBED_KINDS = ("t5", "projected", "full")
-
-
 def text_embed_kind(transformer_config, choice):
     """What a cache stores: "t5" (Predict2), else "projected" (crossattn_proj output) or "full" (raw Qwen)."""
     if not transformer_config.get("use_crossattn_projection"):
@@ -273,3 +393,35 @@ def null_text_embedding(transformer, kind):
     zeros = torch.zeros(1, 1, projection[0].in_features, device=projection[0].weight.device)
     with torch.no_grad():
         return projection(zeros.to(projection[0].weight.dtype)).float()
+
+
+def load_text_projection(path, revision, family, kind, device, dtype):
+    """For a cache of projected embeddings: the checkpoint's frozen crossattn_proj and its weight hash (None, None
+    for any other kind)."""
+    if kind != "projected":
+        return None, None
+    transformer = load_component(path, "transformer", revision, dtype, family=family)
+    projection = take_text_projection(transformer)
+    return projection.to(device).eval().requires_grad_(False), projection_sha(projection)
+
+
+def prepare_text_projection(transformer, text_embeds):
+    """For a cache of projected Predict2.5 embeddings: check that it fits this transformer's crossattn_proj, take the
+    projection out of the transformer (the embeddings are its output already) and return the embedding of a dropped
+    caption, crossattn_proj(0). None for caches of T5 or full embeddings (their dropped caption is zeros)."""
+    if text_embeds["kind"] != "projected":
+        return None
+    projection = transformer.crossattn_proj
+    if any(p.requires_grad for p in projection.parameters()):
+        raise ValueError(
+            "the cache holds crossattn_proj outputs, but crossattn_proj trains in this run (--lora_target_modules); "
+            "re-cache with cache_latents.py --text_embeds full"
+        )
+    if projection_sha(projection) != text_embeds["projection_sha"]:
+        raise ValueError(
+            "the cache's text embeddings were projected with another crossattn_proj than this model's; "
+            "re-cache with this model (or --text_embeds full)"
+        )
+    null_text = null_text_embedding(transformer, "projected")
+    take_text_projection(transformer)
+    return null_text

@@ -17,6 +17,8 @@ tests/test_cosmos_vae.py):
   unchanged, then `time_conv` over frames 1.., each input frame's 2C channels becoming two output frames.
 
 The VAE's own no-cache forward is not this: without a cache, `WanResample` skips `time_conv` altogether.
+Also here: normalizing latents with the VAE's per-channel mean/std, and decoding them to uint8 frames.
+
 Layouts these functions were not proven on (Wan2.2's residual blocks and patchify, tiling) are refused by
 `whole_clip_unsupported`.
 """
@@ -24,9 +26,6 @@ Layouts these functions were not proven on (Wan2.2's residual blocks and patchif
 import functools
 
 import torch
-
-# Whole-clip decode on GPU: sample.py and the training's validation videos (chunked on CPU, where it is no faster).
-WHOLE_CLIP_DECODE_ON_GPU = True
 
 
 def _time_conv_is(conv, stride, front_padding, channel_factor):
@@ -124,11 +123,40 @@ def compiled_decode_whole_clip():
 
 def decode(vae, z, compiled=False):
     """vae.decode(z).sample, computed whole-clip on GPU when the VAE's layout is known and the clip fits in memory;
-    `compiled`: that whole-clip decode compiled (sample.py --compile)."""
-    if WHOLE_CLIP_DECODE_ON_GPU and z.device.type == "cuda" and whole_clip_unsupported(vae) is None:
+    `compiled`: that whole-clip decode compiled (sample.py --compile). On CPU the chunked decode is kept: the
+    whole-clip one is no faster there."""
+    if z.device.type == "cuda" and whole_clip_unsupported(vae) is None:
         try:
             return (compiled_decode_whole_clip() if compiled else decode_whole_clip)(vae, z)
         except torch.OutOfMemoryError:
             pass  # leave the except block first, so the failed attempt's tensors are freed
         torch.cuda.empty_cache()
     return vae.decode(z, return_dict=False)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Normalized latents
+# ----------------------------------------------------------------------------------------------------------------
+def normalize_latents(latents, vae_config):
+    mean, std = _mean_std(latents, vae_config)
+    return (latents - mean) / std
+
+
+def denormalize_latents(latents, vae_config):
+    mean, std = _mean_std(latents, vae_config)
+    return latents * std + mean
+
+
+def _mean_std(latents, vae_config):
+    shape = (1, -1, 1, 1, 1) if latents.ndim == 5 else (-1, 1, 1, 1)
+    mean = torch.tensor(vae_config["latents_mean"], dtype=latents.dtype, device=latents.device).view(shape)
+    std = torch.tensor(vae_config["latents_std"], dtype=latents.dtype, device=latents.device).view(shape)
+    return mean, std
+
+
+@torch.no_grad()
+def decode_to_frames(vae, latents, compiled=False):
+    """Normalized latents [B, 16, T, h, w] -> uint8 frames [B, T, H, W, 3] (`compiled`: see `decode`)."""
+    video = decode(vae, denormalize_latents(latents.float(), vae.config).to(vae.dtype), compiled)
+    video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return video.permute(0, 2, 3, 4, 1).cpu()

@@ -104,8 +104,7 @@ def plan_bucket_clips(buckets, num_source_frames, source_fps, fps, stride_second
 
     From start 0, each clip takes the longest frame count of those buckets that still fits in the video, so a long
     video also yields its tail in a shorter bucket; the next clip starts --clip_stride_seconds later (default: where
-    this clip ends). Frame j of a clip is the source frame nearest to start + j / fps. With one bucket this is
-    plan_clips exactly.
+    this clip ends). Frame j of a clip is the source frame nearest to start + j / fps.
     """
     longest_first = sorted(buckets, key=lambda b: -b.num_frames)
     clips, start = [], 0.0
@@ -175,20 +174,6 @@ def video_size(container):
     """(height, width) in pixels of the first video stream."""
     context = container.streams.video[0].codec_context
     return context.height, context.width
-
-
-def plan_clips(num_source_frames, source_fps, num_frames, fps, stride_seconds=None, max_clips=None):
-    """Source frame indices of every clip: clip c, frame j is the source frame nearest to start_c + j / fps."""
-    stride_seconds = stride_seconds or num_frames / fps
-    clips = []
-    start = 0.0
-    while max_clips is None or len(clips) < max_clips:
-        indices = [round((start + j / fps) * source_fps) for j in range(num_frames)]
-        if indices[-1] >= num_source_frames:
-            break
-        clips.append(indices)
-        start += stride_seconds
-    return clips
 
 
 def decode_frames(container, wanted):

@@ -26,18 +26,17 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from PIL import Image
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from cosmos_adapters import ADAPTER_CONFIG, EMA_DIR, load_finetuned_weights, read_adapter_config
 from cosmos_cache import (
     HELD_OUT,
     atomic_write_text,
-    cache_family,
-    cache_text_embeds,
     hold_out_clips,
     list_cached_clips,
     load_text_embeds,
     read_cache_info,
+    read_clip,
     read_held_out,
     split_by_record,
     text_embed_path,
@@ -50,24 +49,23 @@ from cosmos_cli import (
     add_config_argument,
     add_model_arguments,
     check_pretrained_model,
+    model_dtype,
     non_negative_float,
     parse_with_config,
     positive_int,
     run_main,
     stage,
 )
-from cosmos_families import detect_family, load_component, project_text, projection_sha, take_text_projection
-from cosmos_model import (
-    ADAPTER_CONFIG,
-    EMA_DIR,
-    check_fp8_support,
-    convert_frozen_linears_to_fp8,
-    decode_to_frames,
-    load_finetuned_weights,
-    modulate_per_frame,
-    normalize_latents,
-    read_adapter_config,
+from cosmos_families import (
+    detect_family,
+    load_component,
+    project_text,
+    projection_sha,
+    recorded_family,
+    take_text_projection,
 )
+from cosmos_speed import check_fp8_support, convert_frozen_linears_to_fp8, modulate_per_frame
+from cosmos_vae import decode_to_frames, normalize_latents
 from cosmos_video import (
     VAE_TEMPORAL_FACTOR,
     check_clip_geometry,
@@ -80,7 +78,6 @@ from cosmos_video import (
     open_video,
     parse_bucket,
     plan_bucket_clips,
-    plan_clips,
     probe_video,
     read_mp4,
     video_grid,
@@ -248,37 +245,25 @@ def input_shape(args, height, width, num_source_frames=None, source_fps=None):
     return (bucket.num_frames, bucket.height, bucket.width)
 
 
-def last_frame_indices(num_source_frames, source_fps, num_frames, fps):
-    """Source indices of the last `num_frames` frames at `fps`, ending at the video's last frame."""
-    last = num_source_frames - 1
-    indices = [last - round((num_frames - 1 - j) * source_fps / fps) for j in range(num_frames)]
-    return [indices] if indices[0] >= 0 else []
-
-
 def video_job(path, args, family):
-    """A video input. Predict2.5 conditions on its last frames, as its pipeline does. Predict2 conditions on its first
-    frames; a video long enough for the whole clip also gives the clip as ground truth."""
+    """A video input: the family picks which of its frames condition (ModelFamily.video_frames); where they are the
+    whole clip, the clip is also the ground truth."""
     n = args.num_conditioning_frames
     with open_video(path) as container:
         num_source_frames, source_fps = probe_video(container)
-        num_frames, height, width = shape = input_shape(args, *video_size(container), num_source_frames, source_fps)
-        clips = []
-        if family.conditioning_side == "last":
-            planned = last_frame_indices(num_source_frames, source_fps, n, args.fps)
-        else:
-            clips = plan_clips(num_source_frames, source_fps, num_frames, args.fps, max_clips=1)
-            planned = clips or plan_clips(num_source_frames, source_fps, n, args.fps, max_clips=1)
-        if not planned:
+        _, height, width = shape = input_shape(args, *video_size(container), num_source_frames, source_fps)
+        indices, whole_clip = family.video_frames(num_source_frames, source_fps, shape, n, args.fps)
+        if indices is None:
             raise ValueError(f"{path} has fewer than {n} frames at {args.fps} fps")
-        decoded = decode_frames(container, set(planned[0]))
-    frames = torch.stack([torch.from_numpy(decoded[i]) for i in planned[0]])
+        decoded = decode_frames(container, set(indices))
+    frames = torch.stack([torch.from_numpy(decoded[i]) for i in indices])
     frames = fit_frames(frames, height, width, args.resize_mode)
     return Job(
         name=os.path.splitext(os.path.basename(path))[0],
         kind="video",
         source=path,
         cond_frames=frames[:n],
-        truth_frames=frames if clips else None,
+        truth_frames=frames if whole_clip else None,
         shape=shape,
         fps=args.fps,
     )
@@ -297,15 +282,15 @@ def image_job(path, args):
     )
 
 
-def cached_job(path, cache_dir=None, family=None):
-    with safe_open(path, "pt") as f:
-        latents, meta = f.get_tensor("latents").float(), f.metadata()
+def cached_job(path, family, cache_dir=None):
+    latents, meta = read_clip(path)
+    latents = latents.float()
     if "caption_hash" not in meta:
         raise ValueError(f"{path} is not a clip file of cache_latents.py")
     cache_dir = cache_dir or os.path.dirname(os.path.dirname(path))
     info = read_cache_info(cache_dir)
-    if family and cache_family(info) != family.name:
-        raise ValueError(f"{path} was cached with a {cache_family(info)} model, the model is {family.name}")
+    if info["family"] != family.name:
+        raise ValueError(f"{path} was cached with a {info['family']} model, the model is {family.name}")
     embeds_path = text_embed_path(cache_dir, meta["caption_hash"])
     embeds = load_text_embeds(embeds_path).float() if os.path.isfile(embeds_path) else None
     return Job(
@@ -314,21 +299,20 @@ def cached_job(path, cache_dir=None, family=None):
         source=path,
         latents=latents,
         prompt_embeds=embeds,
-        projection_sha=cache_text_embeds(info)["projection_sha"],
+        projection_sha=info["text_embeds"]["projection_sha"],
         shape=(int(meta["num_frames"]), int(meta["height"]), int(meta["width"])),
         fps=float(meta["fps"]),
     )
 
 
-def collect_jobs(args, family=None):
+def collect_jobs(args, family):
     """Read every input into a job; bad inputs fail here, before any model loads."""
-    family = family or detect_family(args.pretrained_model_name_or_path, args.revision)
     jobs = []
     for path in expand_inputs(args.input):
         lower = path.lower()
         try:
             if lower.endswith(".safetensors"):
-                jobs.append(cached_job(path, family=family))
+                jobs.append(cached_job(path, family))
             elif lower.endswith(IMAGE_EXTENSIONS):
                 jobs.append(image_job(path, args))
             elif lower.endswith(VIDEO_EXTENSIONS):
@@ -341,7 +325,7 @@ def collect_jobs(args, family=None):
             raise ValueError(f"cannot read --input {path}: {type(error).__name__}: {error}".splitlines()[0]) from None
     if args.from_cache:
         held = sorted(held_out_clips_to_sample(args), key=lambda clip: clip["shape"])  # one bucket after another
-        jobs += [cached_job(clip["path"], args.from_cache, family) for clip in held]
+        jobs += [cached_job(clip["path"], family, args.from_cache) for clip in held]
     if not jobs:
         raise ValueError("nothing to generate: give --input or --from_cache")
     names = [job.name for job in jobs]
@@ -384,17 +368,16 @@ def held_out_clips_to_sample(args):
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
-def load_pipeline_components(args, device, family=None):
+def load_pipeline_components(args, device, family):
     """The models, with Predict2.5's crossattn_proj taken out of the transformer (`text_projection`): every
     embedding is projected before the transformer sees it, so cached projected ones and fresh raw ones batch alike."""
-    dtype = {
-        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-        "float32": torch.float32,
-        "bfloat16": torch.bfloat16,
-    }[args.dtype]
+    dtype = model_dtype(args.dtype, device)
     path, revision = args.pretrained_model_name_or_path, args.revision
-    family = family or detect_family(path, revision)
-    transformer = modulate_per_frame(load_component(path, "transformer", revision, dtype, family))
+
+    def load(name, dtype=None):
+        return load_component(path, name, revision, dtype, family=family)
+
+    transformer = modulate_per_frame(load("transformer", dtype))
     if args.lora_path:
         # The scale reaches the LoRA, the adapters and proj_out; fusing then merges the LoRA at that scale.
         load_finetuned_weights(transformer, weights_path(args), scale=args.lora_scale)
@@ -413,10 +396,10 @@ def load_pipeline_components(args, device, family=None):
         family=family,
         transformer=transformer,
         text_projection=take_text_projection(transformer),
-        vae=load_component(path, "vae", revision, dtype, family).to(device).eval().requires_grad_(False),
-        text_encoder=load_component(path, "text_encoder", revision, dtype, family).to(device).requires_grad_(False),
-        tokenizer=load_component(path, "tokenizer", revision, family=family),
-        scheduler=load_component(path, "scheduler", revision, family=family),
+        vae=load("vae", dtype).to(device).eval().requires_grad_(False),
+        text_encoder=load("text_encoder", dtype).to(device).requires_grad_(False),
+        tokenizer=load("tokenizer"),
+        scheduler=load("scheduler"),
     )
     components["safety_checker"] = None if args.disable_safety_checker else load_safety_checker()
     return components
@@ -448,7 +431,7 @@ def check_lora_family(lora_path, family):
             f"{lora_path} holds no {ADAPTER_CONFIG}: not a train_cosmos_lora.py output or checkpoint"
         )
     with open(path) as f:
-        trained_on = json.load(f).get("family", "predict2")
+        trained_on = recorded_family(json.load(f))
     if trained_on != family.name:
         raise ValueError(f"--lora_path {lora_path} was trained on a {trained_on} model, the model is {family.name}")
 
@@ -464,29 +447,22 @@ def check_projected_embeddings(jobs, projection):
             )
 
 
-def conditioning_latents(job, vae, generator, device, posterior):
+def conditioning_latents(job, vae, generator, device, family):
     """Clean latents [1, z, T, h, w] the generation is conditioned on, and how many latent frames of them count.
 
     Image and video jobs follow the family's pipeline, which pads the conditioning frames to the clip length with
-    the last frame, encodes that whole clip with the VAE posterior (Predict2: a sample drawn with the job's
-    generator; Predict2.5: its mode), normalizes it and then uses only the conditioning latent frames. The VAE is
-    causal in time, so those latent frames depend on the conditioning frames alone: only they are encoded, and the
-    other latent frames are zero (the conditioning mask multiplies them by 0). The posterior noise is drawn for the
-    whole clip, as the pipeline draws it, so the generator then draws the same starting noise.
+    the last frame, encodes that whole clip with the VAE posterior (drawn as ModelFamily.conditioning_latents
+    says), normalizes it and then uses only the conditioning latent frames. The VAE is causal in time, so those
+    latent frames depend on the conditioning frames alone: only they are encoded, and the other latent frames are
+    zero (the conditioning mask multiplies them by 0).
     """
-    from diffusers.utils.torch_utils import randn_tensor
-
     if job.kind == "cached":
         return job.latents[None].to(device), None
     frames = job.cond_frames
     num_cond = (len(frames) - 1) // VAE_TEMPORAL_FACTOR + 1
     dist = vae.encode(frames_to_vae_input(frames)[None].to(device, vae.dtype)).latent_dist
     clip_shape = (1, *latent_shape(*job.shape, channels=dist.mean.shape[1]))
-    if posterior == "sample":
-        noise = randn_tensor(clip_shape, generator=generator, device=device, dtype=dist.mean.dtype)
-        latents = dist.mean + dist.std * noise[:, :, :num_cond]
-    else:
-        latents = dist.mode()
+    latents = family.conditioning_latents(dist, clip_shape, num_cond, generator)
     latents = normalize_latents(latents.float(), vae.config)
     rest = latents.new_zeros(*clip_shape[:2], clip_shape[2] - num_cond, *clip_shape[3:])
     return torch.cat([latents, rest], dim=2), num_cond
@@ -503,7 +479,7 @@ def generate_latents(jobs, components, args, first_index):
     cond_latents, noises, num_cond = [], [], []
     for offset, job in enumerate(jobs):
         generator = torch.Generator(device="cpu").manual_seed(args.seed + first_index + offset)
-        latents, n = conditioning_latents(job, vae, generator, device, family.conditioning_posterior)
+        latents, n = conditioning_latents(job, vae, generator, device, family)
         n = n or (1 if args.num_conditioning_frames == 1 else 2)
         cond_latents.append(latents)
         noises.append(randn_tensor(latents.shape, generator=generator, device=device, dtype=torch.float32))

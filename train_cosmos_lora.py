@@ -34,23 +34,32 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin, set_seed
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from cosmos_adapters import (
+    EMA_DIR,
+    add_temporal_adapters,
+    check_files,
+    file_sizes,
+    lora_config,
+    read_adapter_config,
+    read_exported_weights,
+    save_finetuned_weights,
+)
 from cosmos_cache import (
     HELD_OUT,
     atomic_write_text,
     bucket_name,
-    cache_family,
-    cache_text_embeds,
     hold_out_clips,
     list_cached_clips,
     load_text_embeds,
     missing_clip_files,
     read_cache_info,
+    read_clip,
     read_held_out,
     split_by_record,
     text_embed_path,
+    vae_normalization,
     write_held_out,
 )
 from cosmos_cli import (
@@ -77,27 +86,12 @@ from cosmos_families import (
     detect_family,
     load_component,
     load_component_config,
-    null_text_embedding,
-    projection_sha,
-    take_text_projection,
+    prepare_text_projection,
     text_embed_width,
 )
-from cosmos_model import (
-    EMA_DIR,
-    add_temporal_adapters,
-    check_files,
-    check_fp8_support,
-    convert_frozen_linears_to_fp8,
-    decode_to_frames,
-    file_sizes,
-    lora_config,
-    modulate_per_frame,
-    predict_velocity,
-    read_adapter_config,
-    read_exported_weights,
-    save_finetuned_weights,
-    vae_normalization,
-)
+from cosmos_sampling import predict_velocity
+from cosmos_speed import check_fp8_support, convert_frozen_linears_to_fp8, modulate_per_frame
+from cosmos_vae import decode_to_frames
 from cosmos_video import contact_sheet, write_mp4
 
 logger = get_logger(__name__)
@@ -413,13 +407,12 @@ def resolve_family_defaults(args):
     return family
 
 
-def load_caches(specs, pretrained_model_name_or_path, revision=None):
+def load_caches(specs, pretrained_model_name_or_path, revision=None, *, family):
     """Read and check every cache before any model loads; return [Cache] and the first cache's info.
 
     Caches of different clip shapes mix (each batch holds one shape); they must share the model family, the VAE
     normalization and the text embeddings. Every listed clip file must exist.
     """
-    family_name = detect_family(pretrained_model_name_or_path, revision).name
     vae_config = load_component_config(pretrained_model_name_or_path, "vae", revision)
     transformer_config = load_component_config(pretrained_model_name_or_path, "transformer", revision)
     caches, first = [], None
@@ -434,10 +427,10 @@ def load_caches(specs, pretrained_model_name_or_path, revision=None):
                 f"cache {path} was normalized with another VAE's latents_mean/std than "
                 f"{pretrained_model_name_or_path}; re-cache it with this model"
             )
-        if cache_family(info) != family_name:
+        if info["family"] != family.name:
             raise ValueError(
-                f"cache {path} was made with a {cache_family(info)} model, {pretrained_model_name_or_path} is "
-                f"{family_name}; re-cache it with this model"
+                f"cache {path} was made with a {info['family']} model, {pretrained_model_name_or_path} is "
+                f"{family.name}; re-cache it with this model"
             )
         missing = missing_clip_files(clips)
         if missing:
@@ -445,14 +438,14 @@ def load_caches(specs, pretrained_model_name_or_path, revision=None):
                 f"cache {path}: {len(missing)} of its {len(clips)} listed clip files are missing (first: "
                 f"{missing[0]}); run cache_latents.py --verify on it, or rerun its caching to complete it"
             )
-        text = cache_text_embeds(info)
+        text = info["text_embeds"]
         expected = text_embed_width(transformer_config, text["kind"])
         if text["shape"][1] != expected:
             raise ValueError(
                 f"cache {path} has {text['shape'][1]}-dim {text['kind']} text embeddings, the transformer "
                 f"expects {expected}"
             )
-        if first and cache_text_embeds(first[1]) != text:
+        if first and first[1]["text_embeds"] != text:
             raise ValueError(f"cache {path} holds other text embeddings than {first[0]}; mix only alike caches")
         first = first or (path, info)
         for clip in clips:
@@ -481,7 +474,7 @@ class CachedClips(torch.utils.data.Dataset):
         for offset in range(len(group)):
             clip = self.clips[group[(start + offset) % len(group)]]
             try:
-                latents = load_file(clip["path"])["latents"].float()
+                latents = read_clip(clip["path"])[0].float()
             except Exception as error:
                 bad.append(f"{clip['path']} ({type(error).__name__}: {error})".splitlines()[0])
                 continue
@@ -596,11 +589,11 @@ def build_train_dataloader(caches, args, num_processes):
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------
-def load_transformer(args, weight_dtype, family=None):
+def load_transformer(args, weight_dtype, family):
     """Frozen base transformer in weight_dtype with LoRA, temporal adapters and proj_out trainable in fp32, and its
     AdaLN modulation computed per frame."""
     transformer = load_component(
-        args.pretrained_model_name_or_path, "transformer", args.revision, weight_dtype, family
+        args.pretrained_model_name_or_path, "transformer", args.revision, weight_dtype, family=family
     )
     modulate_per_frame(transformer)
     transformer.requires_grad_(False)
@@ -616,28 +609,6 @@ def load_transformer(args, weight_dtype, family=None):
     if args.gradient_checkpointing != "none":
         apply_gradient_checkpointing(transformer, args.gradient_checkpointing)
     return transformer
-
-
-def prepare_text_projection(transformer, text_embeds):
-    """For a cache of projected Predict2.5 embeddings: check that it fits this transformer's crossattn_proj, take the
-    projection out of the transformer (the embeddings are its output already) and return the embedding of a dropped
-    caption, crossattn_proj(0). None for caches of T5 or full embeddings (their dropped caption is zeros)."""
-    if text_embeds["kind"] != "projected":
-        return None
-    projection = transformer.crossattn_proj
-    if any(p.requires_grad for p in projection.parameters()):
-        raise ValueError(
-            "the cache holds crossattn_proj outputs, but crossattn_proj trains in this run (--lora_target_modules); "
-            "re-cache with cache_latents.py --text_embeds full"
-        )
-    if projection_sha(projection) != text_embeds["projection_sha"]:
-        raise ValueError(
-            "the cache's text embeddings were projected with another crossattn_proj than this model's; "
-            "re-cache with this model (or --text_embeds full)"
-        )
-    null_text = null_text_embedding(transformer, "projected")
-    take_text_projection(transformer)
-    return null_text
 
 
 def apply_gradient_checkpointing(transformer, mode):
@@ -882,7 +853,7 @@ def log_validation_videos(accelerator, paths, sheet, step):
 
 def load_validation_decoder(args, dtype, device, family):
     path, revision = args.pretrained_model_name_or_path, args.revision
-    vae = load_component(path, "vae", revision, dtype, family)
+    vae = load_component(path, "vae", revision, dtype, family=family)
     scheduler = load_component(path, "scheduler", revision, family=family)
     return ValidationDecoder(vae.to(device).eval(), scheduler, family.denoise)
 
@@ -1360,7 +1331,7 @@ def write_run_record(args, caches, first_cache_clips, train_clips, validation_cl
 def main(args):
     validate_args(args)
     family = resolve_family_defaults(args)
-    caches, info = load_caches(args.cache_dir, args.pretrained_model_name_or_path, args.revision)
+    caches, info = load_caches(args.cache_dir, args.pretrained_model_name_or_path, args.revision, family=family)
     check_clip_frames(caches, args)
     resume_path = resolve_resume_path(args)
     if resume_path:
@@ -1394,7 +1365,7 @@ def run_training(args, family, accelerator, caches, info, validation_clips, resu
     transformer = load_transformer(args, weight_dtype, family)
     if args.fp8:
         convert_frozen_linears_to_fp8(transformer, emulate=accelerator.device.type != "cuda")
-    null_text = prepare_text_projection(transformer, cache_text_embeds(info))
+    null_text = prepare_text_projection(transformer, info["text_embeds"])
     if accelerator.is_main_process:
         print(trainable_parameter_table(transformer))
     params = [p for p in transformer.parameters() if p.requires_grad]

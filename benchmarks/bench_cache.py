@@ -13,7 +13,7 @@ Stages, in the order they run (each result is saved as soon as it is measured):
 4. vae_only: clips already on the GPU: the chunked encode (plain batch 4, and as cache_latents.py runs it), the
    whole-clip encode eager, and compiled at each --compile_batches, with peak memory, compile time and a kernel
    profile of the compiled batch 8.
-5. default: cache_latents.py with its GPU defaults (whole-clip encode, compiled unless COMPILE_VAE_ON_GPU is off).
+5. default: cache_latents.py with its GPU defaults (whole-clip encode, compiled).
 6. vae_decode: diffusers' chunked decode against cosmos_vae.decode_whole_clip at the reference clip and at
    93x480x832 (sample.py's default size), batch 1.
 
@@ -52,7 +52,6 @@ from bench_decode import video_clips
 import cache_latents
 import cosmos_vae
 import make_synthetic_clips
-from cosmos_model import normalize_latents
 from cosmos_video import frames_to_vae_input
 
 STAGES = ["decode", "naive", "chunked", "vae_only", "default", "vae_decode", "text"]
@@ -310,7 +309,9 @@ def naive_caching(model, paths, out_dir):
         for first in range(0, len(clips), 4):
             x = vae_input(clips[first : first + 4], torch.float32).to(DEVICE, DTYPE)
             with torch.no_grad():
-                latents = normalize_latents(vae.encode(x).latent_dist.mean.float(), vae.config).bfloat16().cpu()
+                latents = (
+                    cosmos_vae.normalize_latents(vae.encode(x).latent_dist.mean.float(), vae.config).bfloat16().cpu()
+                )
             for offset, latent in enumerate(latents):
                 name = cache_latents.clip_file_name(os.path.splitext(os.path.basename(path))[0], first + offset)
                 save_file({"latents": latent.contiguous()}, os.path.join(out_dir, name))
@@ -372,16 +373,16 @@ def script_caching(model, video_dir, out_dir, num_workers, extra=()):
 def text_path(model, out_dir, num_captions):
     """cache_latents.py's TextEmbedCache on unique captions: load seconds, seconds and bytes per caption, per kind."""
     from cosmos_cache import caption_hash, text_embed_path
-    from cosmos_families import detect_family, load_component_config, text_embed_kind
+    from cosmos_families import detect_family, load_component_config, load_text_projection, text_embed_kind
 
     family, config = detect_family(model), load_component_config(model, "transformer")
     results = {}
-    for choice in ["projected", "full"] if family.name == "predict2.5" else ["projected"]:
+    for choice in ["projected", "full"] if text_embed_kind(config, "full") == "full" else ["projected"]:
         shutil.rmtree(out_dir, ignore_errors=True)
         args = argparse.Namespace(pretrained_model_name_or_path=model, revision=None, text_embeds=choice)
         kind = text_embed_kind(config, choice)
         start = time.perf_counter()
-        projection, _ = cache_latents.load_text_projection(args, family, kind, torch.device("cuda"), torch.bfloat16)
+        projection, _ = load_text_projection(model, None, family, kind, torch.device("cuda"), torch.bfloat16)
         cache = cache_latents.TextEmbedCache(out_dir, args, family, projection, torch.device("cuda"), torch.bfloat16)
         cache.load()
         torch.cuda.synchronize()
@@ -413,7 +414,7 @@ def compare_latents(dir_a, dir_b):
 
 def compare_with_reference(cache_dir, names, reference, vae_config):
     """Relative L2 of a cache's stored latents of the reference clips against their float32 chunked encode."""
-    expected = normalize_latents(reference, vae_config)
+    expected = cosmos_vae.normalize_latents(reference, vae_config)
     errors = [
         relative_error(load_file(os.path.join(cache_dir, name))["latents"], latent)
         for name, latent in zip(names, expected, strict=True)

@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import make_synthetic_clips  # noqa: E402
-from cosmos_video import decode_frames, fit_frames, open_video, plan_clips, probe_video
+from cosmos_video import Bucket, decode_frames, fit_frames, open_video, plan_bucket_clips, probe_video
 
 
 def decode_all_pyav(path, threaded):
@@ -46,7 +46,7 @@ def video_clips(path):
     cuts them."""
     with open_video(path) as container:
         num_frames, fps = probe_video(container)
-        clips = plan_clips(num_frames, fps, 61, 8.0)
+        clips = [indices for _, indices in plan_bucket_clips([Bucket(61, 256, 448)], num_frames, fps, 8.0)]
         frames = decode_frames(container, {i for clip in clips for i in clip})
     return [fit_frames(torch.stack([torch.from_numpy(frames[i]) for i in clip]), 256, 448) for clip in clips]
 

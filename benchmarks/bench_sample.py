@@ -100,7 +100,7 @@ def conditioning_encode_seconds(job, vae, family):
 
     def ours():
         generator = torch.Generator().manual_seed(0)
-        sample.conditioning_latents(job, vae, generator, vae.device, family.conditioning_posterior)
+        sample.conditioning_latents(job, vae, generator, vae.device, family)
 
     def pipelines():
         vae.encode(frames_to_vae_input(padded)[None].to(vae.device, vae.dtype)).latent_dist.mode()
@@ -257,8 +257,8 @@ def main():
     print(results, flush=True)
 
     args = sample_args(cli, image_path)
-    components = sample.load_pipeline_components(args, torch.device("cuda"))
-    jobs = sample.collect_jobs(args)
+    components = sample.load_pipeline_components(args, torch.device("cuda"), family)
+    jobs = sample.collect_jobs(args, family)
     results["conditioning_encode_s"] = conditioning_encode_seconds(jobs[0], components["vae"], family)
     print(results["conditioning_encode_s"], flush=True)
     write_results(results, cli)
@@ -319,15 +319,15 @@ def autotune_vae_convolutions(components, args):
 
 
 def stock_modulation(components, args):
-    """Undo sample.py's per-frame AdaLN (cosmos_model.modulate_per_frame): the stock per-token modulation."""
-    from cosmos_model import adaln_norms
+    """Undo sample.py's per-frame AdaLN (cosmos_speed.modulate_per_frame): the stock per-token modulation."""
+    from cosmos_speed import adaln_norms
 
     for norm in adaln_norms(components["transformer"]):
         norm.__class__ = type(norm).__bases__[1]  # FrameModulated<Stock> derives from (FrameModulation, Stock)
 
 
 def per_frame_modulation(components, args):
-    from cosmos_model import modulate_per_frame
+    from cosmos_speed import modulate_per_frame
 
     modulate_per_frame(components["transformer"])
 
@@ -364,7 +364,7 @@ def replay_cuda_graph(components, args):
 
 def fp8_linears(components, args):
     """sample.py --fp8 on the blocks (before a CUDA graph is captured, so that the graph replays the FP8 kernels)."""
-    from cosmos_model import convert_frozen_linears_to_fp8
+    from cosmos_speed import convert_frozen_linears_to_fp8
 
     convert_frozen_linears_to_fp8(components["transformer"])
 

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_train  # noqa: E402
 
 import train_cosmos_lora as train  # noqa: E402
-from cosmos_model import ADAPTER_WEIGHTS, LORA_WEIGHTS, read_exported_weights
+from cosmos_adapters import ADAPTER_WEIGHTS, LORA_WEIGHTS, read_exported_weights
 
 REPO = bench_train.REPO
 WRAPPER_PREFIXES = re.compile(r"(^module\.)|(_checkpoint_wrapped_module\.)|(_orig_mod\.)")

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_sample  # noqa: E402
 
 import sample  # noqa: E402
+from cosmos_families import detect_family  # noqa: E402
 
 
 def synchronizing_lines(generate):
@@ -53,8 +54,9 @@ def main():
     os.makedirs(cli.out, exist_ok=True)
     args = bench_sample.sample_args(cli, bench_sample.write_condition_image(cli))
     args.num_inference_steps = cli.steps
-    components = sample.load_pipeline_components(args, torch.device("cuda"))
-    jobs = sample.collect_jobs(args)
+    family = detect_family(args.pretrained_model_name_or_path, args.revision)
+    components = sample.load_pipeline_components(args, torch.device("cuda"), family)
+    jobs = sample.collect_jobs(args, family)
     sample.generate_latents(jobs, components, args, 0)  # warm-up: cuDNN plans, allocator
     lines = synchronizing_lines(lambda: sample.generate_latents(jobs, components, args, 0))
     result = {"family": components["family"].name, "steps": cli.steps, "synchronizing_lines": lines}

@@ -15,8 +15,8 @@ from safetensors import safe_open
 import cache_latents
 from conftest import CLIP_ARGS, REPO, run_script
 from cosmos_cache import list_cached_clips, read_cache_info, read_manifest
-from cosmos_model import normalize_latents
-from cosmos_video import fit_frames, plan_clips
+from cosmos_vae import normalize_latents
+from cosmos_video import Bucket, fit_frames, plan_bucket_clips
 
 
 def cache(model, output_dir, *source, extra=()):
@@ -294,6 +294,12 @@ def test_cache_refuses_a_different_config(tiny_model, clips, folder_cache):
 
 
 def test_plan_clips_resamples_and_strides():
+    def plan_clips(num_source_frames, source_fps, num_frames, fps, stride_seconds=None, max_clips=None):
+        bucket = Bucket(num_frames, 64, 112)
+        return [
+            i for _, i in plan_bucket_clips([bucket], num_source_frames, source_fps, fps, stride_seconds, max_clips)
+        ]
+
     clips = plan_clips(num_source_frames=120, source_fps=30, num_frames=5, fps=10, stride_seconds=1.5)
     assert clips == [[0, 3, 6, 9, 12], [45, 48, 51, 54, 57], [90, 93, 96, 99, 102]]
     assert plan_clips(120, 30, 5, 10, max_clips=2)[1] == [15, 18, 21, 24, 27]

@@ -13,17 +13,19 @@ from test_train import ALL_LINEAR, random_inputs, train_args
 import sample
 import train_cosmos_lora as train
 from conftest import OVERFIT_ARGS, cache_clips
+from cosmos_adapters import LORA_WEIGHTS
 from cosmos_cache import CACHE_INFO, list_cached_clips, text_embed_path
 from cosmos_families import (
     detect_family,
     encode_qwen_prompts,
+    last_frame_indices,
     load_component,
     null_text_embedding,
     project_text,
     projection_sha,
     take_text_projection,
 )
-from cosmos_model import LORA_WEIGHTS, modulate_per_frame
+from cosmos_speed import modulate_per_frame
 
 PROMPT = "a worker picks up a tool"
 
@@ -48,8 +50,10 @@ def pipeline_latents(pipe, steps, seed, **inputs):
 
 
 def our_latents(args):
-    components = sample.load_pipeline_components(args, torch.device("cpu"))
-    jobs = sample.collect_jobs(args)
+    components = sample.load_pipeline_components(
+        args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
+    )
+    jobs = sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path))
     latents, num_cond = sample.generate_latents(jobs, components, args, first_index=0)
     return latents, num_cond, jobs
 
@@ -81,7 +85,7 @@ def test_prompt_embeddings_equal_the_pipelines(tiny_model_25):
 
 
 def test_projected_embeddings_bypass_crossattn_proj_exactly(tiny_model_25):
-    transformer = load_component(tiny_model_25, "transformer")
+    transformer = load_component(tiny_model_25, "transformer", family=detect_family(tiny_model_25))
     inputs = random_inputs(transformer)
     full = torch.randn(2, 512, 64)
     with torch.no_grad():
@@ -96,13 +100,16 @@ def test_projected_embeddings_bypass_crossattn_proj_exactly(tiny_model_25):
 def test_cache_stores_projected_embeddings_and_records_the_family(tiny_model_25, one_clip_cache_25):
     with open(os.path.join(one_clip_cache_25, CACHE_INFO)) as f:
         info = json.load(f)
-    transformer = load_component(tiny_model_25, "transformer")
+    transformer = load_component(tiny_model_25, "transformer", family=detect_family(tiny_model_25))
     sha = projection_sha(transformer.crossattn_proj)
     assert info["format_version"] == 2 and info["family"] == "predict2.5" and info["model"] == tiny_model_25
     assert info["text_embeds"] == {"kind": "projected", "shape": [512, 32], "projection_sha": sha}
     clip = list_cached_clips(one_clip_cache_25)[0]
     stored = load_file(text_embed_path(one_clip_cache_25, clip["caption_hash"]))["prompt_embeds"]
-    tokenizer, encoder = load_component(tiny_model_25, "tokenizer"), load_component(tiny_model_25, "text_encoder")
+    tokenizer, encoder = (
+        load_component(tiny_model_25, "tokenizer", family=detect_family(tiny_model_25)),
+        load_component(tiny_model_25, "text_encoder", family=detect_family(tiny_model_25)),
+    )
     full = encode_qwen_prompts(tokenizer, encoder, ["a worker's hands"], "cpu")
     with torch.no_grad():
         expected = transformer.crossattn_proj(full)[0]
@@ -126,7 +133,7 @@ def test_full_embedding_cache_trains(tiny_model_25, clips, tmp_path):
 
 def test_text_dropout_on_projected_embeddings_equals_zeroed_full_embeddings(tiny_model_25):
     """Dropping a caption zeroes the full embedding, which crossattn_proj maps to GELU(bias), not to zeros."""
-    transformer = load_component(tiny_model_25, "transformer")
+    transformer = load_component(tiny_model_25, "transformer", family=detect_family(tiny_model_25))
     latents, noise = torch.randn(1, 16, 5, 8, 14), torch.randn(1, 16, 5, 8, 14)
     t, num_cond = torch.tensor([0.6]), torch.tensor([1])
 
@@ -173,7 +180,7 @@ def test_five_frame_video_conditions_on_its_last_frames_like_the_pipeline(tiny_m
     ours, num_cond, jobs = our_latents(args)
     # A 4 s video at 30 fps sampled at 8 fps: its last 5 frames are the source frames nearest to 0.5 s .. 0 s
     # before its last one.
-    assert sample.last_frame_indices(120, 30.0, 5, 8.0) == [[104, 108, 111, 115, 119]]
+    assert last_frame_indices(120, 30.0, 5, 8.0) == [[104, 108, 111, 115, 119]]
     assert jobs[0].truth_frames is None  # the generation continues the video: no ground truth
     frames = [Image.fromarray(frame.numpy()) for frame in jobs[0].cond_frames]
     theirs = pipeline_latents(pipeline(tiny_model_25), 3, 5, video=frames)
@@ -182,9 +189,11 @@ def test_five_frame_video_conditions_on_its_last_frames_like_the_pipeline(tiny_m
 
 
 def test_fresh_adapters_give_exactly_the_base_output(tiny_model_25, one_clip_cache_25):
-    base = modulate_per_frame(load_component(tiny_model_25, "transformer"))  # the base as the scripts run it
+    base = modulate_per_frame(
+        load_component(tiny_model_25, "transformer", family=detect_family(tiny_model_25))
+    )  # the base as the scripts run it
     args = train_args(tiny_model_25, one_clip_cache_25, "unused", "--lora_target_modules", *ALL_LINEAR)
-    adapted = train.load_transformer(args, torch.float32)
+    adapted = train.load_transformer(args, torch.float32, detect_family(args.pretrained_model_name_or_path))
     inputs = dict(random_inputs(base), encoder_hidden_states=torch.randn(2, 512, 64))
     with torch.no_grad():
         assert torch.equal(base(**inputs)[0], adapted(**inputs)[0])
@@ -213,12 +222,12 @@ def test_a_cache_of_another_family_is_refused_before_any_model_loads(
         train.main(train_args(tiny_model, one_clip_cache_25, tmp_path / "run", "--max_train_steps", 1))
     clip = list_cached_clips(one_clip_cache_25)[0]["path"]
     with pytest.raises(ValueError, match="cached with a predict2.5 model"):
-        sample.collect_jobs(sample_args(tiny_model, tmp_path, "--input", clip))
+        sample.collect_jobs(sample_args(tiny_model, tmp_path, "--input", clip), detect_family(tiny_model))
 
 
 def test_overfit_model_reproduces_its_clip_by_sampling(tiny_model_25, one_clip_cache_25, overfit_run_25, tmp_path):
     clip = list_cached_clips(one_clip_cache_25)[0]["path"]
-    truth = sample.cached_job(clip).latents[None, :, 1:]
+    truth = sample.cached_job(clip, detect_family(tiny_model_25)).latents[None, :, 1:]
 
     def latents(steps, *extra):
         flags = ["--input", clip, "--guidance_scale", 1, "--num_inference_steps", steps, *extra]
@@ -246,8 +255,8 @@ def test_lora_file_loads_with_the_pipelines_load_lora_weights(tiny_model, tiny_m
     assert (tuned - base).abs().mean() > 0.05
 
 
-def test_a_format_1_cache_still_trains_as_predict2(tiny_model, one_clip_cache, tmp_path):
-    """Caches written before the family keys existed hold T5 embeddings of a Predict2 model."""
+def test_a_cache_of_an_older_format_is_refused_with_a_re_cache_message(tiny_model, one_clip_cache, tmp_path):
+    """Caches written before the family keys existed (format 1) are refused in one line that says to re-cache."""
     import shutil
 
     from cosmos_cache import check_cache_compatible
@@ -260,6 +269,7 @@ def test_a_format_1_cache_still_trains_as_predict2(tiny_model, one_clip_cache, t
     new_keys = ("format_version", "family", "revision", "text_embeds")
     with open(path, "w") as f:
         json.dump({k: v for k, v in info.items() if k not in new_keys}, f)
-    caches, _ = train.load_caches([old], tiny_model)
-    assert len(caches[0].clips) == 1
-    check_cache_compatible(old, {k: info[k] for k in info if k not in ("num_clips", "num_videos", "num_shards")})
+    with pytest.raises(ValueError, match="is a format-1 cache, not format 2: re-cache it"):
+        train.load_caches([old], tiny_model, family=detect_family(tiny_model))
+    with pytest.raises(ValueError, match="is a format-1 cache, not format 2: re-cache it"):
+        check_cache_compatible(old, {k: info[k] for k in info if k not in ("num_clips", "num_videos", "num_shards")})

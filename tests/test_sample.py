@@ -10,8 +10,8 @@ from test_train import no_model_may_load
 
 import sample
 from conftest import error_line, run_script
-from cosmos_families import load_component
-from cosmos_model import modulate_per_frame
+from cosmos_families import FAMILIES, detect_family, load_component
+from cosmos_speed import modulate_per_frame
 
 TINY = ["--height", "64", "--width", "112", "--num_frames", "17", "--disable_safety_checker"]
 
@@ -72,8 +72,10 @@ def test_latents_match_the_diffusers_pipeline(tiny_model, image, tmp_path, guida
         "--seed",
         3,
     )
-    jobs = sample.collect_jobs(args)
-    components = sample.load_pipeline_components(args, torch.device("cpu"))
+    jobs = sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path))
+    components = sample.load_pipeline_components(
+        args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
+    )
     ours, num_cond = sample.generate_latents(jobs, components, args, first_index=0)
     # fps=None: the pipeline's default fps=16 rescales RoPE, which NVIDIA's checkpoints were not trained with.
     theirs = pipeline_output(tiny_model, image, "latent", guidance=guidance)
@@ -93,9 +95,13 @@ def test_the_last_step_is_skipped_and_the_latents_equal_the_pipelines_to_the_bit
     steps = 4
     args = sample_args(tiny_model, tmp_path, "--input", image, "--prompt", "a worker picks up a tool")
     args.num_inference_steps, args.guidance_scale, args.seed = steps, 1.0, 3
-    components = sample.load_pipeline_components(args, torch.device("cpu"))
+    components = sample.load_pipeline_components(
+        args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
+    )
     our_calls = count_calls(components["transformer"])
-    ours, _ = sample.generate_latents(sample.collect_jobs(args), components, args, first_index=0)
+    ours, _ = sample.generate_latents(
+        sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path)), components, args, first_index=0
+    )
     pipeline_calls = []
 
     def per_frame_and_counted(pipe):
@@ -111,8 +117,8 @@ def test_the_last_step_is_skipped_and_the_latents_equal_the_pipelines_to_the_bit
 def test_per_frame_modulation_gives_the_stock_transformers_output(tiny_model):
     """Per-frame AdaLN: the modulation's linears see one row per latent frame instead of one per token, and the
     output equals the stock transformer's, with clean conditioning frames (another timestep) in the clip."""
-    stock = load_component(tiny_model, "transformer")
-    per_frame = modulate_per_frame(load_component(tiny_model, "transformer"))
+    stock = load_component(tiny_model, "transformer", family=detect_family(tiny_model))
+    per_frame = modulate_per_frame(load_component(tiny_model, "transformer", family=detect_family(tiny_model)))
     rows = []
     per_frame.transformer_blocks[0].norm1.linear_1.register_forward_hook(lambda m, i, o: rows.append(i[0].shape))
     batch, frames, height, width = 2, 5, 8, 14
@@ -145,17 +151,18 @@ def test_only_the_conditioning_frames_are_encoded_and_give_the_padded_clips_late
     ends in the same state (the posterior noise is drawn for the whole clip)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    from cosmos_model import normalize_latents
+    from cosmos_vae import normalize_latents
     from cosmos_video import frames_to_vae_input
 
-    vae = load_component(tiny_model, "vae")
+    vae = load_component(tiny_model, "vae", family=detect_family(tiny_model))
     frames = torch.randint(0, 256, (num_cond_frames, 64, 112, 3), dtype=torch.uint8)
     job = sample.Job(name="clip", kind="image", source="clip.png", cond_frames=frames, shape=(17, 64, 112))
     encoded = []
     vae.encoder.register_forward_pre_hook(lambda m, args: encoded.append(args[0].shape[2]))
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        latents, num_cond = sample.conditioning_latents(job, vae, generator, torch.device("cpu"), posterior)
+        family = next(f for f in FAMILIES.values() if f.conditioning_posterior == posterior)
+        latents, num_cond = sample.conditioning_latents(job, vae, generator, torch.device("cpu"), family)
     after = randn_tensor((4,), generator=generator)
     frames_encoded = sum(encoded)  # the diffusers encoder runs frame 0, then chunks of 4
 
@@ -192,8 +199,10 @@ def test_five_frame_video_conditioning_matches_the_pipeline(tiny_model, clips, t
         "--seed",
         5,
     )
-    jobs = sample.collect_jobs(args)
-    components = sample.load_pipeline_components(args, torch.device("cpu"))
+    jobs = sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path))
+    components = sample.load_pipeline_components(
+        args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
+    )
     ours, num_cond = sample.generate_latents(jobs, components, args, first_index=0)
     pipe = Cosmos2VideoToWorldPipeline.from_pretrained(tiny_model, safety_checker=StandInSafetyChecker())
     frames = [Image.fromarray(frame.numpy()) for frame in jobs[0].cond_frames]
@@ -227,8 +236,12 @@ def test_sample_script_frames_match_the_pipeline(tiny_model, image, tmp_path):
         "--seed",
         3,
     )
-    components = sample.load_pipeline_components(args, torch.device("cpu"))
-    latents, _ = sample.generate_latents(sample.collect_jobs(args), components, args, 0)
+    components = sample.load_pipeline_components(
+        args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
+    )
+    latents, _ = sample.generate_latents(
+        sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path)), components, args, 0
+    )
     ours = sample.decode_to_frames(components["vae"], latents)[0].numpy().astype(float)
     theirs = (pipeline_output(tiny_model, image, "np")[0] * 255).round()
     assert ours.shape == theirs.shape == (17, 64, 112, 3)
@@ -245,8 +258,12 @@ def test_lora_changes_the_output_and_scale_zero_gives_the_base_back(tiny_model, 
 
     def latents(*extra):
         args = sample_args(tiny_model, tmp_path, "--input", clip, "--num_inference_steps", 3, *extra)
-        components = sample.load_pipeline_components(args, torch.device("cpu"))
-        return sample.generate_latents(sample.collect_jobs(args), components, args, 0)[0]
+        components = sample.load_pipeline_components(
+            args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
+        )
+        return sample.generate_latents(
+            sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path)), components, args, 0
+        )[0]
 
     base = latents()
     tuned = latents("--lora_path", overfit_run)
@@ -258,14 +275,18 @@ def test_lora_changes_the_output_and_scale_zero_gives_the_base_back(tiny_model, 
 def test_overfit_model_reproduces_its_clip_by_sampling(tiny_model, one_clip_cache, overfit_run, tmp_path):
     """Catches a flipped velocity sign, a wrong timestep scale or mishandled conditioning frames."""
     clip = sample.list_cached_clips(one_clip_cache)[0]["path"]
-    truth = sample.cached_job(clip).latents[None, :, 1:]
+    truth = sample.cached_job(clip, detect_family(tiny_model)).latents[None, :, 1:]
 
     def error(*extra):
         args = sample_args(
             tiny_model, tmp_path, "--input", clip, "--guidance_scale", 1, "--num_inference_steps", 35, *extra
         )
-        components = sample.load_pipeline_components(args, torch.device("cpu"))
-        latents = sample.generate_latents(sample.collect_jobs(args), components, args, 0)[0]
+        components = sample.load_pipeline_components(
+            args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
+        )
+        latents = sample.generate_latents(
+            sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path)), components, args, 0
+        )[0]
         return float(((latents[:, :, 1:] - truth) ** 2).mean())
 
     untrained, trained = error(), error("--lora_path", overfit_run)
@@ -320,8 +341,10 @@ def test_batched_jobs_equal_single_jobs(tiny_model, latent_cache, tmp_path):
             "--batch_size",
             batch_size,
         )
-        components = sample.load_pipeline_components(args, torch.device("cpu"))
-        jobs = sample.collect_jobs(args)
+        components = sample.load_pipeline_components(
+            args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
+        )
+        jobs = sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path))
         if batch_size == 2:
             return sample.generate_latents(jobs, components, args, 0)[0]
         return torch.cat([sample.generate_latents([job], components, args, i)[0] for i, job in enumerate(jobs)])
@@ -370,7 +393,7 @@ def test_bad_inputs_fail_in_one_line_before_any_model_loads(
 def test_a_lora_of_another_model_fails_in_one_line(tiny_model, image, overfit_run, tmp_path, change, message):
     from safetensors.torch import load_file, save_file
 
-    from cosmos_model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS
+    from cosmos_adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS
 
     bad = tmp_path / "bad_lora"
     bad.mkdir()
@@ -458,8 +481,12 @@ def test_two_processes_split_the_jobs_and_the_main_one_writes_the_grid(tiny_mode
 
 def test_generation_builds_no_autograd_graph(tiny_model, image, tmp_path):
     args = sample_args(tiny_model, tmp_path, "--input", image, "--num_inference_steps", 2)
-    components = sample.load_pipeline_components(args, torch.device("cpu"))
-    latents, _ = sample.generate_latents(sample.collect_jobs(args), components, args, 0)
+    components = sample.load_pipeline_components(
+        args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
+    )
+    latents, _ = sample.generate_latents(
+        sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path)), components, args, 0
+    )
     frames = sample.decode_to_frames(components["vae"], latents)
     assert not latents.requires_grad and not frames.requires_grad
     assert not any(
@@ -474,7 +501,11 @@ def test_compiled_sampling_matches_eager(tiny_model, one_clip_cache, overfit_run
         args = sample_args(
             tiny_model, tmp_path, "--input", clip, "--num_inference_steps", 2, "--lora_path", overfit_run, *extra
         )
-        components = sample.load_pipeline_components(args, torch.device("cpu"))
-        return sample.generate_latents(sample.collect_jobs(args), components, args, 0)[0]
+        components = sample.load_pipeline_components(
+            args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
+        )
+        return sample.generate_latents(
+            sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path)), components, args, 0
+        )[0]
 
     torch.testing.assert_close(latents("--compile"), latents(), rtol=1e-3, atol=1e-3)

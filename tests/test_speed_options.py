@@ -12,14 +12,16 @@ from test_train import ALL_LINEAR, losses, train_args
 
 import sample
 import train_cosmos_lora as train
-from cosmos_model import ADAPTER_WEIGHTS, LORA_WEIGHTS, convert_frozen_linears_to_fp8
+from cosmos_adapters import ADAPTER_WEIGHTS, LORA_WEIGHTS
+from cosmos_families import detect_family
+from cosmos_speed import convert_frozen_linears_to_fp8
 
 
 def test_fp8_converts_only_the_frozen_block_linears(tiny_model, latent_cache):
     from torchao.float8.float8_linear import Float8Linear
 
     args = train_args(tiny_model, latent_cache, "unused", "--lora_target_modules", "attn2.to_q", "attn2.to_k")
-    transformer = train.load_transformer(args, torch.float32)
+    transformer = train.load_transformer(args, torch.float32, detect_family(args.pretrained_model_name_or_path))
     keys_before = transformer.state_dict().keys()
     trainable_before = [name for name, p in transformer.named_parameters() if p.requires_grad]
     convert_frozen_linears_to_fp8(transformer, emulate=True)
@@ -57,7 +59,7 @@ def test_an_fp8_run_trains_and_exports_what_a_plain_run_exports(tiny_model, late
 def test_dataloader_workers_live_across_epochs(tiny_model, latent_cache, tmp_path):
     """Workers restarting at each epoch stalled the GPU (benchmarks/RESULTS.md run 16): the loader keeps them."""
     args = train_args(tiny_model, latent_cache, tmp_path, "--dataloader_num_workers", 1, "--train_batch_size", 2)
-    caches, _ = train.load_caches(args.cache_dir, tiny_model)
+    caches, _ = train.load_caches(args.cache_dir, tiny_model, family=detect_family(tiny_model))
     loader, _ = train.build_train_dataloader(caches, args, num_processes=1)
     first = iter(loader)
     epoch_one = [batch["latents"] for batch in first]
@@ -72,8 +74,15 @@ def test_fp8_sampling_converts_the_block_linears_and_stays_close_to_the_plain_la
 
     def generate(*extra):
         args = sample_args(tiny_model, tmp_path, "--input", image, "--num_inference_steps", 3, "--seed", 3, *extra)
-        components = sample.load_pipeline_components(args, torch.device("cpu"))
-        latents, _ = sample.generate_latents(sample.collect_jobs(args), components, args, first_index=0)
+        components = sample.load_pipeline_components(
+            args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
+        )
+        latents, _ = sample.generate_latents(
+            sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path)),
+            components,
+            args,
+            first_index=0,
+        )
         transformer = components["transformer"]
         converted = [m for m in transformer.transformer_blocks.modules() if isinstance(m, Float8Linear)]
         return latents, len(converted), len(transformer.transformer_blocks)

@@ -24,15 +24,16 @@ from conftest import (
     run_script,
     train_args,
 )
-from cosmos_cache import CACHE_INFO, hold_out_clips, list_cached_clips
-from cosmos_model import (
+from cosmos_adapters import (
     ADAPTER_WEIGHTS,
     LORA_WEIGHTS,
     TemporalAdapter,
     load_finetuned_weights,
-    modulate_per_frame,
     save_finetuned_weights,
 )
+from cosmos_cache import CACHE_INFO, hold_out_clips, list_cached_clips
+from cosmos_families import detect_family
+from cosmos_speed import modulate_per_frame
 
 
 def random_inputs(transformer, frames=5, height=8, width=14, seed=0):
@@ -60,7 +61,9 @@ def test_fresh_adapters_give_exactly_the_base_output(tiny_model, latent_cache):
 
     base = modulate_per_frame(CosmosTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer"))
     adapted = train.load_transformer(
-        train_args(tiny_model, latent_cache, "unused", "--lora_target_modules", *ALL_LINEAR), torch.float32
+        train_args(tiny_model, latent_cache, "unused", "--lora_target_modules", *ALL_LINEAR),
+        torch.float32,
+        detect_family(tiny_model),
     )
     inputs = random_inputs(base)
     assert torch.equal(output(base, inputs), output(adapted, inputs))
@@ -73,7 +76,7 @@ def test_trainable_parameter_table_counts_each_group(tiny_model, latent_cache):
     from diffusers import CosmosTransformer3DModel
 
     args = train_args(tiny_model, latent_cache, "x")
-    model = train.load_transformer(args, torch.float32)
+    model = train.load_transformer(args, torch.float32, detect_family(args.pretrained_model_name_or_path))
     table = train.trainable_parameter_table(model)
     counts = {line[:20].strip(): int(line[20:35].replace(",", "")) for line in table.splitlines()[1:]}
     # Counted here from the layers: rank x (in + out) per LoRA-wrapped linear, the adapters' and proj_out's weights.
@@ -215,9 +218,11 @@ def test_exported_weights_reload_onto_a_fresh_base(tiny_model, latent_cache, tmp
     from diffusers import CosmosTransformer3DModel
 
     args = train_args(tiny_model, latent_cache, tmp_path, "--lora_target_modules", *ALL_LINEAR, "--lora_alpha", 8)
-    model = train.load_transformer(args, torch.float32)
+    model = train.load_transformer(args, torch.float32, detect_family(args.pretrained_model_name_or_path))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    dataset = train.CachedClips(train.load_caches([latent_cache], tiny_model)[0][0].clips)
+    dataset = train.CachedClips(
+        train.load_caches([latent_cache], tiny_model, family=detect_family(tiny_model))[0][0].clips
+    )
     batch = {k: torch.stack([dataset[0][k], dataset[1][k]]) for k in ("latents", "prompt_embeds")}
     for _ in range(3):
         train.training_loss(model, batch, args).backward()
@@ -269,7 +274,7 @@ def test_cache_spec_parsing():
 
 def test_two_caches_are_mixed_in_training(tiny_model, latent_cache, one_clip_cache, tmp_path):
     args = train_args(tiny_model, [f"a={latent_cache}:0.5", f"b={one_clip_cache}:0.5"], tmp_path)
-    caches, _ = train.load_caches(args.cache_dir, tiny_model)
+    caches, _ = train.load_caches(args.cache_dir, tiny_model, family=detect_family(tiny_model))
     loader, _ = train.build_train_dataloader(caches, args, num_processes=1)
     paths = []
     for epoch in range(5):  # each batch comes from one cache: count over a few epochs
@@ -412,12 +417,14 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, la
     def loss_and_grads(*extra):
         torch.manual_seed(0)  # same LoRA initialization in both models
         args = train_args(tiny_model, latent_cache, "unused", "--lora_target_modules", *ALL_LINEAR, *extra)
-        model = train.load_transformer(args, torch.float32)
+        model = train.load_transformer(args, torch.float32, detect_family(args.pretrained_model_name_or_path))
         # Non-zero up-projections, so gradients reach every trainable group.
         for name, param in model.named_parameters():
             if name.endswith("up.weight"):
                 torch.nn.init.normal_(param, std=0.02)
-        dataset = train.CachedClips(train.load_caches([latent_cache], tiny_model)[0][0].clips)
+        dataset = train.CachedClips(
+            train.load_caches([latent_cache], tiny_model, family=detect_family(tiny_model))[0][0].clips
+        )
         batch = {k: torch.stack([dataset[0][k], dataset[1][k]]) for k in ("latents", "prompt_embeds")}
         torch.manual_seed(0)
         loss = train.training_loss(model, batch, args)
@@ -465,7 +472,7 @@ def test_a_clip_that_fails_to_load_is_replaced_named_and_counted_up_to_a_bound(
         train.main(train_args(tiny_model, cache, tmp_path / "b", "--max_bad_clips", 0, *common))
 
 
-def test_a_version_1_cache_without_buckets_still_trains(tiny_model, one_clip_cache, tmp_path):
+def test_a_version_1_cache_without_buckets_is_refused_with_a_re_cache_message(tiny_model, one_clip_cache, tmp_path):
     cache = copy_cache(one_clip_cache, tmp_path / "cache")
     info = json.load(open(os.path.join(cache, CACHE_INFO)))
     for key in ("format_version", "buckets", "bucket_latent_shapes", "clips_per_bucket", "clip_plan"):
@@ -474,8 +481,8 @@ def test_a_version_1_cache_without_buckets_still_trains(tiny_model, one_clip_cac
     manifest = os.path.join(cache, "shard_00000", "manifest.jsonl")
     rows = [{k: v for k, v in json.loads(line).items() if k != "shape"} for line in open(manifest)]
     open(manifest, "w").writelines(json.dumps(row) + "\n" for row in rows)
-    assert train.main(train_args(tiny_model, cache, tmp_path / "out", "--max_train_steps", 2)) == 0
-    assert len(losses(tmp_path / "out")) == 2
+    with pytest.raises(ValueError, match="is a format-1 cache, not format 2: re-cache it"):
+        train.main(train_args(tiny_model, cache, tmp_path / "out", "--max_train_steps", 2))
 
 
 def test_validation_videos_are_written_and_logged(tiny_model, latent_cache, tmp_path):

@@ -22,8 +22,10 @@ import cache_latents
 import sample
 import train_cosmos_lora as train
 from conftest import REPO
+from cosmos_adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS, load_finetuned_weights
 from cosmos_cache import list_cached_clips
-from cosmos_model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS, load_finetuned_weights, modulate_per_frame
+from cosmos_families import detect_family
+from cosmos_speed import modulate_per_frame
 from cosmos_video import LABEL_HEIGHT, contact_sheet, label_strip
 
 # Two steps at a high learning rate leave LoRA, adapters and proj_out clearly away from the base model.
@@ -59,28 +61,33 @@ def test_sampling_from_the_cache_uses_exactly_the_clips_the_run_held_out(tiny_mo
     trained_keys = {c["key"] for c in list_cached_clips(latent_cache)} - set(record["keys"])
     # The run used --seed 1; sampling with the default seed 0 must still pick the run's held-out clips.
     args = sample_args(tiny_model, tmp_path, "--from_cache", latent_cache, "--lora_path", run, "--num_videos", 2)
-    jobs = sample.collect_jobs(args)
+    jobs = sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path))
     assert [os.path.relpath(job.source, latent_cache) for job in jobs] == record["clips"]
     key_of = {c["path"]: c["key"] for c in list_cached_clips(latent_cache)}
     assert all(key_of[job.source] not in trained_keys for job in jobs)
     # Without --lora_path the seeded choice stays; asking for more than the run held out is refused.
-    assert sample.collect_jobs(sample_args(tiny_model, tmp_path, "--from_cache", latent_cache, "--num_videos", 3))
+    family = detect_family(tiny_model)
+    assert sample.collect_jobs(
+        sample_args(tiny_model, tmp_path, "--from_cache", latent_cache, "--num_videos", 3), family
+    )
     with pytest.raises(ValueError, match=r"--num_videos 3, but the run at .* held out only 2 clips"):
         sample.collect_jobs(sample_args(tiny_model, tmp_path, "--from_cache", latent_cache, "--lora_path", run,
-                                        "--num_videos", 3))  # fmt: skip
+                                        "--num_videos", 3), family)  # fmt: skip
 
 
 def test_sampling_from_another_cache_of_the_run_is_refused(tiny_model, latent_cache, run, tmp_path):
     other = str(shutil.copytree(latent_cache, tmp_path / "other_cache"))
     args = sample_args(tiny_model, tmp_path, "--from_cache", other, "--lora_path", run, "--num_videos", 1)
-    assert len(sample.collect_jobs(args)) == 1  # a cache the run never saw: the seeded choice
+    assert (
+        len(sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path))) == 1
+    )  # a cache the run never saw: the seeded choice
     mixed = copy_run(run, tmp_path)
     record = json.load(open(mixed / "held_out.json"))
     record["trained_caches"].append(os.path.realpath(other))  # as if trained on both caches
     json.dump(record, open(mixed / "held_out.json", "w"))
     args.lora_path = str(mixed)
     with pytest.raises(ValueError, match="trained on every clip of"):
-        sample.collect_jobs(args)
+        sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path))
 
 
 def test_a_resumed_run_validates_on_the_recorded_clips(tiny_model, latent_cache, run, tmp_path):
@@ -152,7 +159,9 @@ def test_exported_config_lists_its_weight_files(run):
 def test_fused_and_unfused_agree_at_every_scale_and_zero_is_the_base(tiny_model, run, tmp_path, scale):
     def transformer(*extra):
         args = sample_args(tiny_model, tmp_path, "--lora_path", run, "--lora_scale", scale, *extra)
-        return sample.load_pipeline_components(args, torch.device("cpu"))["transformer"]
+        return sample.load_pipeline_components(
+            args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
+        )["transformer"]
 
     base = base_transformer(tiny_model)
     inputs = random_inputs(base)
@@ -289,7 +298,7 @@ def test_documented_flags_exist_and_help_shows_every_default(capsys):
 
 def test_lora_target_modules_replace_the_default(tiny_model, latent_cache):
     model = train.load_transformer(train_args(tiny_model, latent_cache, "x", "--lora_target_modules", "attn1.to_q"),
-                                   torch.float32)  # fmt: skip
+                                   torch.float32, detect_family(tiny_model))  # fmt: skip
     targets = {n.split(".lora_")[0].split(".", 2)[2] for n, p in model.named_parameters() if ".lora_" in n}
     assert targets == {"attn1.to_q"}
 
@@ -468,7 +477,9 @@ def test_ema_is_exported_beside_the_weights_and_sample_loads_it(tiny_model, run,
     raw, ema = load_file(os.path.join(run, LORA_WEIGHTS)), load_file(os.path.join(run, "ema", LORA_WEIGHTS))
     assert not all(torch.equal(raw[k], ema[k]) for k in raw)
     args = sample_args(tiny_model, tmp_path, "--lora_path", run, "--use_ema")
-    loaded = sample.load_pipeline_components(args, torch.device("cpu"))["transformer"]
+    loaded = sample.load_pipeline_components(
+        args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
+    )["transformer"]
     reference = base_transformer(tiny_model)
     load_finetuned_weights(reference, os.path.join(run, "ema"))
     inputs = random_inputs(reference)
