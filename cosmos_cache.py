@@ -14,8 +14,7 @@ import glob
 import hashlib
 import json
 import os
-import random
-from collections import Counter, defaultdict
+from collections import Counter
 
 import torch
 from safetensors import safe_open
@@ -145,85 +144,6 @@ def load_text_embeds(path):
     in memory instead of being read again for every clip. Callers must not change the tensor in place."""
     with safe_open(path, "pt") as f:
         return f.get_tensor("prompt_embeds")
-
-
-def hold_out_clips(clips, num_clips, seed):
-    """Split whole videos off until num_clips clips are held out, so no held-out video ever trains.
-
-    Videos are taken in a seeded order, first those that bring a clip shape (bucket) not held out yet, so the
-    held-out clips cover as many buckets as they can; they are returned round-robin over buckets.
-    """
-    if num_clips <= 0:
-        return clips, []
-    keys = sorted({c["key"] for c in clips})
-    random.Random(seed).shuffle(keys)
-    clips_per_key = Counter(c["key"] for c in clips)
-    shapes_per_key = defaultdict(set)
-    for c in clips:
-        shapes_per_key[c["key"]].add(tuple(c["shape"]))
-    held_keys, held, covered = [], 0, set()
-    for new_shapes_only in (True, False):
-        for key in keys:
-            if held >= num_clips:
-                break
-            if key in held_keys or (new_shapes_only and shapes_per_key[key] <= covered):
-                continue
-            held_keys.append(key)
-            held += clips_per_key[key]
-            covered |= shapes_per_key[key]
-    train = [c for c in clips if c["key"] not in held_keys]
-    if not train:
-        raise ValueError(f"--num_validation_clips {num_clips} leaves no clip to train on")
-    by_shape = defaultdict(list)
-    for c in clips:
-        if c["key"] in held_keys:
-            by_shape[tuple(c["shape"])].append(c)
-    queues = list(by_shape.values())
-    round_robin = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
-    return train, round_robin[:num_clips]
-
-
-HELD_OUT = "held_out.json"
-
-
-def write_held_out(directory, cache_dir, clips, train, held, trained_caches):
-    """Record in DIRECTORY/held_out.json which clips of `cache_dir` (the first cache, whose clips are `clips`) a run
-    held out: the validation clips (files relative to the cache) and every held-out video key, including videos held
-    out whose clips are not among the validation clips (none of their clips trained); and every cache the run
-    trained on (all clips of the others trained)."""
-    trained_keys = {c["key"] for c in train}
-    record = {
-        "cache_dir": os.path.realpath(cache_dir),
-        "trained_caches": [os.path.realpath(path) for path in trained_caches],
-        "keys": sorted({c["key"] for c in clips} - trained_keys),
-        "clips": [os.path.relpath(c["path"], cache_dir) for c in held],
-    }
-    atomic_write_text(os.path.join(directory, HELD_OUT), json.dumps(record, indent=2))
-
-
-def read_held_out(directory):
-    """The held_out.json of a run, checkpoint or export dir (or of the dir above it, for RUN/ema); None if none."""
-    for path in (
-        os.path.join(directory, HELD_OUT),
-        os.path.join(os.path.dirname(os.path.normpath(directory)), HELD_OUT),
-    ):
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
-    return None
-
-
-def split_by_record(clips, cache_dir, record):
-    """(train, held) of a cache's clips as a held_out.json recorded them; refuses a record that names other clips."""
-    by_file = {os.path.relpath(c["path"], cache_dir): c for c in clips}
-    missing = [f for f in record["clips"] if f not in by_file]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} of the {len(record['clips'])} held-out clips recorded for {record['cache_dir']} are not "
-            f"in {cache_dir} (first: {missing[0]}); give the cache the run was trained on"
-        )
-    held_keys = set(record["keys"])
-    return [c for c in clips if c["key"] not in held_keys], [by_file[f] for f in record["clips"]]
 
 
 # ----------------------------------------------------------------------------------------------------------------

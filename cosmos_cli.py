@@ -327,6 +327,31 @@ def failure_line(error):
     return f"error: {where}{type(error).__name__}: {message}"
 
 
+class StopSignal:
+    """Remembers SIGUSR1 (SLURM's warning before the time limit), SIGTERM (preemption, scancel, a time limit without
+    --signal) or a first Ctrl-C until the current step is done; the loop then saves a checkpoint and exits 75. A
+    second Ctrl-C stops at once. `restore` puts the previous handlers back."""
+
+    def __init__(self):
+        self.received = None  # the name of the first stop signal
+        self.previous = {}
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                self.previous[name] = signal.signal(getattr(signal, name), self.handle)
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received:
+            raise KeyboardInterrupt
+        if not self.received:
+            print(f"{name}: finishing this step, then saving a checkpoint (Ctrl-C again stops at once)", flush=True)
+        self.received = self.received or name
+
+    def restore(self):
+        for name, handler in self.previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
 def ignore_stop_signals(worker_id=None):
     """worker_init_fn of every DataLoader: the workers leave stop signals to the main process, which finishes its
     work with their data and then ends them (stop_worker_processes)."""

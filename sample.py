@@ -30,15 +30,11 @@ from tqdm.auto import tqdm
 
 from cosmos_adapters import ADAPTER_CONFIG, EMA_DIR, load_finetuned_weights, read_adapter_config
 from cosmos_cache import (
-    HELD_OUT,
     atomic_write_text,
-    hold_out_clips,
     list_cached_clips,
     load_text_embeds,
     read_cache_info,
     read_clip,
-    read_held_out,
-    split_by_record,
     text_embed_path,
 )
 from cosmos_cli import (
@@ -64,6 +60,7 @@ from cosmos_families import (
     recorded_family,
     take_text_projection,
 )
+from cosmos_run import HELD_OUT, hold_out_clips, read_held_out, split_by_record
 from cosmos_speed import check_fp8_support, convert_frozen_linears_to_fp8, modulate_per_frame
 from cosmos_vae import decode_to_frames, normalize_latents
 from cosmos_video import (

@@ -16,13 +16,8 @@ losses.jsonl (one row per optimizer step) and logs for TensorBoard / W&B.
 """
 
 import argparse
-import json
 import math
 import os
-import pickle
-import re
-import shutil
-import signal
 import socket
 import sys
 import time
@@ -36,43 +31,17 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from tqdm.auto import tqdm
 
-from cosmos_adapters import (
-    EMA_DIR,
-    add_temporal_adapters,
-    check_files,
-    file_sizes,
-    lora_config,
-    read_adapter_config,
-    read_exported_weights,
-    save_finetuned_weights,
-)
-from cosmos_cache import (
-    HELD_OUT,
-    atomic_write_text,
-    bucket_name,
-    hold_out_clips,
-    list_cached_clips,
-    load_text_embeds,
-    missing_clip_files,
-    read_cache_info,
-    read_clip,
-    read_held_out,
-    split_by_record,
-    text_embed_path,
-    vae_normalization,
-    write_held_out,
-)
+from cosmos_adapters import add_temporal_adapters, lora_config
+from cosmos_cache import bucket_name
 from cosmos_cli import (
-    STOP_SIGNALS,
     HelpFormatter,
     RunStopped,
+    StopSignal,
     add_config_argument,
     add_model_arguments,
     check_pretrained_model,
-    folder_written_whole,
     fraction,
     hub_offline,
-    ignore_stop_signals,
     int_list,
     non_negative_float,
     non_negative_int,
@@ -82,12 +51,28 @@ from cosmos_cli import (
     run_main,
     stage,
 )
-from cosmos_families import (
-    detect_family,
-    load_component,
-    load_component_config,
-    prepare_text_projection,
-    text_embed_width,
+from cosmos_data import (
+    CachedClips,
+    bucket_table,
+    build_train_dataloader,
+    check_clip_frames,
+    held_out_summary,
+    load_caches,
+    split_validation_clips,
+)
+from cosmos_families import detect_family, load_component, prepare_text_projection
+from cosmos_run import (
+    Trainables,
+    TrainState,
+    append_loss_log,
+    check_checkpoint,
+    export_final_weights,
+    load_checkpoint,
+    resolve_resume_path,
+    save_checkpoint,
+    trainable_state_dict,
+    truncate_loss_log,
+    write_run_record,
 )
 from cosmos_sampling import predict_velocity
 from cosmos_speed import check_fp8_support, convert_frozen_linears_to_fp8, modulate_per_frame
@@ -98,29 +83,6 @@ logger = get_logger(__name__)
 # EX_TEMPFAIL: stopped early by SIGUSR1, SIGTERM or a first Ctrl-C after saving a checkpoint; rerunning the same
 # command resumes it, and the SLURM wrappers requeue the job on it.
 REQUEUE_EXIT_CODE = 75
-TRAINING_ARGS = "training_args.json"
-TRAINING_STATE = "training_state.json"
-OPTIMIZER_STATE = "optimizer.pt"
-SCHEDULER_STATE = "scheduler.pt"
-# Settings a resumed run may change without --allow_changed_settings: where it writes, how fast it runs, what it logs.
-SETTINGS_FREE_ON_RESUME = {
-    "output_dir",
-    "resume_from_checkpoint",
-    "allow_changed_settings",
-    "config",
-    "dataloader_num_workers",
-    "report_to",
-    "tracker_project_name",
-    "validation_steps",
-    "validation_videos",
-    "validation_inference_steps",
-    "checkpointing_steps",
-    "checkpoints_total_limit",
-    "compile",
-    "attention_backend",
-    "gradient_checkpointing",
-    "fp8",
-}
 DEFAULT_LORA_TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 VALIDATION_TIMESTEPS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
@@ -372,28 +334,164 @@ def validate_args(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data
+# The run: set-up, then the training loop
 # ----------------------------------------------------------------------------------------------------------------
-def parse_cache_spec(spec):
-    """`NAME=PATH:WEIGHT`, `PATH:WEIGHT` or `PATH` -> (name, path, weight or None)."""
-    name, _, rest = spec.rpartition("=") if "=" in spec else ("", "", spec)
-    path, weight = rest, None
-    head, sep, tail = rest.rpartition(":")
-    if sep and re.fullmatch(r"[0-9.]+", tail):
-        path, weight = head, float(tail)
-    return name or os.path.basename(os.path.normpath(path)), path, weight
+def main(args):
+    """Check everything that can fail before a model loads, write the run's record, then train."""
+    validate_args(args)
+    family = resolve_family_defaults(args)
+    caches, info = load_caches(args.cache_dir, args.pretrained_model_name_or_path, args.revision, family=family)
+    check_clip_frames(caches, args)
+    resume_path = resolve_resume_path(args)
+    if resume_path:
+        check_checkpoint(resume_path, args)
+    first_cache_clips = caches[0].clips
+    train_clips, validation_clips = split_validation_clips(caches[0], resume_path, args)
+    caches[0].clips = train_clips
+
+    shapes = {tuple(clip["shape"]) for clip in [*validation_clips, *(c for cache in caches for c in cache.clips)]}
+    accelerator = build_accelerator(args, len(shapes))
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        write_run_record(args, caches, first_cache_clips, train_clips, validation_clips)
+    accelerator.print(held_out_summary(first_cache_clips, train_clips, validation_clips))
+    accelerator.wait_for_everyone()
+    stop = StopSignal()
+    try:
+        return run_training(args, family, accelerator, caches, info, validation_clips, resume_path, stop)
+    finally:
+        stop.restore()
 
 
-@dataclass
-class Cache:
-    """One latent cache given to --cache_dir: its clips (manifest rows) and the weight it is drawn with."""
+def run_training(args, family, accelerator, caches, info, validation_clips, resume_path, stop):
+    """Load the model, then loop: data, noise, forward, loss, backward, step, log, validate, checkpoint."""
+    train_dataloader, groups = build_train_dataloader(caches, args, accelerator.num_processes)
+    batch_sampler = train_dataloader.batch_sampler
+    accelerator.print(bucket_table(groups, args.train_batch_size))
+    weight_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    transformer = load_transformer(args, weight_dtype, family)
+    if args.fp8:
+        convert_frozen_linears_to_fp8(transformer, emulate=accelerator.device.type != "cuda")
+    null_text = prepare_text_projection(transformer, info["text_embeds"])
+    if accelerator.is_main_process:
+        print(trainable_parameter_table(transformer))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    transformer, optimizer, train_dataloader = accelerator.prepare(transformer, optimizer, train_dataloader)
+    params = [p for p in transformer.parameters() if p.requires_grad]  # FSDP2 replaced them with sharded ones
+    ema = EMA(params, args.ema_decay) if args.ema_decay else None
 
-    name: str
-    path: str
-    clips: list
-    weight: float | None  # None: in proportion to its size
+    batches_per_epoch = len(train_dataloader)
+    steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_lambda(args, max_steps))
+    accelerator.print(
+        f"num_processes={accelerator.num_processes} ({accelerator.distributed_type.value}), "
+        f"{sum(len(cache.clips) for cache in caches)} training clips, {len(validation_clips)} held out, "
+        f"{max_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
+        f"{accelerator.num_processes} clips"
+    )
+
+    parts = Trainables(transformer, optimizer, lr_scheduler, ema, adapter_config(args))
+    state = TrainState()
+    if resume_path:
+        state = load_checkpoint(resume_path, parts)
+        accelerator.print(f"resumed from {resume_path} at step {state.global_step}")
+    loss_log = os.path.join(args.output_dir, "losses.jsonl")
+    if accelerator.is_main_process:
+        truncate_loss_log(loss_log, state.global_step)
+    if args.report_to != "none":
+        init_trackers(accelerator, args)
+
+    validation_set = CachedClips(validation_clips)
+    decoder = None
+    if validation_clips and args.validation_videos > 0:
+        decoder = load_validation_decoder(args, weight_dtype, accelerator.device, family)
+    progress = tqdm(
+        total=max_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    clock = StepClock()
+    transformer.train()
+    while state.global_step < max_steps:
+        # Data: resume mid-epoch at the exact batch (accelerate ends an accumulation window at each epoch's end,
+        # so the position counts batches, not steps).
+        epoch, skip = divmod(state.batches_consumed, batches_per_epoch)
+        loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        # accelerate's loader re-sets its sampler's epoch to its own count at each pass, and does not reach a batch
+        # sampler it wraps for several processes: set both.
+        loader.set_epoch(epoch)
+        batch_sampler.set_epoch(epoch)
+        micro_step, loss_sum, tokens = 0, 0.0, 0
+        for batch in timed(loader, clock):
+            # Noise: every random draw of this micro-step depends only on its position, so resume is exact.
+            torch.manual_seed(step_seed(args.seed, state.global_step, micro_step, accelerator.process_index))
+            with accelerator.accumulate(transformer), stage(f"training step {state.global_step + 1}"):
+                # Forward and loss.
+                loss = training_loss(transformer, batch, args, null_text)
+                stats = reduce_micro_step(accelerator, loss, batch, stop)
+                check_bad_clips(batch, stats, state, args)
+                check_finite(stats.loss, state)
+                # Backward, clip, update (accelerate skips the update until the accumulation window ends).
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += stats.loss
+            tokens += stats.tokens
+            micro_step += 1
+            state.batches_consumed += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            # Step: schedule, EMA and bookkeeping once per optimizer step.
+            lr_scheduler.step()
+            state.global_step += 1
+            if ema:
+                ema.update(state.global_step)
+            step_loss = loss_sum / micro_step
+            samples = micro_step * args.train_batch_size * accelerator.num_processes  # short at an epoch's end
+            step_tokens, micro_step, loss_sum, tokens = tokens, 0, 0.0, 0
+
+            # Log.
+            logs = step_logs(step_loss, lr_scheduler, grad_norm, clock, samples, step_tokens)
+            if accelerator.is_main_process:
+                append_loss_log(loss_log, state.global_step, logs)
+            accelerator.log(logs, step=state.global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
+
+            # Validate.
+            if validation_clips and state.global_step % args.validation_steps == 0:
+                with stage(f"validation at step {state.global_step}"):
+                    run_validation(transformer, validation_set, decoder, args, state.global_step, accelerator)
+
+            # Checkpoint, and stop for a requeue when asked.
+            if state.global_step % args.checkpointing_steps == 0 or stats.stop_requested:
+                with stage(f"saving the checkpoint of step {state.global_step}"):
+                    state.last_checkpoint = save_checkpoint(accelerator, parts, state, args)
+            if stats.stop_requested:
+                accelerator.print(
+                    f"{stop.received or 'a stop signal on another rank'}: saved {state.last_checkpoint}; exiting with "
+                    f"{REQUEUE_EXIT_CODE} (run the same command again to resume; the SLURM scripts requeue)"
+                )
+                accelerator.end_training()
+                return REQUEUE_EXIT_CODE
+            if state.global_step >= max_steps:
+                break
+            clock.restart()  # validation and checkpoints do not count as step time
+
+    # Export the final weights (and their EMA).
+    with stage("exporting the final weights"):
+        export_final_weights(accelerator, parts, args)
+    accelerator.end_training()
+    return 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up: the family's defaults, the accelerator, the experiment tracker
+# ----------------------------------------------------------------------------------------------------------------
 def resolve_family_defaults(args):
     """The checkpoint's family, and its defaults for the objective flags left unset."""
     family = detect_family(args.pretrained_model_name_or_path, args.revision)
@@ -407,187 +505,64 @@ def resolve_family_defaults(args):
     return family
 
 
-def load_caches(specs, pretrained_model_name_or_path, revision=None, *, family):
-    """Read and check every cache before any model loads; return [Cache] and the first cache's info.
-
-    Caches of different clip shapes mix (each batch holds one shape); they must share the model family, the VAE
-    normalization and the text embeddings. Every listed clip file must exist.
-    """
-    vae_config = load_component_config(pretrained_model_name_or_path, "vae", revision)
-    transformer_config = load_component_config(pretrained_model_name_or_path, "transformer", revision)
-    caches, first = [], None
-    for spec in specs:
-        name, path, weight = parse_cache_spec(spec)
-        info = read_cache_info(path)
-        clips = list_cached_clips(path)
-        if not clips:
-            raise ValueError(f"cache {path} holds no clips; run cache_latents.py on it first")
-        if info["vae_normalization"] != vae_normalization(vae_config):
-            raise ValueError(
-                f"cache {path} was normalized with another VAE's latents_mean/std than "
-                f"{pretrained_model_name_or_path}; re-cache it with this model"
-            )
-        if info["family"] != family.name:
-            raise ValueError(
-                f"cache {path} was made with a {info['family']} model, {pretrained_model_name_or_path} is "
-                f"{family.name}; re-cache it with this model"
-            )
-        missing = missing_clip_files(clips)
-        if missing:
-            raise FileNotFoundError(
-                f"cache {path}: {len(missing)} of its {len(clips)} listed clip files are missing (first: "
-                f"{missing[0]}); run cache_latents.py --verify on it, or rerun its caching to complete it"
-            )
-        text = info["text_embeds"]
-        expected = text_embed_width(transformer_config, text["kind"])
-        if text["shape"][1] != expected:
-            raise ValueError(
-                f"cache {path} has {text['shape'][1]}-dim {text['kind']} text embeddings, the transformer "
-                f"expects {expected}"
-            )
-        if first and first[1]["text_embeds"] != text:
-            raise ValueError(f"cache {path} holds other text embeddings than {first[0]}; mix only alike caches")
-        first = first or (path, info)
-        for clip in clips:
-            clip["text_path"] = text_embed_path(path, clip["caption_hash"])
-        caches.append(Cache(name, path, clips, weight))
-    return caches, first[1]
-
-
-class CachedClips(torch.utils.data.Dataset):
-    """Clip latents and caption embeddings by index. A clip that fails to load (a damaged file) is replaced by the
-    next clip of the same shape, and named in the item's `bad_clips`, so a batch keeps its size and shape."""
-
-    def __init__(self, clips):
-        self.clips = clips
-        same_shape = {}
-        for index, clip in enumerate(clips):
-            same_shape.setdefault(tuple(clip["shape"]), []).append(index)
-        self.same_shape = same_shape
-
-    def __len__(self):
-        return len(self.clips)
-
-    def __getitem__(self, index):
-        group = self.same_shape[tuple(self.clips[index]["shape"])]
-        start, bad = group.index(index), []
-        for offset in range(len(group)):
-            clip = self.clips[group[(start + offset) % len(group)]]
-            try:
-                latents = read_clip(clip["path"])[0].float()
-            except Exception as error:
-                bad.append(f"{clip['path']} ({type(error).__name__}: {error})".splitlines()[0])
-                continue
-            return {"latents": latents, "prompt_embeds": load_text_embeds(clip["text_path"]).float(), "bad_clips": bad}
-        raise RuntimeError(f"no clip of shape {clip['shape']} loads: {bad}")
-
-
-def collate_clips(items):
-    return {
-        "latents": torch.stack([item["latents"] for item in items]),
-        "prompt_embeds": torch.stack([item["prompt_embeds"] for item in items]),
-        "bad_clips": [name for item in items for name in item["bad_clips"]],
-    }
-
-
-class BucketBatchSampler(torch.utils.data.Sampler):
-    """Batches of one clip shape, mixing caches by weight; deterministic under (seed, epoch).
-
-    The clips are split into groups of one cache and one shape (bucket). Each batch draws a group with probability
-    weight(cache) * clips(cache, bucket) / clips(cache), so caches keep their mixture weights and buckets their share
-    within a cache, then takes that group's next batch_size clips in its own shuffled order, reshuffled whenever it
-    runs out (a group smaller than a batch repeats clips). An epoch has a multiple of num_processes batches, so
-    accelerate never pads it with batches of mixed shapes.
-    """
-
-    def __init__(self, groups, probabilities, batch_size, num_batches, seed):
-        self.groups, self.batch_size, self.num_batches, self.seed, self.epoch = (
-            groups,
-            batch_size,
-            num_batches,
-            seed,
-            0,
-        )
-        self.probabilities = torch.tensor(probabilities, dtype=torch.float64)
-        self.drop_last = True  # read by accelerate's BatchSamplerShard
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.num_batches
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        choices = torch.multinomial(self.probabilities, self.num_batches, replacement=True, generator=generator)
-        orders, positions = [[] for _ in self.groups], [0] * len(self.groups)
-        for g in choices.tolist():
-            batch = []
-            while len(batch) < self.batch_size:
-                if positions[g] == len(orders[g]):
-                    orders[g], positions[g] = torch.randperm(len(self.groups[g]), generator=generator).tolist(), 0
-                batch.append(self.groups[g][orders[g][positions[g]]])
-                positions[g] += 1
-            yield batch
-
-
-@dataclass
-class ClipGroup:
-    """The clips of one cache and one bucket, as indices into the concatenated training clips."""
-
-    cache: str
-    bucket: str
-    indices: list
-    probability: float
-
-
-def clip_groups(caches):
-    """Split every cache's clips by bucket; each group's probability is its cache's weight times its share of it."""
-    weights = [len(cache.clips) if cache.weight is None else cache.weight for cache in caches]
-    groups, offset = [], 0
-    for cache, weight in zip(caches, weights, strict=True):
-        by_shape = {}
-        for i, clip in enumerate(cache.clips):
-            by_shape.setdefault(tuple(clip["shape"]), []).append(offset + i)
-        for shape, indices in sorted(by_shape.items()):
-            share = weight / sum(weights) * len(indices) / len(cache.clips)
-            groups.append(ClipGroup(cache.name, bucket_name(shape), indices, share))
-        offset += len(cache.clips)
-    return groups
-
-
-def bucket_table(groups, batch_size):
-    """The start-of-run table: clips per bucket per cache and the share of batches each group gets."""
-    lines = [f"{'cache':<16}{'bucket':<16}{'clips':>9}{'batches':>10}"]
-    for group in groups:
-        note = f"  (fewer clips than a batch of {batch_size}: repeats)" if len(group.indices) < batch_size else ""
-        lines.append(f"{group.cache:<16}{group.bucket:<16}{len(group.indices):>9,}{group.probability:>9.1%}{note}")
-    return "\n".join(lines)
-
-
-def build_train_dataloader(caches, args, num_processes):
-    """An epoch draws about as many clips as the caches hold (at least one batch per process), in batches of one
-    bucket mixed by cache weight."""
-    clips = [clip for cache in caches for clip in cache.clips]
-    groups = clip_groups(caches)
-    num_batches = max(1, len(clips) // args.train_batch_size // num_processes) * num_processes
-    sampler = BucketBatchSampler(
-        [g.indices for g in groups], [g.probability for g in groups], args.train_batch_size, num_batches, args.seed
+def build_accelerator(args, num_shapes):
+    """Under --compile, each clip shape compiles its own static graph the first time a batch of it comes (warming
+    each bucket once) instead of one dynamic-shape graph; the recompile limit leaves room for every shape, at the
+    training batch size and at validation's batch of one."""
+    if args.compile:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * num_shapes)
+    dynamo = TorchDynamoPlugin(backend="inductor", use_regional_compilation=True, dynamic=False)
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),  # batches come pinned: copy them asynchronously
+        dynamo_plugin=dynamo if args.compile else None,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
+        ),
     )
-    loader = torch.utils.data.DataLoader(
-        CachedClips(clips),
-        batch_sampler=sampler,
-        collate_fn=collate_clips,
-        num_workers=args.dataloader_num_workers,
-        worker_init_fn=ignore_stop_signals,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=args.dataloader_num_workers > 0,  # no worker restart (and GPU stall) at each epoch
+
+
+def configure_wandb(output_dir):
+    """W&B writes under OUTPUT/wandb and runs offline without WANDB_API_KEY, or with a key when HF_HUB_OFFLINE is
+    set or its server does not answer within 3 s (compute nodes are usually offline). Returns the warning, if any."""
+    os.environ.setdefault("WANDB_DIR", os.path.abspath(output_dir))
+    if os.environ.get("WANDB_MODE"):
+        return None
+    if not os.environ.get("WANDB_API_KEY"):
+        os.environ["WANDB_MODE"] = "offline"
+        return None
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    reason = "HF_HUB_OFFLINE is set" if hub_offline() else None if wandb_reachable(host) else f"{host} is unreachable"
+    if reason is None:
+        return None
+    os.environ["WANDB_MODE"] = "offline"
+    return (
+        f"warning: W&B runs offline ({reason}); `wandb sync {os.path.join(output_dir, 'wandb')}/offline-run-*` later"
     )
-    return loader, groups
+
+
+def wandb_reachable(host, timeout=3.0):
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def init_trackers(accelerator, args):
+    if args.report_to in ("wandb", "all"):
+        os.makedirs(args.output_dir, exist_ok=True)
+        warning = configure_wandb(args.output_dir) if accelerator.is_main_process else None
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+    config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+    accelerator.init_trackers(args.tracker_project_name, config=config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model
+# Model: the frozen transformer and what trains in it
 # ----------------------------------------------------------------------------------------------------------------
 def load_transformer(args, weight_dtype, family):
     """Frozen base transformer in weight_dtype with LoRA, temporal adapters and proj_out trainable in fp32, and its
@@ -774,6 +749,179 @@ def training_loss(transformer, batch, args, null_text=None):
     return flow_matching_loss(transformer, latents, prompt_embeds, t, noise, num_cond, args.conditioning_timestep)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# One optimizer step: data wait, seeds, the per-step reduction and checks, schedule, EMA, logs
+# ----------------------------------------------------------------------------------------------------------------
+def lr_lambda(args, total_steps):
+    def factor(step):
+        if step < args.lr_warmup_steps:
+            return (step + 1) / args.lr_warmup_steps
+        if args.lr_scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - args.lr_warmup_steps) / max(1, total_steps - args.lr_warmup_steps))
+        floor = args.min_lr / args.learning_rate
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_scheduler == "cosine" else 1 - progress
+        return floor + (1 - floor) * shape
+
+    return factor
+
+
+@dataclass
+class StepClock:
+    """Wall time of the current optimizer step and the part of it spent waiting for batches."""
+
+    start: float = field(default_factory=time.perf_counter)
+    data_wait: float = 0.0
+
+    def restart(self):
+        self.start, self.data_wait = time.perf_counter(), 0.0
+
+
+def timed(loader, clock):
+    """Iterate a dataloader, adding the seconds spent waiting for each batch to clock.data_wait."""
+    iterator = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            with stage("reading a batch of cached clips"):
+                batch = next(iterator)
+        except StopIteration:
+            return
+        clock.data_wait += time.perf_counter() - start
+        yield batch
+
+
+def step_seed(seed, step, micro_step, process_index):
+    """Per-micro-step seed: noise and dropout depend only on position, which makes resume exact."""
+    return (seed * 1_000_003 + step * 1009 + micro_step * 31 + process_index) % (2**63)
+
+
+@dataclass
+class MicroStepStats:
+    """A micro-step summed over processes: mean loss, latent tokens, clips that failed to load, a stop request."""
+
+    loss: float
+    tokens: int
+    bad_clips: int
+    stop_requested: bool
+
+
+def reduce_micro_step(accelerator, loss, batch, stop):
+    """One small collective per micro-step. Tokens are counted from each rank's own batch, whose shape varies."""
+    latents = batch["latents"]
+    tokens = latents.shape[0] * math.prod(latents.shape[2:]) // 4  # 2x2 spatial patches
+    local = [
+        loss.detach().float(),
+        *(torch.tensor(float(v), device=loss.device) for v in (tokens, len(batch["bad_clips"]), bool(stop.received))),
+    ]
+    total = accelerator.reduce(torch.stack(local).double(), reduction="sum").tolist()
+    return MicroStepStats(total[0] / accelerator.num_processes, int(total[1]), int(total[2]), total[3] > 0)
+
+
+def check_bad_clips(batch, stats, state, args):
+    """Name each clip that failed to load (it was replaced by another of its bucket); stop past --max_bad_clips."""
+    for name in batch["bad_clips"]:
+        logger.warning(f"skipped a clip that failed to load: {name}", main_process_only=False)
+    state.bad_clips += batch["bad_clips"]
+    state.num_bad_clips += stats.bad_clips
+    if state.num_bad_clips > args.max_bad_clips:
+        raise RunStopped(
+            f"{state.num_bad_clips} clips failed to load, more than --max_bad_clips {args.max_bad_clips}; stopping "
+            f"at step {state.global_step + 1}. This process's: {'; '.join(state.bad_clips)}"
+        )
+
+
+def check_finite(loss, state):
+    if not math.isfinite(loss):
+        raise RunStopped(
+            f"loss is {loss} at step {state.global_step + 1}; stopping before the update "
+            f"(last checkpoint: {state.last_checkpoint or 'none'})"
+        )
+
+
+def step_logs(loss, lr_scheduler, grad_norm, clock, samples, tokens):
+    """Metrics of one optimizer step (samples and latent tokens summed over processes); restarts the step clock."""
+    elapsed = time.perf_counter() - clock.start
+    logs = {
+        "loss": loss,
+        "lr": lr_scheduler.get_last_lr()[0],
+        "step_time_s": elapsed,
+        "samples_per_s": samples / elapsed,
+        "latent_tokens_per_s": tokens / elapsed,
+        "data_wait_fraction": clock.data_wait / elapsed,
+    }
+    if grad_norm is not None:
+        logs["grad_norm"] = float(grad_norm)
+    if torch.cuda.is_available():
+        logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    clock.restart()
+    return logs
+
+
+POWER_EMA_SIGMA_REL = 0.1  # NVIDIA's PowerEMAConfig rate, enabled in its LoRA examples
+
+
+def power_ema_exponent(sigma_rel):
+    """gamma of the power EMA (Karras et al. 2024) of relative width sigma_rel: NVIDIA's `ema_exp_coefficient`."""
+    import numpy as np
+
+    return float(np.roots([1, 7, 16 - sigma_rel**-2, 12 - sigma_rel**-2]).real.max())
+
+
+class EMA:
+    """Exponential moving average of the trainable weights, updated after every optimizer step n = 1, 2, ...:
+        ema = d * ema + (1 - d) * weights
+    with d constant (--ema_decay D), or NVIDIA's power EMA d = (1 - 1/n)^(gamma + 1), gamma = 6.94 for sigma_rel 0.1
+    (cosmos-predict2 `ema_beta`): a plain average at first that narrows to about the last tenth of the run.
+    The averages are clones of the (under FSDP2, sharded) parameters, so they are sharded alike.
+    """
+
+    def __init__(self, params, decay):
+        self.params, self.decay = params, decay
+        self.exponent = power_ema_exponent(POWER_EMA_SIGMA_REL) + 1 if decay == "power" else None
+        self.average = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, step):
+        decay = (1 - 1 / step) ** self.exponent if self.decay == "power" else self.decay
+        for average, param in zip(self.average, self.params, strict=True):
+            average.lerp_(param.detach(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_from_model(self):
+        for average, param in zip(self.average, self.params, strict=True):
+            average.copy_(param.detach())
+
+    @torch.no_grad()
+    def state_dict(self, model):
+        """The averages under the model's clean parameter names. A collective under FSDP: call it on every rank."""
+        raw = [param.detach().clone() for param in self.params]
+        for average, param in zip(self.average, self.params, strict=True):
+            param.copy_(average)
+        try:  # on one CPU process the state dict holds the parameters themselves: copy it before they return
+            return {name: tensor.clone() for name, tensor in trainable_state_dict(model).items()}
+        finally:
+            for value, param in zip(raw, self.params, strict=True):
+                param.copy_(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------
+def run_validation(transformer, validation_set, decoder, args, step, accelerator):
+    """Held-out losses at fixed noise levels, then (with --validation_videos) generated held-out clips."""
+    transformer.eval()
+    losses, per_bucket = validation_losses(
+        transformer, validation_set, accelerator.device, args.seed, args.conditioning_timestep
+    )
+    logs = {f"val/loss_t{t}": v for t, v in losses.items()} | {"val/loss": sum(losses.values()) / len(losses)}
+    logs |= {f"val/loss_{bucket}": v for bucket, v in per_bucket.items()}
+    accelerator.log(logs, step=step)
+    if decoder:
+        validation_videos(transformer, decoder, validation_set, args, step, accelerator)
+    transformer.train()
+
+
 @torch.no_grad()
 def validation_losses(transformer, dataset, device, seed, t_cond):
     """Held-out loss at fixed noise levels and fixed noise (one conditioning frame, no text dropout): the mean per
@@ -856,664 +1004,6 @@ def load_validation_decoder(args, dtype, device, family):
     vae = load_component(path, "vae", revision, dtype, family=family)
     scheduler = load_component(path, "scheduler", revision, family=family)
     return ValidationDecoder(vae.to(device).eval(), scheduler, family.denoise)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-def trainable_state_dict(model):
-    """Full fp32 trainable weights with clean names on CPU. A collective under FSDP: call it on every rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return get_model_state_dict(model, options=options)
-
-
-def load_trainable_state_dict(model, directory):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(
-        model, read_exported_weights(directory), options=StateDictOptions(full_state_dict=True, strict=False)
-    )
-
-
-POWER_EMA_SIGMA_REL = 0.1  # NVIDIA's PowerEMAConfig rate, enabled in its LoRA examples
-
-
-def power_ema_exponent(sigma_rel):
-    """gamma of the power EMA (Karras et al. 2024) of relative width sigma_rel: NVIDIA's `ema_exp_coefficient`."""
-    import numpy as np
-
-    return float(np.roots([1, 7, 16 - sigma_rel**-2, 12 - sigma_rel**-2]).real.max())
-
-
-class EMA:
-    """Exponential moving average of the trainable weights, updated after every optimizer step n = 1, 2, ...:
-        ema = d * ema + (1 - d) * weights
-    with d constant (--ema_decay D), or NVIDIA's power EMA d = (1 - 1/n)^(gamma + 1), gamma = 6.94 for sigma_rel 0.1
-    (cosmos-predict2 `ema_beta`): a plain average at first that narrows to about the last tenth of the run.
-    The averages are clones of the (under FSDP2, sharded) parameters, so they are sharded alike.
-    """
-
-    def __init__(self, params, decay):
-        self.params, self.decay = params, decay
-        self.exponent = power_ema_exponent(POWER_EMA_SIGMA_REL) + 1 if decay == "power" else None
-        self.average = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self, step):
-        decay = (1 - 1 / step) ** self.exponent if self.decay == "power" else self.decay
-        for average, param in zip(self.average, self.params, strict=True):
-            average.lerp_(param.detach(), 1 - decay)
-
-    @torch.no_grad()
-    def copy_from_model(self):
-        for average, param in zip(self.average, self.params, strict=True):
-            average.copy_(param.detach())
-
-    @torch.no_grad()
-    def state_dict(self, model):
-        """The averages under the model's clean parameter names. A collective under FSDP: call it on every rank."""
-        raw = [param.detach().clone() for param in self.params]
-        for average, param in zip(self.average, self.params, strict=True):
-            param.copy_(average)
-        try:  # on one CPU process the state dict holds the parameters themselves: copy it before they return
-            return {name: tensor.clone() for name, tensor in trainable_state_dict(model).items()}
-        finally:
-            for value, param in zip(raw, self.params, strict=True):
-                param.copy_(value)
-
-
-def optimizer_state_dict(model, optimizer):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_checkpoint(accelerator, model, optimizer, lr_scheduler, ema, step, batches_consumed, args):
-    """Write OUTPUT/checkpoint-STEP atomically: trainable weights (and their EMA in ema/), optimizer, scheduler, data
-    position, the run's settings and its held-out clips. training_state.json lists the state files with their sizes."""
-    weights = trainable_state_dict(model)
-    ema_weights = ema.state_dict(model) if ema else None
-    optim_state = optimizer_state_dict(model, optimizer.optimizer)
-    final = os.path.join(args.output_dir, f"checkpoint-{step}")
-    if accelerator.is_main_process:
-        with folder_written_whole(final) as tmp:
-            save_finetuned_weights(weights, tmp, adapter_config(args))
-            if ema_weights is not None:
-                save_finetuned_weights(ema_weights, os.path.join(tmp, EMA_DIR), adapter_config(args))
-            torch.save(optim_state, os.path.join(tmp, OPTIMIZER_STATE))
-            torch.save(lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER_STATE))
-            for name in (TRAINING_ARGS, HELD_OUT):
-                shutil.copy(os.path.join(args.output_dir, name), tmp)
-            state = {
-                "global_step": step,
-                "batches_consumed": batches_consumed,
-                "files": file_sizes(tmp, [OPTIMIZER_STATE, SCHEDULER_STATE]),
-            }
-            with open(os.path.join(tmp, TRAINING_STATE), "w") as f:
-                json.dump(state, f)
-        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
-        logger.info(f"saved {final}")
-    accelerator.wait_for_everyone()
-    return final
-
-
-def list_checkpoints(output_dir):
-    """Complete checkpoint dirs, oldest first (a `.tmp` dir is an interrupted save and never counts)."""
-    if not os.path.isdir(output_dir):
-        return []
-    steps = [int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
-    return [os.path.join(output_dir, f"checkpoint-{s}") for s in sorted(steps)]
-
-
-def prune_checkpoints(output_dir, limit):
-    if limit:
-        for path in list_checkpoints(output_dir)[:-limit]:
-            shutil.rmtree(path)
-
-
-def resolve_resume_path(args):
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        return checkpoints[-1] if checkpoints else None
-    if not os.path.isdir(args.resume_from_checkpoint):
-        raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint dir")
-    return args.resume_from_checkpoint
-
-
-def read_json(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing; the checkpoint is incomplete")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as error:
-        raise ValueError(f"{path} is unreadable: {error}") from None
-
-
-def check_checkpoint(path, args):
-    """Before any model loads: every file of the checkpoint is there and whole, and its settings are these."""
-    state = read_json(os.path.join(path, TRAINING_STATE))
-    check_files(path, state.get("files", {}))
-    for name in (OPTIMIZER_STATE, SCHEDULER_STATE):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(f"{os.path.join(path, name)} is missing; the checkpoint is incomplete")
-        load_state_file(os.path.join(path, name), mmap=True)  # refused here, before any model loads
-    read_adapter_config(path)
-    if os.path.isdir(os.path.join(path, EMA_DIR)):
-        read_adapter_config(os.path.join(path, EMA_DIR))
-    changed = changed_settings(path, args)
-    if changed and not args.allow_changed_settings:
-        raise ValueError(
-            f"{path} was trained with other settings ({'; '.join(changed)}): resume with the same flags, or pass "
-            "--allow_changed_settings to continue with the new ones"
-        )
-    if changed:
-        print(f"resuming {path} with changed settings: {'; '.join(changed)}")
-
-
-def changed_settings(path, args):
-    """`name: old -> new` for every setting that shapes the run and differs from the checkpoint's."""
-    args_path = os.path.join(path, TRAINING_ARGS)
-    if not os.path.isfile(args_path):
-        return [f"{TRAINING_ARGS}: not in the checkpoint, so its settings cannot be compared"]
-    saved, current = read_json(args_path), json.loads(json.dumps(vars(args)))
-    names = sorted((saved.keys() | current.keys()) - SETTINGS_FREE_ON_RESUME)
-    missing = "(unset)"
-    return [
-        f"{name}: {saved.get(name, missing)} -> {current.get(name, missing)}"
-        for name in names
-        if saved.get(name, missing) != current.get(name, missing)
-    ]
-
-
-def load_state_file(path, mmap=False):
-    """An optimizer or scheduler state written by torch.save, read with weights_only=True: tensors, numbers, strings
-    and containers only, so a crafted file in a checkpoint folder is refused and never runs code."""
-    try:
-        return torch.load(path, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} holds more than tensors and plain values, so it is not loaded "
-            f"({str(error).splitlines()[0]}); resume only from checkpoints this script wrote"
-        ) from None
-
-
-def load_checkpoint(path, model, optimizer, lr_scheduler, ema):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    if ema:  # the EMA goes through the model's own parameters, which the raw weights then overwrite
-        if os.path.isdir(os.path.join(path, EMA_DIR)):
-            load_trainable_state_dict(model, os.path.join(path, EMA_DIR))
-        ema.copy_from_model()
-    load_trainable_state_dict(model, path)
-    optim_state = load_state_file(os.path.join(path, OPTIMIZER_STATE))
-    set_optimizer_state_dict(model, optimizer.optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
-    lr_scheduler.load_state_dict(load_state_file(os.path.join(path, SCHEDULER_STATE)))
-    state = read_json(os.path.join(path, TRAINING_STATE))
-    return state["global_step"], state["batches_consumed"]
-
-
-def truncate_loss_log(path, step):
-    """Drop loss rows after `step` (written by a run that died after its last checkpoint)."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(rows)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loop helpers
-# ----------------------------------------------------------------------------------------------------------------
-def lr_lambda(args, total_steps):
-    def factor(step):
-        if step < args.lr_warmup_steps:
-            return (step + 1) / args.lr_warmup_steps
-        if args.lr_scheduler == "constant":
-            return 1.0
-        progress = min(1.0, (step - args.lr_warmup_steps) / max(1, total_steps - args.lr_warmup_steps))
-        floor = args.min_lr / args.learning_rate
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_scheduler == "cosine" else 1 - progress
-        return floor + (1 - floor) * shape
-
-    return factor
-
-
-@dataclass
-class StepClock:
-    """Wall time of the current optimizer step and the part of it spent waiting for batches."""
-
-    start: float = field(default_factory=time.perf_counter)
-    data_wait: float = 0.0
-
-    def restart(self):
-        self.start, self.data_wait = time.perf_counter(), 0.0
-
-
-def timed(loader, clock):
-    """Iterate a dataloader, adding the seconds spent waiting for each batch to clock.data_wait."""
-    iterator = iter(loader)
-    while True:
-        start = time.perf_counter()
-        try:
-            with stage("reading a batch of cached clips"):
-                batch = next(iterator)
-        except StopIteration:
-            return
-        clock.data_wait += time.perf_counter() - start
-        yield batch
-
-
-def step_logs(loss, lr_scheduler, grad_norm, clock, samples, tokens):
-    """Metrics of one optimizer step (samples and latent tokens summed over processes); restarts the step clock."""
-    elapsed = time.perf_counter() - clock.start
-    logs = {
-        "loss": loss,
-        "lr": lr_scheduler.get_last_lr()[0],
-        "step_time_s": elapsed,
-        "samples_per_s": samples / elapsed,
-        "latent_tokens_per_s": tokens / elapsed,
-        "data_wait_fraction": clock.data_wait / elapsed,
-    }
-    if grad_norm is not None:
-        logs["grad_norm"] = float(grad_norm)
-    if torch.cuda.is_available():
-        logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    clock.restart()
-    return logs
-
-
-class StopSignal:
-    """Remembers SIGUSR1 (SLURM's warning before the time limit), SIGTERM (preemption, scancel, a time limit without
-    --signal) or a first Ctrl-C until the current step is done; the loop then saves a checkpoint and exits 75. A
-    second Ctrl-C stops at once. `restore` puts the previous handlers back."""
-
-    def __init__(self):
-        self.received = None  # the name of the first stop signal
-        self.previous = {}
-        for name in STOP_SIGNALS:
-            if hasattr(signal, name):
-                self.previous[name] = signal.signal(getattr(signal, name), self.handle)
-
-    def handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if name == "SIGINT" and self.received:
-            raise KeyboardInterrupt
-        if not self.received:
-            print(f"{name}: finishing this step, then saving a checkpoint (Ctrl-C again stops at once)", flush=True)
-        self.received = self.received or name
-
-    def restore(self):
-        for name, handler in self.previous.items():
-            signal.signal(getattr(signal, name), handler)
-
-
-def step_seed(seed, step, micro_step, process_index):
-    """Per-micro-step seed: noise and dropout depend only on position, which makes resume exact."""
-    return (seed * 1_000_003 + step * 1009 + micro_step * 31 + process_index) % (2**63)
-
-
-def configure_wandb(output_dir):
-    """W&B writes under OUTPUT/wandb and runs offline without WANDB_API_KEY, or with a key when HF_HUB_OFFLINE is
-    set or its server does not answer within 3 s (compute nodes are usually offline). Returns the warning, if any."""
-    os.environ.setdefault("WANDB_DIR", os.path.abspath(output_dir))
-    if os.environ.get("WANDB_MODE"):
-        return None
-    if not os.environ.get("WANDB_API_KEY"):
-        os.environ["WANDB_MODE"] = "offline"
-        return None
-    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    reason = "HF_HUB_OFFLINE is set" if hub_offline() else None if wandb_reachable(host) else f"{host} is unreachable"
-    if reason is None:
-        return None
-    os.environ["WANDB_MODE"] = "offline"
-    return (
-        f"warning: W&B runs offline ({reason}); `wandb sync {os.path.join(output_dir, 'wandb')}/offline-run-*` later"
-    )
-
-
-def wandb_reachable(host, timeout=3.0):
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def init_trackers(accelerator, args):
-    if args.report_to in ("wandb", "all"):
-        os.makedirs(args.output_dir, exist_ok=True)
-        warning = configure_wandb(args.output_dir) if accelerator.is_main_process else None
-        if warning:
-            print(warning, file=sys.stderr, flush=True)
-    config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
-    accelerator.init_trackers(args.tracker_project_name, config=config)
-
-
-@dataclass
-class TrainState:
-    """Where the run stands: optimizer steps done, batches drawn (the data position) and the last checkpoint."""
-
-    global_step: int = 0
-    batches_consumed: int = 0
-    last_checkpoint: str | None = None
-    num_bad_clips: int = 0  # over all processes, since this run started
-    bad_clips: list = field(default_factory=list)  # this process's
-
-
-def build_accelerator(args, num_shapes):
-    """Under --compile, each clip shape compiles its own static graph the first time a batch of it comes (warming
-    each bucket once) instead of one dynamic-shape graph; the recompile limit leaves room for every shape, at the
-    training batch size and at validation's batch of one."""
-    if args.compile:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * num_shapes)
-    dynamo = TorchDynamoPlugin(backend="inductor", use_regional_compilation=True, dynamic=False)
-    return Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        dataloader_config=DataLoaderConfiguration(non_blocking=True),  # batches come pinned: copy them asynchronously
-        dynamo_plugin=dynamo if args.compile else None,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
-        ),
-    )
-
-
-@dataclass
-class MicroStepStats:
-    """A micro-step summed over processes: mean loss, latent tokens, clips that failed to load, a stop request."""
-
-    loss: float
-    tokens: int
-    bad_clips: int
-    stop_requested: bool
-
-
-def reduce_micro_step(accelerator, loss, batch, stop):
-    """One small collective per micro-step. Tokens are counted from each rank's own batch, whose shape varies."""
-    latents = batch["latents"]
-    tokens = latents.shape[0] * math.prod(latents.shape[2:]) // 4  # 2x2 spatial patches
-    local = [
-        loss.detach().float(),
-        *(torch.tensor(float(v), device=loss.device) for v in (tokens, len(batch["bad_clips"]), bool(stop.received))),
-    ]
-    total = accelerator.reduce(torch.stack(local).double(), reduction="sum").tolist()
-    return MicroStepStats(total[0] / accelerator.num_processes, int(total[1]), int(total[2]), total[3] > 0)
-
-
-def check_bad_clips(batch, stats, state, args):
-    """Name each clip that failed to load (it was replaced by another of its bucket); stop past --max_bad_clips."""
-    for name in batch["bad_clips"]:
-        logger.warning(f"skipped a clip that failed to load: {name}", main_process_only=False)
-    state.bad_clips += batch["bad_clips"]
-    state.num_bad_clips += stats.bad_clips
-    if state.num_bad_clips > args.max_bad_clips:
-        raise RunStopped(
-            f"{state.num_bad_clips} clips failed to load, more than --max_bad_clips {args.max_bad_clips}; stopping "
-            f"at step {state.global_step + 1}. This process's: {'; '.join(state.bad_clips)}"
-        )
-
-
-def check_finite(loss, state):
-    if not math.isfinite(loss):
-        raise RunStopped(
-            f"loss is {loss} at step {state.global_step + 1}; stopping before the update "
-            f"(last checkpoint: {state.last_checkpoint or 'none'})"
-        )
-
-
-def append_loss_log(path, step, logs):
-    with open(path, "a") as f:
-        f.write(json.dumps({"step": step, **logs}) + "\n")
-
-
-def run_validation(transformer, validation_set, decoder, args, step, accelerator):
-    """Held-out losses at fixed noise levels, then (with --validation_videos) generated held-out clips."""
-    transformer.eval()
-    losses, per_bucket = validation_losses(
-        transformer, validation_set, accelerator.device, args.seed, args.conditioning_timestep
-    )
-    logs = {f"val/loss_t{t}": v for t, v in losses.items()} | {"val/loss": sum(losses.values()) / len(losses)}
-    logs |= {f"val/loss_{bucket}": v for bucket, v in per_bucket.items()}
-    accelerator.log(logs, step=step)
-    if decoder:
-        validation_videos(transformer, decoder, validation_set, args, step, accelerator)
-    transformer.train()
-
-
-def check_clip_frames(caches, args):
-    """Every clip needs a latent frame to predict beyond the largest number of conditioning frames."""
-    frames = min(clip["shape"][1] for cache in caches for clip in cache.clips)
-    if frames < 2:
-        raise ValueError(
-            "a cache's clips have 1 latent frame (--num_frames 1): video2world needs at least 2 (--num_frames 5)"
-        )
-    if max(args.conditioning_frames) >= frames:
-        raise ValueError(
-            f"--conditioning_frames {','.join(map(str, args.conditioning_frames))} leaves no frame to predict in "
-            f"clips of {frames} latent frames; use fewer conditioning frames or longer clips"
-        )
-
-
-def split_validation_clips(cache, resume_path, args):
-    """(train, validation) clips of the first cache: as the checkpoint recorded them, or held out under --seed."""
-    record = read_held_out(resume_path) if resume_path else None
-    if record is not None:
-        return split_by_record(cache.clips, cache.path, record)
-    return hold_out_clips(cache.clips, args.num_validation_clips, args.seed)
-
-
-def held_out_summary(first_cache_clips, train_clips, validation_clips):
-    """One line: how many videos of the first cache are held out, how many of their clips validate, and how many
-    others neither train nor validate."""
-    trained = {c["key"] for c in train_clips}
-    videos = len({c["key"] for c in first_cache_clips} - trained)
-    unused = len(first_cache_clips) - len(train_clips) - len(validation_clips)
-    return (
-        f"held-out videos: {videos}; their clips that validate: {len(validation_clips)}; "
-        f"their other clips, which neither train nor validate: {unused}"
-    )
-
-
-def write_run_record(args, caches, first_cache_clips, train_clips, validation_clips):
-    """training_args.json and held_out.json in OUTPUT (copied into every checkpoint), once every check has passed."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    atomic_write_text(os.path.join(args.output_dir, TRAINING_ARGS), json.dumps(vars(args), indent=2))
-    paths = [c.path for c in caches]
-    write_held_out(args.output_dir, caches[0].path, first_cache_clips, train_clips, validation_clips, paths)
-
-
-def main(args):
-    validate_args(args)
-    family = resolve_family_defaults(args)
-    caches, info = load_caches(args.cache_dir, args.pretrained_model_name_or_path, args.revision, family=family)
-    check_clip_frames(caches, args)
-    resume_path = resolve_resume_path(args)
-    if resume_path:
-        check_checkpoint(resume_path, args)
-    first_cache_clips = caches[0].clips
-    train_clips, validation_clips = split_validation_clips(caches[0], resume_path, args)
-    caches[0].clips = train_clips
-
-    shapes = {tuple(clip["shape"]) for cache in caches for clip in cache.clips} | {
-        tuple(clip["shape"]) for clip in validation_clips
-    }
-    accelerator = build_accelerator(args, len(shapes))
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        write_run_record(args, caches, first_cache_clips, train_clips, validation_clips)
-    accelerator.print(held_out_summary(first_cache_clips, train_clips, validation_clips))
-    accelerator.wait_for_everyone()
-    stop = StopSignal()
-    try:
-        return run_training(args, family, accelerator, caches, info, validation_clips, resume_path, stop)
-    finally:
-        stop.restore()
-
-
-def run_training(args, family, accelerator, caches, info, validation_clips, resume_path, stop):
-    """Load the model, then loop: data, noise, forward, loss, backward, step, log, validate, checkpoint."""
-    train_dataloader, groups = build_train_dataloader(caches, args, accelerator.num_processes)
-    batch_sampler = train_dataloader.batch_sampler
-    accelerator.print(bucket_table(groups, args.train_batch_size))
-    weight_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    transformer = load_transformer(args, weight_dtype, family)
-    if args.fp8:
-        convert_frozen_linears_to_fp8(transformer, emulate=accelerator.device.type != "cuda")
-    null_text = prepare_text_projection(transformer, info["text_embeds"])
-    if accelerator.is_main_process:
-        print(trainable_parameter_table(transformer))
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    transformer, optimizer, train_dataloader = accelerator.prepare(transformer, optimizer, train_dataloader)
-    params = [p for p in transformer.parameters() if p.requires_grad]  # FSDP2 replaced them with sharded ones
-    ema = EMA(params, args.ema_decay) if args.ema_decay else None
-
-    batches_per_epoch = len(train_dataloader)
-    steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_lambda(args, max_steps))
-    accelerator.print(
-        f"num_processes={accelerator.num_processes} ({accelerator.distributed_type.value}), "
-        f"{sum(len(cache.clips) for cache in caches)} training clips, {len(validation_clips)} held out, "
-        f"{max_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
-        f"{accelerator.num_processes} clips"
-    )
-
-    state = TrainState()
-    if resume_path:
-        state.global_step, state.batches_consumed = load_checkpoint(
-            resume_path, transformer, optimizer, lr_scheduler, ema
-        )
-        state.last_checkpoint = resume_path
-        accelerator.print(f"resumed from {resume_path} at step {state.global_step}")
-    loss_log = os.path.join(args.output_dir, "losses.jsonl")
-    if accelerator.is_main_process:
-        truncate_loss_log(loss_log, state.global_step)
-    if args.report_to != "none":
-        init_trackers(accelerator, args)
-
-    validation_set = CachedClips(validation_clips)
-    decoder = None
-    if validation_clips and args.validation_videos > 0:
-        decoder = load_validation_decoder(args, weight_dtype, accelerator.device, family)
-    progress = tqdm(
-        total=max_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process
-    )
-    clock = StepClock()
-    transformer.train()
-    while state.global_step < max_steps:
-        # Data: resume mid-epoch at the exact batch (accelerate ends an accumulation window at each epoch's end,
-        # so the position counts batches, not steps).
-        epoch, skip = divmod(state.batches_consumed, batches_per_epoch)
-        loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        # accelerate's loader re-sets its sampler's epoch to its own count at each pass, and does not reach a batch
-        # sampler it wraps for several processes: set both.
-        loader.set_epoch(epoch)
-        batch_sampler.set_epoch(epoch)
-        micro_step, loss_sum, tokens = 0, 0.0, 0
-        for batch in timed(loader, clock):
-            # Noise: every random draw of this micro-step depends only on its position, so resume is exact.
-            torch.manual_seed(step_seed(args.seed, state.global_step, micro_step, accelerator.process_index))
-            with accelerator.accumulate(transformer), stage(f"training step {state.global_step + 1}"):
-                # Forward and loss.
-                loss = training_loss(transformer, batch, args, null_text)
-                stats = reduce_micro_step(accelerator, loss, batch, stop)
-                check_bad_clips(batch, stats, state, args)
-                check_finite(stats.loss, state)
-                # Backward, clip, update (accelerate skips the update until the accumulation window ends).
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += stats.loss
-            tokens += stats.tokens
-            micro_step += 1
-            state.batches_consumed += 1
-            if not accelerator.sync_gradients:
-                continue
-
-            # Step: schedule, EMA and bookkeeping once per optimizer step.
-            lr_scheduler.step()
-            state.global_step += 1
-            if ema:
-                ema.update(state.global_step)
-            step_loss = loss_sum / micro_step
-            samples = micro_step * args.train_batch_size * accelerator.num_processes  # short at an epoch's end
-            step_tokens, micro_step, loss_sum, tokens = tokens, 0, 0.0, 0
-
-            # Log.
-            logs = step_logs(step_loss, lr_scheduler, grad_norm, clock, samples, step_tokens)
-            if accelerator.is_main_process:
-                append_loss_log(loss_log, state.global_step, logs)
-            accelerator.log(logs, step=state.global_step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
-
-            # Validate.
-            if validation_clips and state.global_step % args.validation_steps == 0:
-                with stage(f"validation at step {state.global_step}"):
-                    run_validation(transformer, validation_set, decoder, args, state.global_step, accelerator)
-
-            # Checkpoint, and stop for a requeue when asked.
-            if state.global_step % args.checkpointing_steps == 0 or stats.stop_requested:
-                with stage(f"saving the checkpoint of step {state.global_step}"):
-                    state.last_checkpoint = save_checkpoint(
-                        accelerator,
-                        transformer,
-                        optimizer,
-                        lr_scheduler,
-                        ema,
-                        state.global_step,
-                        state.batches_consumed,
-                        args,
-                    )
-            if stats.stop_requested:
-                accelerator.print(
-                    f"{stop.received or 'a stop signal on another rank'}: saved {state.last_checkpoint}; exiting with "
-                    f"{REQUEUE_EXIT_CODE} (run the same command again to resume; the SLURM scripts requeue)"
-                )
-                accelerator.end_training()
-                return REQUEUE_EXIT_CODE
-            if state.global_step >= max_steps:
-                break
-            clock.restart()  # validation and checkpoints do not count as step time
-
-    # Export the final weights (and their EMA).
-    with stage("exporting the final weights"):
-        weights = trainable_state_dict(transformer)
-        ema_weights = ema.state_dict(transformer) if ema else None
-        if accelerator.is_main_process:
-            export_final_weights(weights, ema_weights, args)
-    accelerator.end_training()
-    return 0
-
-
-def export_final_weights(weights, ema_weights, args):
-    """Write the final weights next to the checkpoints (the EMA in ema/), each file or folder replaced atomically."""
-    tmp = os.path.join(args.output_dir, ".export.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_finetuned_weights(weights, tmp, adapter_config(args))
-        if ema_weights is not None:
-            save_finetuned_weights(ema_weights, os.path.join(tmp, EMA_DIR), adapter_config(args))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous export, if any, stays whole
-        raise
-    for name in os.listdir(tmp):
-        target = os.path.join(args.output_dir, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(tmp, name), target)
-    os.rmdir(tmp)
-    print(f"saved {', '.join(sorted(os.listdir(args.output_dir)))} in {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_train  # noqa: E402
 
+import cosmos_run  # noqa: E402
 import train_cosmos_lora as train  # noqa: E402
 from cosmos_adapters import ADAPTER_WEIGHTS, LORA_WEIGHTS, read_exported_weights
 
@@ -92,7 +93,7 @@ def compare_rank_with_export(model, output_dir):
 def wait_for_export(output_dir, timeout=600):
     names = [LORA_WEIGHTS, ADAPTER_WEIGHTS]
     deadline = time.time() + timeout
-    while os.path.exists(os.path.join(output_dir, ".export.tmp")) or not all(
+    while any(os.path.exists(os.path.join(output_dir, name)) for name in (".export", ".export.tmp")) or not all(
         os.path.exists(os.path.join(output_dir, name)) for name in names
     ):
         if time.time() > deadline:
@@ -103,13 +104,13 @@ def wait_for_export(output_dir, timeout=600):
 def probe(train_argv, report_path):
     """Run train_cosmos_lora.main and then compare this rank's final parameters with the export."""
     captured = {}
-    trainable_state_dict = train.trainable_state_dict
+    trainable_state_dict = cosmos_run.trainable_state_dict
 
     def capture(model):  # main() calls it on the prepared model for checkpoints and for the final export
         captured["model"] = model
         return trainable_state_dict(model)
 
-    train.trainable_state_dict = capture
+    cosmos_run.trainable_state_dict = capture
     args = train.parse_args(train_argv)
     assert train.main(args) == 0
     wait_for_export(args.output_dir)  # rank 0 writes it after the process group is gone

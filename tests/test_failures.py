@@ -345,6 +345,7 @@ def test_one_failing_rank_ends_every_rank(tiny_model, latent_cache, tmp_path):
 def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_never_runs(training_runs, tiny_model, latent_cache, tmp_path):
     import shutil
 
+    import cosmos_run
     import train_cosmos_lora as train
     from conftest import train_args
 
@@ -352,11 +353,11 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_never_runs(training_run
     checkpoint = str(tmp_path / "checkpoint-1")
     shutil.copytree(os.path.join(out["validation"], "checkpoint-1"), checkpoint)
     marker = tmp_path / "code_ran"
-    torch.save(Payload(str(marker)), os.path.join(checkpoint, train.SCHEDULER_STATE))
-    state_path = os.path.join(checkpoint, train.TRAINING_STATE)
+    torch.save(Payload(str(marker)), os.path.join(checkpoint, cosmos_run.SCHEDULER_STATE))
+    state_path = os.path.join(checkpoint, cosmos_run.TRAINING_STATE)
     with open(state_path) as f:
         state = json.load(f)
-    state["files"][train.SCHEDULER_STATE] = os.path.getsize(os.path.join(checkpoint, train.SCHEDULER_STATE))
+    state["files"][cosmos_run.SCHEDULER_STATE] = os.path.getsize(os.path.join(checkpoint, cosmos_run.SCHEDULER_STATE))
     with open(state_path, "w") as f:
         json.dump(state, f)
     args = train_args(tiny_model, latent_cache, tmp_path / "run", "--resume_from_checkpoint", checkpoint)

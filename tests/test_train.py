@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import cosmos_data
 import train_cosmos_lora as train
 from conftest import (
     ALL_LINEAR,
@@ -31,8 +32,9 @@ from cosmos_adapters import (
     load_finetuned_weights,
     save_finetuned_weights,
 )
-from cosmos_cache import CACHE_INFO, hold_out_clips, list_cached_clips
+from cosmos_cache import CACHE_INFO, list_cached_clips
 from cosmos_families import detect_family
+from cosmos_run import hold_out_clips
 from cosmos_speed import modulate_per_frame
 
 
@@ -245,14 +247,16 @@ def test_bucket_batch_sampler_keeps_one_shape_per_batch_and_the_mixture_weights(
     # Cache a: 10 clips of one shape and 20 of another; cache b: 30 clips of the first shape. Weights 0.7 / 0.3.
     a = [{"shape": [16, 5, 8, 14]}] * 10 + [{"shape": [16, 5, 14, 8]}] * 20
     b = [{"shape": [16, 5, 8, 14]}] * 30
-    groups = train.clip_groups([train.Cache("a", "", a, 0.7), train.Cache("b", "", b, 0.3)])
+    groups = cosmos_data.clip_groups([cosmos_data.Cache("a", "", a, 0.7), cosmos_data.Cache("b", "", b, 0.3)])
     assert [(g.cache, g.bucket, len(g.indices)) for g in groups] == [
         ("a", "17x64x112", 10),
         ("a", "17x112x64", 20),
         ("b", "17x64x112", 30),
     ]
     assert [round(g.probability, 4) for g in groups] == [0.2333, 0.4667, 0.3]
-    sampler = train.BucketBatchSampler([g.indices for g in groups], [g.probability for g in groups], 4, 6000, seed=0)
+    sampler = cosmos_data.BucketBatchSampler(
+        [g.indices for g in groups], [g.probability for g in groups], 4, 6000, seed=0
+    )
     batches = list(sampler)
     group_of = {i: n for n, g in enumerate(groups) for i in g.indices}
     assert all(len({group_of[i] for i in batch}) == 1 and len(batch) == 4 for batch in batches)
@@ -262,14 +266,14 @@ def test_bucket_batch_sampler_keeps_one_shape_per_batch_and_the_mixture_weights(
     sampler.set_epoch(1)
     assert batches != list(sampler)
     # One group: an epoch walks a permutation of its clips.
-    one = train.BucketBatchSampler([list(range(10))], [1.0], batch_size=2, num_batches=5, seed=0)
+    one = cosmos_data.BucketBatchSampler([list(range(10))], [1.0], batch_size=2, num_batches=5, seed=0)
     assert sorted(i for batch in one for i in batch) == list(range(10))
 
 
 def test_cache_spec_parsing():
-    assert train.parse_cache_spec("ego=/data/c:0.7") == ("ego", "/data/c", 0.7)
-    assert train.parse_cache_spec("/data/c:2") == ("c", "/data/c", 2.0)
-    assert train.parse_cache_spec("/data/c") == ("c", "/data/c", None)
+    assert cosmos_data.parse_cache_spec("ego=/data/c:0.7") == ("ego", "/data/c", 0.7)
+    assert cosmos_data.parse_cache_spec("/data/c:2") == ("c", "/data/c", 2.0)
+    assert cosmos_data.parse_cache_spec("/data/c") == ("c", "/data/c", None)
 
 
 def test_two_caches_are_mixed_in_training(tiny_model, latent_cache, one_clip_cache, tmp_path):
