@@ -6,7 +6,7 @@ DEMO := demo_output
 # torch 2.14.1 is the build this project's CI machines carry; any torch >= 2.8 works (see requirements.txt).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test clean
+.PHONY: demo test test-deps clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-fp8.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-fp8.txt
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 PY=$(PY) DEMO=$(DEMO) bash tools/demo.sh
 
+# SLURM and shellcheck for tests/test_slurm.py: installed with apt-get (as root) when missing, at once when present.
+test-deps:
+	bash tools/setup_test_deps.sh
+
 # Format and lint first (a violation fails the run), then the suite; prints how long it all took.
-test: $(VENV)/.installed
+test: $(VENV)/.installed test-deps
 	@start=$$(date +%s); \
 	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check . && \
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests; status=$$?; \

@@ -31,18 +31,16 @@
 ##SBATCH --partition=YOUR_GPU_PARTITION
 set -euo pipefail
 
-# ---- site settings (each can be set in the environment of `sbatch`) -------------------------------------------
 # Repository checkout; SLURM runs a copy of this script, so it cannot find the repository by itself.
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
-# Command that activates the Python environment, run in REPO_DIR ("" keeps the environment sbatch exported).
-ENV_ACTIVATE=${ENV_ACTIVATE-source .venv/bin/activate}
-# Shared base directory for models, caches and runs.
-COSMOS_ROOT=${COSMOS_ROOT:-${SCRATCH:-$HOME}/cosmos}
-# Local diffusers checkpoint (only its vae/, text_encoder/ and tokenizer/ are read), or a hub id.
-MODEL=${MODEL:-$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World}
-# Hub revision of MODEL when it is a hub id, e.g. diffusers/base/post-trained for nvidia/Cosmos-Predict2.5-2B
-# (the family, Predict2 or Predict2.5, is read from the checkpoint itself).
-REVISION=${REVISION:-}
+if [ ! -f "$REPO_DIR/slurm/common.sh" ]; then
+  echo "REPO_DIR=$REPO_DIR is not this repository: submit from the repository root or set REPO_DIR" >&2
+  exit 1
+fi
+# shellcheck source=slurm/common.sh
+source "$REPO_DIR/slurm/common.sh"  # its site settings: ENV_ACTIVATE, COSMOS_ROOT, MODEL, REVISION
+
+# ---- this job's settings (each can be set in the environment of `sbatch`) -----------------------------------------
 # Cache directory to create or complete; all tasks write into it.
 CACHE_DIR=${CACHE_DIR:-$COSMOS_ROOT/cache}
 # The source: set exactly one of VIDEO_DIR, TARS (a glob, quoted) or DATASET (+ DATA_FILES, a glob in the dataset).
@@ -59,12 +57,6 @@ BATCH_SIZE=${BATCH_SIZE:-8}
 NUM_WORKERS=${NUM_WORKERS:-${SLURM_CPUS_PER_TASK:-8}}
 # ---------------------------------------------------------------------------------------------------------------
 
-if [ ! -f "$REPO_DIR/slurm/common.sh" ]; then
-  echo "REPO_DIR=$REPO_DIR is not this repository: submit from the repository root or set REPO_DIR" >&2
-  exit 1
-fi
-# shellcheck source=slurm/common.sh
-source "$REPO_DIR/slurm/common.sh"
 enter_repo
 
 num_sources=0

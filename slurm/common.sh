@@ -1,6 +1,25 @@
 # shellcheck shell=bash
 # Helpers shared by the slurm/*.sh job scripts, which source this file from REPO_DIR. Not a job script itself.
 
+# ---- site settings every job script shares (each can be set in the environment of `sbatch`) ------------------
+# REPO_DIR, the repository checkout, is set by the job script before it sources this file.
+# Command that activates the Python environment, run in REPO_DIR ("" keeps the environment sbatch exported); srun
+# passes the activated environment on to every node of a multi-node job.
+ENV_ACTIVATE=${ENV_ACTIVATE-source .venv/bin/activate}
+# Shared base directory for models, caches and runs; for several nodes, on a file system every node sees.
+COSMOS_ROOT=${COSMOS_ROOT:-${SCRATCH:-$HOME}/cosmos}
+# The base model: a local diffusers checkpoint (download it on a login node: hf download
+# nvidia/Cosmos-Predict2-2B-Video2World --local-dir "$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World"), or a hub
+# id when compute nodes are online. Caching reads only its vae/, text_encoder/ and tokenizer/; sampling needs the model
+# the LoRA was trained on.
+# shellcheck disable=SC2034  # MODEL and REVISION are read by the job scripts that source this file
+MODEL=${MODEL:-$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World}
+# Hub revision of MODEL when it is a hub id, e.g. diffusers/base/post-trained for nvidia/Cosmos-Predict2.5-2B
+# (the family, Predict2 or Predict2.5, is read from the checkpoint itself).
+# shellcheck disable=SC2034
+REVISION=${REVISION:-}
+# ---------------------------------------------------------------------------------------------------------------
+
 log() { printf '[%s] %s\n' "$(date '+%F %T')" "$*"; }
 
 # A command as it would be typed, for the job log (and for DRY_RUN=1).

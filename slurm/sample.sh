@@ -28,18 +28,16 @@
 ##SBATCH --partition=YOUR_GPU_PARTITION
 set -euo pipefail
 
-# ---- site settings (each can be set in the environment of `sbatch`) -------------------------------------------
 # Repository checkout; SLURM runs a copy of this script, so it cannot find the repository by itself.
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
-# Command that activates the Python environment, run in REPO_DIR ("" keeps the environment sbatch exported).
-ENV_ACTIVATE=${ENV_ACTIVATE-source .venv/bin/activate}
-# Shared base directory for models, caches and runs.
-COSMOS_ROOT=${COSMOS_ROOT:-${SCRATCH:-$HOME}/cosmos}
-# The base model the LoRA was trained on: local diffusers checkpoint or hub id.
-MODEL=${MODEL:-$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World}
-# Hub revision of MODEL when it is a hub id, e.g. diffusers/base/post-trained for nvidia/Cosmos-Predict2.5-2B
-# (the family, Predict2 or Predict2.5, is read from the checkpoint itself).
-REVISION=${REVISION:-}
+if [ ! -f "$REPO_DIR/slurm/common.sh" ]; then
+  echo "REPO_DIR=$REPO_DIR is not this repository: submit from the repository root or set REPO_DIR" >&2
+  exit 1
+fi
+# shellcheck source=slurm/common.sh
+source "$REPO_DIR/slurm/common.sh"  # its site settings: ENV_ACTIVATE, COSMOS_ROOT, MODEL, REVISION
+
+# ---- this job's settings (each can be set in the environment of `sbatch`) -----------------------------------------
 # Latent cache whose clips give the conditioning frames.
 CACHE_DIR=${CACHE_DIR:-$COSMOS_ROOT/cache}
 # Training output dir or one of its checkpoint-STEP dirs (the first argument wins).
@@ -62,12 +60,6 @@ else
 fi
 SAMPLE_OUTPUT_DIR=${SAMPLE_OUTPUT_DIR:-$default_output}
 
-if [ ! -f "$REPO_DIR/slurm/common.sh" ]; then
-  echo "REPO_DIR=$REPO_DIR is not this repository: submit from the repository root or set REPO_DIR" >&2
-  exit 1
-fi
-# shellcheck source=slurm/common.sh
-source "$REPO_DIR/slurm/common.sh"
 enter_repo
 set_offline_env "$MODEL" "$CACHE_DIR"
 log_job

@@ -33,18 +33,16 @@
 ##SBATCH --partition=YOUR_GPU_PARTITION
 set -euo pipefail
 
-# ---- site settings (each can be set in the environment of `sbatch`) -------------------------------------------
 # Repository checkout; SLURM runs a copy of this script, so it cannot find the repository by itself.
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
-# Command that activates the Python environment, run in REPO_DIR ("" keeps the environment sbatch exported); srun
-# passes the activated environment on to every node.
-ENV_ACTIVATE=${ENV_ACTIVATE-source .venv/bin/activate}
-# Shared base directory for models, caches and runs; it must be on a file system every node sees.
-COSMOS_ROOT=${COSMOS_ROOT:-${SCRATCH:-$HOME}/cosmos}
-MODEL=${MODEL:-$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World}
-# Hub revision of MODEL when it is a hub id, e.g. diffusers/base/post-trained for nvidia/Cosmos-Predict2.5-2B
-# (the family, Predict2 or Predict2.5, is read from the checkpoint itself).
-REVISION=${REVISION:-}
+if [ ! -f "$REPO_DIR/slurm/common.sh" ]; then
+  echo "REPO_DIR=$REPO_DIR is not this repository: submit from the repository root or set REPO_DIR" >&2
+  exit 1
+fi
+# shellcheck source=slurm/common.sh
+source "$REPO_DIR/slurm/common.sh"  # its site settings: ENV_ACTIVATE, COSMOS_ROOT, MODEL, REVISION
+
+# ---- this job's settings (each can be set in the environment of `sbatch`) -----------------------------------------
 # Latent cache written by slurm/cache_latents.sh. Several caches, space-separated, are mixed: each may be
 # NAME=PATH:WEIGHT (e.g. "ego=/scratch/cache/ego:0.7 lab=/scratch/cache/lab:0.3"; see docs/training.md).
 CACHE_DIR=${CACHE_DIR:-$COSMOS_ROOT/cache}
@@ -58,12 +56,6 @@ MAIN_PORT=${MAIN_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 # Interconnect settings belong here too, e.g. export NCCL_SOCKET_IFNAME=ib0 (ask your site).
 # ---------------------------------------------------------------------------------------------------------------
 
-if [ ! -f "$REPO_DIR/slurm/common.sh" ]; then
-  echo "REPO_DIR=$REPO_DIR is not this repository: submit from the repository root or set REPO_DIR" >&2
-  exit 1
-fi
-# shellcheck source=slurm/common.sh
-source "$REPO_DIR/slurm/common.sh"
 enter_repo
 read -r -a cache_dirs <<< "$CACHE_DIR"
 set_offline_env "$MODEL"  # the caches are local files anyway

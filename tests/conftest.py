@@ -1,4 +1,10 @@
+"""Fixtures and helpers shared by the test modules (no test module imports another): the tiny models and caches,
+the training runs several modules read, the scripts' argument builders, readers of what the scripts write, and the
+stand-in safety checker."""
+
+import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -140,19 +146,123 @@ def train_args(model, cache, output_dir, *extra):
     return args
 
 
+def loss_rows(output_dir):
+    """Every row of a training run's losses.jsonl, timing columns included."""
+    with open(os.path.join(output_dir, "losses.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def losses(output_dir):
     """(step, loss) rows of a training run's losses.jsonl, without the timing columns."""
-    import json
-
-    with open(os.path.join(output_dir, "losses.jsonl")) as f:
-        return [{"step": row["step"], "loss": row["loss"]} for row in map(json.loads, f)]
+    return [{"step": row["step"], "loss": row["loss"]} for row in loss_rows(output_dir)]
 
 
-def cache_clips(model, output_dir, *args):
+def cache_clips(model, output_dir, *args, extra=()):
+    """Run cache_latents.py's main() at the tests' small clip size; `args` (a source) and `extra` follow CLIP_ARGS,
+    so they win."""
     import cache_latents
 
-    argv = ["--pretrained_model_name_or_path", model, "--output_dir", str(output_dir), *CLIP_ARGS, *map(str, args)]
-    return cache_latents.main(cache_latents.parse_args(argv))
+    argv = ["--pretrained_model_name_or_path", model, "--output_dir", str(output_dir), *CLIP_ARGS]
+    return cache_latents.main(cache_latents.parse_args([*argv, *map(str, args), *map(str, extra)]))
+
+
+def cache_report(output_dir, shard=0):
+    """The report.json cache_latents.py writes for a shard: written, skipped and failed clips."""
+    with open(os.path.join(output_dir, f"shard_{shard:05d}", "report.json")) as f:
+        return json.load(f)
+
+
+def copy_cache(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def edit_cache_info(cache, **changes):
+    from cosmos_cache import CACHE_INFO
+
+    path = os.path.join(cache, CACHE_INFO)
+    info = json.load(open(path))
+    info.update(changes)
+    json.dump(info, open(path, "w"))
+
+
+def no_model_may_load(monkeypatch, *modules):
+    """Make loading any model component from these script modules fail the test."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a model loaded before the error")
+
+    for module in modules:
+        monkeypatch.setattr(module, "load_component", fail)
+
+
+# The tests' generation size, without the guardrail (cosmos-guardrail downloads models).
+TINY = ["--height", "64", "--width", "112", "--num_frames", "17", "--disable_safety_checker"]
+
+
+def sample_args(model, output_dir, *extra, fixed=TINY):
+    """Parsed sample.py flags: the model, the output dir, `fixed` (by default the tests' size), then `extra`."""
+    import sample
+
+    return sample.parse_args(
+        ["--pretrained_model_name_or_path", model, "--output_dir", str(output_dir), *fixed, *map(str, extra)]
+    )
+
+
+class StandInSafetyChecker:
+    """What diffusers' own Cosmos tests pass instead of the guardrail, which downloads models."""
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def check_text_safety(self, prompt):
+        return True
+
+    def check_video_safety(self, video):
+        return video
+
+
+def text_width(transformer):
+    """The width of the text embeddings the transformer takes: Predict2.5's go through crossattn_proj first."""
+    import torch
+
+    projection = getattr(transformer, "crossattn_proj", None)
+    if isinstance(projection, torch.nn.Sequential):
+        return projection[0].in_features
+    return transformer.config.text_embed_dim
+
+
+def random_inputs(transformer, frames=5, height=8, width=14, seed=0):
+    """Seeded transformer inputs: 2 clips of `frames` latent frames, the first one conditioning."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.zeros(2, 1, frames, 1, 1)
+    cond[:, :, :1] = 1
+    return dict(
+        hidden_states=torch.randn(2, 16, frames, height, width, generator=g),
+        timestep=(cond * 1e-4 + (1 - cond) * torch.rand(2, 1, 1, 1, 1, generator=g)),
+        encoder_hidden_states=torch.randn(2, 512, text_width(transformer), generator=g),
+        fps=None,
+        condition_mask=cond.expand(2, 1, frames, height, width).clone(),
+        padding_mask=torch.zeros(1, 1, height * 8, width * 8),
+        return_dict=False,
+    )
+
+
+def output(transformer, inputs):
+    import torch
+
+    with torch.no_grad():
+        return transformer(**inputs)[0]
+
+
+def base_transformer(model):
+    """The base transformer as the scripts run it (per-frame modulation)."""
+    from cosmos_families import detect_family, load_component
+    from cosmos_speed import modulate_per_frame
+
+    return modulate_per_frame(load_component(model, "transformer", family=detect_family(model)))
 
 
 @pytest.fixture(scope="session")
@@ -166,8 +276,6 @@ def latent_cache(tiny_model, clips, tmp_path_factory):
 @pytest.fixture(scope="session")
 def one_clip_cache(tiny_model, clips, tmp_path_factory):
     """A cache of a single clip (the first video's first 17 frames)."""
-    import shutil
-
     videos = tmp_path_factory.mktemp("one_video")
     shutil.copy(os.path.join(clips["videos"], clips["keys"][0] + ".mp4"), videos)
     out = tmp_path_factory.mktemp("one_clip_cache")
@@ -187,8 +295,6 @@ BUCKETS = ["17x64x112", "9x64x112", "17x112x64"]
 @pytest.fixture(scope="session")
 def bucket_videos(clips, tmp_path_factory):
     """Two 4 s landscape videos, two 3 s portrait videos (256x456) and a 0.5 s landscape one that fits no bucket."""
-    import shutil
-
     import make_synthetic_clips
 
     folder = tmp_path_factory.mktemp("bucket_videos")
@@ -226,8 +332,6 @@ def tiny_model_25(tmp_path_factory):
 @pytest.fixture(scope="session")
 def one_clip_cache_25(tiny_model_25, clips, tmp_path_factory):
     """The first video's first clip cached with the Predict2.5 model (projected text embeddings)."""
-    import shutil
-
     videos = tmp_path_factory.mktemp("one_video_25")
     shutil.copy(os.path.join(clips["videos"], clips["keys"][0] + ".mp4"), videos)
     out = tmp_path_factory.mktemp("one_clip_cache_25")
@@ -248,3 +352,54 @@ def overfit_run(tiny_model, one_clip_cache, tmp_path_factory):
     args = train_args(tiny_model, one_clip_cache, out, "--max_train_steps", OVERFIT_STEPS, *OVERFIT_ARGS)
     assert train.main(args) == 0
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def overfit_run_25(tiny_model_25, one_clip_cache_25, tmp_path_factory):
+    """The tiny Predict2.5 model trained until it memorizes its one cached clip (150 steps suffice here)."""
+    import train_cosmos_lora as train
+
+    out = tmp_path_factory.mktemp("overfit_25")
+    args = train_args(tiny_model_25, one_clip_cache_25, out, "--max_train_steps", 150, *OVERFIT_ARGS)
+    assert train.main(args) == 0
+    return str(out)
+
+
+class Family:
+    """One model family's tiny model, one-clip cache and overfit run, each built only when a test first asks."""
+
+    FIXTURES = {
+        "predict2": ("tiny_model", "one_clip_cache", "overfit_run"),
+        "predict2.5": ("tiny_model_25", "one_clip_cache_25", "overfit_run_25"),
+    }
+
+    def __init__(self, name, request):
+        self.name, self._request = name, request
+
+    def _get(self, which):
+        return self._request.getfixturevalue(self.FIXTURES[self.name][which])
+
+    @property
+    def model(self):
+        return self._get(0)
+
+    @property
+    def one_clip_cache(self):
+        return self._get(1)
+
+    @property
+    def overfit_run(self):
+        return self._get(2)
+
+    @property
+    def model_family(self):
+        """The cosmos_families.ModelFamily of its model."""
+        from cosmos_families import detect_family
+
+        return detect_family(self.model)
+
+
+@pytest.fixture(params=list(Family.FIXTURES))
+def family(request):
+    """Runs a test once per model family, Predict2 and Predict2.5."""
+    return Family(request.param, request)

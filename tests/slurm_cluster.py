@@ -1,9 +1,10 @@
 """A real single-node SLURM for the tests of slurm/*.sh.
 
-If `sinfo` already answers, that cluster is used and nothing is started or stopped. Otherwise, as root, this installs
-Debian's `slurmctld slurmd slurm-client munge` when they are missing, writes a private slurm.conf, munge key and state
-directories under a temporary directory, starts `munged`, `slurmctld` and `slurmd` in the foreground as child
-processes, and waits for the node to be idle. `stop()` cancels the jobs and ends exactly the processes it started.
+If `sinfo` already answers, that cluster is used and nothing is started or stopped. Otherwise, as root, with Debian's
+`slurmctld slurmd slurm-client munge` installed (`make test` installs them through tools/setup_test_deps.sh; this
+module installs nothing), this writes a private slurm.conf, munge key and state directories under a temporary
+directory, starts `munged`, `slurmctld` and `slurmd` in the foreground as child processes, and waits for the node to
+be idle. `stop()` cancels the jobs and ends exactly the processes it started.
 
 The node advertises 32 fake GPUs (their device files are copies of /dev/null), so the scripts' `#SBATCH --gres=gpu:N`
 lines are accepted as they are, by several jobs at once; the jobs themselves run on the CPU. It also advertises at
@@ -49,6 +50,10 @@ class SlurmUnavailable(RuntimeError):
     """SLURM cannot run here; the message says why."""
 
 
+class SlurmNotInstalled(SlurmUnavailable):
+    """The SLURM programs are missing (and no running SLURM answers)."""
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,32 +67,9 @@ def _answers(env=None):
         return False
 
 
-def install_packages():
-    """apt-get install the SLURM and munge packages when any is missing (root only)."""
-    if all(shutil.which(b) for b in BINARIES):
-        return
-    if os.geteuid() != 0:
-        raise SlurmUnavailable("SLURM is not installed and installing it needs root")
-    if not shutil.which("apt-get"):
-        raise SlurmUnavailable("SLURM is not installed and there is no apt-get to install it")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
-    output = ""
-    for attempt in range(2):
-        try:
-            if attempt:  # the package lists may be missing or stale
-                subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
-            result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-        except subprocess.TimeoutExpired as error:
-            raise SlurmUnavailable(f"apt-get timed out: {error}") from error
-        output = result.stdout + result.stderr
-        if result.returncode == 0:
-            break
-    missing = [b for b in BINARIES if not shutil.which(b)]
-    if missing:
-        raise SlurmUnavailable(
-            f"apt-get could not install {' '.join(PACKAGES)} (missing {' '.join(missing)}): {output[-1500:]}"
-        )
+def missing_programs():
+    """The SLURM and munge programs that are not on PATH; `make test` installs them (tools/setup_test_deps.sh)."""
+    return [b for b in BINARIES if not shutil.which(b)]
 
 
 class SlurmCluster:
@@ -108,7 +90,12 @@ class SlurmCluster:
             if "gpu" not in gres:  # the scripts' --gres=gpu:N lines would be refused
                 self.sbatch_args = ["--gres=none"]
             return self
-        install_packages()
+        missing = missing_programs()
+        if missing:
+            raise SlurmNotInstalled(
+                f"SLURM is not installed (missing {' '.join(missing)}): run tools/setup_test_deps.sh as root, which "
+                f"`make test` does, or apt-get install {' '.join(PACKAGES)}"
+            )
         if os.geteuid() != 0:
             raise SlurmUnavailable("no SLURM answers, and starting one (SlurmUser=root) needs root")
         self.root = tempfile.mkdtemp(prefix="slurm-test-")

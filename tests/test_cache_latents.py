@@ -1,4 +1,3 @@
-import json
 import os
 import shutil
 import signal
@@ -13,26 +12,14 @@ import torch
 from safetensors import safe_open
 
 import cache_latents
-from conftest import CLIP_ARGS, REPO, run_script
+from conftest import CLIP_ARGS, REPO, cache_clips, cache_report, run_script
 from cosmos_cache import list_cached_clips, read_cache_info, read_manifest
 from cosmos_vae import normalize_latents
 from cosmos_video import Bucket, fit_frames, plan_bucket_clips
 
 
-def cache(model, output_dir, *source, extra=()):
-    args = cache_latents.parse_args(
-        ["--pretrained_model_name_or_path", model, "--output_dir", str(output_dir), *source, *CLIP_ARGS, *extra]
-    )
-    return cache_latents.main(args)
-
-
 def cached_ids(output_dir):
     return sorted((c["key"], c["clip_index"]) for c in list_cached_clips(str(output_dir)))
-
-
-def report(output_dir, shard=0):
-    with open(os.path.join(output_dir, f"shard_{shard:05d}", "report.json")) as f:
-        return json.load(f)
 
 
 def latents_beside(output_dir, reference):
@@ -76,10 +63,10 @@ def test_folder_cache_is_complete_and_verifies(folder_cache, clips):
 
 def test_tar_shards_and_hub_style_dataset_give_the_same_clips(tiny_model, clips, folder_cache, tmp_path):
     tar_glob = os.path.join(clips["tars"], "factory*", "**", "*.tar")
-    assert cache(tiny_model, tmp_path / "tars", "--tars", tar_glob, extra=["--clip_stride_seconds", "1"]) == 0
+    assert cache_clips(tiny_model, tmp_path / "tars", "--tars", tar_glob, extra=["--clip_stride_seconds", "1"]) == 0
     # --dataset goes through datasets.load_dataset exactly as a hub id does; here the "hub" is a local folder.
     assert (
-        cache(
+        cache_clips(
             tiny_model,
             tmp_path / "hub",
             "--dataset",
@@ -123,8 +110,8 @@ def test_rerun_does_nothing(tiny_model, clips, folder_cache, tmp_path):
     copy = shutil.copytree(folder_cache, tmp_path / "cache", copy_function=shutil.copy2)  # the fixture stays as made
     files = sorted((copy / "shard_00000").glob("*.safetensors"))
     mtimes = [f.stat().st_mtime_ns for f in files]
-    assert cache(tiny_model, copy, "--video_dir", clips["videos"], extra=["--clip_stride_seconds", "1"]) == 0
-    rerun = report(copy)
+    assert cache_clips(tiny_model, copy, "--video_dir", clips["videos"], extra=["--clip_stride_seconds", "1"]) == 0
+    rerun = cache_report(copy)
     assert (rerun["written"], rerun["already_cached"], rerun["failures"]) == (0, 12, [])
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 
@@ -164,7 +151,7 @@ def test_killed_run_is_completed_by_a_rerun(tiny_model, clips, folder_cache, tmp
     assert cache_latents.main(cache_latents.parse_args([*argv, "--verify"])) == 0
     assert not list(out.rglob("*.tmp"))
     assert cached_ids(out) == [(k, 0) for k in sorted(clips["keys"])]
-    assert report(out)["written"] == 6 - written
+    assert cache_report(out)["written"] == 6 - written
     # Whichever run wrote a clip, it holds the clip's latents (up to batch-size-dependent rounding).
     for latents, reference in latents_beside(out, folder_cache):
         torch.testing.assert_close(latents, reference, rtol=8e-3, atol=2e-3)
@@ -183,8 +170,11 @@ def test_corrupt_and_short_videos_are_skipped_and_reported(tiny_model, clips, tm
     short = make_synthetic_clips.render_video(seed=1, num_frames=15, height=256, width=456)  # 0.5 s
     (videos / "short.mp4").write_bytes(make_synthetic_clips.encode_mp4(short, 30.0, "h264"))
 
-    assert cache(tiny_model, tmp_path / "cache", "--video_dir", str(videos), extra=["--clip_stride_seconds", "1"]) == 0
-    failures = {f["key"]: f["reason"] for f in report(tmp_path / "cache")["failures"]}
+    assert (
+        cache_clips(tiny_model, tmp_path / "cache", "--video_dir", str(videos), extra=["--clip_stride_seconds", "1"])
+        == 0
+    )
+    failures = {f["key"]: f["reason"] for f in cache_report(tmp_path / "cache")["failures"]}
     assert set(failures) == {"garbage", "truncated", "short"}
     assert failures["short"].startswith("too short for every bucket")
     assert {c["key"] for c in list_cached_clips(str(tmp_path / "cache"))} == {"good"}
@@ -195,13 +185,13 @@ def test_only_bad_videos_exit_non_zero(tiny_model, tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
     (videos / "garbage.mp4").write_bytes(b"not a video")
-    assert cache(tiny_model, tmp_path / "cache", "--video_dir", str(videos)) == 1
+    assert cache_clips(tiny_model, tmp_path / "cache", "--video_dir", str(videos)) == 1
 
 
 def test_shards_are_disjoint_and_complete(tiny_model, clips, folder_cache, tmp_path):
     for index in (0, 1):
         assert (
-            cache(
+            cache_clips(
                 tiny_model,
                 tmp_path,
                 "--video_dir",
@@ -228,7 +218,7 @@ def test_shard_index_defaults_from_slurm_array(monkeypatch):
 
 def test_dataloader_workers_give_the_same_cache(tiny_model, clips, folder_cache, tmp_path):
     assert (
-        cache(
+        cache_clips(
             tiny_model,
             tmp_path,
             "--video_dir",
@@ -290,7 +280,7 @@ def test_the_script_prints_a_bad_value_as_one_error_line(tmp_path):
 
 def test_cache_refuses_a_different_config(tiny_model, clips, folder_cache):
     with pytest.raises(ValueError, match="num_frames=17"):
-        cache(tiny_model, folder_cache, "--video_dir", clips["videos"], extra=["--num_frames", "9"])
+        cache_clips(tiny_model, folder_cache, "--video_dir", clips["videos"], extra=["--num_frames", "9"])
 
 
 def test_plan_clips_resamples_and_strides():
@@ -317,7 +307,7 @@ def test_bfloat16_vae_encoding_stays_within_bf16_tolerance_of_float32(tiny_model
     # Two videos, one clip each: bfloat16 convolutions are slow on the CPU.
     videos = some_videos(clips, tmp_path, 2)
     extra = ["--clip_stride_seconds", "1", "--max_clips_per_video", "1", "--vae_dtype", "bfloat16"]
-    assert cache(tiny_model, tmp_path / "cache", "--video_dir", str(videos), extra=extra) == 0
+    assert cache_clips(tiny_model, tmp_path / "cache", "--video_dir", str(videos), extra=extra) == 0
     assert len(list_cached_clips(str(tmp_path / "cache"))) == 2
     for fast, exact in latents_beside(tmp_path / "cache", folder_cache):
         # Measured: mean difference 0.3% of the mean magnitude, correlation 0.99999.
@@ -327,8 +317,8 @@ def test_bfloat16_vae_encoding_stays_within_bf16_tolerance_of_float32(tiny_model
 
 def test_whole_clip_encode_gives_the_chunked_cache(tiny_model, clips, folder_cache, tmp_path):
     extra = ["--clip_stride_seconds", "1", "--max_clips_per_video", "1", "--vae_encode", "whole", "--batch_size", "4"]
-    assert cache(tiny_model, tmp_path, "--video_dir", clips["videos"], extra=extra) == 0
-    run = report(tmp_path)
+    assert cache_clips(tiny_model, tmp_path, "--video_dir", clips["videos"], extra=extra) == 0
+    run = cache_report(tmp_path)
     assert (run["written"], run["vae_encode"], run["compile_vae"]) == (6, "whole", False)
     assert 0 < run["data_wait_share"] < 1 and 0 < run["first_batch_seconds"] < run["seconds"]
     for whole, chunked in latents_beside(tmp_path, folder_cache):

@@ -1,8 +1,10 @@
 """The slurm/*.sh job scripts, submitted to a real single-node SLURM on the CPU.
 
-tests/slurm_cluster.py starts SLURM (installing it with apt-get if needed) unless `sinfo` already answers; the tests
-that need it are skipped when it cannot run. Jobs run the repository in place, with the test interpreter's venv
-activated through ENV_ACTIVATE, and write their logs under a temporary submit directory.
+tests/slurm_cluster.py starts SLURM unless `sinfo` already answers. SLURM and shellcheck are installed before pytest
+runs (`make test` runs tools/setup_test_deps.sh): a missing one fails its tests, naming what to install. The tests that
+need a running SLURM are skipped when one cannot start for another reason (starting one needs root). Jobs run the
+repository in place, with the test interpreter's venv activated through ENV_ACTIVATE, and write their logs under a
+temporary submit directory.
 
 The first test submits the whole pipeline at once, chained with --dependency; the tests that need no SLURM run while
 its jobs do, and the later tests wait for the job they check.
@@ -26,9 +28,9 @@ import torch
 from safetensors.torch import load_file
 
 import cache_latents
-from conftest import CLIP_ARGS, REPO
+from conftest import CLIP_ARGS, REPO, loss_rows
 from cosmos_cache import read_cache_info
-from slurm_cluster import SlurmCluster, SlurmUnavailable
+from slurm_cluster import SlurmCluster, SlurmNotInstalled, SlurmUnavailable
 
 SLURM_DIR = os.path.join(REPO, "slurm")
 
@@ -113,11 +115,6 @@ def checkpoints(names_or_dir):
     return sorted(n for n in names_or_dir if re.fullmatch(r"checkpoint-\d+", n))
 
 
-def loss_rows(output_dir):
-    with open(os.path.join(output_dir, "losses.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def dry_run_commands(text):
     """{rank: argv} from the DRY_RUN lines each node prints."""
     commands = {}
@@ -140,6 +137,8 @@ def slurm():
     cluster = SlurmCluster()
     try:
         cluster.start()
+    except SlurmNotInstalled as error:
+        pytest.fail(str(error), pytrace=False)
     except SlurmUnavailable as error:
         pytest.skip(f"SLURM cannot run here: {error}")
     yield cluster
@@ -704,17 +703,8 @@ def test_multinode_job_trains_on_two_machines(slurm, pipeline):
 
 
 def test_shellcheck_passes_on_every_script():
-    if not shutil.which("shellcheck") and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for cmd in (
-            ["apt-get", "install", "-y", "-q", "shellcheck"],
-            ["apt-get", "update", "-q"],
-            ["apt-get", "install", "-y", "-q", "shellcheck"],
-        ):
-            if subprocess.run(cmd, capture_output=True, env=env, timeout=600).returncode == 0 and cmd[1] == "install":
-                break
     if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck is not installed and could not be installed")
+        pytest.fail("shellcheck is not installed: run tools/setup_test_deps.sh (`make test` does)", pytrace=False)
     scripts = sorted(f"slurm/{name}" for name in os.listdir(SLURM_DIR) if name.endswith(".sh"))
     assert len(scripts) >= 5
     result = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True, cwd=REPO)

@@ -14,22 +14,10 @@ import torch
 from safetensors import safe_open
 
 import cache_latents
-from conftest import BUCKETS, CLIP_ARGS
+from conftest import BUCKETS, cache_clips, cache_report, sample_args
 from cosmos_cache import list_cached_clips, read_cache_info, verify_cache
 from cosmos_families import detect_family
 from cosmos_video import Bucket, nearest_bucket_size, plan_bucket_clips
-
-
-def cache(model, output_dir, *source, extra=()):
-    args = cache_latents.parse_args(
-        ["--pretrained_model_name_or_path", model, "--output_dir", str(output_dir), *source, *CLIP_ARGS, *extra]
-    )
-    return cache_latents.main(args)
-
-
-def report(output_dir):
-    with open(os.path.join(output_dir, "shard_00000", "report.json")) as f:
-        return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,7 +98,7 @@ def test_every_layout_caches_the_folder_sources_clips_and_captions(tiny_model, c
     root = tmp_path / "source"
     root.mkdir()
     source = build_layout(layout, str(root), clips["videos"], keys, captions)
-    assert cache(tiny_model, tmp_path / "cache", *source, extra=["--max_clips_per_video", "1"]) == 0
+    assert cache_clips(tiny_model, tmp_path / "cache", *source, extra=["--max_clips_per_video", "1"]) == 0
     ours = {c["key"]: c for c in list_cached_clips(str(tmp_path / "cache"))}
     folder = {c["key"]: c for c in list_cached_clips(latent_cache) if c["clip_index"] == 0 and c["key"] in keys}
     # Same keys (so hold-out and reruns agree), same captions, same first clip of each video.
@@ -172,7 +160,7 @@ def test_recaching_with_another_clip_plan_is_refused(tiny_model, clips, latent_c
         ("--max_clips_per_video", "1", "max_clips_per_video=None, this run asks for 1"),
     ]:
         with pytest.raises(ValueError, match=f"{message}: two clip plans cannot share one cache"):
-            cache(
+            cache_clips(
                 tiny_model,
                 latent_cache,
                 "--video_dir",
@@ -234,7 +222,7 @@ def test_a_mixed_shape_folder_caches_into_its_buckets_and_reports_what_fits_none
     assert shapes[("portrait_1", 0)] == [16, 5, 14, 8]
     assert shapes[("land_" + "factory001_worker001_00000", 0)] == [16, 5, 8, 14]
     assert shapes[("land_" + "factory001_worker001_00000", 1)] == [16, 3, 8, 14]  # the tail
-    failures = {f["key"]: f["reason"] for f in report(bucket_cache)["failures"]}
+    failures = {f["key"]: f["reason"] for f in cache_report(bucket_cache)["failures"]}
     assert set(failures) == {"short"}
     assert failures["short"] == (
         "too short for every bucket of its aspect ratio: 0.50 s, the shortest clip "
@@ -271,28 +259,20 @@ def test_an_audio_only_file_is_skipped_with_its_reason(tiny_model, clips, tmp_pa
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    assert cache(tiny_model, tmp_path / "cache", "--video_dir", str(videos), extra=["--max_clips_per_video", "1"]) == 0
-    assert report(tmp_path / "cache")["failures"] == [{"key": "audio_only", "reason": "ValueError: no video stream"}]
+    assert (
+        cache_clips(tiny_model, tmp_path / "cache", "--video_dir", str(videos), extra=["--max_clips_per_video", "1"])
+        == 0
+    )
+    assert cache_report(tmp_path / "cache")["failures"] == [
+        {"key": "audio_only", "reason": "ValueError: no video stream"}
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling at buckets
 # ----------------------------------------------------------------------------------------------------------------
-def sample_args(model, output_dir, *extra):
-    import sample
-
-    return sample.parse_args(
-        [
-            "--pretrained_model_name_or_path",
-            model,
-            "--output_dir",
-            str(output_dir),
-            "--disable_safety_checker",
-            "--fps",
-            "8",
-            *map(str, extra),
-        ]
-    )
+# Sampling at a bucket's size instead of the tests' fixed one.
+BUCKET_SAMPLING = ["--disable_safety_checker", "--fps", "8"]
 
 
 def test_bucket_auto_generates_each_input_at_its_nearest_bucket(tiny_model, bucket_videos, tmp_path):
@@ -303,14 +283,18 @@ def test_bucket_auto_generates_each_input_at_its_nearest_bucket(tiny_model, buck
     image = tmp_path / "landscape.png"
     Image.fromarray(np.zeros((256, 456, 3), np.uint8)).save(image)
     inputs = [os.path.join(bucket_videos, "portrait_1.mp4"), os.path.join(bucket_videos, "short.mp4"), str(image)]
-    args = sample_args(tiny_model, tmp_path, "--input", *inputs, "--bucket", "auto", "--buckets", *BUCKETS)
+    args = sample_args(
+        tiny_model, tmp_path, "--input", *inputs, "--bucket", "auto", "--buckets", *BUCKETS, fixed=BUCKET_SAMPLING
+    )
     sample.validate_args(args)
     jobs = sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path))
     assert [job.shape for job in jobs] == [(17, 112, 64), (17, 64, 112), (17, 64, 112)]
     assert jobs[0].truth_frames.shape == (17, 112, 64, 3)  # the portrait video holds a whole clip: ground truth
     assert jobs[1].truth_frames is None and jobs[1].cond_frames.shape == (1, 64, 112, 3)  # 0.5 s: too short
     with pytest.raises(ValueError, match="--bucket auto needs a bucket list"):
-        sample.validate_args(sample_args("unused", tmp_path, "--input", str(image), "--bucket", "auto"))
+        sample.validate_args(
+            sample_args("unused", tmp_path, "--input", str(image), "--bucket", "auto", fixed=BUCKET_SAMPLING)
+        )
 
 
 def test_sampling_from_a_multi_bucket_cache_batches_each_shape(tiny_model, bucket_cache, tmp_path):
@@ -329,6 +313,7 @@ def test_sampling_from_a_multi_bucket_cache_batches_each_shape(tiny_model, bucke
         2,
         "--guidance_scale",
         1,
+        fixed=BUCKET_SAMPLING,
     )
     summary = sample.main(args)
     shapes = {r["name"]: sample.read_mp4(str(tmp_path / r["video"])).shape[:3] for r in summary["videos"]}

@@ -7,11 +7,10 @@ curves are in benchmarks/bench_train.py (configs *_fp8) and benchmarks/RESULTS.m
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_sample import sample_args
-from test_train import ALL_LINEAR, losses, train_args
 
 import sample
 import train_cosmos_lora as train
+from conftest import ALL_LINEAR, losses, sample_args, train_args
 from cosmos_adapters import ADAPTER_WEIGHTS, LORA_WEIGHTS
 from cosmos_families import detect_family
 from cosmos_speed import convert_frozen_linears_to_fp8

@@ -20,8 +20,14 @@ from conftest import (
     OVERFIT_STEPS,
     REPO,
     TWO_CPU_PROCESSES,
+    base_transformer,
+    copy_cache,
+    edit_cache_info,
     error_line,
     losses,
+    no_model_may_load,
+    output,
+    random_inputs,
     run_script,
     train_args,
 )
@@ -34,40 +40,13 @@ from cosmos_adapters import (
 )
 from cosmos_cache import CACHE_INFO, list_cached_clips
 from cosmos_families import detect_family
-from cosmos_run import hold_out_clips
-from cosmos_speed import modulate_per_frame
 
 
-def random_inputs(transformer, frames=5, height=8, width=14, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cond = torch.zeros(2, 1, frames, 1, 1)
-    cond[:, :, :1] = 1
-    return dict(
-        hidden_states=torch.randn(2, 16, frames, height, width, generator=g),
-        timestep=(cond * 1e-4 + (1 - cond) * torch.rand(2, 1, 1, 1, 1, generator=g)),
-        encoder_hidden_states=torch.randn(2, 512, transformer.config.text_embed_dim, generator=g),
-        fps=None,
-        condition_mask=cond.expand(2, 1, frames, height, width).clone(),
-        padding_mask=torch.zeros(1, 1, height * 8, width * 8),
-        return_dict=False,
-    )
-
-
-def output(transformer, inputs):
-    with torch.no_grad():
-        return transformer(**inputs)[0]
-
-
-def test_fresh_adapters_give_exactly_the_base_output(tiny_model, latent_cache):
-    from diffusers import CosmosTransformer3DModel
-
-    base = modulate_per_frame(CosmosTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer"))
-    adapted = train.load_transformer(
-        train_args(tiny_model, latent_cache, "unused", "--lora_target_modules", *ALL_LINEAR),
-        torch.float32,
-        detect_family(tiny_model),
-    )
-    inputs = random_inputs(base)
+def test_fresh_adapters_give_exactly_the_base_output(family):
+    base = base_transformer(family.model)
+    args = train_args(family.model, family.one_clip_cache, "unused", "--lora_target_modules", *ALL_LINEAR)
+    adapted = train.load_transformer(args, torch.float32, family.model_family)
+    inputs = random_inputs(base)  # Predict2.5: full-width text embeddings, which crossattn_proj projects
     assert torch.equal(output(base, inputs), output(adapted, inputs))
     groups = Counter(train.parameter_group(n) for n, p in adapted.named_parameters() if p.requires_grad)
     assert set(groups) == {"LoRA", "temporal adapters", "proj_out"}
@@ -217,8 +196,6 @@ def test_checkpoints_total_limit_keeps_the_newest(tiny_model, latent_cache, tmp_
 
 
 def test_exported_weights_reload_onto_a_fresh_base(tiny_model, latent_cache, tmp_path):
-    from diffusers import CosmosTransformer3DModel
-
     args = train_args(tiny_model, latent_cache, tmp_path, "--lora_target_modules", *ALL_LINEAR, "--lora_alpha", 8)
     model = train.load_transformer(args, torch.float32, detect_family(args.pretrained_model_name_or_path))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -232,7 +209,7 @@ def test_exported_weights_reload_onto_a_fresh_base(tiny_model, latent_cache, tmp
         optimizer.zero_grad()
     save_finetuned_weights(train.trainable_state_dict(model), tmp_path, train.adapter_config(args))
 
-    fresh = modulate_per_frame(CosmosTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer"))
+    fresh = base_transformer(tiny_model)
     inputs = random_inputs(fresh)
     base_output = output(fresh, inputs)
     load_finetuned_weights(fresh, str(tmp_path))
@@ -288,11 +265,30 @@ def test_two_caches_are_mixed_in_training(tiny_model, latent_cache, one_clip_cac
     assert 0.35 < from_b / len(paths) < 0.65
 
 
-def test_held_out_videos_never_train(latent_cache):
-
-    clips = list_cached_clips(latent_cache)
-    trainable, held = hold_out_clips(clips, 3, seed=0)
-    assert len(held) == 3 and {c["key"] for c in held}.isdisjoint({c["key"] for c in trainable})
+def test_held_out_videos_never_train(tiny_model, latent_cache, tmp_path, monkeypatch):
+    """A real run: every clip its training batches load is of a video other than the held-out ones, and every other
+    video trains; the validation loss reads exactly the recorded held-out clips."""
+    loads = []  # (dataset, clip) of every item any dataset of the run loads
+    get_item = train.CachedClips.__getitem__
+    monkeypatch.setattr(
+        train.CachedClips, "__getitem__", lambda self, i: loads.append((self, self.clips[i])) or get_item(self, i)
+    )
+    # 12 clips of 6 videos, 2 each: 3 validation clips hold out 2 whole videos (4 clips); batches of 4 over the
+    # other 8 make one epoch in 2 steps, and the validation at step 2 reads the 3 clips.
+    flags = ["--max_train_steps", 2, "--train_batch_size", 4, "--num_validation_clips", 3, "--validation_steps", 2]
+    assert train.main(train_args(tiny_model, latent_cache, tmp_path, *flags)) == 0
+    record = json.load(open(tmp_path / "held_out.json"))
+    held_keys = set(record["keys"])
+    all_keys = {c["key"] for c in list_cached_clips(latent_cache)}
+    validation = [c for dataset, c in loads if [os.path.relpath(v["path"], latent_cache) for v in dataset.clips]
+                  == record["clips"]]  # fmt: skip
+    trained = [c for dataset, c in loads if os.path.relpath(dataset.clips[0]["path"], latent_cache)
+               not in record["clips"]]  # fmt: skip
+    assert len(held_keys) == 2 and len(record["clips"]) == 3
+    assert len(trained) == 8 and len(validation) == 3 and len(trained) + len(validation) == len(loads)
+    assert {c["key"] for c in trained} == all_keys - held_keys  # every other video trains, no held-out one does
+    assert sorted(os.path.relpath(c["path"], latent_cache) for c in validation) == sorted(record["clips"])
+    assert {c["key"] for c in validation} <= held_keys
 
 
 def test_the_run_says_how_many_clips_of_held_out_videos_go_unused():
@@ -302,28 +298,6 @@ def test_the_run_says_how_many_clips_of_held_out_videos_go_unused():
         "held-out videos: 1; their clips that validate: 2; their other clips, which neither train nor validate: 1"
     )
     assert train.held_out_summary(clips, train_clips, clips[:3]).endswith("nor validate: 0")
-
-
-def copy_cache(src, dst):
-    shutil.copytree(src, dst)
-    return str(dst)
-
-
-def edit_cache_info(cache, **changes):
-    path = os.path.join(cache, CACHE_INFO)
-    info = json.load(open(path))
-    info.update(changes)
-    json.dump(info, open(path, "w"))
-
-
-def no_model_may_load(monkeypatch, *modules):
-    """Make loading any model component from these script modules fail the test."""
-
-    def fail(*args, **kwargs):
-        raise AssertionError("a model loaded before the error")
-
-    for module in modules:
-        monkeypatch.setattr(module, "load_component", fail)
 
 
 @pytest.mark.parametrize(
@@ -409,11 +383,6 @@ def test_yaml_config_sets_defaults_and_flags_win(tmp_path):
     config.write_text("learning_rat: 0.1\n")
     with pytest.raises(ValueError, match="unknown keys"):
         train.parse_args(["--config", str(config)])
-
-
-def test_example_config_parses():
-    args = train.parse_args(["--config", os.path.join(REPO, "configs", "egocentric100k.yaml")])
-    assert args.cache_dir and args.output_dir
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])

@@ -1,6 +1,8 @@
 """No silent wrong results: held-out records, weight files, resume settings, value checks, configs, flags, model
 paths, W&B offline, stop signals, NVIDIA's objective settings, EMA, and the labelled contact sheet."""
 
+import argparse
+import importlib.util
 import json
 import math
 import os
@@ -9,23 +11,31 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_sample import TINY, sample_args
-from test_train import ALL_LINEAR, output, random_inputs, train_args
 
 import cache_latents
 import sample
 import train_cosmos_lora as train
-from conftest import REPO
+from conftest import (
+    ALL_LINEAR,
+    REPO,
+    StandInSafetyChecker,
+    base_transformer,
+    no_model_may_load,
+    output,
+    random_inputs,
+    sample_args,
+    train_args,
+)
 from cosmos_adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS, load_finetuned_weights
 from cosmos_cache import list_cached_clips
 from cosmos_families import detect_family
-from cosmos_speed import modulate_per_frame
 from cosmos_video import LABEL_HEIGHT, contact_sheet, label_strip
 
 # Two steps at a high learning rate leave LoRA, adapters and proj_out clearly away from the base model.
@@ -43,12 +53,6 @@ def run(tiny_model, latent_cache, tmp_path_factory):
 
 def copy_run(run, tmp_path):
     return shutil.copytree(run, tmp_path / "run")
-
-
-def base_transformer(tiny_model):
-    from diffusers import CosmosTransformer3DModel
-
-    return modulate_per_frame(CosmosTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,19 +285,70 @@ def test_yaml_config_is_parsed_like_the_command_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 # 11. Flags and docs agree
 # ----------------------------------------------------------------------------------------------------------------
-def test_documented_flags_exist_and_help_shows_every_default(capsys):
+def test_documented_negative_flags_parse():
     assert not train.parse_args(["--no_temporal_adapters"]).use_temporal_adapters
     assert not train.parse_args(["--no-use_temporal_adapters"]).use_temporal_adapters
     assert not train.parse_args(["--no-train_proj_out"]).train_proj_out
-    for script, defaults in [(train, ["(default: 16)", "auto for Predict2", "0.05 for Predict2", "(default: 0.1)"]),
-                             (sample, ["Default: 35 (Predict2), 36 (Predict2.5)", "(default: 7.0)"]),
-                             (cache_latents, ["(default: 61)", "(default: 8.0)"])]:  # fmt: skip
-        with pytest.raises(SystemExit):
-            script.parse_args(["--help"])
-        text = " ".join(capsys.readouterr().out.split())
-        assert all(d in text for d in defaults), (script.__name__, text)
-        if script is train:
-            assert "The list replaces the default" in text  # as the README says
+
+
+# What a flag's help must say besides its default: the family defaults behind a `None`, the README's list rule,
+# and where the clipping default comes from.
+HELP_NOTES = {
+    "--timestep_shift": "Default: the family's, auto for Predict2, 5 for Predict2.5.",
+    "--high_sigma_ratio": "Default: the family's, 0.05 for Predict2",
+    "--lora_target_modules": "The list replaces the default",
+    "--max_grad_norm": "0.1 matches NVIDIA",
+    "--num_inference_steps": "Default: 35 (Predict2), 36 (Predict2.5).",
+}
+
+
+@pytest.mark.parametrize("script", [train, sample, cache_latents], ids=lambda m: m.__name__)
+def test_help_shows_every_flags_default_and_the_parser_gives_it(script, capsys, monkeypatch):
+    """Every flag's own help entry ends with its default, which is what a command line without the flag gets, or,
+    where that is filled in from other flags, says in words what it becomes."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line of help per flag
+    parsers = []
+    print_help = argparse.ArgumentParser.print_help
+    monkeypatch.setattr(
+        argparse.ArgumentParser, "print_help", lambda self, *a: parsers.append(self) or print_help(self, *a)
+    )
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    entries, current = {}, None  # first option string -> its help entry
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif line.startswith("   ") and current:
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    parsed = script.parse_args([] if script is train else ["--output_dir", "o"])
+    flags = [a for a in parsers[0]._actions if a.option_strings and a.default is not argparse.SUPPRESS
+             and not isinstance(a, argparse._StoreFalseAction)]  # fmt: skip
+    assert len(flags) > 15
+    for action in flags:
+        entry = entries[action.option_strings[0]]
+        assert f"(default: {action.default})" in entry, entry
+        if action.dest not in ("output_dir", "config") and getattr(parsed, action.dest) != action.default:
+            # Filled in at parse time from other flags: then the help says in words what the `None` becomes.
+            assert action.default is None and "Default: " in entry, entry
+        assert HELP_NOTES.get(action.option_strings[0], "") in entry
+    if script is train:
+        assert parsed.max_grad_norm == 0.1
+    assert (
+        set(HELP_NOTES) & set(entries)
+        == {
+            "train_cosmos_lora": {
+                "--timestep_shift",
+                "--high_sigma_ratio",
+                "--lora_target_modules",
+                "--max_grad_norm",
+            },
+            "sample": {"--num_inference_steps"},
+            "cache_latents": set(),
+        }[script.__name__]
+    )
 
 
 def test_lora_target_modules_replace_the_default(tiny_model, latent_cache):
@@ -347,13 +402,30 @@ def test_train_script_names_a_missing_model_in_one_line(tmp_path):
     assert "\n" not in message and "does not exist (a local path)" in message and "hf download" in message
 
 
-def test_missing_guardrail_is_reported_before_any_model_loads(image_path, tmp_path):
-    assert not os.path.exists(os.path.join(REPO, "no-model"))
-    args = sample.parse_args(["--pretrained_model_name_or_path", "/no/model", "--output_dir", str(tmp_path),
-                              "--input", image_path, *TINY[:-1]])  # fmt: skip
-    with pytest.raises(ValueError, match="pip install cosmos-guardrail"):
+def test_missing_guardrail_is_reported_before_any_model_loads(tiny_model, image_path, tmp_path, monkeypatch):
+    """With the safety checker on (the default) and cosmos-guardrail missing, installed here or not, sample.py stops
+    in one line naming the package before any model loads; with the package there, its checker is the one used."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "cosmos_guardrail" else find_spec(name, *a))  # fmt: skip
+    monkeypatch.setitem(sys.modules, "cosmos_guardrail", None)  # `import cosmos_guardrail` fails
+    no_model_may_load(monkeypatch, sample)
+    size = ["--height", "64", "--width", "112", "--num_frames", "17"]
+    argv = ["--pretrained_model_name_or_path", tiny_model, "--output_dir", tmp_path / "out", "--input", image_path]
+    args = sample.parse_args([*map(str, argv), *size])
+    assert not args.disable_safety_checker
+    with pytest.raises(ValueError, match=r"^the Cosmos guardrail is not installed: `pip install cosmos-guardrail`"):
         sample.main(args)
+    assert not (tmp_path / "out").exists()
     assert "cosmos-guardrail" in open(os.path.join(REPO, "requirements-guardrail.txt")).read()
+    # Installed (a stand-in module here), the check passes and the package's checker is the one that loads.
+    guardrail = types.ModuleType("cosmos_guardrail")
+    guardrail.CosmosSafetyChecker = StandInSafetyChecker
+    monkeypatch.setitem(sys.modules, "cosmos_guardrail", guardrail)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "cosmos_guardrail" else find_spec(name, *a))  # fmt: skip
+    sample.validate_args(args)
+    assert isinstance(sample.load_safety_checker(), StandInSafetyChecker)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -458,13 +530,6 @@ def test_high_sigma_branch_draws_nvidias_fraction_log_uniform_in_200_to_1e5(tiny
     assert sigma[high].max() <= 1e5 * 1.001
     log_sigma = sigma[high].log()
     assert abs(log_sigma.mean() - (math.log(200) + math.log(1e5)) / 2) < 0.05  # log-uniform: the middle
-
-
-def test_max_grad_norm_default_matches_nvidia(capsys):
-    assert train.parse_args([]).max_grad_norm == 0.1
-    with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
-    assert "0.1 matches NVIDIA" in " ".join(capsys.readouterr().out.split())
 
 
 # ----------------------------------------------------------------------------------------------------------------
