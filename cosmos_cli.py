@@ -172,7 +172,7 @@ def add_clip_plan_arguments(parser, description=None):
         default=None,
         help="Clip shapes FRAMESxHEIGHTxWIDTH, e.g. 61x256x448 61x448x256 93x256x448. Each video goes to the "
         "buckets of the nearest aspect ratio; each clip takes the longest of their frame counts that the rest of "
-        "the video holds.",
+        "the video holds. Default: one clip shape, --num_frames x --height x --width.",
     )
     return clips
 

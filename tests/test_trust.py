@@ -183,7 +183,7 @@ def test_fused_and_unfused_agree_at_every_scale_and_zero_is_the_base(tiny_model,
 def test_resume_with_changed_settings_is_refused_naming_them(tiny_model, latent_cache, run, tmp_path):
     resumed = copy_run(run, tmp_path)
     before = (resumed / "training_args.json").read_text()
-    changed = ["--max_train_steps", 4, "--lora_rank", 8, "--no_temporal_adapters", "--high_sigma_ratio", 0]
+    changed = ["--max_train_steps", 4, "--lora_rank", 8, "--no-use_temporal_adapters", "--high_sigma_ratio", 0]
     with pytest.raises(ValueError, match="other settings") as error:
         train.main(train_args(tiny_model, latent_cache, resumed, *RUN_ARGS, *changed, "--resume_from_checkpoint",
                               "latest"))  # fmt: skip
@@ -286,7 +286,6 @@ def test_yaml_config_is_parsed_like_the_command_line(tmp_path, capsys):
 # 11. Flags and docs agree
 # ----------------------------------------------------------------------------------------------------------------
 def test_documented_negative_flags_parse():
-    assert not train.parse_args(["--no_temporal_adapters"]).use_temporal_adapters
     assert not train.parse_args(["--no-use_temporal_adapters"]).use_temporal_adapters
     assert not train.parse_args(["--no-train_proj_out"]).train_proj_out
 
@@ -361,7 +360,7 @@ def test_lora_target_modules_replace_the_default(tiny_model, latent_cache):
 def test_runs_without_adapters_or_proj_out_export_and_reload(tiny_model, latent_cache, tmp_path):
     out = tmp_path / "run"
     assert train.main(train_args(tiny_model, latent_cache, out, "--max_train_steps", 1, "--learning_rate", 1e-2,
-                                 "--no_temporal_adapters", "--no-train_proj_out",
+                                 "--no-use_temporal_adapters", "--no-train_proj_out",
                                  "--lora_target_modules", *ALL_LINEAR)) == 0  # fmt: skip
     assert json.load(open(out / ADAPTER_CONFIG))["files"].keys() == {LORA_WEIGHTS}
     assert not (out / ADAPTER_WEIGHTS).exists()
