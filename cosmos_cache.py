@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -104,10 +105,36 @@ def read_manifest(shard_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+@dataclass(frozen=True)
+class CachedClip:
+    """One clip of a cache, as its shard's manifest lists it, with the paths of its latents and its caption's
+    embedding."""
+
+    key: str  # the source video's key
+    clip_index: int  # its place in the video's clip plan
+    start_seconds: float
+    shape: tuple  # latent shape [16, T, h, w]
+    caption_hash: str
+    path: str  # CACHE/shard_NNNNN/KEY__NNN.safetensors
+    text_path: str  # CACHE/text_embeds/HASH.safetensors
+
+    @property
+    def file(self):
+        return os.path.basename(self.path)
+
+
 def list_cached_clips(cache_dir):
-    """All clips of a cache as manifest rows, each with `path` set to the clip file (and `shape`, its latent shape)."""
+    """All clips of a cache, in shard and manifest order."""
     return [
-        dict(row, path=os.path.join(shard, row["file"]))
+        CachedClip(
+            key=row["key"],
+            clip_index=row["clip_index"],
+            start_seconds=row["start_seconds"],
+            shape=tuple(row["shape"]),
+            caption_hash=row["caption_hash"],
+            path=os.path.join(shard, row["file"]),
+            text_path=text_embed_path(cache_dir, row["caption_hash"]),
+        )
         for shard in shard_dirs(cache_dir)
         for row in read_manifest(shard)
     ]
@@ -124,11 +151,11 @@ def missing_clip_files(clips):
     clips in 100 shards: 4.6 s against 8.6 s by stat on a shared 2-core CPU box, benchmarks/RESULTS.md)."""
     present, missing = {}, []
     for clip in clips:
-        directory = clip["path"][: -len(clip["file"]) - 1]
+        directory = os.path.dirname(clip.path)
         if directory not in present:
             present[directory] = set(os.listdir(directory)) if os.path.isdir(directory) else set()
-        if clip["file"] not in present[directory]:
-            missing.append(clip["path"])
+        if clip.file not in present[directory]:
+            missing.append(clip.path)
     return missing
 
 

@@ -14,7 +14,6 @@ from cosmos_cache import (
     missing_clip_files,
     read_cache_info,
     read_clip,
-    text_embed_path,
     vae_normalization,
 )
 from cosmos_cli import ignore_stop_signals
@@ -83,8 +82,6 @@ def load_caches(specs, pretrained_model_name_or_path, revision=None, *, family):
         if first and first[1]["text_embeds"] != text:
             raise ValueError(f"cache {path} holds other text embeddings than {first[0]}; mix only alike caches")
         first = first or (path, info)
-        for clip in clips:
-            clip["text_path"] = text_embed_path(path, clip["caption_hash"])
         caches.append(Cache(name, path, clips, weight))
     return caches, first[1]
 
@@ -97,24 +94,24 @@ class CachedClips(torch.utils.data.Dataset):
         self.clips = clips
         same_shape = {}
         for index, clip in enumerate(clips):
-            same_shape.setdefault(tuple(clip["shape"]), []).append(index)
+            same_shape.setdefault(clip.shape, []).append(index)
         self.same_shape = same_shape
 
     def __len__(self):
         return len(self.clips)
 
     def __getitem__(self, index):
-        group = self.same_shape[tuple(self.clips[index]["shape"])]
+        group = self.same_shape[self.clips[index].shape]
         start, bad = group.index(index), []
         for offset in range(len(group)):
             clip = self.clips[group[(start + offset) % len(group)]]
             try:
-                latents = read_clip(clip["path"])[0].float()
+                latents = read_clip(clip.path)[0].float()
             except Exception as error:
-                bad.append(f"{clip['path']} ({type(error).__name__}: {error})".splitlines()[0])
+                bad.append(f"{clip.path} ({type(error).__name__}: {error})".splitlines()[0])
                 continue
-            return {"latents": latents, "prompt_embeds": load_text_embeds(clip["text_path"]).float(), "bad_clips": bad}
-        raise RuntimeError(f"no clip of shape {clip['shape']} loads: {bad}")
+            return {"latents": latents, "prompt_embeds": load_text_embeds(clip.text_path).float(), "bad_clips": bad}
+        raise RuntimeError(f"no clip of shape {list(clip.shape)} loads: {bad}")
 
 
 def collate_clips(items):
@@ -183,7 +180,7 @@ def clip_groups(caches):
     for cache, weight in zip(caches, weights, strict=True):
         by_shape = {}
         for i, clip in enumerate(cache.clips):
-            by_shape.setdefault(tuple(clip["shape"]), []).append(offset + i)
+            by_shape.setdefault(clip.shape, []).append(offset + i)
         for shape, indices in sorted(by_shape.items()):
             share = weight / sum(weights) * len(indices) / len(cache.clips)
             groups.append(ClipGroup(cache.name, bucket_name(shape), indices, share))
@@ -223,7 +220,7 @@ def build_train_dataloader(caches, args, num_processes):
 
 def check_clip_frames(caches, args):
     """Every clip needs a latent frame to predict beyond the largest number of conditioning frames."""
-    frames = min(clip["shape"][1] for cache in caches for clip in cache.clips)
+    frames = min(clip.shape[1] for cache in caches for clip in cache.clips)
     if frames < 2:
         raise ValueError(
             "a cache's clips have 1 latent frame (--num_frames 1): video2world needs at least 2 (--num_frames 5)"
@@ -246,8 +243,8 @@ def split_validation_clips(cache, resume_path, args):
 def held_out_summary(first_cache_clips, train_clips, validation_clips):
     """One line: how many videos of the first cache are held out, how many of their clips validate, and how many
     others neither train nor validate."""
-    trained = {c["key"] for c in train_clips}
-    videos = len({c["key"] for c in first_cache_clips} - trained)
+    trained = {c.key for c in train_clips}
+    videos = len({c.key for c in first_cache_clips} - trained)
     unused = len(first_cache_clips) - len(train_clips) - len(validation_clips)
     return (
         f"held-out videos: {videos}; their clips that validate: {len(validation_clips)}; "

@@ -46,12 +46,12 @@ def hold_out_clips(clips, num_clips, seed):
     """
     if num_clips <= 0:
         return clips, []
-    keys = sorted({c["key"] for c in clips})
+    keys = sorted({c.key for c in clips})
     random.Random(seed).shuffle(keys)
-    clips_per_key = Counter(c["key"] for c in clips)
+    clips_per_key = Counter(c.key for c in clips)
     shapes_per_key = defaultdict(set)
     for c in clips:
-        shapes_per_key[c["key"]].add(tuple(c["shape"]))
+        shapes_per_key[c.key].add(c.shape)
     held_keys, held, covered = [], 0, set()
     for new_shapes_only in (True, False):
         for key in keys:
@@ -62,13 +62,13 @@ def hold_out_clips(clips, num_clips, seed):
             held_keys.append(key)
             held += clips_per_key[key]
             covered |= shapes_per_key[key]
-    train = [c for c in clips if c["key"] not in held_keys]
+    train = [c for c in clips if c.key not in held_keys]
     if not train:
         raise ValueError(f"--num_validation_clips {num_clips} leaves no clip to train on")
     by_shape = defaultdict(list)
     for c in clips:
-        if c["key"] in held_keys:
-            by_shape[tuple(c["shape"])].append(c)
+        if c.key in held_keys:
+            by_shape[c.shape].append(c)
     queues = list(by_shape.values())
     round_robin = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
     return train, round_robin[:num_clips]
@@ -82,12 +82,12 @@ def write_held_out(directory, cache_dir, clips, train, held, trained_caches):
     held out: the validation clips (files relative to the cache) and every held-out video key, including videos held
     out whose clips are not among the validation clips (none of their clips trained); and every cache the run
     trained on (all clips of the others trained)."""
-    trained_keys = {c["key"] for c in train}
+    trained_keys = {c.key for c in train}
     record = {
         "cache_dir": os.path.realpath(cache_dir),
         "trained_caches": [os.path.realpath(path) for path in trained_caches],
-        "keys": sorted({c["key"] for c in clips} - trained_keys),
-        "clips": [os.path.relpath(c["path"], cache_dir) for c in held],
+        "keys": sorted({c.key for c in clips} - trained_keys),
+        "clips": [os.path.relpath(c.path, cache_dir) for c in held],
     }
     atomic_write_text(os.path.join(directory, HELD_OUT), json.dumps(record, indent=2))
 
@@ -106,7 +106,7 @@ def read_held_out(directory):
 
 def split_by_record(clips, cache_dir, record):
     """(train, held) of a cache's clips as a held_out.json recorded them; refuses a record that names other clips."""
-    by_file = {os.path.relpath(c["path"], cache_dir): c for c in clips}
+    by_file = {os.path.relpath(c.path, cache_dir): c for c in clips}
     missing = [f for f in record["clips"] if f not in by_file]
     if missing:
         raise ValueError(
@@ -114,7 +114,7 @@ def split_by_record(clips, cache_dir, record):
             f"in {cache_dir} (first: {missing[0]}); give the cache the run was trained on"
         )
     held_keys = set(record["keys"])
-    return [c for c in clips if c["key"] not in held_keys], [by_file[f] for f in record["clips"]]
+    return [c for c in clips if c.key not in held_keys], [by_file[f] for f in record["clips"]]
 
 
 TRAINING_ARGS = "training_args.json"

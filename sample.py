@@ -53,6 +53,7 @@ from cosmos_cli import (
     stage,
 )
 from cosmos_families import (
+    ModelFamily,
     detect_family,
     load_component,
     project_text,
@@ -321,8 +322,8 @@ def collect_jobs(args, family):
         except Exception as error:
             raise ValueError(f"cannot read --input {path}: {type(error).__name__}: {error}".splitlines()[0]) from None
     if args.from_cache:
-        held = sorted(held_out_clips_to_sample(args), key=lambda clip: clip["shape"])  # one bucket after another
-        jobs += [cached_job(clip["path"], family, args.from_cache) for clip in held]
+        held = sorted(held_out_clips_to_sample(args), key=lambda clip: clip.shape)  # one bucket after another
+        jobs += [cached_job(clip.path, family, args.from_cache) for clip in held]
     if not jobs:
         raise ValueError("nothing to generate: give --input or --from_cache")
     names = [job.name for job in jobs]
@@ -365,6 +366,20 @@ def held_out_clips_to_sample(args):
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Components:
+    """What sample.py generates with, loaded once: the family's models and its sampler's scheduler."""
+
+    family: ModelFamily
+    transformer: torch.nn.Module  # fine-tuned weights loaded, crossattn_proj taken out
+    text_projection: torch.nn.Module | None  # Predict2.5's crossattn_proj; None for Predict2
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    safety_checker: object | None  # None with --disable_safety_checker
+
+
 def load_pipeline_components(args, device, family):
     """The models, with Predict2.5's crossattn_proj taken out of the transformer (`text_projection`): every
     embedding is projected before the transformer sees it, so cached projected ones and fresh raw ones batch alike."""
@@ -389,7 +404,7 @@ def load_pipeline_components(args, device, family):
         for block in transformer.transformer_blocks:
             block.compile()
     transformer = transformer.to(device)
-    components = dict(
+    return Components(
         family=family,
         transformer=transformer,
         text_projection=take_text_projection(transformer),
@@ -397,9 +412,8 @@ def load_pipeline_components(args, device, family):
         text_encoder=load("text_encoder", dtype).to(device).requires_grad_(False),
         tokenizer=load("tokenizer"),
         scheduler=load("scheduler"),
+        safety_checker=None if args.disable_safety_checker else load_safety_checker(),
     )
-    components["safety_checker"] = None if args.disable_safety_checker else load_safety_checker()
-    return components
 
 
 def weights_path(args):
@@ -470,7 +484,7 @@ def generate_latents(jobs, components, args, first_index):
     """Generate one batch of jobs of equal shape; returns normalized latents and the conditioning latent frames."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    family, transformer, vae = components["family"], components["transformer"], components["vae"]
+    family, transformer, vae = components.family, components.transformer, components.vae
     device, dtype = transformer.device, transformer.dtype
     num_frames, height, width = jobs[0].shape
     cond_latents, noises, num_cond = [], [], []
@@ -487,11 +501,11 @@ def generate_latents(jobs, components, args, first_index):
     negative = None
     if args.guidance_scale > 1.0:
         text = [args.negative_prompt or family.default_negative_prompt()] * len(jobs)
-        negative = family.encode_prompts(components["tokenizer"], components["text_encoder"], text, device)
-        negative = project_text(components["text_projection"], negative).to(dtype)
+        negative = family.encode_prompts(components.tokenizer, components.text_encoder, text, device)
+        negative = project_text(components.text_projection, negative).to(dtype)
     latents = family.denoise(
         transformer,
-        components["scheduler"],
+        components.scheduler,
         torch.cat(noises),
         torch.cat(cond_latents),
         num_cond[0],
@@ -506,14 +520,14 @@ def generate_latents(jobs, components, args, first_index):
 def prompt_embeddings(job, components, args):
     """A job's text embedding as the transformer takes it (projected for Predict2.5)."""
     if args.prompt is None and job.prompt_embeds is not None:
-        return project_text(components["text_projection"], job.prompt_embeds[None])
+        return project_text(components.text_projection, job.prompt_embeds[None])
     prompt = args.prompt or DEFAULT_PROMPT
-    checker = components["safety_checker"]
+    checker = components.safety_checker
     if checker is not None and not checker.check_text_safety(prompt):
         raise ValueError(f"the guardrail rejected the prompt {prompt!r}")
-    device = components["transformer"].device
-    embeds = components["family"].encode_prompts(components["tokenizer"], components["text_encoder"], [prompt], device)
-    return project_text(components["text_projection"], embeds)
+    device = components.transformer.device
+    embeds = components.family.encode_prompts(components.tokenizer, components.text_encoder, [prompt], device)
+    return project_text(components.text_projection, embeds)
 
 
 def ground_truth(job, vae, compiled=False):
@@ -576,11 +590,11 @@ def run_jobs(jobs, indices, components, args, progress):
         # Generate and decode the batch.
         with stage(f"generating {', '.join(job.name for job in batch)}"):
             latents, num_cond = generate_latents(batch, components, args, batch_indices[0])
-            videos = decode_to_frames(components["vae"], latents, compiled=args.compile)
+            videos = decode_to_frames(components.vae, latents, compiled=args.compile)
         # Check, write and score each video.
         for job, index, video in zip(batch, batch_indices, videos.numpy(), strict=True):
-            if components["safety_checker"] is not None:
-                video = components["safety_checker"].check_video_safety(video)
+            if components.safety_checker is not None:
+                video = components.safety_checker.check_video_safety(video)
             result = {
                 "index": index,
                 "name": job.name,
@@ -591,7 +605,7 @@ def run_jobs(jobs, indices, components, args, progress):
             }
             with stage(f"writing {job.name}"):
                 write_mp4(os.path.join(args.output_dir, result["video"]), video, job.fps)
-                truth = ground_truth(job, components["vae"], compiled=args.compile)
+                truth = ground_truth(job, components.vae, compiled=args.compile)
                 if truth is not None:
                     truth = truth.numpy()
                     num_cond_pixels = 1 if num_cond == 1 else 1 + VAE_TEMPORAL_FACTOR * (num_cond - 1)
@@ -685,7 +699,7 @@ def main(args):
     state = Accelerator()  # reads the launcher's settings (incl. ACCELERATE_USE_CPU), unlike PartialState
     os.makedirs(args.output_dir, exist_ok=True)
     components = load_pipeline_components(args, state.device, family)
-    check_projected_embeddings(jobs, components["text_projection"])
+    check_projected_embeddings(jobs, components.text_projection)
     progress = tqdm(total=len(jobs), desc="videos", disable=not state.is_local_main_process)
     indexed = list(enumerate(jobs))
     with state.split_between_processes(indexed) as mine:

@@ -349,7 +349,7 @@ def main(args):
     train_clips, validation_clips = split_validation_clips(caches[0], resume_path, args)
     caches[0].clips = train_clips
 
-    shapes = {tuple(clip["shape"]) for clip in [*validation_clips, *(c for cache in caches for c in cache.clips)]}
+    shapes = {clip.shape for clip in [*validation_clips, *(c for cache in caches for c in cache.clips)]}
     accelerator = build_accelerator(args, len(shapes))
     set_seed(args.seed)
     if accelerator.is_main_process:
@@ -944,7 +944,7 @@ def validation_losses(transformer, dataset, device, seed, t_cond):
     by_t = {t: sum(row[i] for row in per_clip) / len(per_clip) for i, t in enumerate(VALIDATION_TIMESTEPS)}
     by_bucket = {}
     for clip, row in zip(dataset.clips, per_clip, strict=True):
-        by_bucket.setdefault(bucket_name(clip["shape"]), []).append(sum(row) / len(row))
+        by_bucket.setdefault(bucket_name(clip.shape), []).append(sum(row) / len(row))
     return by_t, {bucket: sum(v) / len(v) for bucket, v in by_bucket.items()}
 
 
@@ -981,7 +981,7 @@ def validation_videos(transformer, decoder, dataset, args, step, accelerator):
         frames = frames[0].numpy()
         if accelerator.is_main_process:
             os.makedirs(directory, exist_ok=True)
-            bucket = bucket_name(dataset.clips[index]["shape"])
+            bucket = bucket_name(dataset.clips[index].shape)
             paths.append(os.path.join(directory, f"{index:02d}_{bucket}_truth_vs_generated.mp4"))
             write_mp4(paths[-1], frames, fps=8)
             sheets.append(frames)

@@ -62,7 +62,7 @@ def main(args):
     missing = missing_clip_files(clips)
     listing_s = time.perf_counter() - start
     start = time.perf_counter()
-    stat_missing = [c["path"] for c in clips if not os.path.exists(c["path"])]
+    stat_missing = [c.path for c in clips if not os.path.exists(c.path)]
     stat_s = time.perf_counter() - start
     assert missing == stat_missing == []
     result = {"clips": len(clips), "shards": args.num_shards, "write_s": round(written, 1),

@@ -81,8 +81,8 @@ def make_packs(root, clips, clips_per_pack):
         path = os.path.join(root, f"pack_{start // clips_per_pack:05d}.safetensors")
         tensors = {}
         for clip in clips[start : start + clips_per_pack]:
-            with safe_open(clip["path"], "pt") as f:
-                tensors[os.path.splitext(clip["file"])[0]] = f.get_tensor("latents")
+            with safe_open(clip.path, "pt") as f:
+                tensors[os.path.splitext(clip.file)[0]] = f.get_tensor("latents")
         save_file(tensors, path)
         entries += [(path, name) for name in tensors]
     return entries
@@ -163,7 +163,7 @@ def main():
         shutil.rmtree(folder, ignore_errors=True)
     clips = make_clip_cache(clip_dir, args.num_clips, args.latent_shape, args.seed)
     entries = make_packs(pack_dir, clips, args.clips_per_pack)
-    per_clip, packed = ClipReader([(c["path"], "latents") for c in clips]), ClipReader(entries, args.open_packs)
+    per_clip, packed = ClipReader([(c.path, "latents") for c in clips]), ClipReader(entries, args.open_packs)
     for i in torch.randperm(len(clips), generator=torch.Generator().manual_seed(args.seed + 1))[:8].tolist():
         assert torch.equal(per_clip[i], packed[i]), f"clip {i} differs between the layouts"
     packed.handles.clear()  # workers start with no open packs
@@ -171,7 +171,7 @@ def main():
     clip_bytes = math.prod(args.latent_shape) * 2
     pack_files = sorted({path for path, _ in entries})
     results = [
-        measure("per_clip", per_clip, [c["path"] for c in clips], 1, order, clip_bytes, args),
+        measure("per_clip", per_clip, [c.path for c in clips], 1, order, clip_bytes, args),
         measure("packed", packed, pack_files, args.clips_per_pack, order, clip_bytes, args),
     ]
     print(

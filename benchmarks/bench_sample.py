@@ -132,7 +132,7 @@ def measure_variant(run_ours, clock, components, repeats, theirs, pipeline_s):
         "speedup": round(pipeline_s / seconds, 2) if pipeline_s else None,
         "last_run_denoise_s": round(clock["denoise_s"], 3),
         "last_run_vae_decode_s": round(clock["vae_decode_s"], 3),
-        "ms_per_model_call": ms_per_model_call(run_ours, components["transformer"]),
+        "ms_per_model_call": ms_per_model_call(run_ours, components.transformer),
     }
     if theirs is not None:
         difference = (ours.float() - theirs.float()).abs()
@@ -259,7 +259,7 @@ def main():
     args = sample_args(cli, image_path)
     components = sample.load_pipeline_components(args, torch.device("cuda"), family)
     jobs = sample.collect_jobs(args, family)
-    results["conditioning_encode_s"] = conditioning_encode_seconds(jobs[0], components["vae"], family)
+    results["conditioning_encode_s"] = conditioning_encode_seconds(jobs[0], components.vae, family)
     print(results["conditioning_encode_s"], flush=True)
     write_results(results, cli)
     clock = {}
@@ -271,7 +271,7 @@ def main():
         torch.cuda.synchronize()
         clock["denoise_s"] = time.perf_counter() - start
         if decode:
-            clock["frames"] = sample.decode_to_frames(components["vae"], latents, compiled=args.compile)[0].numpy()
+            clock["frames"] = sample.decode_to_frames(components.vae, latents, compiled=args.compile)[0].numpy()
             torch.cuda.synchronize()
             clock["vae_decode_s"] = time.perf_counter() - start - clock["denoise_s"]
         return latents
@@ -286,7 +286,7 @@ def main():
                 continue
             results[name] = measure_variant(run_ours, clock, components, cli.repeats, theirs, pipeline_s)
         except Exception as error:  # a lever that fails is reported, and the ones after it still run
-            vars(components["transformer"]).pop("forward", None)  # a failed CUDA graph: back to the eager forward
+            vars(components.transformer).pop("forward", None)  # a failed CUDA graph: back to the eager forward
             results[name] = {"error": f"{type(error).__name__}: {error}"}
             print(name, results[name], flush=True)
             continue
@@ -304,12 +304,12 @@ def main():
 
 
 def use_cudnn_attention(components, args):
-    components["transformer"].set_attention_backend("_native_cudnn")
+    components.transformer.set_attention_backend("_native_cudnn")
 
 
 def compile_blocks(components, args):
     """sample.py --compile: each transformer block, and the VAE decode."""
-    for block in components["transformer"].transformer_blocks:
+    for block in components.transformer.transformer_blocks:
         block.compile()
     args.compile = True
 
@@ -322,20 +322,20 @@ def stock_modulation(components, args):
     """Undo sample.py's per-frame AdaLN (cosmos_speed.modulate_per_frame): the stock per-token modulation."""
     from cosmos_speed import adaln_norms
 
-    for norm in adaln_norms(components["transformer"]):
+    for norm in adaln_norms(components.transformer):
         norm.__class__ = type(norm).__bases__[1]  # FrameModulated<Stock> derives from (FrameModulation, Stock)
 
 
 def per_frame_modulation(components, args):
     from cosmos_speed import modulate_per_frame
 
-    modulate_per_frame(components["transformer"])
+    modulate_per_frame(components.transformer)
 
 
 def replay_cuda_graph(components, args):
     """The transformer's forward captured once per input shape as a CUDA graph and replayed: inputs are copied into
     the graph's static buffers, and no Python runs per kernel."""
-    transformer = components["transformer"]
+    transformer = components.transformer
     eager, graphs = transformer.forward, {}
 
     def forward(**inputs):
@@ -366,7 +366,7 @@ def fp8_linears(components, args):
     """sample.py --fp8 on the blocks (before a CUDA graph is captured, so that the graph replays the FP8 kernels)."""
     from cosmos_speed import convert_frozen_linears_to_fp8
 
-    convert_frozen_linears_to_fp8(components["transformer"])
+    convert_frozen_linears_to_fp8(components.transformer)
 
 
 # Each variant adds one step of sample.py's speed options (--attention_backend, --compile) to the ones before it.

@@ -59,7 +59,7 @@ def main():
     jobs = sample.collect_jobs(args, family)
     sample.generate_latents(jobs, components, args, 0)  # warm-up: cuDNN plans, allocator
     lines = synchronizing_lines(lambda: sample.generate_latents(jobs, components, args, 0))
-    result = {"family": components["family"].name, "steps": cli.steps, "synchronizing_lines": lines}
+    result = {"family": components.family.name, "steps": cli.steps, "synchronizing_lines": lines}
     print(json.dumps(result, indent=2))
     with open(os.path.join(cli.out, f"host_syncs_{result['family']}.json"), "w") as f:
         json.dump(result, f, indent=2)

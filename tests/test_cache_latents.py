@@ -19,14 +19,14 @@ from cosmos_video import Bucket, fit_frames, plan_bucket_clips
 
 
 def cached_ids(output_dir):
-    return sorted((c["key"], c["clip_index"]) for c in list_cached_clips(str(output_dir)))
+    return sorted((c.key, c.clip_index) for c in list_cached_clips(str(output_dir)))
 
 
 def latents_beside(output_dir, reference):
     """(latents, reference latents) for each clip of output_dir, the reference read from the same clip file name."""
     pairs = []
     for clip in list_cached_clips(str(output_dir)):
-        with safe_open(clip["path"], "pt") as a, safe_open(str(reference / "shard_00000" / clip["file"]), "pt") as b:
+        with safe_open(clip.path, "pt") as a, safe_open(str(reference / "shard_00000" / clip.file), "pt") as b:
             pairs.append((a.get_tensor("latents").float(), b.get_tensor("latents").float()))
     assert pairs
     return pairs
@@ -56,7 +56,7 @@ def test_folder_cache_is_complete_and_verifies(folder_cache, clips):
     assert cached_ids(folder_cache) == sorted((k, c) for k in clips["keys"] for c in range(2))
     assert info["num_clips"] == 12 and info["latent_shape"] == [16, 5, 8, 14]
     # Each video has its own sidecar caption, stored once as a T5 embedding.
-    hashes = {c["caption_hash"] for c in list_cached_clips(str(folder_cache))}
+    hashes = {c.caption_hash for c in list_cached_clips(str(folder_cache))}
     assert len(hashes) == 6
     assert len(os.listdir(folder_cache / "text_embeds")) == 6
 
@@ -79,8 +79,8 @@ def test_tar_shards_and_hub_style_dataset_give_the_same_clips(tiny_model, clips,
     )
     assert cached_ids(tmp_path / "tars") == cached_ids(folder_cache) == cached_ids(tmp_path / "hub")
     # Captions come from the json member of each tar, so they match the folder's .txt sidecars.
-    folder_captions = {c["key"]: c["caption_hash"] for c in list_cached_clips(str(folder_cache))}
-    assert {c["key"]: c["caption_hash"] for c in list_cached_clips(str(tmp_path / "tars"))} == folder_captions
+    folder_captions = {c.key: c.caption_hash for c in list_cached_clips(str(folder_cache))}
+    assert {c.key: c.caption_hash for c in list_cached_clips(str(tmp_path / "tars"))} == folder_captions
     # Same decoded frames, same VAE: the latents agree whichever source they came from.
     for source in ("tars", "hub"):
         for latents, reference in latents_beside(tmp_path / source, folder_cache):
@@ -90,8 +90,8 @@ def test_tar_shards_and_hub_style_dataset_give_the_same_clips(tiny_model, clips,
 def test_cached_latent_equals_direct_vae_encode(tiny_model, clips, folder_cache):
     from diffusers import AutoencoderKLWan
 
-    clip = next(c for c in list_cached_clips(str(folder_cache)) if c["clip_index"] == 1)
-    with av.open(os.path.join(clips["videos"], clip["key"] + ".mp4")) as container:
+    clip = next(c for c in list_cached_clips(str(folder_cache)) if c.clip_index == 1)
+    with av.open(os.path.join(clips["videos"], clip.key + ".mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     # Clip 1 starts at 1 s; frame j is source frame round((1 + j / 8) * 30).
     picked = torch.stack([torch.from_numpy(frames[round((1 + j / 8) * 30)]) for j in range(17)])
@@ -99,7 +99,7 @@ def test_cached_latent_equals_direct_vae_encode(tiny_model, clips, folder_cache)
     vae = AutoencoderKLWan.from_pretrained(tiny_model, subfolder="vae")
     with torch.no_grad():
         expected = normalize_latents(vae.encode(x[None]).latent_dist.mean, vae.config)[0]
-    with safe_open(clip["path"], "pt") as f:
+    with safe_open(clip.path, "pt") as f:
         stored = f.get_tensor("latents")
     assert stored.dtype == torch.bfloat16
     # Equal up to bfloat16 storage (2^-8 relative) and batch-size-dependent float rounding.
@@ -177,7 +177,7 @@ def test_corrupt_and_short_videos_are_skipped_and_reported(tiny_model, clips, tm
     failures = {f["key"]: f["reason"] for f in cache_report(tmp_path / "cache")["failures"]}
     assert set(failures) == {"garbage", "truncated", "short"}
     assert failures["short"].startswith("too short for every bucket")
-    assert {c["key"] for c in list_cached_clips(str(tmp_path / "cache"))} == {"good"}
+    assert {c.key for c in list_cached_clips(str(tmp_path / "cache"))} == {"good"}
     assert cache_latents.print_verify(str(tmp_path / "cache"))
 
 

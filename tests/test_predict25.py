@@ -93,7 +93,7 @@ def test_cache_stores_projected_embeddings_and_records_the_family(tiny_model_25,
     assert info["format_version"] == 2 and info["family"] == "predict2.5" and info["model"] == tiny_model_25
     assert info["text_embeds"] == {"kind": "projected", "shape": [512, 32], "projection_sha": sha}
     clip = list_cached_clips(one_clip_cache_25)[0]
-    stored = load_file(text_embed_path(one_clip_cache_25, clip["caption_hash"]))["prompt_embeds"]
+    stored = load_file(text_embed_path(one_clip_cache_25, clip.caption_hash))["prompt_embeds"]
     tokenizer, encoder = (
         load_component(tiny_model_25, "tokenizer", family=detect_family(tiny_model_25)),
         load_component(tiny_model_25, "text_encoder", family=detect_family(tiny_model_25)),
@@ -197,7 +197,7 @@ def test_a_cache_of_another_family_is_refused_before_any_model_loads(
 ):
     with pytest.raises(ValueError, match="was made with a predict2.5 model"):
         train.main(train_args(tiny_model, one_clip_cache_25, tmp_path / "run", "--max_train_steps", 1))
-    clip = list_cached_clips(one_clip_cache_25)[0]["path"]
+    clip = list_cached_clips(one_clip_cache_25)[0].path
     with pytest.raises(ValueError, match="cached with a predict2.5 model"):
         sample.collect_jobs(sample_args(tiny_model, tmp_path, "--input", clip), detect_family(tiny_model))
 

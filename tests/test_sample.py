@@ -89,7 +89,7 @@ def test_the_last_step_is_skipped_and_the_latents_equal_the_pipelines_to_the_bit
     components = sample.load_pipeline_components(
         args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
     )
-    our_calls = count_calls(components["transformer"])
+    our_calls = count_calls(components.transformer)
     ours, _ = sample.generate_latents(
         sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path)), components, args, first_index=0
     )
@@ -233,7 +233,7 @@ def test_sample_script_frames_match_the_pipeline(tiny_model, image, tmp_path):
     latents, _ = sample.generate_latents(
         sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path)), components, args, 0
     )
-    ours = sample.decode_to_frames(components["vae"], latents)[0].numpy().astype(float)
+    ours = sample.decode_to_frames(components.vae, latents)[0].numpy().astype(float)
     theirs = (pipeline_output(tiny_model, image, "np")[0] * 255).round()
     assert ours.shape == theirs.shape == (17, 64, 112, 3)
     assert np.abs(ours - theirs).max() <= 1
@@ -245,7 +245,7 @@ def test_sample_script_frames_match_the_pipeline(tiny_model, image, tmp_path):
 
 
 def test_lora_changes_the_output_and_scale_zero_gives_the_base_back(tiny_model, one_clip_cache, overfit_run, tmp_path):
-    clip = sample.list_cached_clips(one_clip_cache)[0]["path"]
+    clip = sample.list_cached_clips(one_clip_cache)[0].path
 
     def latents(*extra):
         args = sample_args(tiny_model, tmp_path, "--input", clip, "--num_inference_steps", 3, *extra)
@@ -266,7 +266,7 @@ def test_lora_changes_the_output_and_scale_zero_gives_the_base_back(tiny_model, 
 def test_overfit_model_reproduces_its_clip_by_sampling(family, tmp_path):
     """Catches a flipped velocity sign, a wrong timestep scale or mishandled conditioning frames, with each family's
     own sampler (Predict2: Euler on Karras sigmas; Predict2.5: UniPC)."""
-    clip = sample.list_cached_clips(family.one_clip_cache)[0]["path"]
+    clip = sample.list_cached_clips(family.one_clip_cache)[0].path
     model_family = family.model_family
     truth = sample.cached_job(clip, model_family).latents[None, :, 1:]
 
@@ -307,7 +307,7 @@ def test_from_cache_writes_side_by_side_and_metrics(tiny_model, latent_cache, ov
         )
     )
     held = [
-        c["file"].removesuffix(".safetensors")
+        c.file.removesuffix(".safetensors")
         for c in sample.hold_out_clips(sample.list_cached_clips(latent_cache), 2, seed=0)[1]
     ]
     assert [v["name"] for v in summary["videos"]] == held
@@ -480,15 +480,14 @@ def test_generation_builds_no_autograd_graph(tiny_model, image, tmp_path):
     latents, _ = sample.generate_latents(
         sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path)), components, args, 0
     )
-    frames = sample.decode_to_frames(components["vae"], latents)
+    frames = sample.decode_to_frames(components.vae, latents)
     assert not latents.requires_grad and not frames.requires_grad
-    assert not any(
-        p.requires_grad for name in ("transformer", "vae", "text_encoder") for p in components[name].parameters()
-    )
+    models = (components.transformer, components.vae, components.text_encoder)
+    assert not any(p.requires_grad for model in models for p in model.parameters())
 
 
 def test_compiled_sampling_matches_eager(tiny_model, one_clip_cache, overfit_run, tmp_path):
-    clip = sample.list_cached_clips(one_clip_cache)[0]["path"]
+    clip = sample.list_cached_clips(one_clip_cache)[0].path
 
     def latents(*extra):
         args = sample_args(

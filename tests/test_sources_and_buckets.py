@@ -99,13 +99,13 @@ def test_every_layout_caches_the_folder_sources_clips_and_captions(tiny_model, c
     root.mkdir()
     source = build_layout(layout, str(root), clips["videos"], keys, captions)
     assert cache_clips(tiny_model, tmp_path / "cache", *source, extra=["--max_clips_per_video", "1"]) == 0
-    ours = {c["key"]: c for c in list_cached_clips(str(tmp_path / "cache"))}
-    folder = {c["key"]: c for c in list_cached_clips(latent_cache) if c["clip_index"] == 0 and c["key"] in keys}
+    ours = {c.key: c for c in list_cached_clips(str(tmp_path / "cache"))}
+    folder = {c.key: c for c in list_cached_clips(latent_cache) if c.clip_index == 0 and c.key in keys}
     # Same keys (so hold-out and reruns agree), same captions, same first clip of each video.
     assert sorted(ours) == sorted(folder) == sorted(keys)
     for key in keys:
-        assert ours[key]["caption_hash"] == folder[key]["caption_hash"]
-        with safe_open(ours[key]["path"], "pt") as a, safe_open(folder[key]["path"], "pt") as b:
+        assert ours[key].caption_hash == folder[key].caption_hash
+        with safe_open(ours[key].path, "pt") as a, safe_open(folder[key].path, "pt") as b:
             torch.testing.assert_close(
                 a.get_tensor("latents").float(), b.get_tensor("latents").float(), rtol=1e-2, atol=1e-2
             )
@@ -218,10 +218,10 @@ def test_a_mixed_shape_folder_caches_into_its_buckets_and_reports_what_fits_none
     assert info["buckets"] == BUCKETS
     assert info["clips_per_bucket"] == {"17x64x112": 2, "9x64x112": 2, "17x112x64": 2}
     assert info["latent_shape"] is None and info["bucket_latent_shapes"]["17x112x64"] == [16, 5, 14, 8]
-    shapes = {(c["key"], c["clip_index"]): c["shape"] for c in list_cached_clips(bucket_cache)}
-    assert shapes[("portrait_1", 0)] == [16, 5, 14, 8]
-    assert shapes[("land_" + "factory001_worker001_00000", 0)] == [16, 5, 8, 14]
-    assert shapes[("land_" + "factory001_worker001_00000", 1)] == [16, 3, 8, 14]  # the tail
+    shapes = {(c.key, c.clip_index): c.shape for c in list_cached_clips(bucket_cache)}
+    assert shapes[("portrait_1", 0)] == (16, 5, 14, 8)
+    assert shapes[("land_" + "factory001_worker001_00000", 0)] == (16, 5, 8, 14)
+    assert shapes[("land_" + "factory001_worker001_00000", 1)] == (16, 3, 8, 14)  # the tail
     failures = {f["key"]: f["reason"] for f in cache_report(bucket_cache)["failures"]}
     assert set(failures) == {"short"}
     assert failures["short"] == (
@@ -236,10 +236,10 @@ def test_verify_checks_each_clip_against_its_own_bucket(bucket_cache, tmp_path):
     from safetensors.torch import save_file
 
     copy = shutil.copytree(bucket_cache, tmp_path / "cache")
-    clip = next(c for c in list_cached_clips(str(copy)) if c["key"] == "portrait_1")
-    with safe_open(clip["path"], "pt") as f:
+    clip = next(c for c in list_cached_clips(str(copy)) if c.key == "portrait_1")
+    with safe_open(clip.path, "pt") as f:
         meta = f.metadata()
-    save_file({"latents": torch.zeros(16, 5, 8, 14, dtype=torch.bfloat16)}, clip["path"], metadata=meta)
+    save_file({"latents": torch.zeros(16, 5, 8, 14, dtype=torch.bfloat16)}, clip.path, metadata=meta)
     _, problems = verify_cache(str(copy))
     assert len(problems) == 2 and "expected bfloat16 [16, 5, 14, 8]" in problems[0]
     assert "manifest shape [16, 5, 14, 8] differs" in problems[1]

@@ -82,7 +82,7 @@ def test_fp8_sampling_converts_the_block_linears_and_stays_close_to_the_plain_la
             args,
             first_index=0,
         )
-        transformer = components["transformer"]
+        transformer = components.transformer
         converted = [m for m in transformer.transformer_blocks.modules() if isinstance(m, Float8Linear)]
         return latents, len(converted), len(transformer.transformer_blocks)
 

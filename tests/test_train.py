@@ -38,7 +38,7 @@ from cosmos_adapters import (
     load_finetuned_weights,
     save_finetuned_weights,
 )
-from cosmos_cache import CACHE_INFO, list_cached_clips
+from cosmos_cache import CACHE_INFO, CachedClip, list_cached_clips
 from cosmos_families import detect_family
 
 
@@ -222,8 +222,11 @@ def test_exported_weights_reload_onto_a_fresh_base(tiny_model, latent_cache, tmp
 
 def test_bucket_batch_sampler_keeps_one_shape_per_batch_and_the_mixture_weights():
     # Cache a: 10 clips of one shape and 20 of another; cache b: 30 clips of the first shape. Weights 0.7 / 0.3.
-    a = [{"shape": [16, 5, 8, 14]}] * 10 + [{"shape": [16, 5, 14, 8]}] * 20
-    b = [{"shape": [16, 5, 8, 14]}] * 30
+    def clips(shape, n):
+        return [CachedClip("key", 0, 0.0, shape, "hash", "clip.safetensors", "text.safetensors")] * n
+
+    a = clips((16, 5, 8, 14), 10) + clips((16, 5, 14, 8), 20)
+    b = clips((16, 5, 8, 14), 30)
     groups = cosmos_data.clip_groups([cosmos_data.Cache("a", "", a, 0.7), cosmos_data.Cache("b", "", b, 0.3)])
     assert [(g.cache, g.bucket, len(g.indices)) for g in groups] == [
         ("a", "17x64x112", 10),
@@ -260,7 +263,7 @@ def test_two_caches_are_mixed_in_training(tiny_model, latent_cache, one_clip_cac
     paths = []
     for epoch in range(5):  # each batch comes from one cache: count over a few epochs
         loader.batch_sampler.set_epoch(epoch)
-        paths += [loader.dataset.clips[i]["path"] for batch in loader.batch_sampler for i in batch]
+        paths += [loader.dataset.clips[i].path for batch in loader.batch_sampler for i in batch]
     from_b = sum(p.startswith(one_clip_cache) for p in paths)
     assert 0.35 < from_b / len(paths) < 0.65
 
@@ -279,20 +282,20 @@ def test_held_out_videos_never_train(tiny_model, latent_cache, tmp_path, monkeyp
     assert train.main(train_args(tiny_model, latent_cache, tmp_path, *flags)) == 0
     record = json.load(open(tmp_path / "held_out.json"))
     held_keys = set(record["keys"])
-    all_keys = {c["key"] for c in list_cached_clips(latent_cache)}
-    validation = [c for dataset, c in loads if [os.path.relpath(v["path"], latent_cache) for v in dataset.clips]
+    all_keys = {c.key for c in list_cached_clips(latent_cache)}
+    validation = [c for dataset, c in loads if [os.path.relpath(v.path, latent_cache) for v in dataset.clips]
                   == record["clips"]]  # fmt: skip
-    trained = [c for dataset, c in loads if os.path.relpath(dataset.clips[0]["path"], latent_cache)
+    trained = [c for dataset, c in loads if os.path.relpath(dataset.clips[0].path, latent_cache)
                not in record["clips"]]  # fmt: skip
     assert len(held_keys) == 2 and len(record["clips"]) == 3
     assert len(trained) == 8 and len(validation) == 3 and len(trained) + len(validation) == len(loads)
-    assert {c["key"] for c in trained} == all_keys - held_keys  # every other video trains, no held-out one does
-    assert sorted(os.path.relpath(c["path"], latent_cache) for c in validation) == sorted(record["clips"])
-    assert {c["key"] for c in validation} <= held_keys
+    assert {c.key for c in trained} == all_keys - held_keys  # every other video trains, no held-out one does
+    assert sorted(os.path.relpath(c.path, latent_cache) for c in validation) == sorted(record["clips"])
+    assert {c.key for c in validation} <= held_keys
 
 
 def test_the_run_says_how_many_clips_of_held_out_videos_go_unused():
-    clips = [{"key": key, "shape": [61, 256, 448]} for key in "aaabbc"]  # video a has 3 clips
+    clips = [CachedClip(key, 0, 0.0, (16, 16, 32, 56), "hash", "clip.safetensors", "t") for key in "aaabbc"]  # a: 3
     train_clips = clips[3:]  # video a is held out
     assert train.held_out_summary(clips, train_clips, clips[:2]) == (
         "held-out videos: 1; their clips that validate: 2; their other clips, which neither train nor validate: 1"

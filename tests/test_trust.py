@@ -62,12 +62,12 @@ def test_sampling_from_the_cache_uses_exactly_the_clips_the_run_held_out(tiny_mo
     record = json.load(open(os.path.join(run, "held_out.json")))
     assert record == json.load(open(os.path.join(run, "checkpoint-2", "held_out.json")))
     assert len(record["clips"]) == 2
-    trained_keys = {c["key"] for c in list_cached_clips(latent_cache)} - set(record["keys"])
+    trained_keys = {c.key for c in list_cached_clips(latent_cache)} - set(record["keys"])
     # The run used --seed 1; sampling with the default seed 0 must still pick the run's held-out clips.
     args = sample_args(tiny_model, tmp_path, "--from_cache", latent_cache, "--lora_path", run, "--num_videos", 2)
     jobs = sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path))
     assert [os.path.relpath(job.source, latent_cache) for job in jobs] == record["clips"]
-    key_of = {c["path"]: c["key"] for c in list_cached_clips(latent_cache)}
+    key_of = {c.path: c.key for c in list_cached_clips(latent_cache)}
     assert all(key_of[job.source] not in trained_keys for job in jobs)
     # Without --lora_path the seeded choice stays; asking for more than the run held out is refused.
     family = detect_family(tiny_model)
@@ -165,7 +165,7 @@ def test_fused_and_unfused_agree_at_every_scale_and_zero_is_the_base(tiny_model,
         args = sample_args(tiny_model, tmp_path, "--lora_path", run, "--lora_scale", scale, *extra)
         return sample.load_pipeline_components(
             args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
-        )["transformer"]
+        ).transformer
 
     base = base_transformer(tiny_model)
     inputs = random_inputs(base)
@@ -543,7 +543,7 @@ def test_ema_is_exported_beside_the_weights_and_sample_loads_it(tiny_model, run,
     args = sample_args(tiny_model, tmp_path, "--lora_path", run, "--use_ema")
     loaded = sample.load_pipeline_components(
         args, torch.device("cpu"), detect_family(args.pretrained_model_name_or_path)
-    )["transformer"]
+    ).transformer
     reference = base_transformer(tiny_model)
     load_finetuned_weights(reference, os.path.join(run, "ema"))
     inputs = random_inputs(reference)
