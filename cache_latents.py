@@ -66,13 +66,10 @@ from cosmos_cli import (
     add_model_arguments,
     add_source_arguments,
     check_pretrained_model,
-    ignore_stop_signals,
     model_dtype,
     non_negative_int,
     parse_with_config,
     positive_int,
-    run_main,
-    stage,
 )
 from cosmos_families import (
     detect_family,
@@ -82,6 +79,11 @@ from cosmos_families import (
     project_text,
     text_embed_kind,
     text_embed_width,
+)
+from cosmos_process import (
+    ignore_stop_signals,
+    run_main,
+    stage,
 )
 from cosmos_video import (
     Bucket,

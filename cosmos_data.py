@@ -16,8 +16,10 @@ from cosmos_cache import (
     read_clip,
     vae_normalization,
 )
-from cosmos_cli import ignore_stop_signals
 from cosmos_families import load_component_config, text_embed_width
+from cosmos_process import (
+    ignore_stop_signals,
+)
 from cosmos_run import hold_out_clips, read_held_out, split_by_record
 
 

@@ -33,7 +33,9 @@ from cosmos_adapters import (
     save_finetuned_weights,
 )
 from cosmos_cache import atomic_write_text
-from cosmos_cli import folder_written_whole
+from cosmos_process import (
+    folder_written_whole,
+)
 
 logger = get_logger(__name__)
 

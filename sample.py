@@ -49,8 +49,6 @@ from cosmos_cli import (
     non_negative_float,
     parse_with_config,
     positive_int,
-    run_main,
-    stage,
 )
 from cosmos_families import (
     ModelFamily,
@@ -60,6 +58,10 @@ from cosmos_families import (
     projection_sha,
     recorded_family,
     take_text_projection,
+)
+from cosmos_process import (
+    run_main,
+    stage,
 )
 from cosmos_run import HELD_OUT, hold_out_clips, read_held_out, split_by_record
 from cosmos_speed import check_fp8_support, convert_frozen_linears_to_fp8, modulate_per_frame

@@ -35,8 +35,6 @@ from cosmos_adapters import add_temporal_adapters, lora_config
 from cosmos_cache import bucket_name
 from cosmos_cli import (
     HelpFormatter,
-    RunStopped,
-    StopSignal,
     add_config_argument,
     add_model_arguments,
     check_pretrained_model,
@@ -48,8 +46,6 @@ from cosmos_cli import (
     parse_with_config,
     positive_float,
     positive_int,
-    run_main,
-    stage,
 )
 from cosmos_data import (
     CachedClips,
@@ -61,6 +57,12 @@ from cosmos_data import (
     split_validation_clips,
 )
 from cosmos_families import detect_family, load_component, prepare_text_projection
+from cosmos_process import (
+    RunStopped,
+    StopSignal,
+    run_main,
+    stage,
+)
 from cosmos_run import (
     Trainables,
     TrainState,

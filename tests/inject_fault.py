@@ -54,7 +54,9 @@ def main():
     rank = os.environ.get("INJECT_FAULT_RANK")
     if rank is None or rank == os.environ.get("RANK", "0"):
         inject(spec, module)
-    from cosmos_cli import run_main
+    from cosmos_process import (
+        run_main,
+    )
 
     run_main(module.main, module.parse_args)
 
