@@ -56,13 +56,13 @@ fraction = _number(float, 0.0, high=1.0)
 
 
 def int_list(text):
-    """`1,2` -> [1, 2] (positive integers)."""
+    """`0,1,2` -> [0, 1, 2] (non-negative integers)."""
     try:
         values = [int(part) for part in str(text).split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return values
 
 

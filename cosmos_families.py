@@ -213,6 +213,7 @@ class ModelFamily:
     conditioning_timestep: float  # t on clean conditioning frames, in training and in the pipeline's sampler
     timestep_shift: float | str  # training noise level t = s*t0 / (1 + (s-1)*t0), t0 = sigmoid(N(0, 1))
     high_sigma_ratio: float  # NVIDIA's share of samples at sigma in [200, 1e5] (--high_sigma_ratio)
+    min_conditioning_frames: int  # 0: its pipeline also generates from text alone (text2world), so training may too
 
     def default_negative_prompt(self):
         import importlib
@@ -265,6 +266,7 @@ FAMILIES = {
         conditioning_timestep=SIGMA_CONDITIONING / (1 + SIGMA_CONDITIONING),
         timestep_shift="auto",  # sqrt(latent frames of each clip): NVIDIA's sqrt(state_t)
         high_sigma_ratio=0.05,
+        min_conditioning_frames=1,  # the pipeline needs an image or a video
     ),
     "Cosmos2_5_PredictBasePipeline": ModelFamily(
         name="predict2.5",
@@ -280,6 +282,7 @@ FAMILIES = {
         conditioning_timestep=PREDICT25_CONDITIONING_TIMESTEP,
         timestep_shift=5.0,
         high_sigma_ratio=0.0,
+        min_conditioning_frames=0,  # image=None, video=None is the pipeline's Text2World
     ),
 }
 

@@ -3,7 +3,8 @@
 cache_latents.py with the same model (the family is read from the checkpoint's model_index.json).
 
 What trains: LoRA (peft) on the cross-attention projections, one temporal adapter per transformer block, and the
-output projection `proj_out`. Everything else is frozen. The VAE and the text encoder are not loaded: the cache holds
+output projection `proj_out` (this project's recipe; `--recipe nvidia` trains NVIDIA's LoRA on every attention and MLP
+linear instead). Everything else is frozen. The VAE and the text encoder are not loaded: the cache holds
 their outputs.
 
     accelerate launch --config_file accelerate_configs/fsdp3.yaml train_cosmos_lora.py \\
@@ -86,6 +87,74 @@ logger = get_logger(__name__)
 # command resumes it, and the SLURM wrappers requeue the job on it.
 REQUEUE_EXIT_CODE = 75
 DEFAULT_LORA_TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+# Every linear of a block: self-attention, cross-attention, MLP (NVIDIA's q/k/v/output_proj, mlp.layer1/2).
+BLOCK_LINEARS = [
+    *(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")),
+    "ff.net.0.proj",
+    "ff.net.2",
+]
+NVIDIA_LORA_LR = 2**-14.5  # the base lr of NVIDIA's LoRA configs; their schedules scale it by f_max / f_min
+
+# --recipe: the values of the flags a recipe sets when the command line and --config leave them unset (None), per
+# model family. `default` is this project's seed, `nvidia` NVIDIA's LoRA post-training example for the family;
+# docs/objective.md names the source of each value. A callable is computed from the arguments resolved before it.
+PROJECT_RECIPE = {
+    "lora_rank": 16,
+    "lora_alpha": 32,
+    "lora_target_modules": DEFAULT_LORA_TARGETS,
+    "use_temporal_adapters": True,
+    "train_proj_out": True,
+    "learning_rate": 1e-4,
+    "adam_weight_decay": 0.01,
+    "lr_scheduler": "cosine",
+    "lr_warmup_steps": 0,
+    "min_lr": 1e-6,
+    "conditioning_frames": [1, 2],
+    "ema_decay": 0.0,
+}
+RECIPES = {
+    "default": {"predict2": PROJECT_RECIPE, "predict2.5": PROJECT_RECIPE},
+    "nvidia": {
+        "predict2": {  # cosmos-predict2 predict2_video2world_lora_training_2b_cosmos_nemo_assets
+            "lora_rank": 16,
+            "lora_alpha": 16,
+            "lora_target_modules": BLOCK_LINEARS,
+            "use_temporal_adapters": False,
+            "train_proj_out": False,
+            "learning_rate": 0.6 * NVIDIA_LORA_LR,  # f_max 0.6
+            "adam_weight_decay": 0.1,
+            "lr_scheduler": "linear",  # no warm-up, linear to f_min 0 at the last step
+            "lr_warmup_steps": 0,
+            "min_lr": 0.0,
+            "conditioning_frames": [1, 2],
+            "ema_decay": "power",
+        },
+        "predict2.5": {  # cosmos-predict2.5 predict2_lora_training_2b_cosmos_nemo_assets_txt
+            "lora_rank": 32,
+            "lora_alpha": 32,
+            "lora_target_modules": BLOCK_LINEARS,
+            "use_temporal_adapters": False,
+            "train_proj_out": False,
+            "learning_rate": 0.5 * NVIDIA_LORA_LR,  # f_max 0.5
+            "adam_weight_decay": 0.001,
+            "lr_scheduler": "linear",
+            "lr_warmup_steps": 2000,
+            "min_lr": lambda args: 0.4 * args.learning_rate,  # f_min 0.2 = 0.4 of f_max
+            "conditioning_frames": [0, 1, 2],  # text2world, image2world, video2world, a third each
+            "ema_decay": "power",
+        },
+    },
+}
+
+
+def recipe_default(name):
+    """Help text for a flag the recipe sets: what `None` becomes."""
+    value = PROJECT_RECIPE[name]
+    if isinstance(value, list):
+        value = " ".join(map(str, value)) if isinstance(value[0], str) else ",".join(map(str, value))
+    return f"Default: the --recipe's value, {value} for `default`."
+
+
 VALIDATION_TIMESTEPS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
 
@@ -104,24 +173,42 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="outputs/cosmos-lora", help="Where checkpoints and weights go.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for data order, noise and held-out clips.")
 
+    parser.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        default="default",
+        help="Where the flags whose default is `the --recipe's value` take it from when not given (on the command "
+        "line or in --config): `default` is this project's (LoRA on the cross-attention, temporal adapters, "
+        "proj_out); `nvidia` is NVIDIA's LoRA post-training example for the checkpoint's family: LoRA alone on "
+        "every attention and MLP linear, NVIDIA's rank, learning rate, weight decay and linear schedule, power EMA, "
+        "and for Predict2.5 also text-only samples (0 conditioning frames). docs/objective.md lists the values.",
+    )
+
     model = parser.add_argument_group("what trains")
-    model.add_argument("--lora_rank", type=positive_int, default=16, help="LoRA rank.")
     model.add_argument(
-        "--lora_alpha", type=positive_float, default=32, help="LoRA alpha (the update is scaled by alpha/rank)."
+        "--lora_rank", type=positive_int, default=None, help="LoRA rank. " + recipe_default("lora_rank")
+    )
+    model.add_argument(
+        "--lora_alpha",
+        type=positive_float,
+        default=None,
+        help="LoRA alpha (the update is scaled by alpha/rank). " + recipe_default("lora_alpha"),
     )
     model.add_argument(
         "--lora_target_modules",
         nargs="+",
-        default=DEFAULT_LORA_TARGETS,
+        default=None,
         help="Module name suffixes that get LoRA. The list replaces the default: to add self-attention, give all "
-        "of them, e.g. `attn2.to_q attn2.to_k attn2.to_v attn2.to_out.0 attn1.to_q ...` or ff.net.0.proj.",
+        "of them, e.g. `attn2.to_q attn2.to_k attn2.to_v attn2.to_out.0 attn1.to_q ...` or ff.net.0.proj. "
+        + recipe_default("lora_target_modules"),
     )
     model.add_argument("--lora_dropout", type=fraction, default=0.0, help="Dropout on the LoRA input.")
     model.add_argument(
         "--use_temporal_adapters",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Add a temporal adapter to every transformer block (--no-use_temporal_adapters to skip).",
+        default=None,
+        help="Add a temporal adapter to every transformer block (--no-use_temporal_adapters to skip). "
+        + recipe_default("use_temporal_adapters"),
     )
     model.add_argument(
         "--adapter_reduction_factor",
@@ -132,8 +219,9 @@ def parse_args(argv=None):
     model.add_argument(
         "--train_proj_out",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Train the output projection proj_out (--no-train_proj_out freezes it).",
+        default=None,
+        help="Train the output projection proj_out (--no-train_proj_out freezes it). "
+        + recipe_default("train_proj_out"),
     )
 
     objective = parser.add_argument_group("objective")
@@ -162,8 +250,10 @@ def parse_args(argv=None):
     objective.add_argument(
         "--conditioning_frames",
         type=int_list,
-        default=[1, 2],
-        help="Comma-separated choices for the number of clean leading latent frames per sample, e.g. 1,2.",
+        default=None,
+        help="Comma-separated choices for the number of clean leading latent frames per sample, e.g. 1,2, drawn "
+        "uniformly. 0 (text alone) only for Predict2.5, whose pipeline also generates from text alone. "
+        + recipe_default("conditioning_frames"),
     )
     objective.add_argument(
         "--text_dropout",
@@ -186,17 +276,36 @@ def parse_args(argv=None):
     optim.add_argument(
         "--num_train_epochs", type=positive_int, default=1, help="Epochs, used when --max_train_steps is unset."
     )
-    optim.add_argument("--learning_rate", type=positive_float, default=1e-4, help="Peak learning rate of AdamW.")
-    optim.add_argument("--adam_weight_decay", type=non_negative_float, default=0.01, help="AdamW weight decay.")
+    optim.add_argument(
+        "--learning_rate",
+        type=positive_float,
+        default=None,
+        help="Peak learning rate of AdamW. " + recipe_default("learning_rate"),
+    )
+    optim.add_argument(
+        "--adam_weight_decay",
+        type=non_negative_float,
+        default=None,
+        help="AdamW weight decay. " + recipe_default("adam_weight_decay"),
+    )
     optim.add_argument(
         "--lr_scheduler",
         choices=["cosine", "linear", "constant"],
-        default="cosine",
-        help="Learning-rate schedule after warmup; cosine and linear decay to --min_lr.",
+        default=None,
+        help="Learning-rate schedule after warmup; cosine and linear decay to --min_lr at the last step. "
+        + recipe_default("lr_scheduler"),
     )
-    optim.add_argument("--lr_warmup_steps", type=non_negative_int, default=0, help="Linear warmup steps.")
     optim.add_argument(
-        "--min_lr", type=non_negative_float, default=1e-6, help="Floor of the cosine and linear schedules."
+        "--lr_warmup_steps",
+        type=non_negative_int,
+        default=None,
+        help="Linear warmup steps. " + recipe_default("lr_warmup_steps"),
+    )
+    optim.add_argument(
+        "--min_lr",
+        type=non_negative_float,
+        default=None,
+        help="Floor of the cosine and linear schedules. " + recipe_default("min_lr"),
     )
     optim.add_argument(
         "--max_grad_norm",
@@ -207,11 +316,11 @@ def parse_args(argv=None):
     optim.add_argument(
         "--ema_decay",
         type=ema_decay_value,
-        default=0.0,
+        default=None,
         help="Keep an exponential moving average of the trainable weights, exported to OUTPUT/ema/ beside the raw "
         "weights (sample.py --use_ema loads it). A number d in (0, 1) is a constant decay; `power` is a power EMA "
-        "with sigma_rel 0.1 (decay (1 - 1/step)^7.94, 0.9992 at step 10k). Off (0) by default: it costs a second "
-        "fp32 copy of the trainable weights.",
+        "with sigma_rel 0.1 (decay (1 - 1/step)^7.94, 0.9992 at step 10k); 0 is off: it costs a second fp32 copy "
+        "of the trainable weights. " + recipe_default("ema_decay"),
     )
     optim.add_argument(
         "--mixed_precision",
@@ -495,7 +604,8 @@ def run_training(args, family, accelerator, caches, info, validation_clips, resu
 # Set-up: the family's defaults, the accelerator, the experiment tracker
 # ----------------------------------------------------------------------------------------------------------------
 def resolve_family_defaults(args):
-    """The checkpoint's family, and its defaults for the objective flags left unset."""
+    """The checkpoint's family, its defaults for the objective flags left unset and the --recipe's values for the
+    flags it sets, then the checks those values need (before any model loads)."""
     family = detect_family(args.pretrained_model_name_or_path, args.revision)
     if args.timestep_shift is None:
         args.timestep_shift = family.timestep_shift
@@ -503,6 +613,16 @@ def resolve_family_defaults(args):
         args.conditioning_timestep = family.conditioning_timestep
     if args.high_sigma_ratio is None:
         args.high_sigma_ratio = family.high_sigma_ratio
+    for name, value in RECIPES[args.recipe][family.name].items():
+        if getattr(args, name) is None:
+            value = value(args) if callable(value) else value
+            setattr(args, name, list(value) if isinstance(value, list) else value)
+    if min(args.conditioning_frames) < family.min_conditioning_frames:
+        raise ValueError(
+            f"--conditioning_frames {','.join(map(str, args.conditioning_frames))}: {family.name} "
+            f"({family.pipeline_class}) generates only from an image or a video, so it trains with at least "
+            f"{family.min_conditioning_frames} conditioning frame; 0 (text alone) is for Predict2.5"
+        )
     args.family = family.name
     return family
 

@@ -211,7 +211,7 @@ def test_resume_with_changed_settings_is_refused_naming_them(tiny_model, latent_
         (train, ["--train_batch_size", "0"], "argument --train_batch_size: must be at least 1"),
         (train, ["--max_train_steps", "0"], "argument --max_train_steps: must be at least 1"),
         (train, ["--text_dropout", "1.5"], "argument --text_dropout: must be at least 0.0 and at most 1.0"),
-        (train, ["--conditioning_frames", "0,1"], "argument --conditioning_frames: must be positive"),
+        (train, ["--conditioning_frames", "1,-1"], "argument --conditioning_frames: must be 0 or more"),
         (train, ["--ema_decay", "1"], "argument --ema_decay: must be below 1"),
         (train, ["--timestep_shift", "-2"], "argument --timestep_shift: must be above 0.0"),
         (sample, ["--output_dir", "o", "--num_videos", "0"], "argument --num_videos: must be at least 1"),
