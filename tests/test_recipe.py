@@ -4,9 +4,11 @@ NVIDIA's recipe on the tiny Predict2.5 model."""
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import train_cosmos_lora as train
@@ -168,3 +170,16 @@ def test_nvidia_recipe_trains_lora_alone_on_every_block_linear_of_predict25(
     assert (out / EMA_DIR).is_dir()  # NVIDIA keeps an EMA and exports it
     record = json.load(open(out / "training_args.json"))
     assert (record["recipe"], record["conditioning_frames"], record["lora_rank"]) == ("nvidia", [0, 1, 2], 32)
+
+
+def test_the_nvidia_config_example_writes_out_what_the_recipe_sets(tiny_model_25):
+    """configs/train_nvidia.yaml lists the recipe's Predict2.5 values as comments; uncommented they change nothing."""
+    lines = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "train_nvidia.yaml")).read()
+    block = lines.split("recipe: nvidia\n", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    written = yaml.safe_load("\n".join(line.removeprefix("# ") for line in block))
+    args = train_args(tiny_model_25, "c", "o", "--recipe", "nvidia")
+    assert set(written) == set(EXPECTED["default"])
+    for name, value in written.items():
+        assert value == (
+            pytest.approx(getattr(args, name), rel=1e-3) if isinstance(value, float) else getattr(args, name)
+        ), name
