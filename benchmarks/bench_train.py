@@ -50,6 +50,8 @@ CONFIGS = {
     "1gpu_compile": (1, "single_gpu.yaml", [], ["--compile"], REFERENCE, 2),
     "1gpu_compile_cudnn": (1, "single_gpu.yaml", [], FAST, REFERENCE, 2),
     "1gpu_compile_cudnn_b4": (1, "single_gpu.yaml", [], FAST, REFERENCE, 4),
+    # NVIDIA's recipe for the --family (LoRA on every block linear, power EMA, ...) against 1gpu_compile_cudnn
+    "1gpu_compile_cudnn_nvidia_recipe": (1, "single_gpu.yaml", [], [*FAST, "--recipe", "nvidia"], REFERENCE, 2),
     "1gpu_compile_cudnn_b6": (1, "single_gpu.yaml", [], FAST, REFERENCE, 6),
     "1gpu_compile_cudnn_b7": (1, "single_gpu.yaml", [], FAST, REFERENCE, 7),
     "1gpu_compile_cudnn_b8": (1, "single_gpu.yaml", [], FAST, REFERENCE, 8),
