@@ -271,8 +271,9 @@ def read_json(path):
         raise ValueError(f"{path} is unreadable: {error}") from None
 
 
-def check_checkpoint(path, args):
-    """Before any model loads: every file of the checkpoint is there and whole, and its settings are these."""
+def check_checkpoint(path, args, defaults):
+    """Before any model loads: every file of the checkpoint is there and whole, and its settings are these.
+    `defaults` are the flags' defaults (vars of the parsed empty command line)."""
     state = read_json(os.path.join(path, TRAINING_STATE))
     check_files(path, state.get("files", {}))
     for name in (OPTIMIZER_STATE, SCHEDULER_STATE):
@@ -282,7 +283,7 @@ def check_checkpoint(path, args):
     read_adapter_config(path)
     if os.path.isdir(os.path.join(path, EMA_DIR)):
         read_adapter_config(os.path.join(path, EMA_DIR))
-    changed = changed_settings(path, args)
+    changed = changed_settings(path, args, defaults)
     if changed and not args.allow_changed_settings:
         raise ValueError(
             f"{path} was trained with other settings ({'; '.join(changed)}): resume with the same flags, or pass "
@@ -292,18 +293,20 @@ def check_checkpoint(path, args):
         print(f"resuming {path} with changed settings: {'; '.join(changed)}")
 
 
-def changed_settings(path, args):
-    """`name: old -> new` for every setting that shapes the run and differs from the checkpoint's."""
+def changed_settings(path, args, defaults):
+    """`name: old -> new` for every setting that shapes the run and differs from the checkpoint's. A setting the
+    checkpoint predates (a flag added since) is a change only when it is set to other than its default."""
     args_path = os.path.join(path, TRAINING_ARGS)
     if not os.path.isfile(args_path):
         return [f"{TRAINING_ARGS}: not in the checkpoint, so its settings cannot be compared"]
     saved, current = read_json(args_path), json.loads(json.dumps(vars(args)))
     names = sorted((saved.keys() | current.keys()) - SETTINGS_FREE_ON_RESUME)
     missing = "(unset)"
+    predated = {name for name in names if name not in saved and current.get(name) == defaults.get(name)}
     return [
         f"{name}: {saved.get(name, missing)} -> {current.get(name, missing)}"
         for name in names
-        if saved.get(name, missing) != current.get(name, missing)
+        if saved.get(name, missing) != current.get(name, missing) and name not in predated
     ]
 
 

@@ -455,7 +455,7 @@ def main(args):
     check_clip_frames(caches, args)
     resume_path = resolve_resume_path(args)
     if resume_path:
-        check_checkpoint(resume_path, args)
+        check_checkpoint(resume_path, args, defaults=vars(parse_args([])))
     first_cache_clips = caches[0].clips
     train_clips, validation_clips = split_validation_clips(caches[0], resume_path, args)
     caches[0].clips = train_clips

@@ -362,7 +362,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_never_runs(training_run
         json.dump(state, f)
     args = train_args(tiny_model, latent_cache, tmp_path / "run", "--resume_from_checkpoint", checkpoint)
     with pytest.raises(ValueError, match=r"scheduler\.pt holds more than tensors and plain values"):
-        train.check_checkpoint(checkpoint, args)
+        train.check_checkpoint(checkpoint, args, defaults=vars(train.parse_args([])))
     assert not marker.exists()
 
 

@@ -113,10 +113,18 @@ def test_resume_treats_the_recipe_as_a_setting_that_shapes_the_run(tiny_model, t
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
     (checkpoint / "training_args.json").write_text(json.dumps(vars(train_args(tiny_model, "c", "o"))))
-    assert changed_settings(str(checkpoint), train_args(tiny_model, "c", "o", "--recipe", "default")) == []
-    changed = changed_settings(str(checkpoint), train_args(tiny_model, "c", "o", "--recipe", "nvidia"))
+    defaults = vars(train.parse_args([]))
+    assert changed_settings(str(checkpoint), train_args(tiny_model, "c", "o", "--recipe", "default"), defaults) == []
+    changed = changed_settings(str(checkpoint), train_args(tiny_model, "c", "o", "--recipe", "nvidia"), defaults)
     assert "recipe: default -> nvidia" in changed and "lora_rank: 16 -> 16" not in changed
     assert "lora_alpha: 32 -> 16" in changed and "use_temporal_adapters: True -> False" in changed
+    # A checkpoint written before --recipe existed resumes as the default recipe, and is refused for another one.
+    record = vars(train_args(tiny_model, "c", "o"))
+    del record["recipe"]
+    (checkpoint / "training_args.json").write_text(json.dumps(record))
+    assert changed_settings(str(checkpoint), train_args(tiny_model, "c", "o"), defaults) == []
+    changed = changed_settings(str(checkpoint), train_args(tiny_model, "c", "o", "--recipe", "nvidia"), defaults)
+    assert "recipe: (unset) -> nvidia" in changed
 
 
 def test_zero_conditioning_frames_is_refused_for_predict2_before_anything_loads(tiny_model, tmp_path, monkeypatch):
