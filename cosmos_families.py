@@ -194,6 +194,77 @@ def last_frame_indices(num_source_frames, source_fps, num_frames, fps):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Recipes: the values of the flags train_cosmos_lora.py --recipe sets when the command line and --config leave them
+# unset. `default` is this project's, the same for both families; `nvidia` is NVIDIA's LoRA post-training example
+# for the family (docs/objective.md names the source of each value). A callable is computed from the arguments
+# resolved before it.
+# ----------------------------------------------------------------------------------------------------------------
+DEFAULT_LORA_TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+
+
+# Every linear of a block: self-attention, cross-attention, MLP (NVIDIA's q/k/v/output_proj, mlp.layer1/2).
+BLOCK_LINEARS = [
+    *(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")),
+    "ff.net.0.proj",
+    "ff.net.2",
+]
+
+
+NVIDIA_LORA_LR = 2**-14.5  # the base lr of NVIDIA's LoRA configs; their schedules scale it by f_max / f_min
+
+
+# --recipe: the values of the flags a recipe sets when the command line and --config leave them unset (None), per
+# model family. `default` is this project's seed, `nvidia` NVIDIA's LoRA post-training example for the family;
+# docs/objective.md names the source of each value. A callable is computed from the arguments resolved before it.
+PROJECT_RECIPE = {
+    "lora_rank": 16,
+    "lora_alpha": 32,
+    "lora_target_modules": DEFAULT_LORA_TARGETS,
+    "use_temporal_adapters": True,
+    "train_proj_out": True,
+    "learning_rate": 1e-4,
+    "adam_weight_decay": 0.01,
+    "lr_scheduler": "cosine",
+    "lr_warmup_steps": 0,
+    "min_lr": 1e-6,
+    "conditioning_frames": [1, 2],
+    "ema_decay": 0.0,
+}
+RECIPE_NAMES = ("default", "nvidia")
+
+# cosmos-predict2 predict2_video2world_lora_training_2b_cosmos_nemo_assets
+NVIDIA_PREDICT2_RECIPE = {
+    "lora_rank": 16,
+    "lora_alpha": 16,
+    "lora_target_modules": BLOCK_LINEARS,
+    "use_temporal_adapters": False,
+    "train_proj_out": False,
+    "learning_rate": 0.6 * NVIDIA_LORA_LR,  # f_max 0.6
+    "adam_weight_decay": 0.1,
+    "lr_scheduler": "linear",  # no warm-up, linear to f_min 0 at the last step
+    "lr_warmup_steps": 0,
+    "min_lr": 0.0,
+    "conditioning_frames": [1, 2],
+    "ema_decay": "power",
+}
+# cosmos-predict2.5 predict2_lora_training_2b_cosmos_nemo_assets_txt
+NVIDIA_PREDICT25_RECIPE = {
+    "lora_rank": 32,
+    "lora_alpha": 32,
+    "lora_target_modules": BLOCK_LINEARS,
+    "use_temporal_adapters": False,
+    "train_proj_out": False,
+    "learning_rate": 0.5 * NVIDIA_LORA_LR,  # f_max 0.5
+    "adam_weight_decay": 0.001,
+    "lr_scheduler": "linear",
+    "lr_warmup_steps": 2000,
+    "min_lr": lambda args: 0.4 * args.learning_rate,  # f_min 0.2 = 0.4 of f_max
+    "conditioning_frames": [0, 1, 2],  # text2world, image2world, video2world, a third each
+    "ema_decay": "power",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The families
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -214,6 +285,11 @@ class ModelFamily:
     timestep_shift: float | str  # training noise level t = s*t0 / (1 + (s-1)*t0), t0 = sigmoid(N(0, 1))
     high_sigma_ratio: float  # NVIDIA's share of samples at sigma in [200, 1e5] (--high_sigma_ratio)
     min_conditioning_frames: int  # 0: its pipeline also generates from text alone (text2world), so training may too
+    nvidia_recipe: dict  # what --recipe nvidia sets
+
+    def recipe(self, name):
+        """The flag values of --recipe NAME for this family."""
+        return PROJECT_RECIPE if name == "default" else self.nvidia_recipe
 
     def default_negative_prompt(self):
         import importlib
@@ -267,6 +343,7 @@ FAMILIES = {
         timestep_shift="auto",  # sqrt(latent frames of each clip): NVIDIA's sqrt(state_t)
         high_sigma_ratio=0.05,
         min_conditioning_frames=1,  # the pipeline needs an image or a video
+        nvidia_recipe=NVIDIA_PREDICT2_RECIPE,
     ),
     "Cosmos2_5_PredictBasePipeline": ModelFamily(
         name="predict2.5",
@@ -283,6 +360,7 @@ FAMILIES = {
         timestep_shift=5.0,
         high_sigma_ratio=0.0,
         min_conditioning_frames=0,  # image=None, video=None is the pipeline's Text2World
+        nvidia_recipe=NVIDIA_PREDICT25_RECIPE,
     ),
 }
 

@@ -57,7 +57,7 @@ from cosmos_data import (
     load_caches,
     split_validation_clips,
 )
-from cosmos_families import detect_family, load_component, prepare_text_projection
+from cosmos_families import PROJECT_RECIPE, RECIPE_NAMES, detect_family, load_component, prepare_text_projection
 from cosmos_process import (
     RunStopped,
     StopSignal,
@@ -86,65 +86,6 @@ logger = get_logger(__name__)
 # EX_TEMPFAIL: stopped early by SIGUSR1, SIGTERM or a first Ctrl-C after saving a checkpoint; rerunning the same
 # command resumes it, and the SLURM wrappers requeue the job on it.
 REQUEUE_EXIT_CODE = 75
-DEFAULT_LORA_TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
-# Every linear of a block: self-attention, cross-attention, MLP (NVIDIA's q/k/v/output_proj, mlp.layer1/2).
-BLOCK_LINEARS = [
-    *(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")),
-    "ff.net.0.proj",
-    "ff.net.2",
-]
-NVIDIA_LORA_LR = 2**-14.5  # the base lr of NVIDIA's LoRA configs; their schedules scale it by f_max / f_min
-
-# --recipe: the values of the flags a recipe sets when the command line and --config leave them unset (None), per
-# model family. `default` is this project's seed, `nvidia` NVIDIA's LoRA post-training example for the family;
-# docs/objective.md names the source of each value. A callable is computed from the arguments resolved before it.
-PROJECT_RECIPE = {
-    "lora_rank": 16,
-    "lora_alpha": 32,
-    "lora_target_modules": DEFAULT_LORA_TARGETS,
-    "use_temporal_adapters": True,
-    "train_proj_out": True,
-    "learning_rate": 1e-4,
-    "adam_weight_decay": 0.01,
-    "lr_scheduler": "cosine",
-    "lr_warmup_steps": 0,
-    "min_lr": 1e-6,
-    "conditioning_frames": [1, 2],
-    "ema_decay": 0.0,
-}
-RECIPES = {
-    "default": {"predict2": PROJECT_RECIPE, "predict2.5": PROJECT_RECIPE},
-    "nvidia": {
-        "predict2": {  # cosmos-predict2 predict2_video2world_lora_training_2b_cosmos_nemo_assets
-            "lora_rank": 16,
-            "lora_alpha": 16,
-            "lora_target_modules": BLOCK_LINEARS,
-            "use_temporal_adapters": False,
-            "train_proj_out": False,
-            "learning_rate": 0.6 * NVIDIA_LORA_LR,  # f_max 0.6
-            "adam_weight_decay": 0.1,
-            "lr_scheduler": "linear",  # no warm-up, linear to f_min 0 at the last step
-            "lr_warmup_steps": 0,
-            "min_lr": 0.0,
-            "conditioning_frames": [1, 2],
-            "ema_decay": "power",
-        },
-        "predict2.5": {  # cosmos-predict2.5 predict2_lora_training_2b_cosmos_nemo_assets_txt
-            "lora_rank": 32,
-            "lora_alpha": 32,
-            "lora_target_modules": BLOCK_LINEARS,
-            "use_temporal_adapters": False,
-            "train_proj_out": False,
-            "learning_rate": 0.5 * NVIDIA_LORA_LR,  # f_max 0.5
-            "adam_weight_decay": 0.001,
-            "lr_scheduler": "linear",
-            "lr_warmup_steps": 2000,
-            "min_lr": lambda args: 0.4 * args.learning_rate,  # f_min 0.2 = 0.4 of f_max
-            "conditioning_frames": [0, 1, 2],  # text2world, image2world, video2world, a third each
-            "ema_decay": "power",
-        },
-    },
-}
 
 
 def recipe_default(name):
@@ -175,7 +116,7 @@ def parse_args(argv=None):
 
     parser.add_argument(
         "--recipe",
-        choices=list(RECIPES),
+        choices=RECIPE_NAMES,
         default="default",
         help="Where the flags whose default is `the --recipe's value` take it from when not given (on the command "
         "line or in --config): `default` is this project's (LoRA on the cross-attention, temporal adapters, "
@@ -613,7 +554,7 @@ def resolve_family_defaults(args):
         args.conditioning_timestep = family.conditioning_timestep
     if args.high_sigma_ratio is None:
         args.high_sigma_ratio = family.high_sigma_ratio
-    for name, value in RECIPES[args.recipe][family.name].items():
+    for name, value in family.recipe(args.recipe).items():
         if getattr(args, name) is None:
             value = value(args) if callable(value) else value
             setattr(args, name, list(value) if isinstance(value, list) else value)
