@@ -347,3 +347,42 @@ def test_push_to_hub_is_refused_offline(tiny_model, monkeypatch, tmp_path):
     args = train.parse_args(["--pretrained_model_name_or_path", tiny_model, "--cache_dir", "c", "--push_to_hub"])
     with pytest.raises(ValueError, match="--push_to_hub needs the network"):
         train.validate_args(args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Predict2.5: merged checkpoint and the card's load_lora_weights code
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_run_25(tiny_model_25, one_clip_cache_25, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_run_25")
+    return short_run(tiny_model_25, one_clip_cache_25, out, "--no-use_temporal_adapters")
+
+
+def test_predict25_merged_checkpoint_and_card(lora_run_25, tiny_model_25, tmp_path):
+    from diffusers import Cosmos2_5_PredictBasePipeline
+
+    from cosmos_adapters import load_finetuned_weights
+
+    output = tmp_path / "merged25"
+    export("--lora_path", lora_run_25, "--to", "merged", "--output", output, "--dtype", "float32")
+    merged = Cosmos2_5_PredictBasePipeline.from_pretrained(str(output), safety_checker=StandInSafetyChecker())
+    base = load_transformer(tiny_model_25)
+    load_finetuned_weights(base, lora_run_25)
+    inputs = random_inputs(base)
+    torch.testing.assert_close(merged.transformer(**inputs)[0], base(**inputs)[0], rtol=1e-5, atol=1e-5)
+
+    card = open(os.path.join(lora_run_25, "README.md")).read()
+    assert "## Use in ComfyUI" not in card and "Cosmos2_5_PredictBasePipeline" in card
+    (code,) = python_blocks(card)
+    loader = Cosmos2_5_PredictBasePipeline.from_pretrained.__func__
+    patched = classmethod(lambda cls, *a, **k: loader(cls, *a, safety_checker=StandInSafetyChecker(), **k))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Cosmos2_5_PredictBasePipeline, "from_pretrained", patched)
+        namespace = {}
+        exec(compile(code, "model card", "exec"), namespace)
+    transformer = namespace["pipe"].transformer
+    assert list(transformer.transformer_blocks[1].attn1.to_v.scaling.values()) == [2.0]
+    with torch.no_grad():
+        loaded = transformer.to(torch.float32)(**inputs)[0]
+    # the card loads the LoRA and the proj_out the run trained: the fine-tuned model, to bfloat16 precision
+    torch.testing.assert_close(loaded, base(**inputs)[0], rtol=5e-2, atol=5e-2)
