@@ -44,9 +44,10 @@ HYPERPARAMETERS = [
 ]
 
 
-def write_model_card(folder, args, run_dir=None):
+def write_model_card(folder, args, run_dir=None, repo_id=None):
     """Write FOLDER/README.md for the training run whose settings are `args` (its output folder `run_dir`, by
-    default args.output_dir, holds held_out.json and validation/)."""
+    default args.output_dir, holds held_out.json and validation/). Its loading code reads the LoRA from the Hub repo
+    `repo_id` when given (an upload), else from the run folder."""
     run_dir = run_dir or args.output_dir
     settings = vars(args)
     family = settings.get("family") or "predict2"
@@ -61,7 +62,7 @@ def write_model_card(folder, args, run_dir=None):
             training_section(settings),
             data_section(run_dir),
             validation_section(run_dir),
-            diffusers_section(settings, family, run_dir),
+            diffusers_section(settings, family, repo_id or os.path.abspath(run_dir)),
             comfyui_section(settings, family),
             license_section(),
         ]
@@ -152,15 +153,9 @@ def validation_section(run_dir):
     return "\n".join(lines) + "\n"
 
 
-def lora_location(settings, run_dir):
-    """Where the card tells users to load the LoRA from: the Hub repo it is pushed to, else this folder."""
-    if settings.get("push_to_hub") and settings.get("hub_model_id"):
-        return settings["hub_model_id"]
-    return os.path.abspath(run_dir)
-
-
-def loading_code(settings, family, run_dir):
-    """The diffusers code that loads the base pipeline and this LoRA (tests run it)."""
+def loading_code(settings, family, location):
+    """The diffusers code that loads the base pipeline and the LoRA at `location` (a folder or a Hub repo; tests run
+    it)."""
     base, revision = settings["pretrained_model_name_or_path"], settings.get("revision")
     pipeline = PIPELINES.get(family, PIPELINES["predict2"])
     revision_arg = f", revision={revision!r}" if revision else ""
@@ -170,7 +165,6 @@ def loading_code(settings, family, run_dir):
         "",
         f"pipe = {pipeline}.from_pretrained({base!r}{revision_arg}, torch_dtype=torch.bfloat16)",
     ]
-    location = lora_location(settings, run_dir)
     if family == "predict2":
         lines.append("# Cosmos2VideoToWorldPipeline has no load_lora_weights; its transformer loads the LoRA")
         lines.append(
@@ -195,8 +189,8 @@ def weights_file_expr(location):
     return f"hf_hub_download({location!r}, {ADAPTER_WEIGHTS!r})"
 
 
-def diffusers_section(settings, family, run_dir):
-    lines = ["## Use in diffusers\n", "```python", loading_code(settings, family, run_dir), "```\n"]
+def diffusers_section(settings, family, location):
+    lines = ["## Use in diffusers\n", "```python", loading_code(settings, family, location), "```\n"]
     if settings.get("use_temporal_adapters"):
         lines.append(
             f"The run also trained temporal adapters (`{ADAPTER_WEIGHTS}`): modules the stock diffusers "

@@ -385,17 +385,18 @@ def export_final_weights(accelerator, parts, args):
 HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "logs/**", "wandb/**", ".export*", "*.tmp", "*.tmp/**"]
 
 
-def push_to_hub(output_dir, hub_model_id=None):
+def push_to_hub(args):
     """Upload the final export (weights, ema/, README.md, training_args.json, held_out.json, losses.jsonl,
-    validation videos) to the Hub as the diffusers examples do: create the model repo (named after the output folder
-    unless --hub_model_id), then upload the folder. Returns the repo id."""
+    validation videos) to the Hub as the diffusers examples do: create the model repo (--hub_model_id, default the
+    output folder's name), point the model card's loading code at it, then upload the folder. Returns the repo id."""
     import huggingface_hub
 
-    repo_id = hub_model_id or os.path.basename(os.path.normpath(output_dir))
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
     repo_id = huggingface_hub.create_repo(repo_id=repo_id, exist_ok=True).repo_id
+    write_model_card(args.output_dir, args, repo_id=repo_id)
     huggingface_hub.upload_folder(
         repo_id=repo_id,
-        folder_path=output_dir,
+        folder_path=args.output_dir,
         commit_message="End of training",
         ignore_patterns=HUB_IGNORE_PATTERNS,
     )

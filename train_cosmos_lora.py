@@ -504,7 +504,7 @@ def run_training(args, family, accelerator, caches, info, validation_clips, resu
         export_final_weights(accelerator, parts, args)
     if args.push_to_hub and accelerator.is_main_process:
         with stage("uploading to the Hub"):
-            repo_id = push_to_hub(args.output_dir, args.hub_model_id)
+            repo_id = push_to_hub(args)
             print(f"uploaded {args.output_dir} to https://huggingface.co/{repo_id}")
     accelerator.end_training()
     return 0

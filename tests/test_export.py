@@ -308,16 +308,23 @@ def test_the_readme_loading_line_works(lora_run, tiny_model, monkeypatch):
     assert_lora_loaded(run_loading_code(code, monkeypatch).transformer, lora_run)
 
 
-def test_push_to_hub_uploads_the_export_and_not_the_checkpoints(lora_run, monkeypatch):
+def test_push_to_hub_uploads_the_export_and_not_the_checkpoints(lora_run, tmp_path, monkeypatch):
+    import argparse
+    import shutil
+
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
     import cosmos_run
 
+    run = shutil.copytree(lora_run, tmp_path / "ego-lora")
+    os.makedirs(run / "checkpoint-3")  # what a longer run has
+    args = argparse.Namespace(**json.load(open(run / "training_args.json")))
+    args.output_dir, args.push_to_hub, args.hub_model_id = str(run), True, None
     calls = {}
 
     class Repo:
-        repo_id = "someone/lora_run0"
+        repo_id = "someone/ego-lora"
 
     def create_repo(**kwargs):
         calls["create_repo"] = kwargs
@@ -325,19 +332,20 @@ def test_push_to_hub_uploads_the_export_and_not_the_checkpoints(lora_run, monkey
 
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: calls.setdefault("upload_folder", kwargs))
-    os.makedirs(os.path.join(lora_run, "checkpoint-3"), exist_ok=True)  # what a longer run has
-    assert cosmos_run.push_to_hub(lora_run) == "someone/lora_run0"
-    assert calls["create_repo"] == {"repo_id": os.path.basename(lora_run), "exist_ok": True}
+    assert cosmos_run.push_to_hub(args) == "someone/ego-lora"
+    assert calls["create_repo"] == {"repo_id": "ego-lora", "exist_ok": True}
     upload = calls["upload_folder"]
-    assert upload["repo_id"] == "someone/lora_run0" and upload["folder_path"] == lora_run
-    files = [
-        os.path.relpath(os.path.join(root, name), lora_run) for root, _, names in os.walk(lora_run) for name in names
-    ]
+    assert upload["repo_id"] == "someone/ego-lora" and upload["folder_path"] == str(run)
+    files = [os.path.relpath(os.path.join(root, name), run) for root, _, names in os.walk(run) for name in names]
     uploaded = set(filter_repo_objects(files, ignore_patterns=upload["ignore_patterns"]))
     assert {"README.md", "pytorch_lora_weights.safetensors", "adapter_config.json", "training_args.json"} <= uploaded
-    assert {"ema/pytorch_lora_weights.safetensors"} <= uploaded
+    assert "ema/pytorch_lora_weights.safetensors" in uploaded
     assert not any(f.startswith(("checkpoint-", "logs/")) for f in uploaded)
-    assert cosmos_run.push_to_hub(lora_run, "org/name") and calls["create_repo"]["repo_id"] == "org/name"
+    # the uploaded card loads the LoRA from the repo
+    assert "load_lora_adapter('someone/ego-lora', weight_name=" in (run / "README.md").read_text()
+    args.hub_model_id = "org/name"
+    cosmos_run.push_to_hub(args)
+    assert calls["create_repo"]["repo_id"] == "org/name"
 
 
 def test_push_to_hub_is_refused_offline(tiny_model, monkeypatch, tmp_path):
