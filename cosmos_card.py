@@ -51,30 +51,28 @@ def write_model_card(folder, args, run_dir=None, repo_id=None):
     run_dir = run_dir or args.output_dir
     settings = vars(args)
     family = settings.get("family") or "predict2"
-    text = "\n".join(
-        [
-            front_matter(settings),
-            f"# {os.path.basename(os.path.normpath(run_dir))}\n",
-            f"A LoRA fine-tune of [{settings['pretrained_model_name_or_path']}]"
-            f"({hub_url(settings['pretrained_model_name_or_path'])}) made with cosmos-finetune's "
-            "`train_cosmos_lora.py`.\n",
-            base_model_section(settings, family),
-            training_section(settings),
-            data_section(run_dir),
-            validation_section(run_dir),
-            diffusers_section(settings, family, repo_id or os.path.abspath(run_dir)),
-            comfyui_section(settings, family),
-            license_section(),
-        ]
-    )
+    sections = [
+        front_matter(settings),
+        f"# {os.path.basename(os.path.normpath(run_dir))}\n",
+        f"A LoRA fine-tune of {model_link(settings['pretrained_model_name_or_path'])} made with cosmos-finetune's "
+        "`train_cosmos_lora.py`.\n",
+        base_model_section(settings, family),
+        training_section(settings),
+        data_section(run_dir),
+        validation_section(run_dir),
+        diffusers_section(settings, family, repo_id or os.path.abspath(run_dir)),
+        comfyui_section(settings, family),
+        license_section(),
+    ]
+    text = "\n".join(section for section in sections if section)
     path = os.path.join(folder, CARD)
     with file_written_whole(path) as tmp, open(tmp, "w") as f:
         f.write(text)
     return path
 
 
-def hub_url(model):
-    return model if os.path.isdir(model) else f"https://huggingface.co/{model}"
+def model_link(model):
+    return f"`{model}`" if os.path.isdir(model) else f"[{model}](https://huggingface.co/{model})"
 
 
 def front_matter(settings):
@@ -159,12 +157,12 @@ def loading_code(settings, family, location):
     base, revision = settings["pretrained_model_name_or_path"], settings.get("revision")
     pipeline = PIPELINES.get(family, PIPELINES["predict2"])
     revision_arg = f", revision={revision!r}" if revision else ""
-    lines = [
-        "import torch",
-        f"from diffusers import {pipeline}",
-        "",
-        f"pipe = {pipeline}.from_pretrained({base!r}{revision_arg}, torch_dtype=torch.bfloat16)",
-    ]
+    proj_out = settings.get("train_proj_out") and not settings.get("use_temporal_adapters")
+    imports = ["import torch", f"from diffusers import {pipeline}"]
+    if proj_out:
+        imports.insert(0, "import os" if os.path.isdir(location) else "from huggingface_hub import hf_hub_download")
+        imports.append("from safetensors.torch import load_file")
+    lines = [*imports, "", f"pipe = {pipeline}.from_pretrained({base!r}{revision_arg}, torch_dtype=torch.bfloat16)"]
     if family == "predict2":
         lines.append("# Cosmos2VideoToWorldPipeline has no load_lora_weights; its transformer loads the LoRA")
         lines.append(
@@ -172,14 +170,9 @@ def loading_code(settings, family, location):
         )
     else:
         lines.append(f"pipe.load_lora_weights({location!r}, weight_name={LORA_WEIGHTS!r})")
-    if settings.get("train_proj_out") and not settings.get("use_temporal_adapters"):
-        lines += [
-            "# the fully trained proj_out",
-            "from huggingface_hub import hf_hub_download" if not os.path.isdir(location) else "import os",
-            "from safetensors.torch import load_file",
-            "",
-            f"pipe.transformer.load_state_dict(load_file({weights_file_expr(location)}), strict=False)",
-        ]
+    if proj_out:
+        lines.append("# the fully trained proj_out")
+        lines.append(f"pipe.transformer.load_state_dict(load_file({weights_file_expr(location)}), strict=False)")
     return "\n".join(lines)
 
 
