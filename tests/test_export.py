@@ -229,6 +229,14 @@ def test_merged_refuses_adapters_then_drops_them_on_request(full_run, tiny_model
     torch.testing.assert_close(weights["proj_out.weight"].float(), trained, rtol=1e-2, atol=1e-2)
 
 
+def test_merged_never_overwrites_a_folder(lora_run, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        export("--lora_path", lora_run, "--to", "merged", "--output", tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
 def test_merged_refuses_a_run_of_another_family(lora_run, tiny_model_25, tmp_path):
     with pytest.raises(ValueError, match="trained on a predict2 model"):
         export(

@@ -252,8 +252,11 @@ def copy_components(base_folder, output):
 def export_merged(args, folder, config):
     import torch
 
+    if os.path.isfile(args.output) or (os.path.isdir(args.output) and os.listdir(args.output)):
+        raise ValueError(f"--output {args.output} exists and is not empty; a merged export goes to a new folder")
+    given = args.pretrained_model_name_or_path or args.revision
     base = args.pretrained_model_name_or_path or config.get("base_model")
-    revision = args.revision if args.pretrained_model_name_or_path else config.get("base_revision")
+    revision = args.revision if given else config.get("base_revision")
     if not base:
         raise ValueError(f"{args.lora_path} records no base model: pass --pretrained_model_name_or_path")
     family = detect_family(base, revision)
