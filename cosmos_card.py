@@ -208,7 +208,8 @@ def comfyui_section(settings, family):
             "ComfyUI names the Cosmos-Predict2 model's layers as NVIDIA does. Convert the LoRA with "
             "`python tools/export_lora.py --lora_path THIS_FOLDER --to comfyui --output cosmos_lora.safetensors`, "
             "put the file in `ComfyUI/models/loras/` and load it with a LoRA loader node on the Cosmos-Predict2 "
-            "model. Temporal adapters and a trained proj_out are not LoRA layers and do not carry over.\n",
+            "model. A trained proj_out goes in as a weight difference (`final_layer.linear.diff`); temporal adapters "
+            "are not LoRA layers and do not carry over (`--drop_adapters`).\n",
         ]
     )
 

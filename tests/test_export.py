@@ -168,14 +168,22 @@ def test_comfyui_refuses_adapters_in_one_line_in_a_real_process(full_run, tmp_pa
     output = tmp_path / "lora.safetensors"
     result = run_script("tools/export_lora.py", "--lora_path", full_run, "--to", "comfyui", "--output", output)
     line = error_line(result)
-    assert "temporal adapters and a fully trained proj_out" in line and "--drop_adapters" in line
+    assert "trained temporal adapters, which a ComfyUI LoRA cannot hold" in line and "--drop_adapters" in line
     assert not output.exists()
 
 
-def test_comfyui_drop_adapters_warns_what_is_lost(full_run, tmp_path, capsys):
+def test_comfyui_drop_adapters_warns_and_proj_out_goes_in_as_a_difference(full_run, tiny_model, tmp_path, capsys):
+    """ComfyUI's loader adds `<module>.diff` times the LoRA strength: trained - base carries proj_out over."""
     export("--lora_path", full_run, "--to", "comfyui", "--output", tmp_path / "l.safetensors", "--drop_adapters")
-    assert "warning: --drop_adapters: the temporal adapters and a fully trained proj_out" in capsys.readouterr().out
-    assert not any(".temporal_adapter." in k or "final_layer" in k for k in load_file(tmp_path / "l.safetensors"))
+    assert "warning: --drop_adapters: the temporal adapters of" in capsys.readouterr().out
+    exported = load_file(tmp_path / "l.safetensors")
+    assert not any("temporal_adapter" in key for key in exported)
+    diff = exported["diffusion_model.final_layer.linear.diff"]
+    assert "final_layer.linear.weight" in NVIDIA_TOP_PARAMETERS
+    trained = load_file(os.path.join(full_run, "temporal_adapters.safetensors"))["proj_out.weight"]
+    base = load_transformer(tiny_model).state_dict()[to_diffusers("final_layer.linear.weight")]
+    assert diff.shape == base.shape and diff.abs().max() > 0
+    torch.testing.assert_close(base + diff, trained, rtol=0, atol=1e-6)
 
 
 def test_comfyui_refuses_predict25(lora_run, tmp_path):

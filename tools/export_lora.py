@@ -3,9 +3,11 @@
 
 --to comfyui   one .safetensors LoRA under NVIDIA's parameter names with the `diffusion_model.` prefix and an
                `.alpha` per layer, as ComfyUI's LoRA loader reads it (Cosmos-Predict2 only: ComfyUI runs the
-               Predict2 DiT under NVIDIA's names; no Predict2.5 support was found). The safetensors metadata names
-               the base model, its revision, the rank and alpha. Temporal adapters and a trained proj_out are not
-               LoRA layers: such a run is refused unless --drop_adapters leaves them out (with a warning).
+               Predict2 DiT under NVIDIA's names; no Predict2.5 support was found). A trained proj_out goes in as
+               `diffusion_model.final_layer.linear.diff` (trained - base weight, which ComfyUI's loader adds times
+               the LoRA strength; needs the base model). The safetensors metadata names the base model, its
+               revision, the rank and alpha. Temporal adapters are not LoRA layers: such a run is refused unless
+               --drop_adapters leaves them out (with a warning).
 --to merged    a full diffusers checkpoint folder: the base model with the LoRA (at --lora_scale) and proj_out
                folded into the transformer's own weights, and the other components copied. It loads with the
                family's pipeline alone (no peft, no project code). Temporal adapters are modules the stock
@@ -24,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cosmos_adapters import (  # noqa: E402
+    ADAPTER_WEIGHTS,
     EMA_DIR,
     LORA_WEIGHTS,
     load_finetuned_weights,
@@ -81,10 +84,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--pretrained_model_name_or_path",
         default=None,
-        help="merged: the base model (hub id or local diffusers folder). Default: the one the run recorded.",
+        help="The base model (hub id or local diffusers folder), for merged and for a comfyui export of a trained "
+        "proj_out. Default: the one the run recorded.",
     )
     parser.add_argument(
-        "--revision", default=None, help="merged: hub revision of the base model. Default: the one the run recorded."
+        "--revision", default=None, help="Hub revision of the base model. Default: the one the run recorded."
     )
     parser.add_argument(
         "--lora_scale",
@@ -101,8 +105,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--drop_adapters",
         action="store_true",
-        help="Leave out what the target cannot hold (temporal adapters; for comfyui also a trained proj_out), "
-        "with a warning naming it, instead of refusing the run.",
+        help="Leave out the temporal adapters, which neither target can hold, with a warning, instead of refusing "
+        "the run.",
     )
     return parser.parse_args(argv)
 
@@ -118,28 +122,28 @@ def weights_folder(args):
     return path
 
 
-def not_lora_parts(config, target):
-    """What the run trained beside the LoRA that `target` cannot hold, in words."""
-    parts = []
-    if config.get("use_temporal_adapters"):
-        parts.append("temporal adapters")
-    if target == "comfyui" and config.get("train_proj_out"):
-        parts.append("a fully trained proj_out")
-    return parts
-
-
 def check_droppable(config, args):
-    """Refuse a run with parts the target cannot hold, unless --drop_adapters: then warn what is lost."""
-    parts = not_lora_parts(config, args.to)
-    if parts and not args.drop_adapters:
+    """Refuse a run with temporal adapters (modules neither target can hold) unless --drop_adapters: then warn that
+    they are lost. Returns what is left out, in words."""
+    if not config.get("use_temporal_adapters"):
+        return []
+    if not args.drop_adapters:
         where = "a ComfyUI LoRA" if args.to == "comfyui" else "the stock diffusers transformer"
         raise ValueError(
-            f"{args.lora_path} trained {' and '.join(parts)}, which {where} cannot hold; pass --drop_adapters to "
-            "export without them (the export then differs from sample.py --lora_path)"
+            f"{args.lora_path} trained temporal adapters, which {where} cannot hold; pass --drop_adapters to export "
+            "without them (the export then differs from sample.py --lora_path)"
         )
-    if parts:
-        print(f"warning: --drop_adapters: the {' and '.join(parts)} of {args.lora_path} are left out of the export")
-    return parts
+    print(f"warning: --drop_adapters: the temporal adapters of {args.lora_path} are left out of the export")
+    return ["temporal adapters"]
+
+
+def base_model(args, config):
+    """(model, revision): the flags', else the base model the run recorded."""
+    given = args.pretrained_model_name_or_path or args.revision
+    base = args.pretrained_model_name_or_path or config.get("base_model")
+    if not base:
+        raise ValueError(f"{args.lora_path} records no base model: pass --pretrained_model_name_or_path")
+    return base, args.revision if given else config.get("base_revision")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,6 +179,36 @@ def torch_scalar(value):
     return torch.tensor(float(value))
 
 
+def base_tensor(base, revision, name):
+    """One tensor of the base transformer, read from its safetensors file (or shard) without loading the model."""
+    from safetensors import safe_open
+
+    folder = os.path.join(base_model_folder(base, revision, ["transformer/*"]), "transformer")
+    index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+    file = "diffusion_pytorch_model.safetensors"
+    if os.path.isfile(index):
+        with open(index) as f:
+            file = json.load(f)["weight_map"][name]
+    with safe_open(os.path.join(folder, file), "pt") as f:
+        return f.get_tensor(name)
+
+
+def proj_out_diff(args, config, folder):
+    """{`diffusion_model.final_layer.linear.diff`: trained - base} for a run that trained proj_out, else {}."""
+    path = os.path.join(folder, ADAPTER_WEIGHTS)
+    trained = load_weight_file(path) if os.path.isfile(path) else {}
+    if "proj_out.weight" not in trained:
+        return {}
+    if {name for name in trained if name.startswith("proj_out.")} != {"proj_out.weight"}:
+        raise ValueError(f"{path} holds proj_out tensors beside its weight; this exporter writes only the weight")
+    base, revision = base_model(args, config)
+    original = base_tensor(base, revision, "proj_out.weight").float()
+    if original.shape != trained["proj_out.weight"].shape:
+        raise ValueError(f"{args.lora_path} trained proj_out for another model than {base}")
+    name = COMFYUI_PREFIX + TOP_LINEARS["proj_out"] + ".diff"
+    return {name: (trained["proj_out.weight"].float() - original).contiguous()}
+
+
 def comfyui_metadata(config, dropped):
     """safetensors metadata (strings only): what the LoRA is for and how it was made."""
     return {
@@ -185,6 +219,7 @@ def comfyui_metadata(config, dropped):
         "lora_rank": str(config["lora_rank"]),
         "lora_alpha": str(config["lora_alpha"]),
         "lora_target_modules": json.dumps(config["lora_target_modules"]),
+        "proj_out": "final_layer.linear.diff (trained - base)" if config.get("train_proj_out") else "base",
         "left_out": json.dumps(dropped),
         "exported_by": "cosmos-finetune tools/export_lora.py",
     }
@@ -203,10 +238,13 @@ def export_comfyui(args, folder, config):
     if not os.path.isfile(os.path.join(folder, LORA_WEIGHTS)):
         raise ValueError(f"{folder} holds no {LORA_WEIGHTS}: the run trained no LoRA")
     tensors = comfyui_state_dict(load_weight_file(os.path.join(folder, LORA_WEIGHTS)), config["lora_alpha"])
+    tensors.update(proj_out_diff(args, config, folder))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with file_written_whole(args.output) as tmp:
         save_file(tensors, tmp, metadata=comfyui_metadata(config, dropped))
-    print(f"wrote {args.output}: {len(tensors) // 3} LoRA layers under NVIDIA's names for ComfyUI")
+    layers = sum(name.endswith(".alpha") for name in tensors)
+    extra = " and the proj_out difference" if len(tensors) > 3 * layers else ""
+    print(f"wrote {args.output}: {layers} LoRA layers{extra} under NVIDIA's names for ComfyUI")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,14 +265,14 @@ def merged_transformer(base, revision, family, folder, scale, drop_adapters):
     return transformer
 
 
-def base_model_folder(path, revision):
+def base_model_folder(path, revision, allow_patterns=None):
     """A local folder holding the base checkpoint's files (a hub id is resolved through the local cache or a
-    download)."""
+    download of the files matching `allow_patterns`)."""
     if os.path.isdir(path):
         return path
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(path, revision=revision)
+    return snapshot_download(path, revision=revision, allow_patterns=allow_patterns)
 
 
 def copy_components(base_folder, output):
@@ -254,11 +292,7 @@ def export_merged(args, folder, config):
 
     if os.path.isfile(args.output) or (os.path.isdir(args.output) and os.listdir(args.output)):
         raise ValueError(f"--output {args.output} exists and is not empty; a merged export goes to a new folder")
-    given = args.pretrained_model_name_or_path or args.revision
-    base = args.pretrained_model_name_or_path or config.get("base_model")
-    revision = args.revision if given else config.get("base_revision")
-    if not base:
-        raise ValueError(f"{args.lora_path} records no base model: pass --pretrained_model_name_or_path")
+    base, revision = base_model(args, config)
     family = detect_family(base, revision)
     trained_on = recorded_family(config)
     if trained_on != family.name:
