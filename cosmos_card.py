@@ -223,3 +223,36 @@ def license_section():
             "pipeline's safety checker) to stay on in use.\n",
         ]
     )
+
+
+def write_merged_card(folder, location, base, revision, family, lora_path, scale, left_out):
+    """README.md in FOLDER, the merged checkpoint of tools/export_lora.py that will be at `location`: what was folded
+    into which base model, and how to load it."""
+    pipeline = PIPELINES.get(family, PIPELINES["predict2"])
+    location = os.path.abspath(location)
+    code = "\n".join(
+        [
+            "import torch",
+            f"from diffusers import {pipeline}",
+            "",
+            f"pipe = {pipeline}.from_pretrained({location!r}, torch_dtype=torch.bfloat16)",
+        ]
+    )
+    dropped = f" Left out: {', '.join(left_out)} (not foldable into the stock transformer)." if left_out else ""
+    sections = [
+        front_matter({"pretrained_model_name_or_path": base}).replace(
+            "base_model_relation: adapter", "base_model_relation: merge"
+        ),
+        f"# {os.path.basename(location)}\n",
+        f"{model_link(base)} (revision `{revision or 'main'}`, {family}) with the fine-tune of `{lora_path}` folded "
+        f"into the transformer's weights at scale {scale} (LoRA and proj_out) by cosmos-finetune's "
+        f"`tools/export_lora.py --to merged`.{dropped} It loads with the stock pipeline, without peft:\n",
+        "```python",
+        code,
+        "```\n",
+        license_section(),
+    ]
+    path = os.path.join(folder, CARD)
+    with file_written_whole(path) as tmp, open(tmp, "w") as f:
+        f.write("\n".join(sections))
+    return path

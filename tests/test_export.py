@@ -223,6 +223,11 @@ def test_merged_checkpoint_loads_in_the_stock_pipeline_and_equals_the_lora(proj_
         unmerged = base(**inputs)[0]
     assert (expected - unmerged).abs().max() > 1e-3  # the LoRA changes the output
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    card = (output / "README.md").read_text()
+    assert "at scale 0.7" in card and "Left out" not in card and "base_model_relation: merge" not in card  # local
+    (code,) = python_blocks(card)
+    with pytest.MonkeyPatch.context() as patch:
+        assert not getattr(run_loading_code(code, patch).transformer, "peft_config", None)
 
 
 def test_merged_refuses_adapters_then_drops_them_on_request(full_run, tiny_model, tmp_path, capsys):

@@ -34,6 +34,7 @@ from cosmos_adapters import (  # noqa: E402
     read_adapter_config,
     remove_temporal_adapters,
 )
+from cosmos_card import CARD, write_merged_card  # noqa: E402
 from cosmos_cli import HelpFormatter, non_negative_float  # noqa: E402
 from cosmos_families import detect_family, load_component, recorded_family  # noqa: E402
 from cosmos_process import file_written_whole, folder_written_whole, run_main  # noqa: E402
@@ -278,7 +279,7 @@ def base_model_folder(path, revision, allow_patterns=None):
 def copy_components(base_folder, output):
     """Every file of the base checkpoint but its transformer, as real copies (never links): a folder users move."""
     for name in os.listdir(base_folder):
-        if name == "transformer" or name.startswith("."):
+        if name in ("transformer", CARD) or name.startswith("."):
             continue
         source = os.path.join(base_folder, name)
         if os.path.isdir(source):
@@ -305,6 +306,7 @@ def export_merged(args, folder, config):
         os.makedirs(tmp)
         copy_components(base_folder, tmp)
         transformer.save_pretrained(os.path.join(tmp, "transformer"))
+        write_merged_card(tmp, args.output, base, revision, family.name, args.lora_path, args.lora_scale, dropped)
     print(
         f"wrote {args.output}: {base} with {args.lora_path} folded in at scale {args.lora_scale}"
         + (f", without its {' and '.join(dropped)}" if dropped else "")
