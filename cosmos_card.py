@@ -75,11 +75,12 @@ def model_link(model):
     return f"`{model}`" if os.path.isdir(model) else f"[{model}](https://huggingface.co/{model})"
 
 
-def front_matter(settings):
+def front_matter(settings, relation="adapter"):
+    """The Hub's metadata block; `relation` is how the folder relates to the base model (adapter or merge)."""
     base = settings["pretrained_model_name_or_path"]
     lines = ["---"]
     if not os.path.isdir(base):
-        lines += [f"base_model: {base}", "base_model_relation: adapter"]
+        lines += [f"base_model: {base}", f"base_model_relation: {relation}"]
     lines += [
         "library_name: diffusers",
         "license: other",
@@ -87,7 +88,7 @@ def front_matter(settings):
         f"license_link: {LICENSE_URL}",
         "pipeline_tag: image-to-video",
         "tags:",
-        "- lora",
+        *(["- lora"] if relation == "adapter" else []),
         "- cosmos",
         "- video2world",
         "- cosmos-finetune",
@@ -240,9 +241,7 @@ def write_merged_card(folder, location, base, revision, family, lora_path, scale
     )
     dropped = f" Left out: {', '.join(left_out)} (not foldable into the stock transformer)." if left_out else ""
     sections = [
-        front_matter({"pretrained_model_name_or_path": base}).replace(
-            "base_model_relation: adapter", "base_model_relation: merge"
-        ),
+        front_matter({"pretrained_model_name_or_path": base}, relation="merge"),
         f"# {os.path.basename(location)}\n",
         f"{model_link(base)} (revision `{revision or 'main'}`, {family}) with the fine-tune of `{lora_path}` folded "
         f"into the transformer's weights at scale {scale} (LoRA and proj_out) by cosmos-finetune's "

@@ -319,6 +319,7 @@ def test_the_card_lists_validation_videos_and_says_what_diffusers_cannot_load(tm
     card = open(write_model_card(tmp_path, args)).read()
     assert "[00_17x64x112_truth_vs_generated.mp4](validation/step-3/00_17x64x112_truth_vs_generated.mp4)" in card
     assert "temporal adapters" in card and "## Data" not in card
+    assert "base_model: nvidia/Cosmos-Predict2-2B-Video2World\nbase_model_relation: adapter\n" in card
 
 
 def test_the_readme_loading_line_works(lora_run, tiny_model, monkeypatch):
