@@ -75,8 +75,17 @@ def add_temporal_adapters(transformer, reduction_factor=8):
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     for block in transformer.transformer_blocks:
         block.temporal_adapter = TemporalAdapter(dim, reduction_factor).to(transformer.device)
-        block.register_forward_hook(_add_adapter_output)
+        block.temporal_adapter_hook = block.register_forward_hook(_add_adapter_output)
     count_frames_for(transformer, [block.temporal_adapter for block in transformer.transformer_blocks])
+
+
+def remove_temporal_adapters(transformer):
+    """Undo add_temporal_adapters: the blocks lose their adapters (and their weights), the transformer is stock."""
+    for block in transformer.transformer_blocks:
+        if hasattr(block, "temporal_adapter"):
+            block.temporal_adapter_hook.remove()
+            transformer.frame_counted_modules.remove(block.temporal_adapter)
+            del block.temporal_adapter, block.temporal_adapter_hook
 
 
 # ----------------------------------------------------------------------------------------------------------------

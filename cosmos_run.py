@@ -33,6 +33,7 @@ from cosmos_adapters import (
     save_finetuned_weights,
 )
 from cosmos_cache import atomic_write_text
+from cosmos_card import write_model_card
 from cosmos_process import (
     folder_written_whole,
 )
@@ -149,6 +150,8 @@ SETTINGS_FREE_ON_RESUME = {
     "attention_backend",
     "gradient_checkpointing",
     "fp8",
+    "push_to_hub",
+    "hub_model_id",
 }
 
 
@@ -362,14 +365,16 @@ def write_run_record(args, caches, first_cache_clips, train_clips, validation_cl
 
 
 def export_final_weights(accelerator, parts, args):
-    """Write the final weights (and their EMA in ema/) next to the checkpoints. The export is written whole in a
-    folder of its own first, then each of its files or folders replaces the one of a previous export."""
+    """Write the final weights (and their EMA in ema/) and their model card (README.md) next to the checkpoints. The
+    export is written whole in a folder of its own first, then each of its files or folders replaces the one of a
+    previous export."""
     weights, ema_weights = gather_weights(parts)
     if not accelerator.is_main_process:
         return
     staging = os.path.join(args.output_dir, ".export")
     with folder_written_whole(staging) as tmp:
         write_weights(tmp, weights, ema_weights, parts.adapter_config)
+        write_model_card(tmp, args)
     for name in os.listdir(staging):
         target = os.path.join(args.output_dir, name)
         if os.path.isdir(target):
@@ -377,3 +382,25 @@ def export_final_weights(accelerator, parts, args):
         os.replace(os.path.join(staging, name), target)
     os.rmdir(staging)
     print(f"saved {', '.join(sorted(os.listdir(args.output_dir)))} in {args.output_dir}")
+
+
+# What --push_to_hub leaves out of the upload: the training state, the trackers' logs and unfinished writes.
+HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "logs/**", "wandb/**", ".export*", "*.tmp", "*.tmp/**"]
+
+
+def push_to_hub(args):
+    """Upload the final export (weights, ema/, README.md, training_args.json, held_out.json, losses.jsonl,
+    validation videos) to the Hub as the diffusers examples do: create the model repo (--hub_model_id, default the
+    output folder's name), point the model card's loading code at it, then upload the folder. Returns the repo id."""
+    import huggingface_hub
+
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    repo_id = huggingface_hub.create_repo(repo_id=repo_id, exist_ok=True).repo_id
+    write_model_card(args.output_dir, args, repo_id=repo_id)
+    huggingface_hub.upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of training",
+        ignore_patterns=HUB_IGNORE_PATTERNS,
+    )
+    return repo_id

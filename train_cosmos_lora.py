@@ -71,6 +71,7 @@ from cosmos_run import (
     check_checkpoint,
     export_final_weights,
     load_checkpoint,
+    push_to_hub,
     resolve_resume_path,
     save_checkpoint,
     trainable_state_dict,
@@ -359,6 +360,18 @@ def parse_args(argv=None):
         "HF_HUB_OFFLINE is set or its server cannot be reached (`wandb sync` the run later).",
     )
     run.add_argument("--tracker_project_name", default="cosmos-finetune", help="Project name for the tracker.")
+    run.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="After the final export, upload OUTPUT (weights, model card, records; no checkpoints) to the Hugging "
+        "Face Hub, with the token from the environment (HF_TOKEN or `hf auth login`).",
+    )
+    run.add_argument(
+        "--hub_model_id",
+        default=None,
+        help="With --push_to_hub: the model repo, e.g. `user/ego-lora`. Default: the output folder's name under "
+        "the token's account.",
+    )
 
     return parse_with_config(parser, argv)
 
@@ -383,6 +396,8 @@ def validate_args(args):
     check_pretrained_model(args.pretrained_model_name_or_path, ["transformer", "vae"])
     if args.fp8:
         check_fp8_support()
+    if args.push_to_hub and hub_offline():
+        raise ValueError("--push_to_hub needs the network, and HF_HUB_OFFLINE is set")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -537,6 +552,10 @@ def run_training(args, family, accelerator, caches, info, validation_clips, resu
     # Export the final weights (and their EMA).
     with stage("exporting the final weights"):
         export_final_weights(accelerator, parts, args)
+    if args.push_to_hub and accelerator.is_main_process:
+        with stage("uploading to the Hub"):
+            repo_id = push_to_hub(args)
+            print(f"uploaded {args.output_dir} to https://huggingface.co/{repo_id}")
     accelerator.end_training()
     return 0
 
