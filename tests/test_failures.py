@@ -201,7 +201,7 @@ def training_runs(tiny_model, latent_cache, tmp_path_factory):
             after_first_step(out["term"], lambda run: run.signal_group(signal.SIGTERM)),
         ),
         "int": (  # the one run without DataLoader workers
-            train_argv(tiny_model, latent_cache, out["int"], "--max_train_steps", 20, "--dataloader_num_workers", 0),
+            train_argv(tiny_model, latent_cache, out["int"], "--max_train_steps", 200, "--dataloader_num_workers", 0),
             {},
             after_first_step(out["int"], lambda run: run.signal_group(signal.SIGINT)),
         ),
@@ -402,28 +402,36 @@ def first_clip_file(cache, action):
 
 @pytest.fixture(scope="module")
 def caching_runs(tiny_model, clips, tmp_path_factory):
+    import shutil
+
     root = tmp_path_factory.mktemp("caching_failures")
+    videos = root / "videos"  # two of the synthetic videos: 10 clips at a 0.5 s stride
+    videos.mkdir()
+    for key in clips["keys"][:2]:
+        for name in (f"{key}.mp4", f"{key}.txt"):
+            if os.path.exists(os.path.join(clips["videos"], name)):
+                shutil.copy(os.path.join(clips["videos"], name), videos)
+    videos = str(videos)
     out = {name: str(root / name) for name in ("worker", "disk", "term")}
     first = {
         "worker": (
-            cache_argv(tiny_model, clips["videos"], out["worker"], fault="cache_latents.iter_part_videos:1"),
+            cache_argv(tiny_model, videos, out["worker"], fault="cache_latents.iter_part_videos:1"),
             {},
             None,
         ),
         "disk": (
-            cache_argv(tiny_model, clips["videos"], out["disk"], fault="cosmos_cache.save_file:8:ENOSPC"),
+            cache_argv(tiny_model, videos, out["disk"], fault="cosmos_cache.save_file:4:ENOSPC"),
             {},
             None,
         ),
         "term": (
-            cache_argv(tiny_model, clips["videos"], out["term"]),
+            cache_argv(tiny_model, videos, out["term"], "--batch_size", 1),  # a file early, many still to write
             {},
             first_clip_file(out["term"], lambda run: run.signal_group(signal.SIGTERM)),
         ),
     }
     reruns = {
-        f"{name}_rerun": (cache_argv(tiny_model, clips["videos"], out[name], "--verify"), {}, None)
-        for name in ("disk", "term")
+        f"{name}_rerun": (cache_argv(tiny_model, videos, out[name], "--verify"), {}, None) for name in ("disk", "term")
     }
     return run_waves(first, reruns), out
 
