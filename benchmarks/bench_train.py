@@ -347,11 +347,20 @@ def export_ok(output):
     path = os.path.join(output, "pytorch_lora_weights.safetensors")
     if not os.path.isfile(path):
         return False
-    lora = load_file(path)
-    adapters = load_file(os.path.join(output, "temporal_adapters.safetensors"))
-    full_shapes = all(t.shape[0] == 16 or t.shape[1] == 16 for k, t in lora.items())
+    with open(os.path.join(output, "adapter_config.json")) as f:
+        config = json.load(f)  # the run's rank, targets, and whether adapters and proj_out trained
+    lora, rank = load_file(path), config["lora_rank"]
+    full_shapes = all(t.shape[0] == rank or t.shape[1] == rank for k, t in lora.items())
     b_trained = all(t.abs().sum() > 0 for k, t in lora.items() if ".lora_B." in k)
-    return len(lora) == 28 * 4 * 2 and len(adapters) == 28 * 6 + 1 and full_shapes and b_trained
+    expected_adapters = 28 * 6 * config["use_temporal_adapters"] + config["train_proj_out"]
+    adapters_path = os.path.join(output, "temporal_adapters.safetensors")
+    adapters = load_file(adapters_path) if os.path.isfile(adapters_path) else {}
+    return (
+        len(lora) == 28 * len(config["lora_target_modules"]) * 2
+        and len(adapters) == expected_adapters
+        and full_shapes
+        and b_trained
+    )
 
 
 def lane(names, args, model_dir, gpus, results, lock):
