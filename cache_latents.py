@@ -80,11 +80,7 @@ from cosmos_families import (
     text_embed_kind,
     text_embed_width,
 )
-from cosmos_process import (
-    ignore_stop_signals,
-    run_main,
-    stage,
-)
+from cosmos_process import ignore_stop_signals, run_main, stage
 from cosmos_video import (
     Bucket,
     check_clip_geometry,

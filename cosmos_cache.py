@@ -21,9 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cosmos_process import (
-    file_written_whole,
-)
+from cosmos_process import file_written_whole
 from cosmos_video import latent_shape
 
 CACHE_INFO = "cache_info.json"

@@ -17,9 +17,7 @@ from cosmos_cache import (
     vae_normalization,
 )
 from cosmos_families import load_component_config, text_embed_width
-from cosmos_process import (
-    ignore_stop_signals,
-)
+from cosmos_process import ignore_stop_signals
 from cosmos_run import hold_out_clips, read_held_out, split_by_record
 
 

@@ -7,7 +7,7 @@
     OUTPUT/pytorch_lora_weights.safetensors, temporal_adapters.safetensors, adapter_config.json, ema/
                                      the final export
 
-Folders and files are written whole or not at all (cosmos_cli.folder_written_whole), and a checkpoint is checked
+Folders and files are written whole or not at all (cosmos_process.folder_written_whole), and a checkpoint is checked
 before a resume loads anything: its files are complete, its settings are the run's, and its states hold only tensors
 and plain values.
 """
@@ -34,9 +34,7 @@ from cosmos_adapters import (
 )
 from cosmos_cache import atomic_write_text
 from cosmos_card import write_model_card
-from cosmos_process import (
-    folder_written_whole,
-)
+from cosmos_process import folder_written_whole
 
 logger = get_logger(__name__)
 

@@ -12,9 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cosmos_process import (
-    file_written_whole,
-)
+from cosmos_process import file_written_whole
 
 VAE_TEMPORAL_FACTOR = 4
 VAE_SPATIAL_FACTOR = 8

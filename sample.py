@@ -59,10 +59,7 @@ from cosmos_families import (
     recorded_family,
     take_text_projection,
 )
-from cosmos_process import (
-    run_main,
-    stage,
-)
+from cosmos_process import run_main, stage
 from cosmos_run import HELD_OUT, hold_out_clips, read_held_out, split_by_record
 from cosmos_speed import check_fp8_support, convert_frozen_linears_to_fp8, modulate_per_frame
 from cosmos_vae import decode_to_frames, normalize_latents

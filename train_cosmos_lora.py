@@ -58,12 +58,7 @@ from cosmos_data import (
     split_validation_clips,
 )
 from cosmos_families import PROJECT_RECIPE, RECIPE_NAMES, detect_family, load_component, prepare_text_projection
-from cosmos_process import (
-    RunStopped,
-    StopSignal,
-    run_main,
-    stage,
-)
+from cosmos_process import RunStopped, StopSignal, run_main, stage
 from cosmos_run import (
     Trainables,
     TrainState,
