@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from PIL import Image
 from tqdm.auto import tqdm
@@ -59,6 +58,7 @@ from cosmos_families import (
     recorded_family,
     take_text_projection,
 )
+from cosmos_metrics import frame_metrics
 from cosmos_process import run_main, stage
 from cosmos_run import HELD_OUT, hold_out_clips, read_held_out, split_by_record
 from cosmos_speed import check_fp8_support, convert_frozen_linears_to_fp8, modulate_per_frame
@@ -85,8 +85,11 @@ from cosmos_video import (
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def build_parser(description=__doc__, conflict_handler="error"):
+    """sample.py's flags; evaluate.py builds on them (with conflict_handler="resolve" to redefine a few)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=HelpFormatter, conflict_handler=conflict_handler
+    )
     add_config_argument(parser)
     add_model_arguments(parser)
     parser.add_argument(
@@ -193,7 +196,11 @@ def parse_args(argv=None):
         help="Skip NVIDIA's Cosmos guardrail (cosmos-guardrail). Only for offline tests; the model "
         "license does not allow bypassing it in use.",
     )
-    return parse_with_config(parser, argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return parse_with_config(build_parser(), argv)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -388,7 +395,25 @@ def load_pipeline_components(args, device, family):
     def load(name, dtype=None):
         return load_component(path, name, revision, dtype, family=family)
 
-    transformer = modulate_per_frame(load("transformer", dtype))
+    transformer = load_transformer(args, device, family)
+    return Components(
+        family=family,
+        transformer=transformer,
+        text_projection=take_text_projection(transformer),
+        vae=load("vae", dtype).to(device).eval().requires_grad_(False),
+        text_encoder=load("text_encoder", dtype).to(device).requires_grad_(False),
+        tokenizer=load("tokenizer"),
+        scheduler=load("scheduler"),
+        safety_checker=None if args.disable_safety_checker else load_safety_checker(),
+    )
+
+
+def load_transformer(args, device, family):
+    """The transformer with the fine-tune of --lora_path (if any) loaded, set up for sampling on `device`."""
+    dtype = model_dtype(args.dtype, device)
+    transformer = modulate_per_frame(
+        load_component(args.pretrained_model_name_or_path, "transformer", args.revision, dtype, family=family)
+    )
     if args.lora_path:
         # The scale reaches the LoRA, the adapters and proj_out; fusing then merges the LoRA at that scale.
         load_finetuned_weights(transformer, weights_path(args), scale=args.lora_scale)
@@ -402,17 +427,7 @@ def load_pipeline_components(args, device, family):
     if args.compile:
         for block in transformer.transformer_blocks:
             block.compile()
-    transformer = transformer.to(device)
-    return Components(
-        family=family,
-        transformer=transformer,
-        text_projection=take_text_projection(transformer),
-        vae=load("vae", dtype).to(device).eval().requires_grad_(False),
-        text_encoder=load("text_encoder", dtype).to(device).requires_grad_(False),
-        tokenizer=load("tokenizer"),
-        scheduler=load("scheduler"),
-        safety_checker=None if args.disable_safety_checker else load_safety_checker(),
-    )
+    return transformer.to(device)
 
 
 def weights_path(args):
@@ -540,36 +555,6 @@ def ground_truth(job, vae, compiled=False):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def psnr(a, b):
-    mse = F.mse_loss(a.float(), b.float())
-    return float("inf") if mse == 0 else float(10 * torch.log10(255.0**2 / mse))
-
-
-def ssim(a, b):
-    """Mean SSIM of uint8 frames [T, H, W, 3] (Gaussian window 11, sigma 1.5, per channel)."""
-    x, y = (t.permute(0, 3, 1, 2).float() / 255 for t in (a, b))
-    coords = torch.arange(11, dtype=torch.float32) - 5
-    g = torch.exp(-(coords**2) / (2 * 1.5**2))
-    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11)
-
-    def blur(t):
-        return F.conv2d(t, window, groups=3)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = 0.01**2, 0.03**2
-    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return float(value.mean())
-
-
-def frame_metrics(generated, truth, num_cond_pixel_frames):
-    """PSNR/SSIM over the generated (non-conditioning) frames that have ground truth."""
-    end = min(len(generated), len(truth))
-    gen, ref = generated[num_cond_pixel_frames:end], truth[num_cond_pixel_frames:end]
-    return {"psnr": psnr(gen, ref), "ssim": ssim(gen, ref)}
-
-
 def shape_batches(jobs, indices, batch_size):
     """Consecutive jobs in batches of up to batch_size, a new batch wherever the shape changes."""
     batches = []
@@ -582,18 +567,25 @@ def shape_batches(jobs, indices, batch_size):
     return batches
 
 
+def generate_videos(jobs, components, args, first_index):
+    """One batch of jobs of equal shape as uint8 videos [T, H, W, 3] (numpy), each passed through the guardrail
+    where it is on, and the number of conditioning latent frames. Job i of the batch uses seed + first_index + i."""
+    latents, num_cond = generate_latents(jobs, components, args, first_index)
+    videos = list(decode_to_frames(components.vae, latents, compiled=args.compile).numpy())
+    if components.safety_checker is not None:
+        videos = [components.safety_checker.check_video_safety(video) for video in videos]
+    return videos, num_cond
+
+
 def run_jobs(jobs, indices, components, args, progress):
     """Generate the given jobs in batches of equal shape; write their mp4s; return their results."""
     results = []
     for batch, batch_indices in shape_batches(jobs, indices, args.batch_size):
-        # Generate and decode the batch.
+        # Generate, decode and check the batch.
         with stage(f"generating {', '.join(job.name for job in batch)}"):
-            latents, num_cond = generate_latents(batch, components, args, batch_indices[0])
-            videos = decode_to_frames(components.vae, latents, compiled=args.compile)
-        # Check, write and score each video.
-        for job, index, video in zip(batch, batch_indices, videos.numpy(), strict=True):
-            if components.safety_checker is not None:
-                video = components.safety_checker.check_video_safety(video)
+            videos, num_cond = generate_videos(batch, components, args, batch_indices[0])
+        # Write and score each video.
+        for job, index, video in zip(batch, batch_indices, videos, strict=True):
             result = {
                 "index": index,
                 "name": job.name,
@@ -674,16 +666,21 @@ def validate_args(args):
     check_pretrained_model(
         args.pretrained_model_name_or_path, ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]
     )
+    validate_lora_args(args)
+    if args.fp8:
+        check_fp8_support()
+
+
+def validate_lora_args(args, flag="--lora_path"):
+    """--lora_path (named `flag` in errors) is a fine-tune whose files, EMA included with --use_ema, are whole."""
     if args.lora_path and not os.path.isdir(args.lora_path):
-        raise FileNotFoundError(f"--lora_path {args.lora_path} is not a directory")
+        raise FileNotFoundError(f"{flag} {args.lora_path} is not a directory")
     if args.use_ema and not args.lora_path:
         raise ValueError("--use_ema needs --lora_path")
     if args.use_ema and not os.path.isdir(weights_path(args)):
         raise FileNotFoundError(f"--use_ema: {args.lora_path} has no {EMA_DIR}/ (train with --ema_decay)")
     if args.lora_path:
         read_adapter_config(weights_path(args))  # every weight file it lists is there and whole
-    if args.fp8:
-        check_fp8_support()
 
 
 def main(args):

@@ -31,6 +31,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cosmos_metrics  # noqa: E402
 import sample  # noqa: E402
 
 PROMPT = "An egocentric video of a worker's hands assembling parts at a factory bench."
@@ -143,7 +144,7 @@ def measure_variant(run_ours, clock, components, repeats, theirs, pipeline_s):
 
 
 def psnr_db(a, b):
-    return round(sample.psnr(torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))), 2)
+    return round(cosmos_metrics.psnr(torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))), 2)
 
 
 def profile_denoising(run_ours):

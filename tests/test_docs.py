@@ -16,12 +16,18 @@ import sys
 import pytest
 
 import cache_latents
+import evaluate
 import sample
 import train_cosmos_lora
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]
-SCRIPTS = {"cache_latents.py": cache_latents, "train_cosmos_lora.py": train_cosmos_lora, "sample.py": sample}
+SCRIPTS = {
+    "cache_latents.py": cache_latents,
+    "train_cosmos_lora.py": train_cosmos_lora,
+    "sample.py": sample,
+    "evaluate.py": evaluate,
+}
 # What the SLURM wrappers pass to their script before the user's arguments, where the script requires it.
 WRAPPERS = {
     "slurm/cache_latents.sh": ("cache_latents.py", ["--output_dir", "CACHE_DIR", "--video_dir", "VIDEO_DIR"]),
@@ -246,6 +252,7 @@ CONFIGS = {
     "train.yaml": "train_cosmos_lora.py",
     "train_nvidia.yaml": "train_cosmos_lora.py",
     "sample.yaml": "sample.py",
+    "evaluate.yaml": "evaluate.py",
 }
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole chain on CPU with tiny random Cosmos models, once per family (Predict2, then Predict2.5): checkpoint,
-# synthetic clips, latent cache, LoRA training, sampling.
+# synthetic clips, latent cache, LoRA training, sampling, evaluation against the base.
 set -euo pipefail
 PY=${PY:-python}
 DEMO=${DEMO:-demo_output}
@@ -19,7 +19,11 @@ for FAMILY in predict2 predict2.5; do
   # The guardrail downloads its own models, which a CPU demo without internet cannot do.
   $PY sample.py --pretrained_model_name_or_path "$OUT/tiny-cosmos" --lora_path "$OUT/lora" --from_cache "$OUT/cache" \
       --num_videos 2 --num_inference_steps 10 "${CLIP[@]}" --output_dir "$OUT/samples" --disable_safety_checker
+  $PY evaluate.py --pretrained_model_name_or_path "$OUT/tiny-cosmos" --lora_path "$OUT/lora" \
+      --from_cache "$OUT/cache" --num_videos 2 --seeds 2 --num_inference_steps 10 "${CLIP[@]}" \
+      --output_dir "$OUT/evaluation" --disable_safety_checker
 done
-echo "demo done: $DEMO/predict2/samples and $DEMO/predict2.5/samples (video_grid.mp4, contact_sheet.png). The models" \
+echo "demo done: $DEMO/predict2/samples and $DEMO/predict2.5/samples (video_grid.mp4, contact_sheet.png), and" \
+     "$DEMO/predict2/evaluation/index.html and $DEMO/predict2.5/evaluation/index.html. The models" \
      "are random, so the pictures are noise and the PSNR means nothing: the demo proves that caching, training," \
-     "export, reloading and sampling run end to end for both families, not that anything was learned."
+     "export, reloading, sampling and evaluation run end to end for both families, not that anything was learned."

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # System programs the test suite needs besides the venv: a SLURM (slurmctld, slurmd, the client commands and munge)
-# for tests/test_slurm.py, and shellcheck for slurm/*.sh. `make test` runs this before pytest. When every program is
+# for tests/test_slurm.py, shellcheck for slurm/*.sh, and Chromium, which tests/test_evaluate.py opens evaluate.py's
+# index.html in (headless). `make test` runs this before pytest. When every program is
 # there it returns at once; otherwise, as root, it installs Debian's packages with apt-get (updating the package lists
 # only if a first try fails). Without root or apt-get it names what is missing and exits 1.
 set -euo pipefail
 
-packages=(slurmctld slurmd slurm-client munge shellcheck)
-programs=(slurmctld slurmd sbatch srun scontrol squeue sinfo scancel munged shellcheck)
+packages=(slurmctld slurmd slurm-client munge shellcheck chromium)
+programs=(slurmctld slurmd sbatch srun scontrol squeue sinfo scancel munged shellcheck chromium)
 
 missing_programs() {
   local name
