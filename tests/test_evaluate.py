@@ -256,3 +256,36 @@ def test_help_names_every_flag_with_its_default():
     for flag in ("--compare", "--seeds", "--metrics", "--lpips_weights", "--fvd_weights", "--lora_scale"):
         assert flag in result.stdout
     assert "(default: ['psnr', 'ssim'])" in result.stdout and "(default: 2)" in result.stdout
+
+
+def test_compared_runs_are_paired_on_the_held_out_clips_and_one_that_trained_on_them_is_refused(
+    tiny_model, latent_cache, overfit_run, tmp_path
+):
+    """Two runs that held out the same video of the cache are compared on its clips; a run that trained on that
+    video is refused by name before any generation. (Copies of the overfit run with held_out.json written as a run
+    on latent_cache writes it.)"""
+    from cosmos_cache import list_cached_clips
+    from cosmos_run import HELD_OUT, write_held_out
+
+    clips = list_cached_clips(latent_cache)
+    held_key = clips[0].key
+    held = [c for c in clips if c.key == held_key]
+
+    def run(name, held_clips):
+        folder = tmp_path / name
+        shutil.copytree(overfit_run, folder)
+        os.remove(folder / HELD_OUT)
+        train = [c for c in clips if c not in held_clips]
+        write_held_out(str(folder), latent_cache, clips, train, held_clips, [latent_cache])
+        return str(folder)
+
+    first, second, trained_all = run("first", held), run("second", held), run("trained_all", [])
+    common = ["--from_cache", latent_cache, "--num_videos", len(held), "--seeds", 1, "--num_inference_steps", 2]
+    summary = evaluation(tiny_model, tmp_path / "out", "--lora_path", first, "--compare", second, *common)
+    assert list(summary.paired) == ["first", "second"] and summary.paired["first"]["psnr"].num_clips == len(held)
+    record = json.load(open(tmp_path / "out" / "evaluation.json"))
+    assert [c["input"] for c in record["clips"]] == [c.path for c in held]
+    # The same weights on the same clips and noise: the two fine-tunes' videos are the same.
+    assert record["per_video"]["first"] == record["per_video"]["second"]
+    with pytest.raises(ValueError, match=re.escape(f"is held out by {first} but trained trained_all")):
+        evaluation(tiny_model, tmp_path / "out2", "--lora_path", first, "--compare", trained_all, *common)
