@@ -17,6 +17,7 @@ losses.jsonl (one row per optimizer step) and logs for TensorBoard / W&B.
 """
 
 import argparse
+import json
 import math
 import os
 import socket
@@ -33,7 +34,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, Torc
 from tqdm.auto import tqdm
 
 from cosmos_adapters import add_temporal_adapters, lora_config
-from cosmos_cache import bucket_name
+from cosmos_cache import atomic_write_text, bucket_name
 from cosmos_cli import (
     HelpFormatter,
     add_config_argument,
@@ -58,6 +59,7 @@ from cosmos_data import (
     split_validation_clips,
 )
 from cosmos_families import PROJECT_RECIPE, RECIPE_NAMES, detect_family, load_component, prepare_text_projection
+from cosmos_metrics import psnr, ssim
 from cosmos_process import RunStopped, StopSignal, run_main, stage
 from cosmos_run import (
     Trainables,
@@ -67,6 +69,7 @@ from cosmos_run import (
     export_final_weights,
     load_checkpoint,
     push_to_hub,
+    read_json,
     resolve_resume_path,
     save_checkpoint,
     trainable_state_dict,
@@ -93,6 +96,7 @@ def recipe_default(name):
 
 
 VALIDATION_TIMESTEPS = [0.1, 0.3, 0.5, 0.7, 0.9]
+VALIDATION_METRICS = {"psnr": psnr, "ssim": ssim}  # --validation_metrics: those that need no network
 
 
 def parse_args(argv=None):
@@ -348,6 +352,16 @@ def parse_args(argv=None):
         "--validation_inference_steps", type=positive_int, default=35, help="Denoising steps of those videos."
     )
     run.add_argument(
+        "--validation_metrics",
+        nargs="+",
+        choices=VALIDATION_METRICS,
+        default=[],
+        help="With --validation_videos: score those videos against their clips (the frames after the conditioning "
+        "frame) and log val/METRIC, the base model's val/METRIC_base and the paired difference val/METRIC_vs_base. "
+        "The base's videos are made once, before the first step (the untrained fine-tune is the base exactly), "
+        "from the same clips and noise; OUTPUT/validation/metrics.jsonl keeps every row.",
+    )
+    run.add_argument(
         "--report_to",
         choices=["tensorboard", "wandb", "all", "none"],
         default="tensorboard",
@@ -393,6 +407,8 @@ def validate_args(args):
         check_fp8_support()
     if args.push_to_hub and hub_offline():
         raise ValueError("--push_to_hub needs the network, and HF_HUB_OFFLINE is set")
+    if args.validation_metrics and not args.validation_videos:
+        raise ValueError("--validation_metrics scores the validation videos: give --validation_videos N too")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -469,6 +485,9 @@ def run_training(args, family, accelerator, caches, info, validation_clips, resu
     decoder = None
     if validation_clips and args.validation_videos > 0:
         decoder = load_validation_decoder(args, weight_dtype, accelerator.device, family)
+    if decoder and args.validation_metrics and state.global_step == 0:
+        with stage("the base model's validation videos"):
+            base_validation_scores(transformer, validation_set, decoder, args, accelerator)
     progress = tqdm(
         total=max_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
@@ -995,7 +1014,9 @@ def run_validation(transformer, validation_set, decoder, args, step, accelerator
     logs |= {f"val/loss_{bucket}": v for bucket, v in per_bucket.items()}
     accelerator.log(logs, step=step)
     if decoder:
-        validation_videos(transformer, decoder, validation_set, args, step, accelerator)
+        scores = validation_videos(transformer, decoder, validation_set, args, step, accelerator)
+        if args.validation_metrics and accelerator.is_main_process:
+            log_validation_metrics(accelerator, scores, args, step)
     transformer.train()
 
 
@@ -1038,7 +1059,7 @@ class ValidationDecoder:
 def validation_videos(transformer, decoder, dataset, args, step, accelerator):
     """Generate held-out clips from their first latent frame; the main process writes truth | generated mp4s.
     The held-out clips come round-robin over buckets (hold_out_clips), so the first N cover as many as they can."""
-    paths, sheets = [], []
+    paths, sheets, scores = [], [], {metric: [] for metric in args.validation_metrics}
     directory = os.path.join(args.output_dir, "validation", f"step-{step}")
     for index in range(min(args.validation_videos, len(dataset))):
         item = dataset[index]
@@ -1054,8 +1075,10 @@ def validation_videos(transformer, decoder, dataset, args, step, accelerator):
             guidance_scale=1.0,
             num_inference_steps=args.validation_inference_steps,
         )
-        frames = torch.cat([decode_to_frames(decoder.vae, truth), decode_to_frames(decoder.vae, latents)], dim=3)
-        frames = frames[0].numpy()
+        truth_frames, generated = decode_to_frames(decoder.vae, truth)[0], decode_to_frames(decoder.vae, latents)[0]
+        for metric in args.validation_metrics:  # the frames after the one conditioning frame
+            scores[metric].append(VALIDATION_METRICS[metric](generated[1:], truth_frames[1:]))
+        frames = torch.cat([truth_frames, generated], dim=2).numpy()
         if accelerator.is_main_process:
             os.makedirs(directory, exist_ok=True)
             bucket = bucket_name(dataset.clips[index].shape)
@@ -1064,6 +1087,39 @@ def validation_videos(transformer, decoder, dataset, args, step, accelerator):
             sheets.append(frames)
     if accelerator.is_main_process and sheets:
         log_validation_videos(accelerator, paths, contact_sheet(sheets), step)
+    return scores
+
+
+BASE_VALIDATION_SCORES = "base_metrics.json"
+
+
+def base_validation_scores(transformer, validation_set, decoder, args, accelerator):
+    """Before the first step the fine-tune adds exactly nothing (LoRA B, adapters' up-projections at zero, proj_out
+    as loaded): its validation videos are the base model's. Their per-video scores go to
+    OUTPUT/validation/base_metrics.json, which every later validation (resumed runs too) compares against."""
+    transformer.eval()
+    scores = validation_videos(transformer, decoder, validation_set, args, 0, accelerator)
+    transformer.train()
+    if accelerator.is_main_process:
+        atomic_write_text(
+            os.path.join(args.output_dir, "validation", BASE_VALIDATION_SCORES), json.dumps(scores, indent=2)
+        )
+
+
+def log_validation_metrics(accelerator, scores, args, step):
+    """val/METRIC, val/METRIC_base and val/METRIC_vs_base (the mean paired difference over the same clips and
+    noise) to the trackers and OUTPUT/validation/metrics.jsonl."""
+    path = os.path.join(args.output_dir, "validation", BASE_VALIDATION_SCORES)
+    base = read_json(path) if os.path.isfile(path) else {}
+    logs = {}
+    for metric, values in scores.items():
+        logs[f"val/{metric}"] = sum(values) / len(values)
+        if len(base.get(metric, [])) == len(values):
+            logs[f"val/{metric}_base"] = sum(base[metric]) / len(values)
+            logs[f"val/{metric}_vs_base"] = sum(v - b for v, b in zip(values, base[metric], strict=True)) / len(values)
+    accelerator.log(logs, step=step)
+    with open(os.path.join(args.output_dir, "validation", "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **logs}) + "\n")
 
 
 def log_validation_videos(accelerator, paths, sheet, step):

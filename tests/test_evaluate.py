@@ -289,3 +289,27 @@ def test_compared_runs_are_paired_on_the_held_out_clips_and_one_that_trained_on_
     assert record["per_video"]["first"] == record["per_video"]["second"]
     with pytest.raises(ValueError, match=re.escape(f"is held out by {first} but trained trained_all")):
         evaluation(tiny_model, tmp_path / "out2", "--lora_path", first, "--compare", trained_all, *common)
+
+
+def test_training_validation_logs_the_paired_numbers_against_the_base(tiny_model, latent_cache, tmp_path):
+    """--validation_metrics: the base's scores once, before the first step, then each validation's own, the base's
+    and their paired difference (val/METRIC_vs_base) in OUTPUT/validation/metrics.jsonl and the trackers."""
+    import train_cosmos_lora as train
+    from conftest import train_args
+
+    flags = ["--max_train_steps", 2, "--validation_steps", 2, "--num_validation_clips", 1, "--validation_videos", 1]
+    flags += ["--validation_inference_steps", 3, "--learning_rate", 3e-3]
+    with pytest.raises(ValueError, match="give --validation_videos N too"):
+        train.validate_args(train_args(tiny_model, latent_cache, tmp_path, "--validation_metrics", "psnr"))
+    assert (
+        train.main(train_args(tiny_model, latent_cache, tmp_path, *flags, "--validation_metrics", "psnr", "ssim")) == 0
+    )
+    base = json.load(open(tmp_path / "validation" / "base_metrics.json"))
+    assert set(base) == {"psnr", "ssim"} and len(base["psnr"]) == 1
+    assert len(list((tmp_path / "validation" / "step-0").glob("*.mp4"))) == 1  # the base's video
+    rows = [json.loads(line) for line in open(tmp_path / "validation" / "metrics.jsonl")]
+    assert [row["step"] for row in rows] == [2]
+    for row in rows:
+        assert row["val/psnr_base"] == pytest.approx(np.mean(base["psnr"]))
+        assert row["val/psnr_vs_base"] == pytest.approx(row["val/psnr"] - row["val/psnr_base"])
+        assert row["val/psnr_vs_base"] != 0  # one step of training changed the videos
