@@ -142,6 +142,7 @@ SETTINGS_FREE_ON_RESUME = {
     "validation_steps",
     "validation_videos",
     "validation_inference_steps",
+    "validation_metrics",
     "checkpointing_steps",
     "checkpoints_total_limit",
     "compile",
