@@ -744,14 +744,15 @@ def run_jobs(jobs, indices, components, args, progress):
 
 def frame_captions(result, length):
     """The caption under each generated frame on the contact sheet: its index, its clip of the rollout and, where
-    it has ground truth, its PSNR."""
+    it has ground truth, its PSNR and SSIM."""
     clip = [0] * length
     for k, span in enumerate(result["chunks"][1:], start=1):
         for t in range(span["conditioning_frames"][1], span["frames"][1]):
             clip[t] = k
-    scored = result.get("per_frame", {"frame": [], "psnr": []})
-    scores = dict(zip(scored["frame"], scored["psnr"], strict=True))
-    return [f"{t} c{clip[t]}" + (f" {scores[t]:.1f}dB" if t in scores else "") for t in range(length)]
+    per_frame = result.get("per_frame", {"frame": [], "psnr": [], "ssim": []})
+    scores = zip(per_frame["frame"], per_frame["psnr"], per_frame["ssim"], strict=True)
+    scored = {t: f" {psnr_db:.1f}dB {ssim_value:.2f}" for t, psnr_db, ssim_value in scores}
+    return [f"{t} c{clip[t]}{scored.get(t, '')}" for t in range(length)]
 
 
 def contact_sheet_rows(results, videos, args):

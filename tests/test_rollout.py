@@ -72,6 +72,21 @@ def test_rollout_clips_join_without_a_gap(family, clips, tmp_path, monkeypatch):
     assert not torch.equal(decoded[1][0, 5:], decoded[2][0, 5:])
 
 
+def test_a_batch_of_rollouts_equals_its_rollouts_one_by_one(tiny_model, clips, tmp_path):
+    """In a batch, each job chains its own clips with its own seeds (job i, clip k), as it does alone."""
+    videos = [os.path.join(clips["videos"], key + ".mp4") for key in clips["keys"][:2]]
+    args = sample_args(tiny_model, tmp_path, "--input", *videos, "--rollout_chunks", 2, "--batch_size", 2, *FAST)
+    family = PREDICT2
+    components = sample.load_pipeline_components(args, torch.device("cpu"), family)
+    jobs = sample.collect_jobs(args, family)
+    batched = [r.video().float() for r in sample.generate_rollouts(jobs, components, args, first_index=0)]
+    alone = [sample.generate_rollouts([job], components, args, i)[0].video().float() for i, job in enumerate(jobs)]
+    for together, by_itself in zip(batched, alone, strict=True):
+        assert together.shape == (33, 64, 112, 3)
+        assert (together - by_itself).abs().max() <= 2  # uint8 rounding of float sums in another order
+    assert (batched[0] - batched[1]).abs().mean() > 5
+
+
 def source_frames(path, indices, height=64, width=112):
     with open_video(path) as container:
         num_source_frames, _ = probe_video(container)
