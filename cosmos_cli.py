@@ -170,6 +170,22 @@ def add_clip_plan_arguments(parser, description=None):
     return clips
 
 
+def add_rollout_argument(group):
+    """`--rollout_chunks N`: long rollouts of chained clips (sample.py's generate_rollouts)."""
+    group.add_argument(
+        "--rollout_chunks",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="Generate N chained clips per input: each clip after the first is conditioned on the last "
+        "--num_conditioning_frames frames the one before generated (decoded, then encoded again), and those frames "
+        "appear once in the output, so N clips of F frames make a video of F + (N-1)(F - 1 or 5) frames. Predict2 "
+        "video inputs are scored against the source frames that follow, as far as the video holds them (Predict2.5 "
+        "conditions on a video's last frames: no truth). Cached clips are fixed-length, so --from_cache and "
+        ".safetensors inputs take only 1.",
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # YAML configs
 # ----------------------------------------------------------------------------------------------------------------

@@ -290,7 +290,8 @@ def test_bucket_auto_generates_each_input_at_its_nearest_bucket(tiny_model, buck
     jobs = sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path))
     assert [job.shape for job in jobs] == [(17, 112, 64), (17, 64, 112), (17, 64, 112)]
     assert jobs[0].truth_frames.shape == (17, 112, 64, 3)  # the portrait video holds a whole clip: ground truth
-    assert jobs[1].truth_frames is None and jobs[1].cond_frames.shape == (1, 64, 112, 3)  # 0.5 s: too short
+    # 0.5 s holds no whole clip: its 4 frames at 8 fps are the ground truth as far as it goes
+    assert jobs[1].truth_frames.shape == (4, 64, 112, 3) and jobs[1].cond_frames.shape == (1, 64, 112, 3)
     with pytest.raises(ValueError, match="--bucket auto needs a bucket list"):
         sample.validate_args(
             sample_args("unused", tmp_path, "--input", str(image), "--bucket", "auto", fixed=BUCKET_SAMPLING)

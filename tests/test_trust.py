@@ -560,7 +560,7 @@ def test_contact_sheet_rows_are_labelled_truth_above_generated(tiny_model, laten
                             "--num_inference_steps", 1))  # fmt: skip
     sheet = np.asarray(Image.open(tmp_path / "contact_sheet.png"))
     row = LABEL_HEIGHT + 64 + 2
-    assert sheet.shape[0] == 2 * row  # VAE reconstruction, then generated
+    assert sheet.shape[0] == 2 * row + LABEL_HEIGHT  # VAE reconstruction, then generated with its frame captions
     name = json.load(open(tmp_path / "results.json"))["videos"][0]["name"]
     assert np.array_equal(sheet[:LABEL_HEIGHT], label_strip(f"{name}: VAE reconstruction", sheet.shape[1]))
     assert np.array_equal(sheet[row : row + LABEL_HEIGHT], label_strip(f"{name}: generated", sheet.shape[1]))
