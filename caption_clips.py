@@ -510,7 +510,7 @@ def caption_videos(args, layout):
             CaptionRow(
                 key=item["key"],
                 clip_index=item["clip_index"],
-                start_seconds=round(item["start_seconds"], 4),
+                start_seconds=item["start_seconds"],
                 num_frames=item["bucket"].num_frames,
                 bucket=item["bucket"].name,
                 caption=caption,
