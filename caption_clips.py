@@ -413,18 +413,22 @@ class Captioner:
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": args.caption_prompt}]}]
         self.prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    @torch.no_grad()
-    def __call__(self, videos):
-        """Captions of a batch of clips, given each as uint8 frames [T, 3, h, w]."""
-        inputs = self.processor(
+    def inputs(self, videos):
+        """The model inputs of a batch of clips, given each as uint8 frames [T, 3, h, w]."""
+        return self.processor(
             text=[self.prompt] * len(videos),
             videos=videos,
             padding=True,
             return_tensors="pt",
             do_resize=False,  # frames come at the captioner's size, cropped as the clip is
-            do_sample_frames=False,  # and already sampled at --caption_fps
-            fps=self.args.caption_fps,
+            do_sample_frames=False,  # and already sampled at --caption_fps, which sets the frames' time positions
+            video_metadata=[{"total_num_frames": len(v), "fps": self.args.caption_fps} for v in videos],
         ).to(self.model.device)
+
+    @torch.no_grad()
+    def __call__(self, videos):
+        """Captions of a batch of clips, given each as uint8 frames [T, 3, h, w]."""
+        inputs = self.inputs(videos)
         greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)  # whatever the generation config
         output = self.model.generate(**inputs, max_new_tokens=self.args.max_new_tokens, **greedy)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]

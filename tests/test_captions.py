@@ -146,6 +146,23 @@ def test_a_checkpoint_without_a_vision_tower_is_refused(tiny_model_25, videos, t
         caption(str(text_only), videos, tmp_path / "out")
 
 
+def test_the_captioner_sees_the_clip_window_at_caption_fps_within_the_pixel_budget(tiny_model_25):
+    assert caption_clips.caption_frame_positions(61, 8.0, 2.0) == list(range(0, 61, 4))  # 16 frames over 7.5 s
+    assert caption_clips.caption_frame_positions(17, 8.0, 3.0) == [0, 3, 5, 8, 11, 13, 16]
+    assert caption_clips.captioner_size(256, 448, 448 * 448, 28) == (252, 448)
+    assert caption_clips.captioner_size(480, 832, 448 * 448, 28) == (336, 588)  # 197,568 of 200,704 pixels
+    args = caption_clips.parse_args(caption_argv(tiny_model_25, "v", "o", "--caption_fps", "4"))
+    source = caption_clips.captioner_source(tiny_model_25, None)
+    captioner = caption_clips.Captioner(
+        caption_clips.load_captioner(source, torch.float32, torch.device("cpu")),
+        caption_clips.load_processor(source),
+        args,
+    )
+    inputs = captioner.inputs([torch.zeros(6, 3, 56, 84, dtype=torch.uint8)])
+    assert inputs["video_grid_thw"].tolist() == [[3, 4, 6]]  # 2-frame temporal patches of 14-pixel patches
+    assert inputs["second_per_grid_ts"].tolist() == [0.5]  # a temporal patch spans 2 frames at 4 fps
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # cache_latents.py --captions_file with per-clip rows
 # ----------------------------------------------------------------------------------------------------------------
