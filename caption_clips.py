@@ -41,6 +41,7 @@ from cosmos_cli import (
     add_shard_arguments,
     add_source_arguments,
     add_video_clip_arguments,
+    hub_offline,
     model_dtype,
     non_negative_int,
     parse_with_config,
@@ -71,6 +72,7 @@ DEFAULT_INSTRUCTION = (
     "not guess intentions, identities or anything outside the frame."
 )
 CAPTIONS_INFO = "captions_info.json"
+HUB_INDEX_FILES = ("config.json", "model_index.json")  # a transformers model, or a diffusers checkpoint
 # Settings that decide what a caption says: a folder holds captions of one setting only.
 CAPTION_IDENTITY_KEYS = (
     "clip_plan_sha",
@@ -225,8 +227,18 @@ def model_file(path, name, revision):
 
 
 def captioner_source(path, revision):
+    """Fail in one line on a missing folder, or on a hub id not in the local cache while the hub is offline."""
     if not os.path.isdir(path) and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
         raise FileNotFoundError(f"--caption_model {path} does not exist (a local path)")
+    if not os.path.isdir(path) and hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not any(isinstance(try_to_load_from_cache(path, f, revision=revision), str) for f in HUB_INDEX_FILES):
+            raise FileNotFoundError(
+                f"--caption_model {path} is a hub id, HF_HUB_OFFLINE is set and it is not in the local Hugging Face "
+                f"cache: run `hf download {path}` on a login node with the same HF_HOME, or `hf download {path} "
+                "--local-dir DIR` and pass DIR"
+            )
     diffusers = model_file(path, "model_index.json", revision) is not None
     return CaptionerSource(path, revision, "text_encoder" if diffusers else "", diffusers)
 
@@ -483,12 +495,10 @@ class ShardReport:
     shard_clips: int = 0
 
 
-def caption_videos(args, layout):
-    """Caption this shard's clips that have no caption yet; return its report."""
+def caption_videos(args, layout, source):
+    """Caption this shard's clips that have no caption yet with the captioner of `source`; return its report."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     identity = captions_identity(args)
-    source = captioner_source(args.caption_model, args.revision)
-    check_vision_tower(source)
     processor = load_processor(source)
     multiple = processor.video_processor.patch_size * processor.video_processor.merge_size
     model = load_captioner(source, model_dtype(args.dtype, device), device)
@@ -557,8 +567,10 @@ def caption_videos(args, layout):
 
 def main(args):
     validate_args(args)
+    source = captioner_source(args.caption_model, args.revision)
+    check_vision_tower(source)
     layout = probe_layout(args) if not args.video_dir else None  # a dataset's layout, before the model loads
-    report = caption_videos(args, layout)
+    report = caption_videos(args, layout, source)
     print(
         f"shard {args.shard_index}/{args.num_shards}: captioned {report.captioned} clips in {report.seconds} s "
         f"({report.clips_per_second} clips/s), {report.already_captioned} already captioned, "

@@ -135,15 +135,23 @@ def test_a_rerun_with_another_instruction_or_plan_is_refused_in_one_line(caption
     assert "instruction_sha=" in line and "use a new --output_dir" in line
     with pytest.raises(ValueError, match="clip_plan_sha=.*use a new --output_dir"):
         caption_clips.validate_args(caption_clips.parse_args([*base, "--max_clips_per_video", "1"]))
+    # The default captioner, offline and not downloaded: one line saying what to run.
+    argv = ["--video_dir", videos, "--output_dir", captioned + "_new"]
+    line = error_line(run_script("caption_clips.py", *argv, env={"HF_HOME": captioned + "_hf"}, timeout=120))
+    assert "nvidia/Cosmos-Reason1-7B is a hub id, HF_HUB_OFFLINE is set" in line and "hf download" in line
 
 
 def test_a_checkpoint_without_a_vision_tower_is_refused(tiny_model_25, videos, tmp_path):
-    text_only = tmp_path / "text_only"
-    shutil.copytree(os.path.join(tiny_model_25, "text_encoder"), text_only)
-    weights = load_file(text_only / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if ".visual." not in f".{k}"}, text_only / "model.safetensors")
-    with pytest.raises(ValueError, match="holds no vision tower"):
-        caption(str(text_only), videos, tmp_path / "out")
+    """A Qwen2.5-VL folder, and a Predict2.5 checkpoint whose text_encoder was saved text-only."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_model_25, checkpoint)
+    weights_file = checkpoint / "text_encoder" / "model.safetensors"
+    weights = load_file(weights_file)
+    save_file({k: v for k, v in weights.items() if ".visual." not in f".{k}"}, weights_file)
+    for model in (checkpoint / "text_encoder", checkpoint):
+        with pytest.raises(ValueError, match="checkpoint/text_encoder holds no vision tower"):
+            caption(str(model), videos, tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")  # refused before anything is written
 
 
 def test_the_captioner_sees_the_clip_window_at_caption_fps_within_the_pixel_budget(tiny_model_25):
