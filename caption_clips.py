@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -489,7 +489,7 @@ class ShardReport:
     captioned: int = 0
     already_captioned: int = 0
     empty_captions: int = 0
-    failures: list = None
+    failures: list = field(default_factory=list)  # {"key", "reason"} per video that could not be used
     seconds: float = 0.0
     clips_per_second: float = 0.0
     shard_clips: int = 0
@@ -514,7 +514,7 @@ def caption_videos(args, layout, source):
         worker_init_fn=ignore_stop_signals,
     )
     captioner, writer = Captioner(model, processor, args), PartWriter(shard_dir)
-    report, batch, start = ShardReport(failures=[]), [], time.time()
+    report, batch, start = ShardReport(), [], time.time()
     progress = tqdm(desc=f"shard {args.shard_index}", unit="clip")
 
     def flush():
