@@ -10,6 +10,7 @@ The decode step is compared with the bound of reading the language model's bf16 
 --bandwidth_tb_s (H200: 4.8 TB/s; 15.2 GB of weights: about 3.2 ms).
 
     python benchmarks/bench_caption.py --batch_sizes 1 8 16 32 64 128 --max_new_tokens 128
+    python benchmarks/bench_caption.py --batch_sizes 64 --cache_implementation static --profile
     python benchmarks/bench_caption.py --size tiny --batch_sizes 1 2 --max_new_tokens 4   # CPU smoke test
 """
 
@@ -85,6 +86,12 @@ def parse_args(argv=None):
         help="generate's KV cache: dynamic (caption_clips.py) or static.",
     )
     parser.add_argument("--bandwidth_tb_s", type=float, default=4.8, help="GPU memory bandwidth for the bound.")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="After the sweep, profile one call at the largest batch size that fit and print the top operators by "
+        "device time and the share of the call the GPU was busy (what bounds clips/s).",
+    )
     return parser.parse_args(argv)
 
 
@@ -165,6 +172,7 @@ def main(args):
     captioner = Captioner(model, processor, run)
     weights = language_model_bytes(model)
     bound_ms = weights / (args.bandwidth_tb_s * 1e12) * 1e3
+    fitted = None  # the largest batch that fit, for --profile
     for batch_size in args.batch_sizes:
         videos = [
             torch.randint(0, 256, (args.frames, 3, args.height, args.width), dtype=torch.uint8)
@@ -194,6 +202,24 @@ def main(args):
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
         }
         print(json.dumps(row), flush=True)
+        fitted = videos
+    if args.profile and fitted is not None:
+        profile_call(captioner, fitted, device)
+
+
+def profile_call(captioner, videos, device):
+    """One generate call under torch.profiler: top operators by device time, and the GPU's busy share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        seconds = timed(lambda: captioner(videos), device)
+    table = prof.key_averages()
+    sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(table.table(sort_by=sort, row_limit=15), flush=True)
+    busy = sum(e.self_device_time_total for e in table) / 1e6 if device.type == "cuda" else None
+    share = round(busy / seconds, 3) if busy is not None else None
+    print(json.dumps({"profile_batch_size": len(videos), "seconds": round(seconds, 3), "gpu_busy_share": share}))
 
 
 if __name__ == "__main__":
