@@ -66,17 +66,36 @@ def videos(clips, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def captioned(tiny_model_25, videos, tmp_path_factory):
+def captioner(tiny_model_25, tmp_path_factory):
+    """The tiny Predict2.5 checkpoint with its text encoder's weights redrawn larger (the vision tower's most), so that
+    its gibberish captions differ with the frames: a mix-up of clips then shows as a changed caption."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    path = str(tmp_path_factory.mktemp("captioner") / "tiny-cosmos25")
+    shutil.copytree(tiny_model_25, path)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(path, "text_encoder"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.ndim >= 2:
+                scale = (30.0 if "visual" in name else 3.0) / weight.shape[-1] ** 0.5
+                weight.copy_(torch.randn(weight.shape, generator=generator) * scale)
+    model.save_pretrained(os.path.join(path, "text_encoder"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def captioned(captioner, videos, tmp_path_factory):
     """caption_clips.py run as a user runs it (a subprocess, its defaults but for the tiny clip plan)."""
     out = tmp_path_factory.mktemp("captions")
-    argv = ["--caption_model", tiny_model_25, "--video_dir", videos, "--output_dir", out, *PLAN, "--num_workers", "0"]
+    argv = ["--caption_model", captioner, "--video_dir", videos, "--output_dir", out, *PLAN, "--num_workers", "0"]
     result = run_script("caption_clips.py", *argv, "--max_new_tokens", "6", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return str(out)
 
 
-def test_one_row_per_planned_clip_and_none_for_skipped_videos(captioned, videos, tiny_model_25):
-    args = caption_clips.parse_args(caption_argv(tiny_model_25, videos, "unused"))
+def test_one_row_per_planned_clip_and_none_for_skipped_videos(captioned, videos, captioner):
+    args = caption_clips.parse_args(caption_argv(captioner, videos, "unused"))
     planned = {}
     for name in sorted(os.listdir(videos)):
         key = os.path.splitext(name)[0]
@@ -89,26 +108,27 @@ def test_one_row_per_planned_clip_and_none_for_skipped_videos(captioned, videos,
     assert set(found) == set(planned) and len(found) == 6
     for (key, index), row in found.items():
         assert row["start_seconds"] == pytest.approx(planned[(key, index)].start_seconds, abs=1e-4)
-        assert row["num_frames"] == 17 and row["caption_model"] == tiny_model_25 and row["caption"]
+        assert row["num_frames"] == 17 and row["caption_model"] == captioner and row["caption"]
         assert row["instruction_sha"] == caption_clips.instruction_sha(caption_clips.DEFAULT_INSTRUCTION)
+    assert len({row["caption"] for row in found.values()}) >= 4  # the captions follow the frames
     skipped = {f["key"]: f["reason"] for f in report(captioned)["failures"]}
     assert set(skipped) == {"corrupt", "short"} and "too short for every bucket" in skipped["short"]
     assert not [p for p in os.listdir(os.path.join(captioned, "shard_00000")) if p.startswith("part_")]
 
 
-def test_greedy_captions_repeat_across_runs_and_shards(captioned, tiny_model_25, videos, tmp_path):
+def test_greedy_captions_repeat_across_runs_and_shards(captioned, captioner, videos, tmp_path):
     reference = {k: r["caption"] for k, r in rows(captioned).items()}
-    assert caption(tiny_model_25, videos, tmp_path / "again") == 0
+    assert caption(captioner, videos, tmp_path / "again") == 0
     for shard in (0, 1):
-        assert caption(tiny_model_25, videos, tmp_path / "two", "--num_shards", 2, "--shard_index", shard) == 0
+        assert caption(captioner, videos, tmp_path / "two", "--num_shards", 2, "--shard_index", shard) == 0
     assert {k: r["caption"] for k, r in rows(tmp_path / "again").items()} == reference
     assert {k: r["caption"] for k, r in rows(tmp_path / "two").items()} == reference
     assert report(tmp_path / "two", 0)["captioned"] and report(tmp_path / "two", 1)["captioned"]
 
 
-def test_resume_after_sigkill_loses_nothing_and_repeats_nothing(captioned, tiny_model_25, videos, tmp_path):
+def test_resume_after_sigkill_loses_nothing_and_repeats_nothing(captioned, captioner, videos, tmp_path):
     out = tmp_path / "killed"
-    argv = caption_argv(tiny_model_25, videos, out, "--batch_size", "1")
+    argv = caption_argv(captioner, videos, out, "--batch_size", "1")
     process = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "caption_clips.py"), *map(str, argv)],
         cwd=REPO,
@@ -124,13 +144,13 @@ def test_resume_after_sigkill_loses_nothing_and_repeats_nothing(captioned, tiny_
     process.wait()
     done = len(caption_clips.shard_rows(str(out / "shard_00000")))
     assert 1 <= done < 6, "the kill came before the first batch was written, or after the last"
-    assert caption(tiny_model_25, videos, out) == 0
+    assert caption(captioner, videos, out) == 0
     assert report(out)["already_captioned"] == done and report(out)["captioned"] == 6 - done
     assert rows(out) == rows(captioned)  # the same clips and captions, each once (rows() refuses a duplicate)
 
 
-def test_a_rerun_with_another_instruction_or_plan_is_refused_in_one_line(captioned, tiny_model_25, videos):
-    base = ["--caption_model", tiny_model_25, "--video_dir", videos, "--output_dir", captioned, *PLAN]
+def test_a_rerun_with_another_instruction_or_plan_is_refused_in_one_line(captioned, captioner, videos):
+    base = ["--caption_model", captioner, "--video_dir", videos, "--output_dir", captioned, *PLAN]
     line = error_line(run_script("caption_clips.py", *base, "--caption_prompt", "Say hi.", timeout=120))
     assert "instruction_sha=" in line and "use a new --output_dir" in line
     with pytest.raises(ValueError, match="clip_plan_sha=.*use a new --output_dir"):
@@ -174,40 +194,34 @@ def test_the_captioner_sees_the_clip_window_at_caption_fps_within_the_pixel_budg
 # ----------------------------------------------------------------------------------------------------------------
 # cache_latents.py --captions_file with per-clip rows
 # ----------------------------------------------------------------------------------------------------------------
-def distinct_captions(captioned, folder):
-    """The captions folder with every clip's caption made unique (the tiny captioner's gibberish repeats)."""
-    shutil.copytree(captioned, folder)
-    path = os.path.join(folder, "shard_00000", "captions.jsonl")
-    lines = [r | {"caption": f"clip {r['clip_index']} of {r['key']}"} for r in read_caption_rows(path)]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in lines)
-    return str(folder), path
-
-
 def test_a_cache_of_per_clip_captions_holds_one_embedding_per_caption_and_trains_on_each(
     captioned, tiny_model_25, videos, tmp_path, capsys
 ):
-    folder, _ = distinct_captions(captioned, tmp_path / "captions")
+    expected = {key: row["caption"] for key, row in rows(captioned).items()}
     cache = tmp_path / "cache"
-    extra = ["--clip_stride_seconds", "1", "--captions_file", folder]
+    extra = ["--clip_stride_seconds", "1", "--captions_file", captioned]
     assert cache_clips(tiny_model_25, cache, "--video_dir", videos, extra=extra) == 0
     assert "6 of the 6 clips written got their own caption" in capsys.readouterr().out
     clips = list_cached_clips(str(cache))
     assert len(clips) == 6
-    assert len(os.listdir(cache / "text_embeds")) == 6  # one embedding per distinct caption, no --prompt
+    distinct = len(set(expected.values()))
+    assert len(os.listdir(cache / "text_embeds")) == distinct  # one embedding per distinct caption, no --prompt
     dataset = CachedClips(clips)
-    for index, clip in enumerate(clips):
-        expected = f"clip {clip.clip_index} of {clip.key}"
-        assert clip.caption_hash == caption_hash(expected) and read_clip(clip.path)[1]["caption"] == expected
-        embeds = load_text_embeds(text_embed_path(str(cache), caption_hash(expected))).float()
+    for index, clip in enumerate(clips):  # each clip, found by its key, trains on its own caption's embedding
+        caption = expected[(clip.key, clip.clip_index)]
+        assert clip.caption_hash == caption_hash(caption) and read_clip(clip.path)[1]["caption"] == caption
+        embeds = load_text_embeds(text_embed_path(str(cache), caption_hash(caption))).float()
         assert torch.equal(dataset[index]["prompt_embeds"], embeds)
-    assert caption_summary([Cache("c", str(cache), clips, 1.0)]) == "training on 6 clips with 6 distinct captions"
+    summary = caption_summary([Cache("c", str(cache), clips, 1.0)])
+    assert summary == f"training on 6 clips with {distinct} distinct captions"
 
 
 def test_per_clip_captions_of_another_plan_or_with_a_clip_missing_are_refused(
     captioned, tiny_model_25, videos, tmp_path
 ):
-    folder, path = distinct_captions(captioned, tmp_path / "captions")
+    folder = str(tmp_path / "captions")
+    shutil.copytree(captioned, folder)
+    path = os.path.join(folder, "shard_00000", "captions.jsonl")
     # Another clip plan (clips every 2 s): refused before any model loads.
     with pytest.raises(ValueError, match="holds clip captions of another clip plan"):
         cache_clips(tiny_model_25, tmp_path / "a", "--video_dir", videos, extra=["--captions_file", folder])
