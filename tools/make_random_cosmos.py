@@ -15,12 +15,6 @@ import json
 import os
 
 import torch
-from diffusers import (
-    AutoencoderKLWan,
-    CosmosTransformer3DModel,
-    FlowMatchEulerDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     Qwen2_5_VLConfig,
@@ -208,6 +202,14 @@ def build_qwen_text_encoder(size, tokenizer):
 
 
 def build_components(family, size, seed):
+    # Imported here: the tokenizers and text encoders above build without diffusers (benchmarks/bench_caption.py).
+    from diffusers import (
+        AutoencoderKLWan,
+        CosmosTransformer3DModel,
+        FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(**VAE_CONFIGS[size])
     if family == "predict2":
