@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cosmos_process import file_written_whole
+from cosmos_sources import clip_plan
 from cosmos_video import latent_shape
 
 CACHE_INFO = "cache_info.json"
@@ -199,13 +200,7 @@ def cache_config(args, vae_config, text_embeds, family):
         "latent_shape": buckets[0].latent_shape(vae_config["z_dim"]) if single else None,
         "buckets": [b.name for b in buckets],
         "bucket_latent_shapes": {b.name: b.latent_shape(vae_config["z_dim"]) for b in buckets},
-        "clip_plan": {
-            "fps": args.fps,
-            "clip_stride_seconds": args.clip_stride_seconds,
-            "max_clips_per_video": args.max_clips_per_video,
-            "resize_mode": args.resize_mode,
-            "buckets": [b.name for b in buckets],
-        },
+        "clip_plan": clip_plan(args),
         "latent_dtype": "bfloat16",
         "text_embed_shape": list(text_embeds["shape"]),
         "text_embeds": text_embeds,
@@ -263,6 +258,7 @@ def write_clips(batch, latents, caption_hashes, shard_dir, config):
             "height": str(bucket.height),
             "width": str(bucket.width),
             "caption_hash": hash_,
+            "caption": item["caption"],  # the text itself, for contact sheets
             "model": config["model"],
         }
         path = os.path.join(shard_dir, clip_file_name(item["key"], item["clip_index"]))

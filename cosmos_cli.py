@@ -186,6 +186,36 @@ def add_rollout_argument(group):
     )
 
 
+def add_video_clip_arguments(clips):
+    """How clips are taken from each video (cache_latents.py and caption_clips.py: one plan for both), added to the
+    group add_clip_plan_arguments returns."""
+    clips.add_argument(
+        "--clip_stride_seconds",
+        type=float,
+        default=None,
+        help="Seconds between clip starts within a video. Default: the clip length (back to back).",
+    )
+    clips.add_argument(
+        "--max_clips_per_video", type=positive_int, default=None, help="Cap on clips taken from one video."
+    )
+
+
+def add_shard_arguments(group, verb):
+    """--num_shards / --shard_index: which disjoint part of the videos this run `verb`s (SLURM array defaults)."""
+    group.add_argument(
+        "--num_shards",
+        type=positive_int,
+        default=None,
+        help="Split the videos into this many disjoint shards. Default: SLURM_ARRAY_TASK_COUNT or 1.",
+    )
+    group.add_argument(
+        "--shard_index",
+        type=int,
+        default=None,
+        help=f"Which shard this run {verb} (0-based). Default: SLURM_ARRAY_TASK_ID minus SLURM_ARRAY_TASK_MIN, or 0.",
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # YAML configs
 # ----------------------------------------------------------------------------------------------------------------

@@ -213,6 +213,7 @@ class Job:
     truth_frames: torch.Tensor = None  # uint8 [T, H, W, 3] where the input holds ground truth
     latents: torch.Tensor = None  # cached clip latents [16, T, h, w]
     prompt_embeds: torch.Tensor = None  # a cached clip's own caption embedding
+    caption: str = None  # a cached clip's own caption (on the contact sheet)
     projection_sha: str = None  # the crossattn_proj a projected cached embedding was made with
     shape: tuple = field(default=None)  # (num_frames, height, width) of the generation
     fps: float = 8.0
@@ -315,6 +316,7 @@ def cached_job(path, family, cache_dir=None):
         source=path,
         latents=latents,
         prompt_embeds=embeds,
+        caption=meta.get("caption"),
         projection_sha=info["text_embeds"]["projection_sha"],
         shape=(int(meta["num_frames"]), int(meta["height"]), int(meta["width"])),
         fps=float(meta["fps"]),
@@ -725,6 +727,8 @@ def run_jobs(jobs, indices, components, args, progress):
                 "video": f"{job.name}.mp4",
                 "chunks": rollout.spans(),
             }
+            if job.caption:
+                result["caption"] = job.caption
             with stage(f"writing {job.name}"):
                 write_mp4(os.path.join(args.output_dir, result["video"]), video, job.fps)
                 truth = ground_truth(job, components.vae, compiled=args.compile)
@@ -766,7 +770,8 @@ def contact_sheet_rows(results, videos, args):
             labels.append(f"{result['name']}: {result['truth']}")
             captions.append(None)
         rows.append(video)
-        labels.append(f"{result['name']}: generated")
+        caption = f" from its caption: {result['caption']}" if "caption" in result else ""
+        labels.append(f"{result['name']}: generated{caption}")
         captions.append(frame_captions(result, len(video)))
     return rows, labels, captions
 

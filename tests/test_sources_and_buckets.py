@@ -17,6 +17,7 @@ import cache_latents
 from conftest import BUCKETS, cache_clips, cache_report, sample_args
 from cosmos_cache import list_cached_clips, read_cache_info, verify_cache
 from cosmos_families import detect_family
+from cosmos_sources import read_captions_file
 from cosmos_video import Bucket, nearest_bucket_size, plan_bucket_clips
 
 
@@ -147,7 +148,7 @@ def test_an_empty_video_dir_and_unmatched_captions_fail_before_any_model_loads(t
     with pytest.raises(ValueError, match="none of its 2 keys .e.g. 'videos/x'. matches a video key"):
         cache_latents.main(args)
     captions.write_text(captions.read_text() + json.dumps({"key": clips["keys"][0], "caption": "c"}) + "\n")
-    cache_latents.check_captions_file(args)
+    cache_latents.check_captions(args, read_captions_file(str(captions), "caption"))
     assert "--captions_file: 1 of its 3 keys match one of the 6 videos" in capsys.readouterr().out
 
 
