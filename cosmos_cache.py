@@ -1,12 +1,22 @@
 """The latent cache's file format, written by cache_latents.py and read by train_cosmos_lora.py and sample.py.
 
     CACHE/cache_info.json                   config, model id, VAE normalization, counts
-    CACHE/text_embeds/HASH.safetensors      text embedding per unique caption ("prompt_embeds")
+    CACHE/text_embeds/HH/HASH.safetensors   text embedding per unique caption, compressed losslessly (HH: the
+                                            hash's first two characters, so no folder holds millions of files)
     CACHE/shard_00000/KEY__000.safetensors  one clip's normalized latents ("latents", bfloat16) + metadata
     CACHE/shard_00000/manifest.jsonl        one row per clip file
     CACHE/shard_00000/report.json           what the last run of this shard cached and skipped
 
 Every file is written to a temporary name and renamed when complete, so a killed job never leaves a partial file.
+
+A text file stores a caption's [512, D] bf16 embedding bit for bit in fewer bytes ("embeds_zstd", uint8, with the
+metadata `shape`, `rows`, `delta`, `caption`): the trailing rows whose bits are all zero are dropped (T5 zeroes the
+embedding past the prompt's tokens, so only the real tokens' rows remain), each remaining row is XOR-ed with the row
+before it when that makes the file smaller (`delta`; Predict2.5's padding rows are not zero and differ little from
+one another), the rows are split into a plane of high bytes (sign and exponent) and a plane of low bytes, and the two
+planes are compressed with zstd. Reading reverses each step; writing checks that the file rebuilds the embedding bit
+for bit. Training reads one caption per clip by its hash, so each caption is one file found by name, with no index
+to load.
 """
 
 import functools
@@ -17,7 +27,9 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import zstandard
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -27,7 +39,9 @@ from cosmos_video import latent_shape
 CACHE_INFO = "cache_info.json"
 TEXT_EMBEDS_DIR = "text_embeds"
 MANIFEST = "manifest.jsonl"
-CACHE_FORMAT_VERSION = 2  # 2: family, text_embeds, clip_plan, buckets, per-row shapes; older ones are refused
+# 2: family, text_embeds, clip_plan, buckets, per-row shapes; 3: text embeddings compressed losslessly in
+# text_embeds/HH/. Older ones are refused.
+CACHE_FORMAT_VERSION = 3
 # Settings that must match for clips to share one cache.
 CACHE_CONFIG_KEYS = (
     "num_frames",
@@ -57,7 +71,8 @@ def atomic_write_text(path, text):
 
 
 def remove_stale_temp_files(directory):
-    for path in glob.glob(os.path.join(directory, "*.tmp")):
+    """Remove the temporary files a killed job left in DIRECTORY and its subfolders."""
+    for path in glob.glob(os.path.join(directory, "**", "*.tmp"), recursive=True):
         os.remove(path)
 
 
@@ -69,7 +84,12 @@ def caption_hash(caption):
 
 
 def text_embed_path(cache_dir, hash_):
-    return os.path.join(cache_dir, TEXT_EMBEDS_DIR, f"{hash_}.safetensors")
+    return os.path.join(cache_dir, TEXT_EMBEDS_DIR, hash_[:2], f"{hash_}.safetensors")
+
+
+def text_embed_files(cache_dir):
+    """Paths of all text embedding files of a cache."""
+    return sorted(glob.glob(os.path.join(cache_dir, TEXT_EMBEDS_DIR, "*", "*.safetensors")))
 
 
 def shard_dirs(cache_dir):
@@ -167,10 +187,85 @@ def bucket_name(shape):
 
 @functools.lru_cache(maxsize=64)
 def load_text_embeds(path):
-    """A caption's T5 embedding [512, D] (bf16) from a cache. Most clips share a few captions, so recent ones stay
-    in memory instead of being read again for every clip. Callers must not change the tensor in place."""
+    """A caption's embedding [512, D] (bf16) from a cache. When clips share captions, recent ones stay in memory
+    instead of being read again for every clip. Callers must not change the tensor in place."""
+    return read_text_embeds(path)
+
+
+def read_text_embeds(path):
+    """A text embedding file's [512, D] bf16 tensor, rebuilt bit for bit (see the module docstring)."""
     with safe_open(path, "pt") as f:
-        return f.get_tensor("prompt_embeds")
+        data, meta = f.get_tensor("embeds_zstd"), f.metadata()
+    shape = tuple(int(n) for n in meta["shape"].split(","))
+    return unpack_text_embeds(PackedText(data.numpy().tobytes(), int(meta["rows"]), meta["delta"] == "1"), shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text embeddings: lossless compression
+# ----------------------------------------------------------------------------------------------------------------
+TEXT_ZSTD_LEVEL = 3  # level 19 saves about 3% more and takes 30x longer to write
+
+
+@dataclass(frozen=True)
+class PackedText:
+    """A [512, D] bf16 embedding as zstd-compressed byte planes of its first `rows` rows (the rest are zero)."""
+
+    data: bytes
+    rows: int
+    delta: bool  # each stored row was XOR-ed with the row before it
+
+
+def bf16_bits(embeds):
+    """The bit patterns of a bf16 tensor, as uint16 numpy."""
+    return embeds.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def compress_planes(bits):
+    """zstd of a [rows, D] uint16 array stored as its high bytes, then its low bytes."""
+    planes = np.stack([bits >> 8, bits & 0xFF]).astype(np.uint8)
+    return zstandard.ZstdCompressor(level=TEXT_ZSTD_LEVEL).compress(planes.tobytes())
+
+
+def pack_text_embeds(embeds):
+    """A [512, D] bf16 embedding compressed losslessly: trailing all-zero rows dropped, rows XOR-ed with the row
+    before when that is smaller, byte planes compressed with zstd."""
+    bits = bf16_bits(embeds)
+    nonzero = np.flatnonzero(bits.any(axis=1))
+    rows = int(nonzero[-1]) + 1 if len(nonzero) else 0
+    stored = bits[:rows]
+    delta = stored.copy()
+    delta[1:] ^= stored[:-1]
+    plain, xored = compress_planes(stored), compress_planes(delta)
+    return PackedText(xored, rows, True) if len(xored) < len(plain) else PackedText(plain, rows, False)
+
+
+def unpack_text_embeds(packed, shape):
+    """The [512, D] bf16 embedding a PackedText holds, bit for bit."""
+    rows, width = packed.rows, shape[1]
+    planes = np.frombuffer(zstandard.ZstdDecompressor().decompress(packed.data), np.uint8).reshape(2, rows, width)
+    stored = (planes[0].astype(np.uint16) << 8) | planes[1]
+    if packed.delta:
+        stored = np.bitwise_xor.accumulate(stored, axis=0)
+    bits = np.zeros(shape, np.uint16)
+    bits[:rows] = stored
+    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+
+
+def write_text_embeds(path, embeds, caption):
+    """Store one caption's [512, D] bf16 embedding compressed; refuse to write a file that would not rebuild it bit
+    for bit."""
+    packed = pack_text_embeds(embeds)
+    if not np.array_equal(bf16_bits(unpack_text_embeds(packed, tuple(embeds.shape))), bf16_bits(embeds)):
+        raise RuntimeError(f"{path}: the compressed text embedding does not rebuild the embedding bit for bit")
+    meta = {
+        "shape": ",".join(str(n) for n in embeds.shape),
+        "rows": str(packed.rows),
+        "delta": str(int(packed.delta)),
+        "caption": caption,
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = torch.frombuffer(bytearray(packed.data), dtype=torch.uint8)
+    atomic_save({"embeds_zstd": data}, path, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,13 +433,14 @@ def verify_cache(output_dir):
         if os.path.isfile(report):
             with open(report) as f:
                 failures += len(json.load(f)["failures"])
+    text_bytes = 0
     for hash_ in sorted(hashes):
         path = text_embed_path(output_dir, hash_)
         try:
-            with safe_open(path, "pt") as f:
-                embeds = f.get_tensor("prompt_embeds")
+            embeds = read_text_embeds(path)
             if list(embeds.shape) != info["text_embed_shape"] or not torch.isfinite(embeds.float()).all():
                 problems.append(f"{path}: shape {list(embeds.shape)} or values are wrong")
+            text_bytes += os.path.getsize(path)
         except Exception as error:
             problems.append(f"{path}: unreadable or missing ({error})")
     stats = {
@@ -355,6 +451,8 @@ def verify_cache(output_dir):
         "video_hours": round(seconds / 3600, 4),
         "bytes": clip_bytes,
         "bytes_per_clip": clip_bytes // max(num_clips, 1),
+        "text_bytes": text_bytes,
+        "text_bytes_per_caption": text_bytes // max(len(hashes), 1),
         "failed_videos_last_runs": failures,
         "clips_per_bucket": {name: per_bucket[name] for name in buckets},
         "problems": len(problems),
