@@ -40,7 +40,6 @@ from tqdm.auto import tqdm
 
 import cosmos_vae
 from cosmos_cache import (
-    TEXT_EMBEDS_DIR,
     atomic_write_text,
     cache_config,
     caption_hash,
@@ -581,7 +580,6 @@ class TextEmbedCache:
     def __init__(self, output_dir, args, family, projection, device, dtype):
         self.output_dir, self.args, self.family, self.projection = output_dir, args, family, projection
         self.device, self.dtype = device, dtype
-        os.makedirs(os.path.join(output_dir, TEXT_EMBEDS_DIR), exist_ok=True)
         self.known, self.tokenizer, self.text_encoder = set(), None, None
 
     def ensure(self, caption):
@@ -640,7 +638,6 @@ def cache_videos(args, layout, accelerator):
     if accelerator.is_main_process:
         os.makedirs(shard_dir, exist_ok=True)
         remove_stale_temp_files(shard_dir)
-        remove_stale_temp_files(os.path.join(args.output_dir, TEXT_EMBEDS_DIR))
         write_cache_info(args.output_dir, config)
     accelerator.wait_for_everyone()
 

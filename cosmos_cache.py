@@ -71,8 +71,7 @@ def atomic_write_text(path, text):
 
 
 def remove_stale_temp_files(directory):
-    """Remove the temporary files a killed job left in DIRECTORY and its subfolders."""
-    for path in glob.glob(os.path.join(directory, "**", "*.tmp"), recursive=True):
+    for path in glob.glob(os.path.join(directory, "*.tmp")):
         os.remove(path)
 
 
@@ -223,7 +222,7 @@ def bf16_bits(embeds):
 def compress_planes(bits):
     """zstd of a [rows, D] uint16 array stored as its high bytes, then its low bytes."""
     planes = np.stack([bits >> 8, bits & 0xFF]).astype(np.uint8)
-    return zstandard.ZstdCompressor(level=TEXT_ZSTD_LEVEL).compress(planes.tobytes())
+    return zstandard.ZstdCompressor(level=TEXT_ZSTD_LEVEL, write_checksum=True).compress(planes.tobytes())
 
 
 def pack_text_embeds(embeds):
