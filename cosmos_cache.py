@@ -9,13 +9,13 @@
 
 Every file is written to a temporary name and renamed when complete, so a killed job never leaves a partial file.
 
-A text file stores a caption's [512, D] bf16 embedding bit for bit in fewer bytes ("embeds_zstd", uint8, with the
-metadata `shape`, `rows`, `delta`, `caption`): the trailing rows whose bits are all zero are dropped (T5 zeroes the
-embedding past the prompt's tokens, so only the real tokens' rows remain), each remaining row is XOR-ed with the row
-before it when that makes the file smaller (`delta`; Predict2.5's padding rows are not zero and differ little from
-one another), the rows are split into a plane of high bytes (sign and exponent) and a plane of low bytes, and the two
-planes are compressed with zstd. Reading reverses each step; writing checks that the file rebuilds the embedding bit
-for bit. Training reads one caption per clip by its hash, so each caption is one file found by name, with no index
+A text file stores a caption's [512, D] bf16 embedding bit for bit in fewer bytes ("high_zstd" and "low_zstd",
+uint8, with the metadata `shape`, `rows`, `delta_high`, `delta_low`, `caption`): the trailing rows whose bits are
+all zero are dropped (T5 zeroes the embedding past the prompt's tokens, so only the real tokens' rows remain), the
+high byte (sign, exponent) and the low byte of each remaining value go to two planes, each plane is XOR-ed row by row
+when that makes it smaller (`delta_*`: rows much alike, such as Predict2.5's padding, then turn into zeros), and each
+is compressed with zstd. Reading reverses each step; writing checks that the file rebuilds the embedding bit for
+bit. Training reads one caption per clip by its hash, so each caption is one file found by name, with no index
 to load.
 """
 
@@ -194,9 +194,13 @@ def load_text_embeds(path):
 def read_text_embeds(path):
     """A text embedding file's [512, D] bf16 tensor, rebuilt bit for bit (see the module docstring)."""
     with safe_open(path, "pt") as f:
-        data, meta = f.get_tensor("embeds_zstd"), f.metadata()
+        meta = f.metadata()
+        planes = [
+            PackedPlane(f.get_tensor(f"{name}_zstd").numpy().tobytes(), meta[f"delta_{name}"] == "1")
+            for name in ("high", "low")
+        ]
     shape = tuple(int(n) for n in meta["shape"].split(","))
-    return unpack_text_embeds(PackedText(data.numpy().tobytes(), int(meta["rows"]), meta["delta"] == "1"), shape)
+    return unpack_text_embeds(PackedText(int(meta["rows"]), *planes), shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,12 +210,25 @@ TEXT_ZSTD_LEVEL = 3  # level 19 saves about 3% more and takes 30x longer to writ
 
 
 @dataclass(frozen=True)
-class PackedText:
-    """A [512, D] bf16 embedding as zstd-compressed byte planes of its first `rows` rows (the rest are zero)."""
+class PackedPlane:
+    """One byte of every stored bf16 value (high: sign and exponent; low: the rest of the mantissa), zstd-compressed,
+    each row XOR-ed with the row before it when `delta`."""
 
     data: bytes
+    delta: bool
+
+
+@dataclass(frozen=True)
+class PackedText:
+    """A [512, D] bf16 embedding as the two byte planes of its first `rows` rows (the rows after them are zero)."""
+
     rows: int
-    delta: bool  # each stored row was XOR-ed with the row before it
+    high: PackedPlane
+    low: PackedPlane
+
+    @property
+    def nbytes(self):
+        return len(self.high.data) + len(self.low.data)
 
 
 def bf16_bits(embeds):
@@ -219,34 +236,36 @@ def bf16_bits(embeds):
     return embeds.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
-def compress_planes(bits):
-    """zstd of a [rows, D] uint16 array stored as its high bytes, then its low bytes."""
-    planes = np.stack([bits >> 8, bits & 0xFF]).astype(np.uint8)
-    return zstandard.ZstdCompressor(level=TEXT_ZSTD_LEVEL, write_checksum=True).compress(planes.tobytes())
+def pack_plane(plane):
+    """A [rows, D] uint8 plane compressed as it is or XOR-ed row by row, whichever is smaller."""
+    delta = plane.copy()
+    delta[1:] ^= plane[:-1]
+    compressor = zstandard.ZstdCompressor(level=TEXT_ZSTD_LEVEL, write_checksum=True)
+    plain, xored = compressor.compress(plane.tobytes()), compressor.compress(delta.tobytes())
+    return PackedPlane(xored, True) if len(xored) < len(plain) else PackedPlane(plain, False)
+
+
+def unpack_plane(packed, rows, width):
+    plane = np.frombuffer(zstandard.ZstdDecompressor().decompress(packed.data), np.uint8).reshape(rows, width)
+    return np.bitwise_xor.accumulate(plane, axis=0) if packed.delta else plane
 
 
 def pack_text_embeds(embeds):
-    """A [512, D] bf16 embedding compressed losslessly: trailing all-zero rows dropped, rows XOR-ed with the row
-    before when that is smaller, byte planes compressed with zstd."""
+    """A [512, D] bf16 embedding compressed without loss: trailing all-zero rows dropped, then the high and the low
+    byte of each value in two planes, each compressed with zstd (XOR-ed row by row first when that is smaller)."""
     bits = bf16_bits(embeds)
     nonzero = np.flatnonzero(bits.any(axis=1))
     rows = int(nonzero[-1]) + 1 if len(nonzero) else 0
     stored = bits[:rows]
-    delta = stored.copy()
-    delta[1:] ^= stored[:-1]
-    plain, xored = compress_planes(stored), compress_planes(delta)
-    return PackedText(xored, rows, True) if len(xored) < len(plain) else PackedText(plain, rows, False)
+    return PackedText(rows, pack_plane((stored >> 8).astype(np.uint8)), pack_plane((stored & 0xFF).astype(np.uint8)))
 
 
 def unpack_text_embeds(packed, shape):
     """The [512, D] bf16 embedding a PackedText holds, bit for bit."""
     rows, width = packed.rows, shape[1]
-    planes = np.frombuffer(zstandard.ZstdDecompressor().decompress(packed.data), np.uint8).reshape(2, rows, width)
-    stored = (planes[0].astype(np.uint16) << 8) | planes[1]
-    if packed.delta:
-        stored = np.bitwise_xor.accumulate(stored, axis=0)
+    high, low = unpack_plane(packed.high, rows, width), unpack_plane(packed.low, rows, width)
     bits = np.zeros(shape, np.uint16)
-    bits[:rows] = stored
+    bits[:rows] = (high.astype(np.uint16) << 8) | low
     return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
 
 
@@ -259,12 +278,16 @@ def write_text_embeds(path, embeds, caption):
     meta = {
         "shape": ",".join(str(n) for n in embeds.shape),
         "rows": str(packed.rows),
-        "delta": str(int(packed.delta)),
+        "delta_high": str(int(packed.high.delta)),
+        "delta_low": str(int(packed.low.delta)),
         "caption": caption,
     }
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    data = torch.frombuffer(bytearray(packed.data), dtype=torch.uint8)
-    atomic_save({"embeds_zstd": data}, path, meta)
+    tensors = {
+        f"{name}_zstd": torch.frombuffer(bytearray(plane.data), dtype=torch.uint8)
+        for name, plane in (("high", packed.high), ("low", packed.low))
+    }
+    atomic_save(tensors, path, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------------
