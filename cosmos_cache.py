@@ -135,7 +135,7 @@ class CachedClip:
     shape: tuple  # latent shape [16, T, h, w]
     caption_hash: str
     path: str  # CACHE/shard_NNNNN/KEY__NNN.safetensors
-    text_path: str  # CACHE/text_embeds/HASH.safetensors
+    text_path: str  # CACHE/text_embeds/HH/HASH.safetensors
 
     @property
     def file(self):
