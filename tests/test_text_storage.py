@@ -120,6 +120,11 @@ def test_one_embedding_per_distinct_caption_and_each_clip_reads_its_own(tiny_mod
     stats, problems = verify_cache(cache)
     assert not problems and stats["captions"] == 2
     assert stats["text_bytes"] == sum(os.path.getsize(f) for f in files)
+    data = bytearray(open(files[0], "rb").read())
+    data[-100] ^= 0xFF  # one flipped byte inside a compressed plane: zstd's checksum catches it
+    open(files[0], "wb").write(bytes(data))
+    problems = verify_cache(cache)[1]
+    assert len(problems) == 1 and problems[0].startswith(f"{files[0]}: unreadable"), problems
 
 
 def test_a_format_2_cache_is_refused_in_one_line(tiny_model, one_clip_cache, tmp_path):
