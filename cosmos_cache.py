@@ -86,11 +86,6 @@ def text_embed_path(cache_dir, hash_):
     return os.path.join(cache_dir, TEXT_EMBEDS_DIR, hash_[:2], f"{hash_}.safetensors")
 
 
-def text_embed_files(cache_dir):
-    """Paths of all text embedding files of a cache."""
-    return sorted(glob.glob(os.path.join(cache_dir, TEXT_EMBEDS_DIR, "*", "*.safetensors")))
-
-
 def shard_dirs(cache_dir):
     return sorted(os.path.join(cache_dir, d) for d in os.listdir(cache_dir) if d.startswith("shard_"))
 

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 import cache_latents
-from conftest import CLIP_ARGS, REPO, cache_clips, cache_report, run_script
-from cosmos_cache import list_cached_clips, read_cache_info, read_manifest, text_embed_files
+from conftest import CLIP_ARGS, REPO, cache_clips, cache_report, run_script, text_embed_files
+from cosmos_cache import list_cached_clips, read_cache_info, read_manifest
 from cosmos_vae import normalize_latents
 from cosmos_video import Bucket, fit_frames, plan_bucket_clips
 

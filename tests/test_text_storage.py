@@ -9,12 +9,19 @@ import pytest
 import torch
 
 import train_cosmos_lora as train
-from conftest import cache_clips, copy_cache, edit_cache_info, error_line, run_script, train_args
+from conftest import (
+    cache_clips,
+    copy_cache,
+    edit_cache_info,
+    error_line,
+    run_script,
+    text_embed_files,
+    train_args,
+)
 from cosmos_cache import (
     caption_hash,
     list_cached_clips,
     pack_text_embeds,
-    text_embed_files,
     unpack_text_embeds,
     verify_cache,
     write_text_embeds,
