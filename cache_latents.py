@@ -9,7 +9,7 @@ encoder (Predict2: T5; Predict2.5: Qwen2.5-VL, stored by default as the frozen c
 --text_embeds), which loads only when an embedding is missing.
 
     OUTPUT/cache_info.json                 config, model family, id and revision, VAE normalization, counts
-    OUTPUT/text_embeds/HASH.safetensors    text embedding [512, D] per unique caption
+    OUTPUT/text_embeds/HH/HASH.safetensors text embedding [512, D] per unique caption, compressed losslessly
     OUTPUT/shard_00000/KEY__000.safetensors  latents [16, (N-1)/4+1, H/8, W/8] in bfloat16
     OUTPUT/shard_00000/manifest.jsonl      one row per clip file
     OUTPUT/shard_00000/report.json         what the last run of this shard cached and skipped
@@ -37,8 +37,6 @@ from tqdm.auto import tqdm
 
 import cosmos_vae
 from cosmos_cache import (
-    TEXT_EMBEDS_DIR,
-    atomic_save,
     atomic_write_text,
     cache_config,
     caption_hash,
@@ -50,6 +48,7 @@ from cosmos_cache import (
     verify_cache,
     write_cache_info,
     write_clips,
+    write_text_embeds,
 )
 from cosmos_cli import (
     DEFAULT_PROMPT,
@@ -367,7 +366,8 @@ def children_cpu_seconds():
 
 
 class TextEmbedCache:
-    """Encodes each caption once and stores it as text_embeds/HASH.safetensors (projected if `projection` is given).
+    """Encodes each caption once and stores it, compressed losslessly, as text_embeds/HH/HASH.safetensors (projected
+    if `projection` is given).
 
     The tokenizer and text encoder load on the first missing embedding; `release` frees them again.
     """
@@ -375,7 +375,6 @@ class TextEmbedCache:
     def __init__(self, output_dir, args, family, projection, device, dtype):
         self.output_dir, self.args, self.family, self.projection = output_dir, args, family, projection
         self.device, self.dtype = device, dtype
-        os.makedirs(os.path.join(output_dir, TEXT_EMBEDS_DIR), exist_ok=True)
         self.known, self.tokenizer, self.text_encoder = set(), None, None
 
     def ensure(self, caption):
@@ -387,7 +386,7 @@ class TextEmbedCache:
             embeds = self.family.encode_prompts(self.tokenizer, self.text_encoder, [caption], self.device)
             with torch.no_grad():
                 embeds = project_text(self.projection, embeds)
-            atomic_save({"prompt_embeds": embeds[0].to(torch.bfloat16).cpu()}, path, {"caption": caption})
+            write_text_embeds(path, embeds[0].to(torch.bfloat16).cpu(), caption)
         self.known.add(hash_)
         return hash_
 
@@ -434,7 +433,6 @@ def cache_videos(args, layout, captions, accelerator):
     if accelerator.is_main_process:
         os.makedirs(shard_dir, exist_ok=True)
         remove_stale_temp_files(shard_dir)
-        remove_stale_temp_files(os.path.join(args.output_dir, TEXT_EMBEDS_DIR))
         write_cache_info(args.output_dir, config)
     accelerator.wait_for_everyone()
 

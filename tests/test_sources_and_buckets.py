@@ -176,7 +176,7 @@ def test_recaching_with_another_clip_plan_is_refused(tiny_model, clips, latent_c
         "resize_mode": "crop",
         "buckets": ["17x64x112"],
     }
-    assert info["format_version"] == 2 and info["clips_per_bucket"] == {"17x64x112": 12}
+    assert info["format_version"] == 3 and info["clips_per_bucket"] == {"17x64x112": 12}
 
 
 def test_verify_reports_a_listed_clip_file_that_is_missing(latent_cache, tmp_path):

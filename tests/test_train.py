@@ -461,7 +461,7 @@ def test_a_version_1_cache_without_buckets_is_refused_with_a_re_cache_message(ti
     manifest = os.path.join(cache, "shard_00000", "manifest.jsonl")
     rows = [{k: v for k, v in json.loads(line).items() if k != "shape"} for line in open(manifest)]
     open(manifest, "w").writelines(json.dumps(row) + "\n" for row in rows)
-    with pytest.raises(ValueError, match="is a format-1 cache, not format 2: re-cache it"):
+    with pytest.raises(ValueError, match="is a format-1 cache, not format 3: re-cache it"):
         train.main(train_args(tiny_model, cache, tmp_path / "out", "--max_train_steps", 2))
 
 
