@@ -114,8 +114,9 @@ def parse_args(argv=None):
         choices=["projected", "full"],
         default="projected",
         help="Predict2.5 only: store each caption as the output of the transformer's frozen crossattn_proj "
-        "[512, 1024] (1 MB; valid while crossattn_proj stays frozen and unchanged, which training checks), or the "
-        "full Qwen2.5-VL embedding [512, 100352] (103 MB). Predict2 stores T5 embeddings [512, 1024] either way.",
+        "[512, 1024] (1 MB before the cache's lossless compression; valid while crossattn_proj stays frozen and "
+        "unchanged, which training checks), or the full Qwen2.5-VL embedding [512, 100352] (103 MB before "
+        "compression). Predict2 stores T5 embeddings [512, 1024] either way.",
     )
     text.add_argument(
         "--caption_field",
