@@ -9,7 +9,7 @@ encoder (Predict2: T5; Predict2.5: Qwen2.5-VL, stored by default as the frozen c
 --text_embeds), which loads only when an embedding is missing.
 
     OUTPUT/cache_info.json                 config, model family, id and revision, VAE normalization, counts
-    OUTPUT/text_embeds/HASH.safetensors    text embedding [512, D] per unique caption
+    OUTPUT/text_embeds/HH/HASH.safetensors text embedding [512, D] per unique caption, compressed losslessly
     OUTPUT/shard_00000/KEY__000.safetensors  latents [16, (N-1)/4+1, H/8, W/8] in bfloat16
     OUTPUT/shard_00000/manifest.jsonl      one row per clip file
     OUTPUT/shard_00000/report.json         what the last run of this shard cached and skipped
@@ -21,11 +21,8 @@ Rerunning skips finished clips, and all writes are atomic, so a killed job is fi
 """
 
 import argparse
-import glob
-import hashlib
 import json
 import os
-import re
 import resource
 import sys
 import time
@@ -40,8 +37,6 @@ from tqdm.auto import tqdm
 
 import cosmos_vae
 from cosmos_cache import (
-    TEXT_EMBEDS_DIR,
-    atomic_save,
     atomic_write_text,
     cache_config,
     caption_hash,
@@ -53,18 +48,17 @@ from cosmos_cache import (
     verify_cache,
     write_cache_info,
     write_clips,
+    write_text_embeds,
 )
 from cosmos_cli import (
-    CAPTION_COLUMNS,
     DEFAULT_PROMPT,
-    KEY_COLUMNS,
-    VIDEO_COLUMNS,
-    VIDEO_EXTENSIONS,
     HelpFormatter,
     add_clip_plan_arguments,
     add_config_argument,
     add_model_arguments,
+    add_shard_arguments,
     add_source_arguments,
+    add_video_clip_arguments,
     check_pretrained_model,
     model_dtype,
     non_negative_int,
@@ -81,19 +75,22 @@ from cosmos_families import (
     text_embed_width,
 )
 from cosmos_process import ignore_stop_signals, run_main, stage
-from cosmos_video import (
-    Bucket,
-    check_clip_geometry,
-    decode_frames,
-    fit_frames,
-    frames_to_vae_input,
-    nearest_bucket_size,
-    open_video,
-    parse_bucket,
-    plan_bucket_clips,
-    probe_video,
-    video_size,
+from cosmos_sources import (
+    Captions,
+    clip_id,
+    clip_plan,
+    clip_plan_sha,
+    given_sources,
+    iter_part_videos,
+    list_local_videos,
+    plan_video,
+    probe_layout,
+    read_captions_file,
+    resolve_shard_args,
+    sidecar_caption,
+    validate_source_args,
 )
+from cosmos_video import Bucket, decode_frames, fit_frames, frames_to_vae_input, open_video, parse_bucket
 
 
 def parse_args(argv=None):
@@ -107,15 +104,7 @@ def parse_args(argv=None):
         "Without --buckets, one bucket: --num_frames x --height x --width. These settings are the cache's clip\n"
         "plan: a rerun into the cache with another plan is refused.",
     )
-    clips.add_argument(
-        "--clip_stride_seconds",
-        type=float,
-        default=None,
-        help="Seconds between clip starts within a video. Default: the clip length (back to back).",
-    )
-    clips.add_argument(
-        "--max_clips_per_video", type=positive_int, default=None, help="Cap on clips taken from one video."
-    )
+    add_video_clip_arguments(clips)
     text = parser.add_argument_group("captions")
     text.add_argument(
         "--prompt", default=DEFAULT_PROMPT, help="Caption for videos without one (Egocentric-100K has no captions)."
@@ -125,8 +114,9 @@ def parse_args(argv=None):
         choices=["projected", "full"],
         default="projected",
         help="Predict2.5 only: store each caption as the output of the transformer's frozen crossattn_proj "
-        "[512, 1024] (1 MB; valid while crossattn_proj stays frozen and unchanged, which training checks), or the "
-        "full Qwen2.5-VL embedding [512, 100352] (103 MB). Predict2 stores T5 embeddings [512, 1024] either way.",
+        "[512, 1024] (1 MB before the cache's lossless compression; valid while crossattn_proj stays frozen and "
+        "unchanged, which training checks), or the full Qwen2.5-VL embedding [512, 100352] (103 MB before "
+        "compression). Predict2 stores T5 embeddings [512, 1024] either way.",
     )
     text.add_argument(
         "--caption_field",
@@ -136,8 +126,16 @@ def parse_args(argv=None):
     text.add_argument(
         "--captions_file",
         default=None,
-        help="jsonl or csv with a `key` column and the --caption_field column; keys are video keys "
-        "(folder: path relative to --video_dir without extension; tars: the member name).",
+        help="Captions per video or per clip: a jsonl or csv with a `key` column and the --caption_field column "
+        "(keys are video keys: folder: path relative to --video_dir without extension; tars: the member name), or "
+        "the output folder (or one jsonl) of caption_clips.py, whose rows caption one clip each, matched by key and "
+        "start time; those must come from this run's clip plan.",
+    )
+    text.add_argument(
+        "--missing_caption",
+        choices=["error", "prompt"],
+        default="error",
+        help="With per-clip captions: a clip without one stops the run naming it (error), or is captioned --prompt.",
     )
     run = parser.add_argument_group("run")
     run.add_argument("--batch_size", type=positive_int, default=8, help="Clips per VAE encode call.")
@@ -168,18 +166,7 @@ def parse_args(argv=None):
         help="torch.compile the whole-clip encode; the first batch compiles (tens of seconds). Default: on with "
         "--vae_encode whole on GPU, off on CPU.",
     )
-    run.add_argument(
-        "--num_shards",
-        type=positive_int,
-        default=None,
-        help="Split the videos into this many disjoint shards. Default: SLURM_ARRAY_TASK_COUNT or 1.",
-    )
-    run.add_argument(
-        "--shard_index",
-        type=int,
-        default=None,
-        help="Which shard this run caches (0-based). Default: SLURM_ARRAY_TASK_ID minus SLURM_ARRAY_TASK_MIN, or 0.",
-    )
+    add_shard_arguments(run, "caches")
     run.add_argument(
         "--verify",
         action="store_true",
@@ -194,37 +181,13 @@ def parse_args(argv=None):
     return args
 
 
-def resolve_shard_args(args):
-    if args.num_shards is None:
-        args.num_shards = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
-    if args.shard_index is None:
-        task_id = os.environ.get("SLURM_ARRAY_TASK_ID")
-        args.shard_index = int(task_id) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0)) if task_id else 0
-
-
 def validate_args(args):
     """Fail at once, before any model loads, with a one-line error."""
-    sources = [name for name in ("video_dir", "tars", "dataset") if getattr(args, name)]
-    if len(sources) > 1:
-        raise ValueError(f"give one source, not {' and '.join('--' + s for s in sources)}")
+    sources = given_sources(args)
     if not sources and not args.verify:
         raise ValueError("give a source: --video_dir, --tars or --dataset (or --verify alone to check a cache)")
-    check_clip_geometry(args.num_frames, args.height, args.width)
-    if args.clip_stride_seconds is not None and args.clip_stride_seconds <= 0:
-        raise ValueError(f"--clip_stride_seconds must be positive, got {args.clip_stride_seconds}")
-    if not 0 <= args.shard_index < args.num_shards:
-        raise ValueError(
-            f"--shard_index {args.shard_index} is outside 0..{args.num_shards - 1} (--num_shards {args.num_shards})"
-        )
-    if len(set(args.buckets)) != len(args.buckets):
-        raise ValueError(f"--buckets lists a bucket twice: {' '.join(b.name for b in args.buckets)}")
-    if args.video_dir and not os.path.isdir(args.video_dir):
-        raise FileNotFoundError(f"--video_dir {args.video_dir} is not a directory")
-    if args.video_dir and not list_local_videos(args.video_dir):
-        raise FileNotFoundError(f"--video_dir {args.video_dir} holds no video file ({', '.join(VIDEO_EXTENSIONS)})")
-    if args.tars and not glob.glob(args.tars, recursive=True):
-        raise FileNotFoundError(f"--tars {args.tars!r} matches no file")
-    if args.captions_file and not os.path.isfile(args.captions_file):
+    validate_source_args(args, source_required=False)
+    if args.captions_file and not os.path.exists(args.captions_file):
         raise FileNotFoundError(f"--captions_file {args.captions_file} does not exist")
     if args.compile_vae and args.vae_encode == "chunked":
         raise ValueError(
@@ -234,186 +197,13 @@ def validate_args(args):
         check_pretrained_model(args.pretrained_model_name_or_path, ["vae", "text_encoder", "tokenizer"])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Sources: every source yields (key, video, caption), where video is a path or the file's bytes.
-# ----------------------------------------------------------------------------------------------------------------
-def list_local_videos(video_dir):
-    """Sorted (key, path) pairs; the key is the path relative to video_dir without its extension."""
-    found = []
-    for root, _, files in os.walk(video_dir):
-        for name in files:
-            if name.lower().endswith(VIDEO_EXTENSIONS):
-                path = os.path.join(root, name)
-                found.append((os.path.splitext(os.path.relpath(path, video_dir))[0], path))
-    return sorted(found)
-
-
-def read_captions_file(path, field):
-    """{key: caption} from a jsonl or csv file with a `key` column."""
-    if path.endswith(".csv"):
-        import csv
-
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    return {str(row["key"]): row[field] for row in rows if row.get(field)}
-
-
-def sidecar_caption(video_path, field):
-    """Caption from KEY.txt, or from `field` of KEY.json, next to a video; None if neither has one."""
-    stem = os.path.splitext(video_path)[0]
-    if os.path.isfile(stem + ".txt"):
-        with open(stem + ".txt") as f:
-            return f.read().strip() or None
-    if os.path.isfile(stem + ".json"):
-        with open(stem + ".json") as f:
-            return json.load(f).get(field)
-    return None
-
-
-def load_streaming_dataset(args):
-    """The same `datasets` streaming code path reads hub datasets, local dataset folders and local tar shards."""
-    import datasets
-
-    if args.tars:
-        files = sorted(glob.glob(args.tars, recursive=True))
-        ds = datasets.load_dataset("webdataset", data_files=files, split="train", streaming=True)
-    else:
-        ds = datasets.load_dataset(args.dataset, data_files=args.data_files, split=args.split, streaming=True)
-    return ds.decode(False)  # raw bytes or paths: we decode with PyAV, not the Video feature
-
-
-def take_part(ds, num_parts, index):
-    """Part `index` of `num_parts` of a streaming dataset, split by whole files so nothing is read twice."""
-    if num_parts == 1:
-        return ds
-    if index >= ds.num_shards:
-        return None  # more parts than files: this part has no file
-    return ds.shard(num_shards=min(num_parts, ds.num_shards), index=index)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Which columns of a streamed dataset hold the video, its caption and its key (None: not in the data)."""
-
-    video: str
-    caption: str | None
-    key: str | None
-
-
-def looks_like_video(value):
-    return isinstance(value, (bytes, bytearray, str)) or (isinstance(value, dict) and {"bytes", "path"} & set(value))
-
-
-def resolve_layout(example, args):
-    """Pick the video, caption and key columns from the first example; a layout that does not fit fails in one line
-    naming the columns found."""
-    columns = list(example)
-    source = args.tars or args.dataset
-    found = f"columns found: {', '.join(columns)}"
-    for flag in ("video_column", "caption_column", "key_column"):
-        if getattr(args, flag) and getattr(args, flag) not in example:
-            raise ValueError(f"--{flag} {getattr(args, flag)} is not in {source}; {found}")
-    # A WebDataset member KEY.video.mp4 is the column video.mp4: match names on their last extension too.
-    named = [c for c in columns if c.lower() in VIDEO_COLUMNS or c.rsplit(".", 1)[-1].lower() in VIDEO_COLUMNS]
-    video = args.video_column or next((c for c in named if looks_like_video(example[c])), None)
-    if video is None:
-        video = next((c for c in columns if isinstance(example[c], dict) and "bytes" in example[c]), None)
-    if video is None:
-        raise ValueError(f"{source}: no column holds a video ({found}); name it with --video_column")
-    if not looks_like_video(example[video]):
-        raise ValueError(
-            f"{source}: column {video} holds {type(example[video]).__name__}, not video bytes, a path or a "
-            f'{{"bytes", "path"}} dict; {found}'
-        )
-    texts = [c for c in CAPTION_COLUMNS if isinstance(example.get(c), str)]
-    caption = args.caption_column or (texts[0] if texts else None)
-    key = args.key_column or next((c for c in KEY_COLUMNS if c in example), None)
-    return Layout(video, caption, key)
-
-
-def probe_layout(args):
-    """Read the first example of a --tars/--dataset source (before any model loads) and return its Layout."""
-    example = next(iter(load_streaming_dataset(args)), None)
-    if example is None:
-        raise ValueError(f"{args.tars or args.dataset} holds no example")
-    return resolve_layout(example, args)
-
-
-def key_from_path(path, root):
-    """A video's path relative to the dataset (a local folder or hf://datasets/ID@REV/...), without extension."""
-    path = re.sub(r"^hf://datasets/[^/]+/[^/@]+(@[^/]+)?/", "", path.removeprefix("file://"))
-    if root and os.path.isabs(path) and os.path.isdir(root):
-        path = os.path.relpath(path, os.path.abspath(root))
-    return os.path.splitext(path)[0]
-
-
-def video_input(value, root):
-    """Bytes or a local path PyAV can open, from a column value: bytes, a path, or a {"bytes", "path"} dict."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if not isinstance(value, str):
-        raise ValueError(f"the video column holds {type(value).__name__}, not bytes or a path")
-    for path in (value, os.path.join(root or "", value)):
-        if os.path.isfile(path):
-            return path
-    if "://" not in value and root and not os.path.isdir(root):
-        value = f"hf://datasets/{root}/{value}"  # a path inside a hub dataset
-    from datasets.utils.file_utils import xopen
-
-    with xopen(value, "rb") as f:
-        return f.read()
-
-
-def example_key(example, layout, root):
-    """Stable and unique per video: the key column, else the video's path, else a hash of its bytes."""
-    if layout.key:
-        return str(example[layout.key])
-    value = example[layout.video]
-    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
-    if path:
-        return key_from_path(path, root)
-    data = value.get("bytes") if isinstance(value, dict) else value
-    return "sha1-" + hashlib.sha1(data).hexdigest()[:16]
-
-
-def example_caption(example, layout, field):
-    if layout.caption and example.get(layout.caption):
-        return str(example[layout.caption]).strip() or None
-    meta = example.get("json")
-    return meta.get(field) if isinstance(meta, dict) else None
-
-
-def iter_part_videos(args, layout, captions, part, num_parts):
-    """(key, video, caption, caption_from_file) for the videos of part `part` of `num_parts`; video is a path or
-    bytes, or the exception that reading it raised."""
-    if args.video_dir:
-        for key, path in list_local_videos(args.video_dir)[part::num_parts]:
-            caption = captions.get(key) or sidecar_caption(path, args.caption_field) or args.prompt
-            yield key, path, caption, key in captions
-        return
-    ds = take_part(load_streaming_dataset(args), num_parts, part)
-    root = None if args.tars else args.dataset
-    for example in ds or []:
-        key = example_key(example, layout, root)
-        try:
-            video = video_input(example[layout.video], root)
-        except Exception as error:  # a missing file is this video's failure, not the run's
-            video = error
-        caption = captions.get(key) or example_caption(example, layout, args.caption_field) or args.prompt
-        yield key, video, caption, key in captions
-
-
 class VideoClips(torch.utils.data.IterableDataset):
     """Decodes this process's videos in DataLoader workers and yields clips still missing from the cache.
 
-    Items are dicts with the video's `key`: a clip (`frames` uint8 [T, H, W, 3], its `bucket` and metadata),
-    `{"error": ...}` for a video that could not be used, or `{"skipped": n}` for a video whose n clips are already
-    cached. `caption_from_file` says whether --captions_file named the video.
+    Items are dicts with the video's `key`: a clip (`frames` uint8 [T, H, W, 3], its `bucket`, `caption` and
+    metadata), `{"error": ...}` for a video that could not be used, `{"skipped": n}` for a video whose n clips are
+    already cached, or `{"missing_caption": start}` for a clip that per-clip captions do not cover (without
+    --missing_caption prompt). `caption_from_file` says whether --captions_file captioned the video or the clip.
     """
 
     def __init__(self, args, layout, shard_dir, captions, part, num_parts):
@@ -424,66 +214,71 @@ class VideoClips(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # Worker w of process-part p reads sub-part p + w * num_parts of num_parts * num_workers.
+        part, num_parts = self.part + worker * self.num_parts, self.num_parts * num_workers
         videos = iter_part_videos(
-            self.args, self.layout, self.captions, self.part + worker * self.num_parts, self.num_parts * num_workers
+            self.args, self.layout, part, num_parts, self.captions.videos, self.args.caption_field
         )
         seen = set()
-        for key, video, caption, caption_from_file in videos:
-            tag = {"key": key, "caption_from_file": caption_from_file}
-            if key in seen:
+        for source in videos:
+            tag = {"key": source.key, "caption_from_file": source.key in self.captions.videos}
+            if source.key in seen:
                 yield tag | {"error": "duplicate key: an earlier video of this source has the same key"}
                 continue
-            seen.add(key)
+            seen.add(source.key)
             try:
-                if isinstance(video, Exception):
-                    raise video
-                for item in self.video_clips(key, video, caption):
+                if isinstance(source.video, Exception):
+                    raise source.video
+                for item in self.video_clips(source):
                     yield tag | item
             except Exception as error:  # a corrupt or truncated video is reported, never fatal
                 yield tag | {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
 
-    def video_clips(self, key, video, caption):
+    def clip_caption(self, source, clip):
+        """{"caption", "caption_from_file"} of a clip: its per-clip caption where the captions file has per-clip
+        rows (else --prompt with --missing_caption prompt, else {"missing_caption"}), otherwise the video's."""
+        if not self.captions.clips:
+            return {"caption": source.caption or self.args.prompt}
+        caption = self.captions.clips.get(clip_id(source.key, clip.start_seconds))
+        if caption:
+            return {"caption": caption, "caption_from_file": True}
+        if self.args.missing_caption == "prompt":
+            return {"caption": self.args.prompt, "caption_from_file": False}
+        return {"missing_caption": round(clip.start_seconds, 3)}
+
+    def video_clips(self, source):
         a = self.args
-        with open_video(video) as container:
-            num_source_frames, source_fps = probe_video(container)
-            height, width = video_size(container)
-            size = nearest_bucket_size(a.buckets, height, width)
-            buckets = [b for b in a.buckets if (b.height, b.width) == size]
-            clips = plan_bucket_clips(
-                buckets, num_source_frames, source_fps, a.fps, a.clip_stride_seconds, a.max_clips_per_video
-            )
-            if not clips:
-                shortest = min(buckets, key=lambda b: b.num_frames)
-                yield {
-                    "error": f"too short for every bucket of its aspect ratio: {num_source_frames / source_fps:.2f} "
-                    f"s, the shortest clip ({shortest.name}) needs {(shortest.num_frames - 1) / a.fps:.2f} s; "
-                    f"source {width}x{height}"
-                }
+        with open_video(source.video) as container:
+            plan = plan_video(container, a)
+            if plan.error:
+                yield {"error": plan.error}
                 return
             todo = [
-                c
-                for c in range(len(clips))
-                if not os.path.exists(os.path.join(self.shard_dir, clip_file_name(key, c)))
+                clip
+                for clip in plan.clips
+                if not os.path.exists(os.path.join(self.shard_dir, clip_file_name(source.key, clip.index)))
             ]
             if not todo:
-                yield {"skipped": len(clips)}
+                yield {"skipped": len(plan.clips)}
                 return
-            frames = decode_frames(container, {i for c in todo for i in clips[c][1]})
-        for c in todo:
-            bucket, indices = clips[c]
-            if indices[-1] not in frames:
-                yield {"error": f"truncated: clip {c} needs frame {indices[-1]}, decoded {len(frames)} wanted frames"}
+            frames = decode_frames(container, {i for clip in todo for i in clip.indices})
+        for clip in todo:
+            caption = self.clip_caption(source, clip)
+            if "missing_caption" in caption:
+                yield caption
+                return
+            if clip.indices[-1] not in frames:
+                yield {
+                    "error": f"truncated: clip {clip.index} needs frame {clip.indices[-1]}, decoded {len(frames)} "
+                    "wanted frames"
+                }
                 break
-            clip = fit_frames(
-                torch.stack([torch.from_numpy(frames[i]) for i in indices]), bucket.height, bucket.width, a.resize_mode
-            )
-            yield {
-                "clip_index": c,
-                "bucket": bucket,
-                "frames": clip,
-                "caption": caption,
-                "start_seconds": indices[0] / source_fps,
-                "source_fps": source_fps,
+            clip_frames = torch.stack([torch.from_numpy(frames[i]) for i in clip.indices])
+            yield caption | {
+                "clip_index": clip.index,
+                "bucket": clip.bucket,
+                "frames": fit_frames(clip_frames, clip.bucket.height, clip.bucket.width, a.resize_mode),
+                "start_seconds": clip.start_seconds,
+                "source_fps": plan.source_fps,
             }
 
 
@@ -572,7 +367,8 @@ def children_cpu_seconds():
 
 
 class TextEmbedCache:
-    """Encodes each caption once and stores it as text_embeds/HASH.safetensors (projected if `projection` is given).
+    """Encodes each caption once and stores it, compressed losslessly, as text_embeds/HH/HASH.safetensors (projected
+    if `projection` is given).
 
     The tokenizer and text encoder load on the first missing embedding; `release` frees them again.
     """
@@ -580,7 +376,6 @@ class TextEmbedCache:
     def __init__(self, output_dir, args, family, projection, device, dtype):
         self.output_dir, self.args, self.family, self.projection = output_dir, args, family, projection
         self.device, self.dtype = device, dtype
-        os.makedirs(os.path.join(output_dir, TEXT_EMBEDS_DIR), exist_ok=True)
         self.known, self.tokenizer, self.text_encoder = set(), None, None
 
     def ensure(self, caption):
@@ -592,7 +387,7 @@ class TextEmbedCache:
             embeds = self.family.encode_prompts(self.tokenizer, self.text_encoder, [caption], self.device)
             with torch.no_grad():
                 embeds = project_text(self.projection, embeds)
-            atomic_save({"prompt_embeds": embeds[0].to(torch.bfloat16).cpu()}, path, {"caption": caption})
+            write_text_embeds(path, embeds[0].to(torch.bfloat16).cpu(), caption)
         self.known.add(hash_)
         return hash_
 
@@ -622,7 +417,7 @@ def print_verify(output_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def cache_videos(args, layout, accelerator):
+def cache_videos(args, layout, captions, accelerator):
     """Cache this run's part of the videos; return the shard's report (on the main process)."""
     torch.backends.cudnn.benchmark = True  # VAE calls repeat a few shapes, so the fastest conv kernels pay off
     path, revision, device = args.pretrained_model_name_or_path, args.revision, accelerator.device
@@ -639,11 +434,9 @@ def cache_videos(args, layout, accelerator):
     if accelerator.is_main_process:
         os.makedirs(shard_dir, exist_ok=True)
         remove_stale_temp_files(shard_dir)
-        remove_stale_temp_files(os.path.join(args.output_dir, TEXT_EMBEDS_DIR))
         write_cache_info(args.output_dir, config)
     accelerator.wait_for_everyone()
 
-    captions = read_captions_file(args.captions_file, args.caption_field) if args.captions_file else {}
     num_parts = args.num_shards * accelerator.num_processes
     part = args.shard_index * accelerator.num_processes + accelerator.process_index
     loader = torch.utils.data.DataLoader(
@@ -657,14 +450,14 @@ def cache_videos(args, layout, accelerator):
     text_cache = TextEmbedCache(args.output_dir, args, family, projection, device, dtype)
     if args.video_dir:
         with stage("encoding captions"):
-            for key, video_path in list_local_videos(args.video_dir)[part::num_parts]:
-                text_cache.ensure(captions.get(key) or sidecar_caption(video_path, args.caption_field) or args.prompt)
+            for caption in known_captions(args, captions, part, num_parts):
+                text_cache.ensure(caption)
         text_cache.release()
     gpu = accelerator.device.type == "cuda"
     mode = args.vae_encode or ("whole" if gpu else "chunked")
     compile_vae = args.compile_vae if args.compile_vae is not None else gpu and mode == "whole"
     encode = ClipEncoder(vae, mode, compile_vae, args.batch_size)
-    written, skipped, failures, keys_captioned = 0, 0, [], set()
+    written, skipped, failures, keys_captioned, clips_captioned = 0, 0, [], set(), 0
     batches = {bucket: [] for bucket in args.buckets}  # one VAE batch per clip shape
     start, workers_cpu = time.time(), children_cpu_seconds()
     clock = LoopClock(start)
@@ -673,7 +466,7 @@ def cache_videos(args, layout, accelerator):
     writer, pending = ThreadPoolExecutor(max_workers=1), deque()
 
     def flush(batch):
-        nonlocal written
+        nonlocal written, clips_captioned
         with stage(f"encoding {len(batch)} clips of {batch[0]['key']}"):
             hashes = [text_cache.ensure(item["caption"]) for item in batch]
             latents = encode_clips(encode, [item["frames"] for item in batch], vae.config)
@@ -682,6 +475,7 @@ def cache_videos(args, layout, accelerator):
         while len(pending) > 2:
             wait_for_write(pending.popleft())
         written += len(batch)
+        clips_captioned += sum(bool(item["caption_from_file"]) for item in batch)
         progress.update(len(batch))
         progress.set_postfix(
             clips_per_s=f"{written / (time.time() - start):.2f}",
@@ -693,6 +487,12 @@ def cache_videos(args, layout, accelerator):
     for item in clock.items(loader):
         if item["caption_from_file"]:
             keys_captioned.add(item["key"])
+        if "missing_caption" in item:
+            raise ValueError(
+                f"--captions_file {args.captions_file} has no caption for the clip of {item['key']} at "
+                f"{item['missing_caption']} s: caption it with caption_clips.py (same clip plan), or pass "
+                "--missing_caption prompt to caption such clips --prompt"
+            )
         if "error" in item:
             failures.append({"key": item["key"], "reason": item["error"]})
             tqdm.write(f"skipped video {item['key']}: {item['error']}")
@@ -715,7 +515,7 @@ def cache_videos(args, layout, accelerator):
     result.update(first_batch=clock.first_batch, data_wait_share=clock.data_wait_share())
     result.update(workers_cpu=children_cpu_seconds() - workers_cpu, vae_encode=encode.mode, compile=encode.compiled)
 
-    result["keys"] = keys_captioned
+    result.update(keys=keys_captioned, clips_captioned=clips_captioned)
     results = gather_object([result])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -735,6 +535,7 @@ def cache_videos(args, layout, accelerator):
         report["compile_vae"] = results[0]["compile"]
         if args.captions_file:
             report["captions_file_keys_matched"] = len(set().union(*(r["keys"] for r in results)))
+            report["clips_captioned_from_file"] = sum(r["clips_captioned"] for r in results)
         atomic_write_text(os.path.join(shard_dir, "report.json"), json.dumps(report, indent=2))
         rebuild_manifest(shard_dir)
         info = write_cache_info(args.output_dir, config)
@@ -747,7 +548,12 @@ def cache_videos(args, layout, accelerator):
             + ", ".join(f"{n} {name}" for name, n in info["clips_per_bucket"].items())
             + ")"
         )
-        if args.captions_file:
+        if captions.clips:
+            print(
+                f"--captions_file: {report['clips_captioned_from_file']} of the {report['written']} clips written "
+                f"got their own caption ({len(captions.clips)} clip captions in the file)"
+            )
+        elif args.captions_file:
             print(
                 f"--captions_file: {report['captions_file_keys_matched']} of its {len(captions)} keys matched a "
                 "video of this shard"
@@ -762,17 +568,41 @@ def wait_for_write(future):
         future.result()
 
 
-def check_captions_file(args):
-    """With --video_dir all keys are known up front: report how many captions match one, and refuse none."""
-    captions = read_captions_file(args.captions_file, args.caption_field)
+def known_captions(args, captions, part, num_parts):
+    """The captions of a local folder's part, known before any video is decoded: per clip where the captions file
+    has per-clip rows, else per video (--captions_file, sidecar or --prompt)."""
+    videos = list_local_videos(args.video_dir)[part::num_parts]
+    if captions.clips:
+        keys = {key for key, _ in videos}
+        return sorted({caption for (key, _), caption in captions.clips.items() if key in keys})
+    return sorted(
+        {captions.videos.get(key) or sidecar_caption(path, args.caption_field) or args.prompt for key, path in videos}
+    )
+
+
+def check_captions(args, captions):
+    """Before any model loads: per-clip captions must come from this run's clip plan; with --video_dir, whose keys
+    are known up front, report how many captions match a video, and refuse a file that matches none."""
+    if captions.clips:
+        plan = clip_plan_sha(clip_plan(args))
+        if captions.clip_plans != {plan}:
+            other = sorted(str(p) for p in captions.clip_plans - {plan})
+            raise ValueError(
+                f"--captions_file {args.captions_file} holds clip captions of another clip plan ({', '.join(other)}, "
+                f"this run's is {plan}): caption with the same --fps/--buckets/--num_frames/--height/--width/"
+                "--resize_mode/--clip_stride_seconds/--max_clips_per_video as this run"
+            )
+    if not args.video_dir:
+        return
     keys = [key for key, _ in list_local_videos(args.video_dir)]
-    matched = len(set(captions) & set(keys))
+    file_keys = set(captions.videos) | {key for key, _ in captions.clips}
+    matched = len(file_keys & set(keys))
     if not matched:
         raise ValueError(
-            f"--captions_file {args.captions_file}: none of its {len(captions)} keys (e.g. "
-            f"{next(iter(captions), 'none')!r}) matches a video key under --video_dir (e.g. {keys[0]!r})"
+            f"--captions_file {args.captions_file}: none of its {len(file_keys)} keys (e.g. "
+            f"{next(iter(sorted(file_keys)), 'none')!r}) matches a video key under --video_dir (e.g. {keys[0]!r})"
         )
-    print(f"--captions_file: {matched} of its {len(captions)} keys match one of the {len(keys)} videos")
+    print(f"--captions_file: {matched} of its {len(file_keys)} keys match one of the {len(keys)} videos")
 
 
 def main(args):
@@ -781,10 +611,11 @@ def main(args):
     if args.video_dir or args.tars or args.dataset:
         # Check the source before any model loads: the layout of a dataset, the captions file of a folder.
         layout = probe_layout(args) if not args.video_dir else None
-        if args.video_dir and args.captions_file:
-            check_captions_file(args)
+        captions = read_captions_file(args.captions_file, args.caption_field) if args.captions_file else Captions()
+        if args.captions_file:
+            check_captions(args, captions)
         accelerator = Accelerator()
-        report = cache_videos(args, layout, accelerator)
+        report = cache_videos(args, layout, captions, accelerator)
         if report is not None and report["failures"] and not report["written"] and not report["already_cached"]:
             print("error: no clip could be cached", file=sys.stderr)
             ok = False

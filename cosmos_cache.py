@@ -1,12 +1,22 @@
 """The latent cache's file format, written by cache_latents.py and read by train_cosmos_lora.py and sample.py.
 
     CACHE/cache_info.json                   config, model id, VAE normalization, counts
-    CACHE/text_embeds/HASH.safetensors      text embedding per unique caption ("prompt_embeds")
+    CACHE/text_embeds/HH/HASH.safetensors   text embedding per unique caption, compressed losslessly (HH: the
+                                            hash's first two characters, so no folder holds millions of files)
     CACHE/shard_00000/KEY__000.safetensors  one clip's normalized latents ("latents", bfloat16) + metadata
     CACHE/shard_00000/manifest.jsonl        one row per clip file
     CACHE/shard_00000/report.json           what the last run of this shard cached and skipped
 
 Every file is written to a temporary name and renamed when complete, so a killed job never leaves a partial file.
+
+A text file stores a caption's [512, D] bf16 embedding bit for bit in fewer bytes ("high_zstd" and "low_zstd",
+uint8, with the metadata `shape`, `rows`, `delta_high`, `delta_low`, `caption`): the trailing rows whose bits are
+all zero are dropped (T5 zeroes the embedding past the prompt's tokens, so only the real tokens' rows remain), the
+high byte (sign, exponent) and the low byte of each remaining value go to two planes, each plane is XOR-ed row by row
+when that makes it smaller (`delta_*`: rows much alike, such as Predict2.5's padding, then turn into zeros), and each
+is compressed with zstd. Reading reverses each step; writing checks that the file rebuilds the embedding bit for
+bit. Training reads one caption per clip by its hash, so each caption is one file found by name, with no index
+to load.
 """
 
 import functools
@@ -17,17 +27,22 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import zstandard
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cosmos_process import file_written_whole
+from cosmos_sources import clip_plan
 from cosmos_video import latent_shape
 
 CACHE_INFO = "cache_info.json"
 TEXT_EMBEDS_DIR = "text_embeds"
 MANIFEST = "manifest.jsonl"
-CACHE_FORMAT_VERSION = 2  # 2: family, text_embeds, clip_plan, buckets, per-row shapes; older ones are refused
+# 2: family, text_embeds, clip_plan, buckets, per-row shapes; 3: text embeddings compressed losslessly in
+# text_embeds/HH/. Older ones are refused.
+CACHE_FORMAT_VERSION = 3
 # Settings that must match for clips to share one cache.
 CACHE_CONFIG_KEYS = (
     "num_frames",
@@ -69,7 +84,7 @@ def caption_hash(caption):
 
 
 def text_embed_path(cache_dir, hash_):
-    return os.path.join(cache_dir, TEXT_EMBEDS_DIR, f"{hash_}.safetensors")
+    return os.path.join(cache_dir, TEXT_EMBEDS_DIR, hash_[:2], f"{hash_}.safetensors")
 
 
 def shard_dirs(cache_dir):
@@ -116,7 +131,7 @@ class CachedClip:
     shape: tuple  # latent shape [16, T, h, w]
     caption_hash: str
     path: str  # CACHE/shard_NNNNN/KEY__NNN.safetensors
-    text_path: str  # CACHE/text_embeds/HASH.safetensors
+    text_path: str  # CACHE/text_embeds/HH/HASH.safetensors
 
     @property
     def file(self):
@@ -167,10 +182,108 @@ def bucket_name(shape):
 
 @functools.lru_cache(maxsize=64)
 def load_text_embeds(path):
-    """A caption's T5 embedding [512, D] (bf16) from a cache. Most clips share a few captions, so recent ones stay
-    in memory instead of being read again for every clip. Callers must not change the tensor in place."""
+    """A caption's embedding [512, D] (bf16) from a cache. When clips share captions, recent ones stay in memory
+    instead of being read again for every clip. Callers must not change the tensor in place."""
+    return read_text_embeds(path)
+
+
+def read_text_embeds(path):
+    """A text embedding file's [512, D] bf16 tensor, rebuilt bit for bit (see the module docstring)."""
     with safe_open(path, "pt") as f:
-        return f.get_tensor("prompt_embeds")
+        meta = f.metadata()
+        planes = [
+            PackedPlane(f.get_tensor(f"{name}_zstd").numpy().tobytes(), meta[f"delta_{name}"] == "1")
+            for name in ("high", "low")
+        ]
+    shape = tuple(int(n) for n in meta["shape"].split(","))
+    return unpack_text_embeds(PackedText(int(meta["rows"]), *planes), shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text embeddings: lossless compression
+# ----------------------------------------------------------------------------------------------------------------
+TEXT_ZSTD_LEVEL = 3  # level 19 saves about 3% more and takes 30x longer to write
+
+
+@dataclass(frozen=True)
+class PackedPlane:
+    """One byte of every stored bf16 value (high: sign and exponent; low: the rest of the mantissa), zstd-compressed,
+    each row XOR-ed with the row before it when `delta`."""
+
+    data: bytes
+    delta: bool
+
+
+@dataclass(frozen=True)
+class PackedText:
+    """A [512, D] bf16 embedding as the two byte planes of its first `rows` rows (the rows after them are zero)."""
+
+    rows: int
+    high: PackedPlane
+    low: PackedPlane
+
+    @property
+    def nbytes(self):
+        return len(self.high.data) + len(self.low.data)
+
+
+def bf16_bits(embeds):
+    """The bit patterns of a bf16 tensor, as uint16 numpy."""
+    return embeds.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def pack_plane(plane):
+    """A [rows, D] uint8 plane compressed as it is or XOR-ed row by row, whichever is smaller."""
+    delta = plane.copy()
+    delta[1:] ^= plane[:-1]
+    compressor = zstandard.ZstdCompressor(level=TEXT_ZSTD_LEVEL, write_checksum=True)
+    plain, xored = compressor.compress(plane.tobytes()), compressor.compress(delta.tobytes())
+    return PackedPlane(xored, True) if len(xored) < len(plain) else PackedPlane(plain, False)
+
+
+def unpack_plane(packed, rows, width):
+    plane = np.frombuffer(zstandard.ZstdDecompressor().decompress(packed.data), np.uint8).reshape(rows, width)
+    return np.bitwise_xor.accumulate(plane, axis=0) if packed.delta else plane
+
+
+def pack_text_embeds(embeds):
+    """A [512, D] bf16 embedding compressed without loss: trailing all-zero rows dropped, then the high and the low
+    byte of each value in two planes, each compressed with zstd (XOR-ed row by row first when that is smaller)."""
+    bits = bf16_bits(embeds)
+    nonzero = np.flatnonzero(bits.any(axis=1))
+    rows = int(nonzero[-1]) + 1 if len(nonzero) else 0
+    stored = bits[:rows]
+    return PackedText(rows, pack_plane((stored >> 8).astype(np.uint8)), pack_plane((stored & 0xFF).astype(np.uint8)))
+
+
+def unpack_text_embeds(packed, shape):
+    """The [512, D] bf16 embedding a PackedText holds, bit for bit."""
+    rows, width = packed.rows, shape[1]
+    high, low = unpack_plane(packed.high, rows, width), unpack_plane(packed.low, rows, width)
+    bits = np.zeros(shape, np.uint16)
+    bits[:rows] = (high.astype(np.uint16) << 8) | low
+    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+
+
+def write_text_embeds(path, embeds, caption):
+    """Store one caption's [512, D] bf16 embedding compressed; refuse to write a file that would not rebuild it bit
+    for bit."""
+    packed = pack_text_embeds(embeds)
+    if not np.array_equal(bf16_bits(unpack_text_embeds(packed, tuple(embeds.shape))), bf16_bits(embeds)):
+        raise RuntimeError(f"{path}: the compressed text embedding does not rebuild the embedding bit for bit")
+    meta = {
+        "shape": ",".join(str(n) for n in embeds.shape),
+        "rows": str(packed.rows),
+        "delta_high": str(int(packed.high.delta)),
+        "delta_low": str(int(packed.low.delta)),
+        "caption": caption,
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tensors = {
+        f"{name}_zstd": torch.frombuffer(bytearray(plane.data), dtype=torch.uint8)
+        for name, plane in (("high", packed.high), ("low", packed.low))
+    }
+    atomic_save(tensors, path, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,13 +312,7 @@ def cache_config(args, vae_config, text_embeds, family):
         "latent_shape": buckets[0].latent_shape(vae_config["z_dim"]) if single else None,
         "buckets": [b.name for b in buckets],
         "bucket_latent_shapes": {b.name: b.latent_shape(vae_config["z_dim"]) for b in buckets},
-        "clip_plan": {
-            "fps": args.fps,
-            "clip_stride_seconds": args.clip_stride_seconds,
-            "max_clips_per_video": args.max_clips_per_video,
-            "resize_mode": args.resize_mode,
-            "buckets": [b.name for b in buckets],
-        },
+        "clip_plan": clip_plan(args),
         "latent_dtype": "bfloat16",
         "text_embed_shape": list(text_embeds["shape"]),
         "text_embeds": text_embeds,
@@ -263,6 +370,7 @@ def write_clips(batch, latents, caption_hashes, shard_dir, config):
             "height": str(bucket.height),
             "width": str(bucket.width),
             "caption_hash": hash_,
+            "caption": item["caption"],  # the text itself, for contact sheets
             "model": config["model"],
         }
         path = os.path.join(shard_dir, clip_file_name(item["key"], item["clip_index"]))
@@ -338,13 +446,14 @@ def verify_cache(output_dir):
         if os.path.isfile(report):
             with open(report) as f:
                 failures += len(json.load(f)["failures"])
+    text_bytes = 0
     for hash_ in sorted(hashes):
         path = text_embed_path(output_dir, hash_)
         try:
-            with safe_open(path, "pt") as f:
-                embeds = f.get_tensor("prompt_embeds")
+            embeds = read_text_embeds(path)
             if list(embeds.shape) != info["text_embed_shape"] or not torch.isfinite(embeds.float()).all():
                 problems.append(f"{path}: shape {list(embeds.shape)} or values are wrong")
+            text_bytes += os.path.getsize(path)
         except Exception as error:
             problems.append(f"{path}: unreadable or missing ({error})")
     stats = {
@@ -355,6 +464,8 @@ def verify_cache(output_dir):
         "video_hours": round(seconds / 3600, 4),
         "bytes": clip_bytes,
         "bytes_per_clip": clip_bytes // max(num_clips, 1),
+        "text_bytes": text_bytes,
+        "text_bytes_per_caption": text_bytes // max(len(hashes), 1),
         "failed_videos_last_runs": failures,
         "clips_per_bucket": {name: per_bucket[name] for name in buckets},
         "problems": len(problems),

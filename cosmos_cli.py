@@ -170,6 +170,52 @@ def add_clip_plan_arguments(parser, description=None):
     return clips
 
 
+def add_rollout_argument(group):
+    """`--rollout_chunks N`: long rollouts of chained clips (sample.py's generate_rollouts)."""
+    group.add_argument(
+        "--rollout_chunks",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="Generate N chained clips per input: each clip after the first is conditioned on the last "
+        "--num_conditioning_frames frames the one before generated (decoded, then encoded again), and those frames "
+        "appear once in the output, so N clips of F frames make a video of F + (N-1)(F - 1 or 5) frames. Predict2 "
+        "video inputs are scored against the source frames that follow, as far as the video holds them (Predict2.5 "
+        "conditions on a video's last frames: no truth). Cached clips are fixed-length, so --from_cache and "
+        ".safetensors inputs take only 1.",
+    )
+
+
+def add_video_clip_arguments(clips):
+    """How clips are taken from each video (cache_latents.py and caption_clips.py: one plan for both), added to the
+    group add_clip_plan_arguments returns."""
+    clips.add_argument(
+        "--clip_stride_seconds",
+        type=float,
+        default=None,
+        help="Seconds between clip starts within a video. Default: the clip length (back to back).",
+    )
+    clips.add_argument(
+        "--max_clips_per_video", type=positive_int, default=None, help="Cap on clips taken from one video."
+    )
+
+
+def add_shard_arguments(group, verb):
+    """--num_shards / --shard_index: which disjoint part of the videos this run `verb`s (SLURM array defaults)."""
+    group.add_argument(
+        "--num_shards",
+        type=positive_int,
+        default=None,
+        help="Split the videos into this many disjoint shards. Default: SLURM_ARRAY_TASK_COUNT or 1.",
+    )
+    group.add_argument(
+        "--shard_index",
+        type=int,
+        default=None,
+        help=f"Which shard this run {verb} (0-based). Default: SLURM_ARRAY_TASK_ID minus SLURM_ARRAY_TASK_MIN, or 0.",
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # YAML configs
 # ----------------------------------------------------------------------------------------------------------------

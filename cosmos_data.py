@@ -240,6 +240,13 @@ def split_validation_clips(cache, resume_path, args):
     return hold_out_clips(cache.clips, args.num_validation_clips, args.seed)
 
 
+def caption_summary(caches):
+    """One line: how many clips train, on how many distinct captions (one per clip where each has its own)."""
+    clips = [clip for cache in caches for clip in cache.clips]
+    captions = len({clip.caption_hash for clip in clips})
+    return f"training on {len(clips)} clips with {captions} distinct caption{'s' * (captions != 1)}"
+
+
 def held_out_summary(first_cache_clips, train_clips, validation_clips):
     """One line: how many videos of the first cache are held out, how many of their clips validate, and how many
     others neither train nor validate."""

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from cosmos_sampling import conditioning_mask, guidance_text, guide, predict_velocity_per_text
-from cosmos_video import Bucket, plan_bucket_clips
 
 TEXT_MAX_LENGTH = 512
 
@@ -186,6 +185,13 @@ def denoise_flow_unipc(
     return latents
 
 
+def first_frame_indices(num_source_frames, source_fps, num_frames, fps):
+    """Source indices of up to `num_frames` frames at `fps` from the video's first frame, as many as it holds (the
+    frames plan_bucket_clips picks for a clip starting at 0)."""
+    indices = [round((j / fps) * source_fps) for j in range(num_frames)]
+    return [i for i in indices if i < num_source_frames]
+
+
 def last_frame_indices(num_source_frames, source_fps, num_frames, fps):
     """Source indices of the last `num_frames` frames at `fps`, ending at the video's last frame."""
     last = num_source_frames - 1
@@ -296,22 +302,20 @@ class ModelFamily:
 
         return importlib.import_module(self.pipeline_module).DEFAULT_NEGATIVE_PROMPT
 
-    def video_frames(self, num_source_frames, source_fps, shape, num_cond_frames, fps):
-        """(source frame indices to read from a video input, whether they are the whole clip: its ground truth).
+    def video_frames(self, num_source_frames, source_fps, num_frames, num_cond_frames, fps):
+        """(source frame indices to read from a video input at `fps`, whether they are its ground truth).
 
-        The first `num_cond_frames` of them condition the generation of `shape` (frames, height, width). Predict2
-        takes the video's first frames, and the whole clip where the video holds it; Predict2.5 its last frames, as
-        its pipeline does (the generation continues the video, without ground truth). None: the video is too short.
+        The first `num_cond_frames` of them condition the generation of `num_frames` frames (one clip, or a whole
+        rollout of chained clips). Predict2 takes the video's first frames and, as ground truth, as many of the
+        `num_frames` frames as the video holds (all of them, or fewer where it is too short); Predict2.5 its last
+        frames, as its pipeline does (the generation continues the video, without ground truth). None: the video
+        is too short to condition on.
         """
         if self.conditioning_side == "last":
             planned = last_frame_indices(num_source_frames, source_fps, num_cond_frames, fps)
             return (planned[0] if planned else None), False
-        num_frames, height, width = shape
-        for frames, whole in ((num_frames, True), (num_cond_frames, False)):
-            clips = plan_bucket_clips([Bucket(frames, height, width)], num_source_frames, source_fps, fps, max_clips=1)
-            if clips:
-                return clips[0][1], whole
-        return None, False
+        indices = first_frame_indices(num_source_frames, source_fps, num_frames, fps)
+        return (indices if len(indices) >= num_cond_frames else None), True
 
     def conditioning_latents(self, posterior, clip_shape, num_cond_latent_frames, generator):
         """The conditioning latent frames (not normalized) from the VAE posterior of the conditioning frames, as the

@@ -240,13 +240,18 @@ def video_grid(videos):
 LABEL_HEIGHT = 12  # pixels of the text strip above a labelled contact-sheet row
 
 
-def contact_sheet(videos, labels=None, frames_per_row=8):
-    """One row of evenly spaced frames per video, as one image; with `labels`, each row under a line of text."""
+def contact_sheet(videos, labels=None, frames_per_row=8, frame_captions=None):
+    """One row of evenly spaced frames per video, as one image; with `labels`, each row under a line of text; with
+    `frame_captions` (per video: None, or one string per frame), a caption under each frame shown."""
     rows = []
     width = max(v.shape[2] for v in videos) * frames_per_row
     for index, video in enumerate(videos):
         picks = np.linspace(0, len(video) - 1, frames_per_row).round().astype(int)
         row = np.concatenate(list(video[picks]), axis=1)
+        captions = frame_captions[index] if frame_captions else None
+        if captions:
+            strip = np.concatenate([label_strip(captions[p], video.shape[2]) for p in picks], axis=1)
+            row = np.concatenate([row, strip])
         row = np.pad(row, ((0, 2), (0, width - row.shape[1]), (0, 0)))
         if labels:
             row = np.concatenate([label_strip(labels[index], width), row])

@@ -62,7 +62,7 @@ from cosmos_metrics import (
 )
 from cosmos_process import file_written_whole, run_main, stage
 from cosmos_run import HELD_OUT, read_held_out, split_by_record
-from cosmos_video import VAE_TEMPORAL_FACTOR, label_strip, video_grid, write_mp4
+from cosmos_video import label_strip, video_grid, write_mp4
 
 BASE = "base"
 
@@ -218,13 +218,9 @@ def seed_jobs(clips, num_seeds):
 # ----------------------------------------------------------------------------------------------------------------
 # Generation and scoring
 # ----------------------------------------------------------------------------------------------------------------
-def conditioning_pixel_frames(num_cond_latent_frames):
-    return 1 + VAE_TEMPORAL_FACTOR * (num_cond_latent_frames - 1)
-
-
 def score_video(video, truth, num_cond, metrics, networks, device):
     """{metric: per-frame values} and {metric: per-video value} of the generated frames that have ground truth."""
-    start, end = conditioning_pixel_frames(num_cond), min(len(video), len(truth))
+    start, end = num_cond, min(len(video), len(truth))
     generated, reference = torch.from_numpy(video[start:end]).to(device), truth[start:end].to(device)
     per_frame = {"psnr": psnr_per_frame(generated, reference), "ssim": ssim_per_frame(generated, reference)}
     if networks.lpips is not None:
@@ -249,7 +245,8 @@ def evaluate_model(model, components, jobs, truths, args, networks, progress):
     for batch, indices in sample.shape_batches(jobs, range(len(jobs)), args.batch_size):
         # Generate the batch (the same noise for every model: the seed follows the job's index).
         with stage(f"{model.name}: generating {', '.join(job.name for job in batch)}"):
-            videos, num_cond = sample.generate_videos(batch, components, model.args, indices[0])
+            rollouts, videos = sample.generate_videos(batch, components, model.args, indices[0])
+            num_cond = rollouts[0].chunks[0].num_cond_frames  # pixel frames
         # Score each video against its clip's ground truth; keep each clip's first seed for the side-by-side.
         for index, video in zip(indices, videos, strict=True):
             seed, clip = divmod(index, num_clips)
@@ -271,7 +268,7 @@ def evaluate_model(model, components, jobs, truths, args, networks, progress):
 def add_to_fvd(fvd, name, video, truth, num_cond, first):
     """Add the generated frames to the model's FVD set; with the clip's `first` video, its ground truth to the
     reference set (the frames after the conditioning frames of both)."""
-    start, end = conditioning_pixel_frames(num_cond), min(len(video), len(truth))
+    start, end = num_cond, min(len(video), len(truth))
     fvd.add_fake(name, video[None, start:end])
     if first:
         fvd.add_real(truth[None, start:end].numpy())

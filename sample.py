@@ -7,7 +7,10 @@ condition it; the rest is the ground truth). A video conditions on 1 or 5 of its
 generation continues the video, without ground truth). Each family samples with its own pipeline's math: Predict2
 Euler on Karras sigmas 80 -> 0.002 (35 steps), Predict2.5 UniPC on flow sigmas (36 steps). Writes one mp4 per job,
 a ground truth | generated mp4 where ground truth exists, video_grid.mp4, contact_sheet.png and results.json with the
-settings and PSNR/SSIM against the ground truth.
+settings and PSNR/SSIM against the ground truth, per video and per frame.
+
+--rollout_chunks N generates N chained clips per video or image input (generate_rollouts): each clip after the first
+is conditioned on the last frames the one before generated, and the output is the joined rollout.
 
     python sample.py --pretrained_model_name_or_path nvidia/Cosmos-Predict2-2B-Video2World \\
         --lora_path outputs/ego-lora --from_cache /scratch/cache --num_videos 8 --output_dir samples/
@@ -19,7 +22,7 @@ import argparse
 import importlib.util
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -43,6 +46,7 @@ from cosmos_cli import (
     add_clip_plan_arguments,
     add_config_argument,
     add_model_arguments,
+    add_rollout_argument,
     check_pretrained_model,
     model_dtype,
     non_negative_float,
@@ -58,7 +62,7 @@ from cosmos_families import (
     recorded_family,
     take_text_projection,
 )
-from cosmos_metrics import frame_metrics
+from cosmos_metrics import frame_metrics, psnr_per_frame, ssim_per_frame
 from cosmos_process import run_main, stage
 from cosmos_run import HELD_OUT, hold_out_clips, read_held_out, split_by_record
 from cosmos_speed import check_fp8_support, convert_frozen_linears_to_fp8, modulate_per_frame
@@ -150,6 +154,7 @@ def build_parser(description=__doc__, conflict_handler="error"):
     )
     gen.add_argument("--seed", type=int, default=0, help="Job i uses seed + i, whatever the batch or process count.")
     gen.add_argument("--batch_size", type=positive_int, default=1, help="Jobs per denoising batch.")
+    add_rollout_argument(gen)
     gen.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
@@ -215,6 +220,7 @@ class Job:
     truth_frames: torch.Tensor = None  # uint8 [T, H, W, 3] where the input holds ground truth
     latents: torch.Tensor = None  # cached clip latents [16, T, h, w]
     prompt_embeds: torch.Tensor = None  # a cached clip's own caption embedding
+    caption: str = None  # a cached clip's own caption (on the contact sheet)
     projection_sha: str = None  # the crossattn_proj a projected cached embedding was made with
     shape: tuple = field(default=None)  # (num_frames, height, width) of the generation
     fps: float = 8.0
@@ -250,27 +256,41 @@ def input_shape(args, height, width, num_source_frames=None, source_fps=None):
 
 
 def video_job(path, args, family):
-    """A video input: the family picks which of its frames condition (ModelFamily.video_frames); where they are the
-    whole clip, the clip is also the ground truth."""
+    """A video input: the family picks which of its frames condition (ModelFamily.video_frames); where they are its
+    first frames, the frames that follow them are the ground truth, over the whole rollout or as far as the video
+    holds them (then said here)."""
     n = args.num_conditioning_frames
     with open_video(path) as container:
         num_source_frames, source_fps = probe_video(container)
         _, height, width = shape = input_shape(args, *video_size(container), num_source_frames, source_fps)
-        indices, whole_clip = family.video_frames(num_source_frames, source_fps, shape, n, args.fps)
+        length = rollout_length(shape[0], n, args.rollout_chunks)
+        indices, follows = family.video_frames(num_source_frames, source_fps, length, n, args.fps)
         if indices is None:
             raise ValueError(f"{path} has fewer than {n} frames at {args.fps} fps")
         decoded = decode_frames(container, set(indices))
     frames = torch.stack([torch.from_numpy(decoded[i]) for i in indices])
     frames = fit_frames(frames, height, width, args.resize_mode)
+    has_truth = follows and len(frames) > n  # frames after the conditioning ones
+    if has_truth and len(frames) < length:
+        print(
+            f"note: {path} holds {len(frames)} of the {length} frames generated at {args.fps} fps; "
+            f"PSNR/SSIM cover those {len(frames)}"
+        )
     return Job(
         name=os.path.splitext(os.path.basename(path))[0],
         kind="video",
         source=path,
         cond_frames=frames[:n],
-        truth_frames=frames if whole_clip else None,
+        truth_frames=frames if has_truth else None,
         shape=shape,
         fps=args.fps,
     )
+
+
+def rollout_length(num_frames, num_cond_frames, chunks):
+    """Frames of a rollout of `chunks` clips of `num_frames`, each after the first starting with the last
+    `num_cond_frames` of the one before (kept once)."""
+    return num_frames + (chunks - 1) * (num_frames - num_cond_frames)
 
 
 def image_job(path, args):
@@ -303,6 +323,7 @@ def cached_job(path, family, cache_dir=None):
         source=path,
         latents=latents,
         prompt_embeds=embeds,
+        caption=meta.get("caption"),
         projection_sha=info["text_embeds"]["projection_sha"],
         shape=(int(meta["num_frames"]), int(meta["height"]), int(meta["width"])),
         fps=float(meta["fps"]),
@@ -316,6 +337,7 @@ def collect_jobs(args, family):
         lower = path.lower()
         try:
             if lower.endswith(".safetensors"):
+                check_no_rollout(args, f"--input {path} is a cached clip")
                 jobs.append(cached_job(path, family))
             elif lower.endswith(IMAGE_EXTENSIONS):
                 jobs.append(image_job(path, args))
@@ -337,6 +359,16 @@ def collect_jobs(args, family):
         if names.count(job.name) > 1:
             job.name = f"{i:03d}_{job.name}"
     return jobs
+
+
+def check_no_rollout(args, what):
+    """Refuse rollouts of cached clips (`what` names them)."""
+    if args.rollout_chunks > 1:
+        raise ValueError(
+            f"--rollout_chunks {args.rollout_chunks}: {what}, and cached clips are fixed-length "
+            "(a clip's latents hold that clip and nothing after it to score a rollout against); roll out from the "
+            "source video with --input"
+        )
 
 
 def held_out_clips_to_sample(args):
@@ -493,9 +525,20 @@ def conditioning_latents(job, vae, generator, device, family):
     return torch.cat([latents, rest], dim=2), num_cond
 
 
+CHUNK_SEED_STRIDE = 1_000_003  # a prime far above any job count, so no two (job, chunk) pairs share a seed
+
+
+def chunk_seed(job_seed, chunk):
+    """The seed of clip `chunk` of a rollout: the job's own seed for the first (a 1-clip rollout is the single clip),
+    then job_seed + chunk * CHUNK_SEED_STRIDE (NVIDIA's chained inference uses seed + chunk, which the next job's
+    seed would repeat)."""
+    return job_seed + chunk * CHUNK_SEED_STRIDE
+
+
 @torch.no_grad()
-def generate_latents(jobs, components, args, first_index):
-    """Generate one batch of jobs of equal shape; returns normalized latents and the conditioning latent frames."""
+def generate_latents(jobs, components, args, first_index, chunk=0):
+    """Generate one batch of jobs of equal shape (clip `chunk` of their rollouts); returns normalized latents and the
+    conditioning latent frames."""
     from diffusers.utils.torch_utils import randn_tensor
 
     family, transformer, vae = components.family, components.transformer, components.vae
@@ -503,7 +546,7 @@ def generate_latents(jobs, components, args, first_index):
     num_frames, height, width = jobs[0].shape
     cond_latents, noises, num_cond = [], [], []
     for offset, job in enumerate(jobs):
-        generator = torch.Generator(device="cpu").manual_seed(args.seed + first_index + offset)
+        generator = torch.Generator(device="cpu").manual_seed(chunk_seed(args.seed + first_index + offset, chunk))
         latents, n = conditioning_latents(job, vae, generator, device, family)
         n = n or (1 if args.num_conditioning_frames == 1 else 2)
         cond_latents.append(latents)
@@ -529,6 +572,70 @@ def generate_latents(jobs, components, args, first_index):
         args.num_inference_steps or family.num_inference_steps,
     )
     return latents, num_cond[0]
+
+
+@dataclass
+class RolloutChunk:
+    """One clip of a rollout. It covers rollout frames [first, first + len(frames)); its first `num_cond_frames`
+    frames re-create the frames it was conditioned on, which are the rollout's frames there already."""
+
+    cond_frames: torch.Tensor | None  # uint8 [n, H, W, 3] encoded to condition it; None: a cached clip's latents
+    frames: torch.Tensor  # uint8 [F, H, W, 3], decoded
+    num_cond_frames: int  # pixel frames
+    first: int  # the rollout frame index of frames[0]
+
+    def span(self):
+        """Its frames and its conditioning frames, as [start, end) rollout frame indices."""
+        end, cond_end = self.first + len(self.frames), self.first + self.num_cond_frames
+        return {"frames": [self.first, end], "conditioning_frames": [self.first, cond_end]}
+
+
+@dataclass
+class Rollout:
+    """The chained clips of one job; `video()` joins them, each frame once."""
+
+    chunks: list
+
+    def video(self):
+        """uint8 [T, H, W, 3]: the first clip whole, then each next clip without its conditioning frames (the
+        previous clip's last frames, kept as that clip generated them)."""
+        first, *rest = self.chunks
+        return torch.cat([first.frames, *(c.frames[c.num_cond_frames :] for c in rest)])
+
+    def spans(self):
+        return [chunk.span() for chunk in self.chunks]
+
+
+def pixel_frames(num_latent_frames):
+    """Pixel frames of the first `num_latent_frames` latent frames of a clip (the causal VAE: 1, then 4 each)."""
+    return 1 + VAE_TEMPORAL_FACTOR * (num_latent_frames - 1)
+
+
+@torch.no_grad()
+def generate_rollouts(jobs, components, args, first_index):
+    """Generate one batch of jobs of equal shape as rollouts of --rollout_chunks chained clips (1: the single clip).
+
+    Clip k+1 of a job is conditioned on the last --num_conditioning_frames frames clip k generated: decoded to uint8
+    and encoded again by the VAE like any conditioning video, as NVIDIA's chained (autoregressive) Video2World
+    inference does. Each clip has its own seed (chunk_seed).
+    """
+    num_frames = jobs[0].shape[0]
+    rollouts = [Rollout(chunks=[]) for _ in jobs]
+    conditioning = jobs
+    for chunk in range(args.rollout_chunks):
+        # Generate and decode clip `chunk` of every job in the batch.
+        with stage(f"generating clip {chunk + 1} of {args.rollout_chunks}"):
+            latents, num_cond = generate_latents(conditioning, components, args, first_index, chunk)
+            videos = decode_to_frames(components.vae, latents, compiled=args.compile)
+        # Add it to each rollout: its conditioning frames are the previous clip's last ones.
+        n = pixel_frames(num_cond)
+        for rollout, job, video in zip(rollouts, conditioning, videos, strict=True):
+            first = rollout.chunks[-1].first + num_frames - n if rollout.chunks else 0
+            rollout.chunks.append(RolloutChunk(job.cond_frames, video, n, first))
+        # The next clip of each job is conditioned on this one's last frames.
+        tail = args.num_conditioning_frames
+        conditioning = [replace(job, cond_frames=video[-tail:]) for job, video in zip(jobs, videos, strict=True)]
+    return rollouts
 
 
 def prompt_embeddings(job, components, args):
@@ -568,24 +675,43 @@ def shape_batches(jobs, indices, batch_size):
 
 
 def generate_videos(jobs, components, args, first_index):
-    """One batch of jobs of equal shape as uint8 videos [T, H, W, 3] (numpy), each passed through the guardrail
-    where it is on, and the number of conditioning latent frames. Job i of the batch uses seed + first_index + i."""
-    latents, num_cond = generate_latents(jobs, components, args, first_index)
-    videos = list(decode_to_frames(components.vae, latents, compiled=args.compile).numpy())
+    """One batch of jobs of equal shape as rollouts of --rollout_chunks clips (1: the single clip) and their joined
+    uint8 videos [T, H, W, 3] (numpy), each passed through the guardrail where it is on. Job i of the batch uses
+    seed + first_index + i."""
+    rollouts = generate_rollouts(jobs, components, args, first_index)
+    videos = [rollout.video().numpy() for rollout in rollouts]
     if components.safety_checker is not None:
         videos = [components.safety_checker.check_video_safety(video) for video in videos]
-    return videos, num_cond
+    return rollouts, videos
+
+
+def per_frame_metrics(generated, truth, num_cond_pixel_frames):
+    """PSNR/SSIM of each generated (non-conditioning) frame that has ground truth, by rollout frame index."""
+    end = min(len(generated), len(truth))
+    generated, truth = generated[num_cond_pixel_frames:end], truth[num_cond_pixel_frames:end]
+    return {
+        "frame": list(range(num_cond_pixel_frames, end)),
+        "psnr": psnr_per_frame(generated, truth).tolist(),
+        "ssim": ssim_per_frame(generated, truth).tolist(),
+    }
+
+
+def side_by_side(truth, video):
+    """Ground truth | generated, as long as the generated video (black where the ground truth ends)."""
+    shown = np.zeros_like(video)
+    shown[: len(truth)] = truth[: len(video)]
+    return np.concatenate([shown, video], axis=2)
 
 
 def run_jobs(jobs, indices, components, args, progress):
     """Generate the given jobs in batches of equal shape; write their mp4s; return their results."""
     results = []
     for batch, batch_indices in shape_batches(jobs, indices, args.batch_size):
-        # Generate, decode and check the batch.
+        # Generate, decode and check the batch, one clip of its rollouts after another.
         with stage(f"generating {', '.join(job.name for job in batch)}"):
-            videos, num_cond = generate_videos(batch, components, args, batch_indices[0])
+            rollouts, videos = generate_videos(batch, components, args, batch_indices[0])
         # Write and score each video.
-        for job, index, video in zip(batch, batch_indices, videos, strict=True):
+        for job, index, rollout, video in zip(batch, batch_indices, rollouts, videos, strict=True):
             result = {
                 "index": index,
                 "name": job.name,
@@ -593,42 +719,63 @@ def run_jobs(jobs, indices, components, args, progress):
                 "kind": job.kind,
                 "fps": job.fps,
                 "video": f"{job.name}.mp4",
+                "chunks": rollout.spans(),
             }
+            if job.caption:
+                result["caption"] = job.caption
             with stage(f"writing {job.name}"):
                 write_mp4(os.path.join(args.output_dir, result["video"]), video, job.fps)
                 truth = ground_truth(job, components.vae, compiled=args.compile)
                 if truth is not None:
-                    truth = truth.numpy()
-                    num_cond_pixels = 1 if num_cond == 1 else 1 + VAE_TEMPORAL_FACTOR * (num_cond - 1)
-                    result.update(frame_metrics(torch.from_numpy(video), torch.from_numpy(truth), num_cond_pixels))
-                    side_by_side = np.concatenate([truth[: len(video)], video[: len(truth)]], axis=2)
+                    num_cond = rollout.chunks[0].num_cond_frames
+                    result.update(frame_metrics(torch.from_numpy(video), truth, num_cond))
+                    result["per_frame"] = per_frame_metrics(torch.from_numpy(video), truth, num_cond)
+                    result["truth_frames"] = len(truth)
                     result["side_by_side"] = f"{job.name}_truth_vs_generated.mp4"
                     result["truth"] = "VAE reconstruction" if job.kind == "cached" else "source frames"
-                    write_mp4(os.path.join(args.output_dir, result["side_by_side"]), side_by_side, job.fps)
+                    path = os.path.join(args.output_dir, result["side_by_side"])
+                    write_mp4(path, side_by_side(truth.numpy(), video), job.fps)
             results.append(result)
             progress.update(1)
     return results
 
 
+def frame_captions(result, length):
+    """The caption under each generated frame on the contact sheet: its index, its clip of the rollout and, where
+    it has ground truth, its PSNR and SSIM."""
+    clip = [0] * length
+    for k, span in enumerate(result["chunks"][1:], start=1):
+        for t in range(span["conditioning_frames"][1], span["frames"][1]):
+            clip[t] = k
+    per_frame = result.get("per_frame", {"frame": [], "psnr": [], "ssim": []})
+    scores = zip(per_frame["frame"], per_frame["psnr"], per_frame["ssim"], strict=True)
+    scored = {t: f" {psnr_db:.1f}dB {ssim_value:.2f}" for t, psnr_db, ssim_value in scores}
+    return [f"{t} c{clip[t]}{scored.get(t, '')}" for t in range(length)]
+
+
 def contact_sheet_rows(results, videos, args):
     """Labelled rows: each job's ground truth (source frames, or the VAE reconstruction of a cached clip's latents),
-    read back from its side-by-side mp4, above what was generated."""
-    rows, labels = [], []
+    read back from its side-by-side mp4, above what was generated, captioned frame by frame (frame_captions)."""
+    rows, labels, captions = [], [], []
     for result, video in zip(results, videos, strict=True):
         if "side_by_side" in result:
             both = read_mp4(os.path.join(args.output_dir, result["side_by_side"]))
             rows.append(both[:, :, : both.shape[2] // 2])
             labels.append(f"{result['name']}: {result['truth']}")
+            captions.append(None)
         rows.append(video)
-        labels.append(f"{result['name']}: generated")
-    return rows, labels
+        caption = f" from its caption: {result['caption']}" if "caption" in result else ""
+        labels.append(f"{result['name']}: generated{caption}")
+        captions.append(frame_captions(result, len(video)))
+    return rows, labels, captions
 
 
 def summarize(results, args):
     videos = [read_mp4(os.path.join(args.output_dir, r["video"])) for r in results]
     write_mp4(os.path.join(args.output_dir, "video_grid.mp4"), video_grid(videos), results[0]["fps"])
-    rows, labels = contact_sheet_rows(results, videos, args)
-    Image.fromarray(contact_sheet(rows, labels)).save(os.path.join(args.output_dir, "contact_sheet.png"))
+    rows, labels, captions = contact_sheet_rows(results, videos, args)
+    sheet = contact_sheet(rows, labels, frame_captions=captions)
+    Image.fromarray(sheet).save(os.path.join(args.output_dir, "contact_sheet.png"))
     scored = [r for r in results if "psnr" in r]
     summary = {"settings": vars(args), "videos": results}
     if scored:
@@ -661,8 +808,11 @@ def validate_args(args):
     """Everything that can fail before a model loads: the guardrail, the model path, the geometry, the weights."""
     if not args.disable_safety_checker and importlib.util.find_spec("cosmos_guardrail") is None:
         load_safety_checker()  # raises its one-line error
+    if args.from_cache:
+        check_no_rollout(args, f"--from_cache {args.from_cache} gives cached clips")
     resolve_buckets(args)
     check_clip_geometry(args.num_frames, args.height, args.width)
+    check_rollout_frames(args)
     check_pretrained_model(
         args.pretrained_model_name_or_path, ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]
     )
@@ -681,6 +831,16 @@ def validate_lora_args(args, flag="--lora_path"):
         raise FileNotFoundError(f"--use_ema: {args.lora_path} has no {EMA_DIR}/ (train with --ema_decay)")
     if args.lora_path:
         read_adapter_config(weights_path(args))  # every weight file it lists is there and whole
+
+
+def check_rollout_frames(args):
+    """Each clip of a rollout after the first must generate frames beyond its conditioning frames."""
+    shortest = min(b.num_frames for b in args.buckets) if args.bucket == "auto" else args.num_frames
+    if args.rollout_chunks > 1 and shortest <= args.num_conditioning_frames:
+        raise ValueError(
+            f"--rollout_chunks {args.rollout_chunks} needs clips longer than --num_conditioning_frames "
+            f"{args.num_conditioning_frames}; the shortest is {shortest} frames"
+        )
 
 
 def main(args):

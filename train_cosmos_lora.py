@@ -34,7 +34,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, Torc
 from tqdm.auto import tqdm
 
 from cosmos_adapters import add_temporal_adapters, lora_config
-from cosmos_cache import atomic_write_text, bucket_name
+from cosmos_cache import atomic_write_text, bucket_name, read_clip
 from cosmos_cli import (
     HelpFormatter,
     add_config_argument,
@@ -53,6 +53,7 @@ from cosmos_data import (
     CachedClips,
     bucket_table,
     build_train_dataloader,
+    caption_summary,
     check_clip_frames,
     held_out_summary,
     load_caches,
@@ -433,6 +434,7 @@ def main(args):
     if accelerator.is_main_process:
         write_run_record(args, caches, first_cache_clips, train_clips, validation_clips)
     accelerator.print(held_out_summary(first_cache_clips, train_clips, validation_clips))
+    accelerator.print(caption_summary(caches))
     accelerator.wait_for_everyone()
     stop = StopSignal()
     try:
@@ -1059,7 +1061,7 @@ class ValidationDecoder:
 def validation_videos(transformer, decoder, dataset, args, step, accelerator):
     """Generate held-out clips from their first latent frame; the main process writes truth | generated mp4s.
     The held-out clips come round-robin over buckets (hold_out_clips), so the first N cover as many as they can."""
-    paths, sheets, scores = [], [], {metric: [] for metric in args.validation_metrics}
+    paths, sheets, labels, scores = [], [], [], {metric: [] for metric in args.validation_metrics}
     directory = os.path.join(args.output_dir, "validation", f"step-{step}")
     for index in range(min(args.validation_videos, len(dataset))):
         item = dataset[index]
@@ -1085,8 +1087,10 @@ def validation_videos(transformer, decoder, dataset, args, step, accelerator):
             paths.append(os.path.join(directory, f"{index:02d}_{bucket}_truth_vs_generated.mp4"))
             write_mp4(paths[-1], frames, fps=8)
             sheets.append(frames)
+            caption = read_clip(dataset.clips[index].path)[1].get("caption", "")
+            labels.append(f"{bucket} truth | generated: {caption}")
     if accelerator.is_main_process and sheets:
-        log_validation_videos(accelerator, paths, contact_sheet(sheets), step)
+        log_validation_videos(accelerator, paths, contact_sheet(sheets, labels), step)
     return scores
 
 

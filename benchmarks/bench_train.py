@@ -178,7 +178,7 @@ def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48, 
     from safetensors.torch import save_file
 
     import cache_latents
-    from cosmos_cache import caption_hash, text_embed_path
+    from cosmos_cache import caption_hash, text_embed_path, write_text_embeds
     from cosmos_families import detect_family, load_component_config
     from cosmos_video import Bucket
 
@@ -198,10 +198,9 @@ def write_synthetic_cache(path, model_dir, frames, height, width, num_clips=48, 
     config = cache_latents.cache_config(args, vae_config, text_embeds, detect_family(model_dir).name)
     shard = os.path.join(path, "shard_00000")
     os.makedirs(shard, exist_ok=True)
-    os.makedirs(os.path.dirname(text_embed_path(path, "x")), exist_ok=True)
     caption = "synthetic"
     embeds = torch.randn(*text_embeds["shape"]).to(torch.bfloat16)
-    save_file({"prompt_embeds": embeds}, text_embed_path(path, caption_hash(caption)))
+    write_text_embeds(text_embed_path(path, caption_hash(caption)), embeds, caption)
     for b, bucket in enumerate(buckets):
         for i in range(b * num_clips, (b + 1) * num_clips):
             meta = {

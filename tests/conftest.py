@@ -166,6 +166,13 @@ def cache_clips(model, output_dir, *args, extra=()):
     return cache_latents.main(cache_latents.parse_args([*argv, *map(str, args), *map(str, extra)]))
 
 
+def text_embed_files(cache):
+    """Paths of a cache's text embedding files (text_embeds/HH/HASH.safetensors)."""
+    import glob
+
+    return sorted(glob.glob(os.path.join(cache, "text_embeds", "*", "*.safetensors")))
+
+
 def cache_report(output_dir, shard=0):
     """The report.json cache_latents.py writes for a shard: written, skipped and failed clips."""
     with open(os.path.join(output_dir, f"shard_{shard:05d}", "report.json")) as f:

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 import cache_latents
-from conftest import CLIP_ARGS, REPO, cache_clips, cache_report, run_script
+from conftest import CLIP_ARGS, REPO, cache_clips, cache_report, run_script, text_embed_files
 from cosmos_cache import list_cached_clips, read_cache_info, read_manifest
 from cosmos_vae import normalize_latents
 from cosmos_video import Bucket, fit_frames, plan_bucket_clips
@@ -58,7 +58,7 @@ def test_folder_cache_is_complete_and_verifies(folder_cache, clips):
     # Each video has its own sidecar caption, stored once as a T5 embedding.
     hashes = {c.caption_hash for c in list_cached_clips(str(folder_cache))}
     assert len(hashes) == 6
-    assert len(os.listdir(folder_cache / "text_embeds")) == 6
+    assert len(text_embed_files(str(folder_cache))) == 6
 
 
 def test_tar_shards_and_hub_style_dataset_give_the_same_clips(tiny_model, clips, folder_cache, tmp_path):

@@ -16,13 +16,16 @@ import sys
 import pytest
 
 import cache_latents
+import caption_clips
 import evaluate
 import sample
 import train_cosmos_lora
+from cosmos_sources import clip_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]
 SCRIPTS = {
+    "caption_clips.py": caption_clips,
     "cache_latents.py": cache_latents,
     "train_cosmos_lora.py": train_cosmos_lora,
     "sample.py": sample,
@@ -31,6 +34,7 @@ SCRIPTS = {
 # What the SLURM wrappers pass to their script before the user's arguments, where the script requires it.
 WRAPPERS = {
     "slurm/cache_latents.sh": ("cache_latents.py", ["--output_dir", "CACHE_DIR", "--video_dir", "VIDEO_DIR"]),
+    "slurm/caption_clips.sh": ("caption_clips.py", ["--output_dir", "CAPTIONS_DIR", "--video_dir", "VIDEO_DIR"]),
     "slurm/train.sh": ("train_cosmos_lora.py", []),
     "slurm/train_multinode.sh": ("train_cosmos_lora.py", []),
     "slurm/sample.sh": ("sample.py", ["--output_dir", "SAMPLE_OUTPUT_DIR"]),
@@ -182,7 +186,13 @@ def test_the_docs_give_commands_of_every_kind():
     kinds = {check_command(tokens_of(command))[0] for _, command in PROJECT_COMMANDS}
     assert {"python", "accelerate", "make demo", "make test", "sbatch"} <= kinds, kinds
     scripts = " ".join(command for _, command in PROJECT_COMMANDS)
-    for name in ["cache_latents.py", "train_cosmos_lora.py", "sample.py", "slurm/cache_latents.sh"]:
+    for name in [
+        "caption_clips.py",
+        "cache_latents.py",
+        "train_cosmos_lora.py",
+        "sample.py",
+        "slurm/cache_latents.sh",
+    ]:
         assert name in scripts
 
 
@@ -248,6 +258,7 @@ def test_docs_are_linked_from_the_readme():
 # configs/: one commented example per script
 # ----------------------------------------------------------------------------------------------------------------
 CONFIGS = {
+    "caption_clips.yaml": "caption_clips.py",
     "cache_latents.yaml": "cache_latents.py",
     "train.yaml": "train_cosmos_lora.py",
     "train_nvidia.yaml": "train_cosmos_lora.py",
@@ -268,16 +279,23 @@ def test_config_example_parses_with_its_script(name):
     assert text.startswith("#") and f"--config configs/{name}" in text  # commented, with the command that uses it
     args = SCRIPTS[CONFIGS[name]].parse_args(["--config", path])
     assert args.config == path and args.output_dir and "egocentric100k" in args.output_dir
-    assert args.pretrained_model_name_or_path == (
-        "nvidia/Cosmos-Predict2.5-2B" if name == "train_nvidia.yaml" else "nvidia/Cosmos-Predict2-2B-Video2World"
-    )
+    if name == "caption_clips.yaml":
+        assert args.caption_model == caption_clips.DEFAULT_CAPTION_MODEL
+    else:
+        assert args.pretrained_model_name_or_path == (
+            "nvidia/Cosmos-Predict2.5-2B" if name == "train_nvidia.yaml" else "nvidia/Cosmos-Predict2-2B-Video2World"
+        )
     overridden = SCRIPTS[CONFIGS[name]].parse_args(["--config", path, "--output_dir", "elsewhere"])
     assert overridden.output_dir == "elsewhere"  # the command line wins
 
 
 def test_the_recipe_configs_agree():
-    """The three files describe one run: sampling reads the cache that training reads, and the weights it writes."""
+    """The files describe one run: caching reads the captions of its own clips, sampling reads the cache that
+    training reads, and the weights it writes."""
+    captions = caption_clips.parse_args(["--config", os.path.join(REPO, "configs", "caption_clips.yaml")])
     cache = cache_latents.parse_args(["--config", os.path.join(REPO, "configs", "cache_latents.yaml")])
+    assert cache.captions_file == captions.output_dir and clip_plan(cache) == clip_plan(captions)
+    assert (cache.dataset, cache.data_files) == (captions.dataset, captions.data_files)
     train = train_cosmos_lora.parse_args(["--config", os.path.join(REPO, "configs", "train.yaml")])
     generate = sample.parse_args(["--config", os.path.join(REPO, "configs", "sample.yaml")])
     assert train.cache_dir == [cache.output_dir] and generate.from_cache == cache.output_dir
@@ -332,10 +350,23 @@ def test_clip_plan_flags_are_the_same_in_caching_and_sampling(flag, monkeypatch)
     assert caching == sampling
 
 
+@pytest.mark.parametrize(
+    "flag",
+    ["--num_frames", "--fps", "--height", "--width", "--resize_mode", "--buckets", "--clip_stride_seconds",
+     "--max_clips_per_video", "--video_dir", "--tars", "--dataset", "--data_files", "--split", "--video_column",
+     "--key_column", "--num_shards"],
+)  # fmt: skip
+def test_source_and_clip_plan_flags_are_the_same_in_captioning_and_caching(flag, monkeypatch):
+    captioning, caching = (definition(parser_of(m, monkeypatch), flag) for m in (caption_clips, cache_latents))
+    assert captioning == caching
+
+
 @pytest.mark.parametrize("flag", ["--config", "--pretrained_model_name_or_path", "--revision"])
 def test_model_and_config_flags_are_the_same_in_every_script(flag, monkeypatch):
-    definitions = [definition(parser_of(module, monkeypatch), flag) for module in SCRIPTS.values()]
-    assert definitions[0] == definitions[1] == definitions[2]
+    """caption_clips.py loads no Cosmos checkpoint: its --caption_model and --revision name the captioner."""
+    modules = [module for module in SCRIPTS.values() if module is not caption_clips or flag == "--config"]
+    definitions = [definition(parser_of(module, monkeypatch), flag) for module in modules]
+    assert all(d == definitions[0] for d in definitions)
 
 
 @pytest.mark.parametrize("module", [cache_latents, sample], ids=["cache_latents", "sample"])

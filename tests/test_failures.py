@@ -415,7 +415,7 @@ def caching_runs(tiny_model, clips, tmp_path_factory):
     out = {name: str(root / name) for name in ("worker", "disk", "term")}
     first = {
         "worker": (
-            cache_argv(tiny_model, videos, out["worker"], fault="cache_latents.iter_part_videos:1"),
+            cache_argv(tiny_model, videos, out["worker"], fault="cosmos_sources.iter_part_videos:1"),
             {},
             None,
         ),

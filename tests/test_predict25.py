@@ -6,13 +6,12 @@ import os
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 import sample
 import train_cosmos_lora as train
 from conftest import StandInSafetyChecker, cache_clips, random_inputs, sample_args, train_args
 from cosmos_adapters import LORA_WEIGHTS
-from cosmos_cache import CACHE_INFO, list_cached_clips, text_embed_path
+from cosmos_cache import CACHE_INFO, list_cached_clips, read_text_embeds, text_embed_path
 from cosmos_families import (
     detect_family,
     encode_qwen_prompts,
@@ -90,10 +89,10 @@ def test_cache_stores_projected_embeddings_and_records_the_family(tiny_model_25,
         info = json.load(f)
     transformer = load_component(tiny_model_25, "transformer", family=detect_family(tiny_model_25))
     sha = projection_sha(transformer.crossattn_proj)
-    assert info["format_version"] == 2 and info["family"] == "predict2.5" and info["model"] == tiny_model_25
+    assert info["format_version"] == 3 and info["family"] == "predict2.5" and info["model"] == tiny_model_25
     assert info["text_embeds"] == {"kind": "projected", "shape": [512, 32], "projection_sha": sha}
     clip = list_cached_clips(one_clip_cache_25)[0]
-    stored = load_file(text_embed_path(one_clip_cache_25, clip.caption_hash))["prompt_embeds"]
+    stored = read_text_embeds(text_embed_path(one_clip_cache_25, clip.caption_hash))
     tokenizer, encoder = (
         load_component(tiny_model_25, "tokenizer", family=detect_family(tiny_model_25)),
         load_component(tiny_model_25, "text_encoder", family=detect_family(tiny_model_25)),

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 import cache_latents
+import caption_clips
 from conftest import CLIP_ARGS, REPO, loss_rows
 from cosmos_cache import read_cache_info
 from slurm_cluster import SlurmCluster, SlurmNotInstalled, SlurmUnavailable
@@ -370,6 +371,27 @@ def test_cache_script_builds_each_source_and_shard(tmp_path):
     )
     assert (option(argv, "--num_shards"), option(argv, "--shard_index")) == ("1", "0")
     assert "HF_HUB_OFFLINE= " in out, "a hub dataset needs the hub"
+
+
+def test_caption_script_builds_its_command_with_the_caching_clip_plan(tmp_path):
+    argv, out = run_script_dry(
+        "caption_clips.sh",
+        "--max_clips_per_video",
+        "2",
+        CAPTION_MODEL=tmp_path,
+        CAPTIONS_DIR="/captions",
+        VIDEO_DIR=tmp_path,
+        SLURM_ARRAY_TASK_ID=1,
+        SLURM_ARRAY_TASK_COUNT=2,
+    )
+    assert argv[:2] == ["python", "caption_clips.py"] and option(argv, "--caption_model") == str(tmp_path)
+    assert (option(argv, "--num_shards"), option(argv, "--shard_index")) == ("2", "1")
+    assert argv[-2:] == ["--max_clips_per_video", "2"] and "HF_HUB_OFFLINE=1" in out
+    cache_argv, _ = run_script_dry("cache_latents.sh", MODEL=tmp_path, CACHE_DIR="/c", VIDEO_DIR=tmp_path)
+    for flag in ("--num_frames", "--fps", "--height", "--width"):  # the plan cache_latents.sh caches
+        assert option(argv, flag) == option(cache_argv, flag)
+    args = caption_clips.parse_args(argv[2:])  # every flag it passes exists
+    assert args.output_dir == "/captions" and args.video_dir == str(tmp_path)
 
 
 def test_train_script_command_and_environment(tmp_path):

@@ -17,6 +17,7 @@ import cache_latents
 from conftest import BUCKETS, cache_clips, cache_report, sample_args
 from cosmos_cache import list_cached_clips, read_cache_info, verify_cache
 from cosmos_families import detect_family
+from cosmos_sources import read_captions_file
 from cosmos_video import Bucket, nearest_bucket_size, plan_bucket_clips
 
 
@@ -147,7 +148,7 @@ def test_an_empty_video_dir_and_unmatched_captions_fail_before_any_model_loads(t
     with pytest.raises(ValueError, match="none of its 2 keys .e.g. 'videos/x'. matches a video key"):
         cache_latents.main(args)
     captions.write_text(captions.read_text() + json.dumps({"key": clips["keys"][0], "caption": "c"}) + "\n")
-    cache_latents.check_captions_file(args)
+    cache_latents.check_captions(args, read_captions_file(str(captions), "caption"))
     assert "--captions_file: 1 of its 3 keys match one of the 6 videos" in capsys.readouterr().out
 
 
@@ -175,7 +176,7 @@ def test_recaching_with_another_clip_plan_is_refused(tiny_model, clips, latent_c
         "resize_mode": "crop",
         "buckets": ["17x64x112"],
     }
-    assert info["format_version"] == 2 and info["clips_per_bucket"] == {"17x64x112": 12}
+    assert info["format_version"] == 3 and info["clips_per_bucket"] == {"17x64x112": 12}
 
 
 def test_verify_reports_a_listed_clip_file_that_is_missing(latent_cache, tmp_path):
@@ -290,7 +291,8 @@ def test_bucket_auto_generates_each_input_at_its_nearest_bucket(tiny_model, buck
     jobs = sample.collect_jobs(args, detect_family(args.pretrained_model_name_or_path))
     assert [job.shape for job in jobs] == [(17, 112, 64), (17, 64, 112), (17, 64, 112)]
     assert jobs[0].truth_frames.shape == (17, 112, 64, 3)  # the portrait video holds a whole clip: ground truth
-    assert jobs[1].truth_frames is None and jobs[1].cond_frames.shape == (1, 64, 112, 3)  # 0.5 s: too short
+    # 0.5 s holds no whole clip: its 4 frames at 8 fps are the ground truth as far as it goes
+    assert jobs[1].truth_frames.shape == (4, 64, 112, 3) and jobs[1].cond_frames.shape == (1, 64, 112, 3)
     with pytest.raises(ValueError, match="--bucket auto needs a bucket list"):
         sample.validate_args(
             sample_args("unused", tmp_path, "--input", str(image), "--bucket", "auto", fixed=BUCKET_SAMPLING)

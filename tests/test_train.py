@@ -1,4 +1,5 @@
 import glob
+import io
 import json
 import logging
 import os
@@ -9,8 +10,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import cosmos_data
@@ -38,8 +41,9 @@ from cosmos_adapters import (
     load_finetuned_weights,
     save_finetuned_weights,
 )
-from cosmos_cache import CACHE_INFO, CachedClip, list_cached_clips
+from cosmos_cache import CACHE_INFO, CachedClip, list_cached_clips, read_clip
 from cosmos_families import detect_family
+from cosmos_video import LABEL_HEIGHT, label_strip
 
 
 def test_fresh_adapters_give_exactly_the_base_output(family):
@@ -457,7 +461,7 @@ def test_a_version_1_cache_without_buckets_is_refused_with_a_re_cache_message(ti
     manifest = os.path.join(cache, "shard_00000", "manifest.jsonl")
     rows = [{k: v for k, v in json.loads(line).items() if k != "shape"} for line in open(manifest)]
     open(manifest, "w").writelines(json.dumps(row) + "\n" for row in rows)
-    with pytest.raises(ValueError, match="is a format-1 cache, not format 2: re-cache it"):
+    with pytest.raises(ValueError, match="is a format-1 cache, not format 3: re-cache it"):
         train.main(train_args(tiny_model, cache, tmp_path / "out", "--max_train_steps", 2))
 
 
@@ -495,6 +499,12 @@ def test_validation_videos_are_written_and_logged(tiny_model, latent_cache, tmp_
     events.Reload()
     assert "val/truth_vs_generated" in events.Tags()["images"]
     assert {"val/loss", "loss", "samples_per_s"} <= set(events.Tags()["scalars"])
+    # Each row of the logged contact sheet is labelled with its clip's own caption.
+    encoded = events.Images("val/truth_vs_generated")[-1].encoded_image_string
+    sheet = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+    captions = {read_clip(clip.path)[1]["caption"] for clip in list_cached_clips(latent_cache)}
+    labels = [label_strip(f"17x64x112 truth | generated: {c}", sheet.shape[1]) for c in captions]
+    assert any(np.array_equal(sheet[:LABEL_HEIGHT], label) for label in labels)
 
 
 def test_profile_summary_splits_busy_idle_and_exposed_communication(monkeypatch):

@@ -560,10 +560,12 @@ def test_contact_sheet_rows_are_labelled_truth_above_generated(tiny_model, laten
                             "--num_inference_steps", 1))  # fmt: skip
     sheet = np.asarray(Image.open(tmp_path / "contact_sheet.png"))
     row = LABEL_HEIGHT + 64 + 2
-    assert sheet.shape[0] == 2 * row  # VAE reconstruction, then generated
-    name = json.load(open(tmp_path / "results.json"))["videos"][0]["name"]
+    assert sheet.shape[0] == 2 * row + LABEL_HEIGHT  # VAE reconstruction, then generated with its frame captions
+    result = json.load(open(tmp_path / "results.json"))["videos"][0]
+    name, caption = result["name"], result["caption"]  # the cached clip's own caption
     assert np.array_equal(sheet[:LABEL_HEIGHT], label_strip(f"{name}: VAE reconstruction", sheet.shape[1]))
-    assert np.array_equal(sheet[row : row + LABEL_HEIGHT], label_strip(f"{name}: generated", sheet.shape[1]))
+    generated = label_strip(f"{name}: generated from its caption: {caption}", sheet.shape[1])
+    assert np.array_equal(sheet[row : row + LABEL_HEIGHT], generated)
     assert sheet[:LABEL_HEIGHT].max() > 200  # the text is drawn (antialiased white on black)
     unlabelled = contact_sheet([np.zeros((3, 64, 112, 3), np.uint8)])
     assert unlabelled.shape[0] == 66

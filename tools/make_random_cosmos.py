@@ -15,12 +15,6 @@ import json
 import os
 
 import torch
-from diffusers import (
-    AutoencoderKLWan,
-    CosmosTransformer3DModel,
-    FlowMatchEulerDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     Qwen2_5_VLConfig,
@@ -94,15 +88,19 @@ QWEN_TEXT_CONFIGS = {
 }
 # The real ones' M-RoPE split of each head's rotary half: 16 + 24 + 24 = 64 of head_dim 128.
 QWEN_MROPE_SECTIONS = {"tiny": [2, 3, 3], "2b": [16, 24, 24]}
-# A Qwen-format chat template for text parts (the pipeline passes content as a list of {"type": "text"} parts).
+# A Qwen-format chat template for text and video parts (the pipeline passes content as a list of {"type": "text"}
+# parts; caption_clips.py adds a {"type": "video"} part, which Qwen2.5-VL's template writes as these three tokens).
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# The vision tokens are in the vocabulary, as in Qwen2.5-VL's, so the text encoder also runs as a video captioner.
+QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *QWEN_VISION_TOKENS]
 TOKENIZER_CORPUS = [
     "An egocentric video of a worker's hands assembling parts at a factory bench.",
     "The camera pans slowly to the left while striped shapes move across a textured wall.",
@@ -176,8 +174,10 @@ def build_qwen_tokenizer(vocab_size=300):
     return tokenizer
 
 
-def build_qwen_text_encoder(size, vocab_size):
-    """A Qwen2_5_VLForConditionalGeneration with a one-block vision tower (the pipeline uses only its text part)."""
+def build_qwen_text_encoder(size, tokenizer):
+    """A Qwen2_5_VLForConditionalGeneration with a one-block vision tower (the pipeline uses only its text part;
+    caption_clips.py uses all of it)."""
+    vocab_size = len(tokenizer)
     text = dict(
         QWEN_TEXT_CONFIGS[size],
         vocab_size=vocab_size,
@@ -190,12 +190,26 @@ def build_qwen_text_encoder(size, vocab_size):
         depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=text["hidden_size"],
         fullatt_block_indexes=[0],
     )  # fmt: skip
-    ids = dict(image_token_id=vocab_size, video_token_id=vocab_size + 1, vision_start_token_id=vocab_size + 2)
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vision_end_token_id=vocab_size + 3, **ids)
+    token = tokenizer.convert_tokens_to_ids
+    ids = dict(
+        image_token_id=token("<|image_pad|>"),
+        video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"),
+        vision_end_token_id=token("<|vision_end|>"),
+    )
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
 def build_components(family, size, seed):
+    # Imported here: the tokenizers and text encoders above build without diffusers (benchmarks/bench_caption.py).
+    from diffusers import (
+        AutoencoderKLWan,
+        CosmosTransformer3DModel,
+        FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(**VAE_CONFIGS[size])
     if family == "predict2":
@@ -206,7 +220,7 @@ def build_components(family, size, seed):
     else:  # the scheduler is the one diffusers' convert_cosmos_to_diffusers.py writes for Predict2.5
         transformer = CosmosTransformer3DModel(**TRANSFORMER_CONFIGS[size], **PREDICT25_TRANSFORMER[size])
         tokenizer = build_qwen_tokenizer()
-        text_encoder = build_qwen_text_encoder(size, len(tokenizer))
+        text_encoder = build_qwen_text_encoder(size, tokenizer)
         scheduler = UniPCMultistepScheduler(
             use_karras_sigmas=True,
             use_flow_sigmas=True,
