@@ -17,7 +17,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-fp8.txt
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 PY=$(PY) DEMO=$(DEMO) bash tools/demo.sh
 
-# SLURM and shellcheck for tests/test_slurm.py: installed with apt-get (as root) when missing, at once when present.
+# SLURM and shellcheck (tests/test_slurm.py) and Chromium (tests/test_evaluate.py): installed with apt-get (as root)
+# when missing, at once when present.
 test-deps:
 	bash tools/setup_test_deps.sh
 
