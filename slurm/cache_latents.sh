@@ -59,35 +59,12 @@ NUM_WORKERS=${NUM_WORKERS:-${SLURM_CPUS_PER_TASK:-8}}
 
 enter_repo
 
-num_sources=0
-for value in "$VIDEO_DIR" "$TARS" "$DATASET"; do
-  [ -n "$value" ] && num_sources=$((num_sources + 1))
-done
-if [ "$num_sources" -ne 1 ]; then
-  echo "error: set exactly one source, VIDEO_DIR, TARS or DATASET ($num_sources set)" >&2
-  exit 2
-fi
-source_args=()
 local_paths=("$MODEL")
-if [ -n "$VIDEO_DIR" ]; then
-  source_args+=(--video_dir "$VIDEO_DIR")
-  local_paths+=("$VIDEO_DIR")
-fi
-if [ -n "$TARS" ]; then
-  source_args+=(--tars "$TARS")  # cache_latents.py expands the glob itself
-fi
-if [ -n "$DATASET" ]; then
-  source_args+=(--dataset "$DATASET")
-  local_paths+=("$DATASET")  # a hub id is not a local path: then the hub stays reachable
-  if [ -n "$DATA_FILES" ]; then
-    source_args+=(--data_files "$DATA_FILES")
-  fi
-fi
+set_source_args
 set_offline_env "${local_paths[@]}"
 log_job
 
-num_shards=${SLURM_ARRAY_TASK_COUNT:-1}
-shard_index=$(( (${SLURM_ARRAY_TASK_ID:-0} - ${SLURM_ARRAY_TASK_MIN:-0}) / ${SLURM_ARRAY_TASK_STEP:-1} ))
+set_shard
 # ${a[@]+"${a[@]}"}: an empty array under `set -u` on bash < 4.4
 cmd=(python cache_latents.py --pretrained_model_name_or_path "$MODEL" ${REVISION:+--revision "$REVISION"} --output_dir "$CACHE_DIR"
      ${source_args[@]+"${source_args[@]}"}

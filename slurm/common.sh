@@ -46,6 +46,42 @@ set_offline_env() {
   export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
 }
 
+# The one video source of an array job (VIDEO_DIR, TARS or DATASET with DATA_FILES) as the flags of cache_latents.py
+# and caption_clips.py, in the array `source_args`; the local paths among them are appended to the array
+# `local_paths` (for set_offline_env). Exits 2 unless exactly one source is set.
+set_source_args() {
+  local value num_sources=0
+  for value in "$VIDEO_DIR" "$TARS" "$DATASET"; do
+    [ -n "$value" ] && num_sources=$((num_sources + 1))
+  done
+  if [ "$num_sources" -ne 1 ]; then
+    echo "error: set exactly one source, VIDEO_DIR, TARS or DATASET ($num_sources set)" >&2
+    exit 2
+  fi
+  source_args=()
+  if [ -n "$VIDEO_DIR" ]; then
+    source_args+=(--video_dir "$VIDEO_DIR")
+    local_paths+=("$VIDEO_DIR")
+  fi
+  if [ -n "$TARS" ]; then
+    source_args+=(--tars "$TARS")  # the script expands the glob itself
+  fi
+  if [ -n "$DATASET" ]; then
+    source_args+=(--dataset "$DATASET")
+    local_paths+=("$DATASET")  # a hub id is not a local path: then the hub stays reachable
+    if [ -n "$DATA_FILES" ]; then
+      source_args+=(--data_files "$DATA_FILES")
+    fi
+  fi
+}
+
+# This array task's shard of the videos: `num_shards` and `shard_index` from SLURM's array variables.
+# shellcheck disable=SC2034  # both are read by the script that sources this file
+set_shard() {
+  num_shards=${SLURM_ARRAY_TASK_COUNT:-1}
+  shard_index=$(( (${SLURM_ARRAY_TASK_ID:-0} - ${SLURM_ARRAY_TASK_MIN:-0}) / ${SLURM_ARRAY_TASK_STEP:-1} ))
+}
+
 set_wandb_env() {
   if [ -z "${WANDB_API_KEY:-}" ]; then
     export WANDB_MODE="${WANDB_MODE:-offline}"
