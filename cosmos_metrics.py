@@ -67,11 +67,26 @@ def ssim(a, b):
     return float(ssim_per_frame(a, b).mean())
 
 
-def frame_metrics(generated, truth, num_cond_pixel_frames):
-    """PSNR/SSIM over the generated (non-conditioning) frames that have ground truth."""
+def scored_frames(generated, truth, num_cond_pixel_frames):
+    """The frames every metric scores: the generated (non-conditioning) frames that have ground truth, and that
+    truth."""
     end = min(len(generated), len(truth))
-    gen, ref = generated[num_cond_pixel_frames:end], truth[num_cond_pixel_frames:end]
-    return {"psnr": psnr(gen, ref), "ssim": ssim(gen, ref)}
+    return generated[num_cond_pixel_frames:end], truth[num_cond_pixel_frames:end]
+
+
+def frame_metrics(generated, truth, num_cond_pixel_frames):
+    """PSNR/SSIM over the scored frames (scored_frames), and frame by frame (`per_frame`, by frame index)."""
+    gen, ref = scored_frames(generated, truth, num_cond_pixel_frames)
+    ssim_frames = ssim_per_frame(gen, ref)
+    return {
+        "psnr": psnr(gen, ref),
+        "ssim": float(ssim_frames.mean()),
+        "per_frame": {
+            "frame": list(range(num_cond_pixel_frames, num_cond_pixel_frames + len(gen))),
+            "psnr": psnr_per_frame(gen, ref).tolist(),
+            "ssim": ssim_frames.tolist(),
+        },
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------

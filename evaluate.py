@@ -57,6 +57,7 @@ from cosmos_metrics import (
     paired_difference,
     psnr,
     psnr_per_frame,
+    scored_frames,
     ssim_per_frame,
     verdict_line,
 )
@@ -220,8 +221,7 @@ def seed_jobs(clips, num_seeds):
 # ----------------------------------------------------------------------------------------------------------------
 def score_video(video, truth, num_cond, metrics, networks, device):
     """{metric: per-frame values} and {metric: per-video value} of the generated frames that have ground truth."""
-    start, end = num_cond, min(len(video), len(truth))
-    generated, reference = torch.from_numpy(video[start:end]).to(device), truth[start:end].to(device)
+    generated, reference = (t.to(device) for t in scored_frames(torch.from_numpy(video), truth, num_cond))
     per_frame = {"psnr": psnr_per_frame(generated, reference), "ssim": ssim_per_frame(generated, reference)}
     if networks.lpips is not None:
         per_frame["lpips"] = lpips_per_frame(networks.lpips, generated, reference)
@@ -268,10 +268,10 @@ def evaluate_model(model, components, jobs, truths, args, networks, progress):
 def add_to_fvd(fvd, name, video, truth, num_cond, first):
     """Add the generated frames to the model's FVD set; with the clip's `first` video, its ground truth to the
     reference set (the frames after the conditioning frames of both)."""
-    start, end = num_cond, min(len(video), len(truth))
-    fvd.add_fake(name, video[None, start:end])
+    generated, reference = scored_frames(video, truth, num_cond)
+    fvd.add_fake(name, generated[None])
     if first:
-        fvd.add_real(truth[None, start:end].numpy())
+        fvd.add_real(reference[None].numpy())
 
 
 def model_components(model, base, device, family):

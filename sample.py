@@ -62,7 +62,7 @@ from cosmos_families import (
     recorded_family,
     take_text_projection,
 )
-from cosmos_metrics import frame_metrics, psnr_per_frame, ssim_per_frame
+from cosmos_metrics import frame_metrics
 from cosmos_process import run_main, stage
 from cosmos_run import HELD_OUT, hold_out_clips, read_held_out, split_by_record
 from cosmos_speed import check_fp8_support, convert_frozen_linears_to_fp8, modulate_per_frame
@@ -685,17 +685,6 @@ def generate_videos(jobs, components, args, first_index):
     return rollouts, videos
 
 
-def per_frame_metrics(generated, truth, num_cond_pixel_frames):
-    """PSNR/SSIM of each generated (non-conditioning) frame that has ground truth, by rollout frame index."""
-    end = min(len(generated), len(truth))
-    generated, truth = generated[num_cond_pixel_frames:end], truth[num_cond_pixel_frames:end]
-    return {
-        "frame": list(range(num_cond_pixel_frames, end)),
-        "psnr": psnr_per_frame(generated, truth).tolist(),
-        "ssim": ssim_per_frame(generated, truth).tolist(),
-    }
-
-
 def side_by_side(truth, video):
     """Ground truth | generated, as long as the generated video (black where the ground truth ends)."""
     shown = np.zeros_like(video)
@@ -729,7 +718,6 @@ def run_jobs(jobs, indices, components, args, progress):
                 if truth is not None:
                     num_cond = rollout.chunks[0].num_cond_frames
                     result.update(frame_metrics(torch.from_numpy(video), truth, num_cond))
-                    result["per_frame"] = per_frame_metrics(torch.from_numpy(video), truth, num_cond)
                     result["truth_frames"] = len(truth)
                     result["side_by_side"] = f"{job.name}_truth_vs_generated.mp4"
                     result["truth"] = "VAE reconstruction" if job.kind == "cached" else "source frames"
