@@ -83,14 +83,15 @@ from cosmos_sources import (
     given_sources,
     iter_part_videos,
     list_local_videos,
+    local_part_videos,
     plan_video,
     probe_layout,
     read_captions_file,
-    resolve_shard_args,
+    resolve_source_args,
     sidecar_caption,
     validate_source_args,
 )
-from cosmos_video import Bucket, decode_frames, fit_frames, frames_to_vae_input, open_video, parse_bucket
+from cosmos_video import decode_frames, fit_frames, frames_to_vae_input, open_video
 
 
 def parse_args(argv=None):
@@ -174,10 +175,7 @@ def parse_args(argv=None):
         "verifies; with a source it verifies after caching.",
     )
     args = parse_with_config(parser, argv)
-    resolve_shard_args(args)
-    args.buckets = (
-        [parse_bucket(b) for b in args.buckets] if args.buckets else [Bucket(args.num_frames, args.height, args.width)]
-    )
+    resolve_source_args(args)
     return args
 
 
@@ -571,7 +569,7 @@ def wait_for_write(future):
 def known_captions(args, captions, part, num_parts):
     """The captions of a local folder's part, known before any video is decoded: per clip where the captions file
     has per-clip rows, else per video (--captions_file, sidecar or --prompt)."""
-    videos = list_local_videos(args.video_dir)[part::num_parts]
+    videos = local_part_videos(args.video_dir, part, num_parts)
     if captions.clips:
         keys = {key for key, _ in videos}
         return sorted({caption for (key, _), caption in captions.clips.items() if key in keys})

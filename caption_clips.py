@@ -22,7 +22,6 @@ again. A rerun with another clip plan, model, revision or instruction into the s
 
 import argparse
 import glob
-import hashlib
 import json
 import math
 import os
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cosmos_cache import atomic_write_text, remove_stale_temp_files
+from cosmos_cache import atomic_write_text, caption_hash, remove_stale_temp_files
 from cosmos_cli import (
     HelpFormatter,
     add_clip_plan_arguments,
@@ -57,10 +56,10 @@ from cosmos_sources import (
     plan_video,
     probe_layout,
     read_caption_rows,
-    resolve_shard_args,
+    resolve_source_args,
     validate_source_args,
 )
-from cosmos_video import Bucket, decode_frames, fit_frames, open_video, parse_bucket
+from cosmos_video import decode_frames, fit_frames, open_video
 
 # NVIDIA's Cosmos Curator captions clips with Cosmos-Reason1-7B (a Qwen2.5-VL-7B fine-tune) by default, and the same
 # weights are Cosmos-Predict2.5's text encoder.
@@ -144,15 +143,8 @@ def parse_args(argv=None):
     )
     add_shard_arguments(run, "captions")
     args = parse_with_config(parser, argv)
-    resolve_shard_args(args)
-    args.buckets = (
-        [parse_bucket(b) for b in args.buckets] if args.buckets else [Bucket(args.num_frames, args.height, args.width)]
-    )
+    resolve_source_args(args)
     return args
-
-
-def instruction_sha(text):
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 def captions_identity(args):
@@ -164,7 +156,7 @@ def captions_identity(args):
         "caption_model": args.caption_model,
         "caption_model_revision": args.revision,
         "instruction": args.caption_prompt,
-        "instruction_sha": instruction_sha(args.caption_prompt),
+        "instruction_sha": caption_hash(args.caption_prompt),  # the hash the cache names captions by
         "caption_fps": args.caption_fps,
         "caption_max_pixels": args.caption_max_pixels,
         "max_new_tokens": args.max_new_tokens,

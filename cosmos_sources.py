@@ -12,7 +12,15 @@ import re
 from dataclasses import dataclass, field
 
 from cosmos_cli import CAPTION_COLUMNS, KEY_COLUMNS, VIDEO_COLUMNS, VIDEO_EXTENSIONS
-from cosmos_video import check_clip_geometry, nearest_bucket_size, plan_bucket_clips, probe_video, video_size
+from cosmos_video import (
+    Bucket,
+    check_clip_geometry,
+    nearest_bucket_size,
+    parse_bucket,
+    plan_bucket_clips,
+    probe_video,
+    video_size,
+)
 
 CAPTION_SHARD_FILE = "captions.jsonl"  # caption_clips.py: OUTPUT/shard_NNNNN/captions.jsonl
 
@@ -20,13 +28,18 @@ CAPTION_SHARD_FILE = "captions.jsonl"  # caption_clips.py: OUTPUT/shard_NNNNN/ca
 # ----------------------------------------------------------------------------------------------------------------
 # Shards and source flags
 # ----------------------------------------------------------------------------------------------------------------
-def resolve_shard_args(args):
-    """--num_shards / --shard_index default to the SLURM array: task count, and task id minus the first id."""
+def resolve_source_args(args):
+    """The defaults that depend on other values: --num_shards / --shard_index default to the SLURM array (task
+    count, and task id minus the first id); --buckets, parsed, defaults to one bucket of --num_frames x --height x
+    --width."""
     if args.num_shards is None:
         args.num_shards = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
     if args.shard_index is None:
         task_id = os.environ.get("SLURM_ARRAY_TASK_ID")
         args.shard_index = int(task_id) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0)) if task_id else 0
+    args.buckets = (
+        [parse_bucket(b) for b in args.buckets] if args.buckets else [Bucket(args.num_frames, args.height, args.width)]
+    )
 
 
 def given_sources(args):
@@ -80,7 +93,7 @@ class PlannedClip:
     """One clip of a video's plan: its place in the plan, its shape and the source frames it holds."""
 
     index: int
-    bucket: object  # cosmos_video.Bucket
+    bucket: Bucket
     indices: list  # source frame indices, one per clip frame
     start_seconds: float
 
@@ -184,6 +197,11 @@ def list_local_videos(video_dir):
                 path = os.path.join(root, name)
                 found.append((os.path.splitext(os.path.relpath(path, video_dir))[0], path))
     return sorted(found)
+
+
+def local_part_videos(video_dir, part, num_parts):
+    """The (key, path) pairs of part `part` of `num_parts` of a --video_dir: every num_parts-th video from `part`."""
+    return list_local_videos(video_dir)[part::num_parts]
 
 
 def sidecar_caption(video_path, field):
@@ -328,7 +346,7 @@ def iter_part_videos(args, layout, part, num_parts, video_captions=None, caption
     a `caption_field`, from the source itself (KEY.txt/KEY.json sidecars, the caption column, a json member)."""
     video_captions = video_captions or {}
     if args.video_dir:
-        for key, path in list_local_videos(args.video_dir)[part::num_parts]:
+        for key, path in local_part_videos(args.video_dir, part, num_parts):
             caption = video_captions.get(key) or (sidecar_caption(path, caption_field) if caption_field else None)
             yield SourceVideo(key, path, caption)
         return

@@ -109,7 +109,7 @@ def test_one_row_per_planned_clip_and_none_for_skipped_videos(captioned, videos,
     for (key, index), row in found.items():
         assert row["start_seconds"] == pytest.approx(planned[(key, index)].start_seconds, abs=1e-4)
         assert row["num_frames"] == 17 and row["caption_model"] == captioner and row["caption"]
-        assert row["instruction_sha"] == caption_clips.instruction_sha(caption_clips.DEFAULT_INSTRUCTION)
+        assert row["instruction_sha"] == caption_hash(caption_clips.DEFAULT_INSTRUCTION)
     assert len({row["caption"] for row in found.values()}) >= 4  # the captions follow the frames
     skipped = {f["key"]: f["reason"] for f in report(captioned)["failures"]}
     assert set(skipped) == {"corrupt", "short"} and "too short for every bucket" in skipped["short"]
