@@ -32,6 +32,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # PyTorch < 2.10: the vision tower keeps transformers' per-window SDPA
+    varlen_attn = None
+
 from cosmos_cache import atomic_write_text, caption_hash, remove_stale_temp_files
 from cosmos_cli import (
     HelpFormatter,
@@ -293,7 +298,33 @@ def load_captioner(source, dtype, device):
     )
     if not hasattr(model, "visual") and not hasattr(getattr(model, "model", None), "visual"):
         raise ValueError(f"--caption_model {source.path} is a {type(model).__name__}, not a Qwen2.5-VL-family model")
+    if device.type == "cuda" and varlen_attn is not None:
+        use_one_call_window_attention(model)
     return model.to(device).eval().requires_grad_(False)
+
+
+# transformers' Qwen2.5-VL vision tower passes its attention windows as cumulative lengths (cu_seqlens) only to an
+# implementation named "flash..."; to any other it makes one SDPA call per window: 96 windows per 16-frame clip, so
+# about 200,000 small calls per batch of 64 clips. Registered under a "flash" name, this function runs all the
+# windows of a layer in one call of PyTorch's own FlashAttention varlen kernel (CUDA, PyTorch >= 2.10).
+ONE_CALL_WINDOW_ATTENTION = "flash_varlen_torch"
+
+
+def one_call_window_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Attention within each window [cu_seq_lens_q[i], cu_seq_lens_q[i + 1]) of query/key/value [1, heads, tokens,
+    dim]; returns [1, tokens, heads, dim] as transformers' attention functions do."""
+    cu_seqlens, max_length = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim]
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, scale=scaling).unsqueeze(0), None
+
+
+def use_one_call_window_attention(model):
+    """Run the vision tower's attention through one_call_window_attention; the language model keeps SDPA."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ONE_CALL_WINDOW_ATTENTION, one_call_window_attention)
+    visual = model.visual if hasattr(model, "visual") else model.model.visual
+    visual.config._attn_implementation = ONE_CALL_WINDOW_ATTENTION
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,13 +356,15 @@ def captioner_frames(frames, size):
 
 
 class ClipFrames(torch.utils.data.IterableDataset):
-    """Decodes this run's videos in DataLoader workers and yields, for each clip not yet captioned, the frames the
-    captioner sees: `{"key", "clip_index", "start_seconds", "bucket", "frames" uint8 [T, 3, h, w]}`, or
-    `{"key", "error"}` for a video that could not be used, or `{"key", "skipped": n}` for n clips already captioned.
+    """Decodes this run's videos in DataLoader workers and yields, for each clip not yet captioned, the captioner's
+    inputs for the frames it sees: `{"key", "clip_index", "start_seconds", "bucket", "inputs"}` (`caption_inputs` of
+    uint8 frames [T, 3, h, w]), or `{"key", "error"}` for a video that could not be used, or `{"key", "skipped": n}`
+    for n clips already captioned.
     """
 
-    def __init__(self, args, layout, done, multiple):
+    def __init__(self, args, layout, done, multiple, caption_inputs):
         self.args, self.layout, self.done, self.multiple = args, layout, done, multiple
+        self.caption_inputs = caption_inputs
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -386,7 +419,7 @@ class ClipFrames(torch.utils.data.IterableDataset):
                 "clip_index": clip.index,
                 "start_seconds": clip.start_seconds,
                 "bucket": bucket,
-                "frames": captioner_frames(clip_frames, size),
+                "inputs": self.caption_inputs(captioner_frames(clip_frames, size)),
             }
 
 
@@ -409,32 +442,58 @@ class CaptionRow:
     clip_plan_sha: str
 
 
-class Captioner:
-    """Batched greedy generation: one chat prompt (a video part and the instruction) per clip."""
+class CaptionInputs:
+    """The processor's model inputs for one clip: the chat prompt (a video part and the instruction) with the clip's
+    frames, patchified. Called in the DataLoader workers, so this CPU work overlaps with generation."""
 
-    def __init__(self, model, processor, args):
-        self.model, self.processor, self.args = model, processor, args
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": args.caption_prompt}]}]
+    def __init__(self, processor, instruction, caption_fps):
+        self.processor, self.caption_fps = processor, caption_fps
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": instruction}]}]
         self.prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def inputs(self, videos):
-        """The model inputs of a batch of clips, given each as uint8 frames [T, 3, h, w]."""
-        return self.processor(
-            text=[self.prompt] * len(videos),
-            videos=videos,
-            padding=True,
+    def __call__(self, frames):
+        """uint8 frames [T, 3, h, w] -> {name: tensor} with a batch dimension of 1."""
+        inputs = self.processor(
+            text=[self.prompt],
+            videos=[frames],
             return_tensors="pt",
             do_resize=False,  # frames come at the captioner's size, cropped as the clip is
             do_sample_frames=False,  # and already sampled at --caption_fps, which sets the frames' time positions
-            video_metadata=[{"total_num_frames": len(v), "fps": self.args.caption_fps} for v in videos],
-        ).to(self.model.device)
+            video_metadata=[{"total_num_frames": len(frames), "fps": self.caption_fps}],
+        )
+        return dict(inputs)
+
+
+TOKEN_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids")  # one entry per token: padded on the left
+
+
+def batch_inputs(clips, pad_token_id):
+    """Per-clip inputs (CaptionInputs) -> the inputs of one batch, as the processor makes them for several clips:
+    token rows padded on the left to the longest, the video patches and grids concatenated."""
+    length = max(clip["input_ids"].shape[1] for clip in clips)
+    batch = {}
+    for name in clips[0]:
+        if name in TOKEN_INPUTS:
+            fill = pad_token_id if name == "input_ids" else 0
+            batch[name] = torch.cat([F.pad(c[name], (length - c[name].shape[1], 0), value=fill) for c in clips])
+        else:
+            batch[name] = torch.cat([c[name] for c in clips])
+    return batch
+
+
+class Captioner:
+    """Batched greedy generation over clips given as CaptionInputs outputs."""
+
+    def __init__(self, model, processor, max_new_tokens):
+        self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
 
     @torch.no_grad()
-    def __call__(self, videos):
-        """Captions of a batch of clips, given each as uint8 frames [T, 3, h, w]."""
-        inputs = self.inputs(videos)
+    def __call__(self, clips):
+        """Captions of a batch of clips."""
+        inputs = batch_inputs(clips, self.processor.tokenizer.pad_token_id)
+        inputs = {name: value.to(self.model.device, non_blocking=True) for name, value in inputs.items()}
         greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)  # whatever the generation config
-        output = self.model.generate(**inputs, max_new_tokens=self.args.max_new_tokens, **greedy)
+        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **greedy)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -499,19 +558,20 @@ def caption_videos(args, layout, source):
     remove_stale_temp_files(shard_dir)
     atomic_write_text(os.path.join(args.output_dir, CAPTIONS_INFO), json.dumps(identity, indent=2))
     done = set(shard_rows(shard_dir))
+    caption_inputs = CaptionInputs(processor, args.caption_prompt, args.caption_fps)
     loader = torch.utils.data.DataLoader(
-        ClipFrames(args, layout, done, multiple),
+        ClipFrames(args, layout, done, multiple, caption_inputs),
         batch_size=None,
         num_workers=args.num_workers,
         worker_init_fn=ignore_stop_signals,
     )
-    captioner, writer = Captioner(model, processor, args), PartWriter(shard_dir)
+    captioner, writer = Captioner(model, processor, args.max_new_tokens), PartWriter(shard_dir)
     report, batch, start = ShardReport(), [], time.time()
     progress = tqdm(desc=f"shard {args.shard_index}", unit="clip")
 
     def flush():
         with stage(f"captioning {len(batch)} clips of {batch[0]['key']}"):
-            captions = captioner([item["frames"] for item in batch])
+            captions = captioner([item["inputs"] for item in batch])
         rows = [
             CaptionRow(
                 key=item["key"],

@@ -9,8 +9,15 @@ clip at 8 fps, sampled at 2 fps) of 252x448, i.e. 8 x 9 x 16 = 1152 video tokens
 The decode step is compared with the bound of reading the language model's bf16 weights once per step at
 --bandwidth_tb_s (H200: 4.8 TB/s; 15.2 GB of weights: about 3.2 ms).
 
+Variants (--variants, each over --batch_sizes, one model):
+- per_window: transformers' own vision attention, one SDPA call per window (caption_clips.py before it used varlen);
+- one_call: caption_clips.py's default on CUDA, every window of a layer in one varlen call;
+- one_call_static: the same with a static KV cache (transformers then compiles the decode step).
+Before the sweep: the processor's CPU time per clip on one thread (caption_clips.py runs it in the DataLoader
+workers), and how far the one-call vision tower's output is from the per-window one.
+
     python benchmarks/bench_caption.py --batch_sizes 1 8 16 32 64 128 --max_new_tokens 128
-    python benchmarks/bench_caption.py --batch_sizes 64 --cache_implementation static --profile
+    python benchmarks/bench_caption.py --variants per_window one_call --batch_sizes 64 --profile
     python benchmarks/bench_caption.py --size tiny --batch_sizes 1 2 --max_new_tokens 4   # CPU smoke test
 """
 
@@ -19,15 +26,17 @@ import json
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
+import caption_clips  # noqa: E402
 import make_random_cosmos  # noqa: E402
-from caption_clips import DEFAULT_INSTRUCTION, Captioner  # noqa: E402
+from caption_clips import DEFAULT_INSTRUCTION, Captioner, CaptionInputs  # noqa: E402
+
+VARIANTS = ["per_window", "one_call", "one_call_static"]
 
 # Qwen2.5-VL-7B-Instruct's configuration (Cosmos-Reason1-7B is a fine-tune of it: the same shapes), as its
 # config.json gives it and its module printout shows it: a 28-layer decoder of width 3584 (28 query heads, 4 key/value
@@ -80,17 +89,15 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=int, default=448, help="Frame width shown to the captioner.")
     parser.add_argument("--repeats", type=int, default=2, help="Timed calls per batch size (after one warm-up).")
     parser.add_argument(
-        "--cache_implementation",
-        choices=["dynamic", "static"],
-        default="dynamic",
-        help="generate's KV cache: dynamic (caption_clips.py) or static.",
+        "--variants", choices=VARIANTS, nargs="+", default=["per_window", "one_call"], help="What to time, in order."
     )
     parser.add_argument("--bandwidth_tb_s", type=float, default=4.8, help="GPU memory bandwidth for the bound.")
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="After the sweep, profile one call at the largest batch size that fit and print the top operators by "
-        "device time and the share of the call the GPU was busy (what bounds clips/s).",
+        help="After each variant's sweep, profile a 1-token call (everything before the first new token) and a "
+        "9-token call at the largest batch size that fit: the top operators by device time and the share of the call "
+        "the GPU was busy (what bounds clips/s).",
     )
     return parser.parse_args(argv)
 
@@ -153,73 +160,129 @@ def language_model_bytes(model):
     return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "visual" not in name)
 
 
-def measure(captioner, videos, tokens, args, device):
+def measure(captioner, clips, tokens, args, device):
     """Seconds of one generate call of `tokens` new tokens (median over --repeats, after a warm-up)."""
-    captioner.args.max_new_tokens = tokens
+    captioner.max_new_tokens = tokens
     captioner.model.generation_config.min_new_tokens = tokens  # never stop early, even on an end token
-    captioner(videos)
-    times = sorted(timed(lambda: captioner(videos), device) for _ in range(args.repeats))
+    captioner(clips)
+    times = sorted(timed(lambda: captioner(clips), device) for _ in range(args.repeats))
     return times[len(times) // 2]
+
+
+def use_variant(model, variant):
+    """Set the vision attention and the KV cache of one variant."""
+    if variant == "per_window":
+        model.model.visual.config._attn_implementation = "sdpa"
+    else:
+        caption_clips.use_one_call_window_attention(model)
+    model.generation_config.cache_implementation = "static" if variant.endswith("static") else None
+
+
+def processor_ms_per_clip(caption_inputs, videos):
+    """CPU milliseconds of CaptionInputs per clip on one thread, as in a DataLoader worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for video in videos:
+            caption_inputs(video)
+        return (time.perf_counter() - start) / len(videos) * 1e3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def one_call_error(model, clip):
+    """Relative L2 distance of the vision tower's output with one-call window attention from the per-window one."""
+    visual = model.model.visual
+    pixels, grid = clip["pixel_values_videos"].to(model.device, model.dtype), clip["video_grid_thw"].to(model.device)
+    outputs = []
+    with torch.no_grad():
+        for variant in ("per_window", "one_call"):
+            use_variant(model, variant)
+            output = visual(pixels, grid_thw=grid)
+            outputs.append(getattr(output, "pooler_output", output).float())
+    return ((outputs[1] - outputs[0]).norm() / outputs[0].norm()).item()
 
 
 def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     processor = build_processor()
     model = build_model(args.size, processor.tokenizer, device)
-    if args.cache_implementation == "static":
-        model.generation_config.cache_implementation = "static"
-    run = SimpleNamespace(caption_prompt=DEFAULT_INSTRUCTION, caption_fps=2.0, max_new_tokens=args.max_new_tokens)
-    captioner = Captioner(model, processor, run)
+    caption_inputs = CaptionInputs(processor, DEFAULT_INSTRUCTION, caption_fps=2.0)
+    captioner = Captioner(model, processor, args.max_new_tokens)
     weights = language_model_bytes(model)
     bound_ms = weights / (args.bandwidth_tb_s * 1e12) * 1e3
-    fitted = None  # the largest batch that fit, for --profile
-    for batch_size in args.batch_sizes:
-        videos = [
-            torch.randint(0, 256, (args.frames, 3, args.height, args.width), dtype=torch.uint8)
-            for _ in range(batch_size)
-        ]
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            prefill = measure(captioner, videos, 1, args, device)
-            full = measure(captioner, videos, args.max_new_tokens, args, device)
-        except torch.OutOfMemoryError:
-            print(json.dumps({"batch_size": batch_size, "out_of_memory": True}), flush=True)
-            break
-        step_ms = (full - prefill) / max(args.max_new_tokens - 1, 1) * 1e3
-        row = {
-            "size": args.size,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "batch_size": batch_size,
-            "max_new_tokens": args.max_new_tokens,
-            "cache": args.cache_implementation,
-            "clips_per_s": round(batch_size / full, 3),
-            "seconds_per_call": round(full, 3),
-            "prefill_s": round(prefill, 4),
-            "decode_step_ms": round(step_ms, 3),
-            "weight_read_bound_ms": round(bound_ms, 3),
-            "language_model_gb": round(weights / 1e9, 2),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
-        }
-        print(json.dumps(row), flush=True)
-        fitted = videos
-    if args.profile and fitted is not None:
-        profile_call(captioner, fitted, device)
+    frames = [
+        torch.randint(0, 256, (args.frames, 3, args.height, args.width), dtype=torch.uint8)
+        for _ in range(max(args.batch_sizes))
+    ]
+    before = {
+        "processor_ms_per_clip_one_thread": round(processor_ms_per_clip(caption_inputs, frames[:16]), 1),
+        "one_call_vs_per_window_rel_l2": one_call_error(model, caption_inputs(frames[0]))
+        if device.type == "cuda" and caption_clips.varlen_attn is not None
+        else None,
+    }
+    print(json.dumps(before), flush=True)
+    all_clips = [caption_inputs(video) for video in frames]
+    for variant in args.variants:
+        if variant != "per_window" and (device.type != "cuda" or caption_clips.varlen_attn is None):
+            print(json.dumps({"variant": variant, "skipped": "needs CUDA and PyTorch >= 2.10"}), flush=True)
+            continue
+        use_variant(model, variant)
+        fitted = None  # the largest batch that fit, for --profile
+        for batch_size in args.batch_sizes:
+            clips = all_clips[:batch_size]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                prefill = measure(captioner, clips, 1, args, device)
+                full = measure(captioner, clips, args.max_new_tokens, args, device)
+            except torch.OutOfMemoryError:
+                print(json.dumps({"variant": variant, "batch_size": batch_size, "out_of_memory": True}), flush=True)
+                break
+            step_ms = (full - prefill) / max(args.max_new_tokens - 1, 1) * 1e3
+            row = {
+                "variant": variant,
+                "size": args.size,
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "batch_size": batch_size,
+                "max_new_tokens": args.max_new_tokens,
+                "clips_per_s": round(batch_size / full, 3),
+                "seconds_per_call": round(full, 3),
+                "prefill_s": round(prefill, 4),
+                "decode_step_ms": round(step_ms, 3),
+                "weight_read_bound_ms": round(bound_ms, 3),
+                "language_model_gb": round(weights / 1e9, 2),
+                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
+            }
+            print(json.dumps(row), flush=True)
+            fitted = clips
+        if args.profile and fitted is not None:
+            for tokens in (1, 9):
+                profile_call(captioner, fitted, tokens, variant, device)
 
 
-def profile_call(captioner, videos, device):
-    """One generate call under torch.profiler: top operators by device time, and the GPU's busy share."""
+def profile_call(captioner, clips, tokens, variant, device):
+    """One generate call of `tokens` new tokens under torch.profiler: top operators by device time, and the GPU's busy
+    share."""
     from torch.profiler import ProfilerActivity, profile
 
+    captioner.max_new_tokens = captioner.model.generation_config.min_new_tokens = tokens
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        seconds = timed(lambda: captioner(videos), device)
+        seconds = timed(lambda: captioner(clips), device)
     table = prof.key_averages()
     sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     print(table.table(sort_by=sort, row_limit=15), flush=True)
     busy = sum(e.self_device_time_total for e in table) / 1e6 if device.type == "cuda" else None
     share = round(busy / seconds, 3) if busy is not None else None
-    print(json.dumps({"profile_batch_size": len(videos), "seconds": round(seconds, 3), "gpu_busy_share": share}))
+    summary = {
+        "variant": variant,
+        "profile_batch_size": len(clips),
+        "new_tokens": tokens,
+        "seconds": round(seconds, 3),
+    }
+    print(json.dumps(summary | {"gpu_busy_share": share}), flush=True)
 
 
 if __name__ == "__main__":

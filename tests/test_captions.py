@@ -88,7 +88,7 @@ def captioner(tiny_model_25, tmp_path_factory):
 def captioned(captioner, videos, tmp_path_factory):
     """caption_clips.py run as a user runs it (a subprocess, its defaults but for the tiny clip plan)."""
     out = tmp_path_factory.mktemp("captions")
-    argv = ["--caption_model", captioner, "--video_dir", videos, "--output_dir", out, *PLAN, "--num_workers", "0"]
+    argv = ["--caption_model", captioner, "--video_dir", videos, "--output_dir", out, *PLAN]  # decode workers: 2
     result = run_script("caption_clips.py", *argv, "--max_new_tokens", "6", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return str(out)
@@ -179,16 +179,67 @@ def test_the_captioner_sees_the_clip_window_at_caption_fps_within_the_pixel_budg
     assert caption_clips.caption_frame_positions(17, 8.0, 3.0) == [0, 3, 5, 8, 11, 13, 16]
     assert caption_clips.captioner_size(256, 448, 448 * 448, 28) == (252, 448)
     assert caption_clips.captioner_size(480, 832, 448 * 448, 28) == (336, 588)  # 197,568 of 200,704 pixels
-    args = caption_clips.parse_args(caption_argv(tiny_model_25, "v", "o", "--caption_fps", "4"))
     source = caption_clips.captioner_source(tiny_model_25, None)
-    captioner = caption_clips.Captioner(
-        caption_clips.load_captioner(source, torch.float32, torch.device("cpu")),
-        caption_clips.load_processor(source),
-        args,
-    )
-    inputs = captioner.inputs([torch.zeros(6, 3, 56, 84, dtype=torch.uint8)])
+    caption_inputs = caption_clips.CaptionInputs(caption_clips.load_processor(source), "Describe.", caption_fps=4.0)
+    inputs = caption_inputs(torch.zeros(6, 3, 56, 84, dtype=torch.uint8))
     assert inputs["video_grid_thw"].tolist() == [[3, 4, 6]]  # 2-frame temporal patches of 14-pixel patches
     assert inputs["second_per_grid_ts"].tolist() == [0.5]  # a temporal patch spans 2 frames at 4 fps
+
+
+def test_clips_prepared_one_by_one_batch_as_the_processor_batches_them(tiny_model_25):
+    """The workers prepare each clip alone; their batch equals the processor's own, padding on the left included."""
+    processor = caption_clips.load_processor(caption_clips.captioner_source(tiny_model_25, None))
+    caption_inputs = caption_clips.CaptionInputs(processor, "Describe.", caption_fps=2.0)
+    generator = torch.Generator().manual_seed(0)
+    clips = [torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8) for shape in
+             [(4, 3, 56, 84), (6, 3, 28, 56), (4, 3, 56, 84)]]  # fmt: skip
+    batch = caption_clips.batch_inputs([caption_inputs(c) for c in clips], processor.tokenizer.pad_token_id)
+    expected = processor(
+        text=[caption_inputs.prompt] * 3,
+        videos=clips,
+        padding=True,
+        return_tensors="pt",
+        do_resize=False,
+        do_sample_frames=False,
+        video_metadata=[{"total_num_frames": len(c), "fps": 2.0} for c in clips],
+    )
+    assert set(batch) == set(expected) and batch["input_ids"].shape[1] > caption_inputs(clips[1])["input_ids"].shape[1]
+    for name, value in expected.items():
+        assert torch.equal(batch[name], value), name
+
+
+def test_one_call_window_attention_equals_the_per_window_attention(tiny_model_25, monkeypatch):
+    """The vision tower's windows in one varlen call: the glue (window bounds, layouts) checked on the CPU against
+    transformers' per-window SDPA, with a per-window stand-in for the CUDA-only kernel; the kernel itself against SDPA
+    on the GPU in benchmarks/bench_caption.py."""
+    import torch.nn.functional as F
+
+    windows = []
+
+    def per_window_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        assert torch.equal(cu_q, cu_k) and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+        bounds = cu_q.tolist()
+        windows.append(len(bounds) - 1)
+        heads = [t.transpose(0, 1) for t in (q, k, v)]  # [heads, tokens, dim]
+        spans = zip(bounds[:-1], bounds[1:], strict=True)
+        out = [F.scaled_dot_product_attention(*(t[:, a:b] for t in heads), scale=scale) for a, b in spans]
+        return torch.cat(out, dim=1).transpose(0, 1)
+
+    source = caption_clips.captioner_source(tiny_model_25, None)
+    model = caption_clips.load_captioner(source, torch.float32, torch.device("cpu"))
+    processor = caption_clips.load_processor(source)
+    clip = caption_clips.CaptionInputs(processor, "Describe.", caption_fps=2.0)(
+        torch.randint(0, 256, (4, 3, 112, 168), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    )
+    visual = model.model.visual
+    expected = visual(clip["pixel_values_videos"], grid_thw=clip["video_grid_thw"])
+    monkeypatch.setattr(caption_clips, "varlen_attn", per_window_varlen)
+    caption_clips.use_one_call_window_attention(model)
+    got = visual(clip["pixel_values_videos"], grid_thw=clip["video_grid_thw"])
+    assert windows and max(windows) > 1  # every layer went through one call, over several windows
+    assert len(windows) == len(visual.blocks)
+    expected, got = (getattr(x, "pooler_output", x) for x in (expected, got))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
