@@ -53,6 +53,15 @@ THREE_BUCKETS = ((61, 256, 448), (61, 448, 256), (93, 256, 448))
 NVIDIA_720P = (93, 704, 1280)
 FAST = ["--compile", "--attention_backend", "_native_cudnn"]
 NO_RESHARD = ["--fsdp_reshard_after_forward", "false"]
+
+
+def memory_config(clip, checkpointing):
+    """One GPU, batch 1, --compile --attention_backend _native_cudnn, a --gradient_checkpointing mode: whether and
+    how fast a clip trains."""
+    mode = [] if checkpointing == "none" else ["--gradient_checkpointing", checkpointing]
+    return (1, "single_gpu.yaml", [], [*mode, *FAST], clip, 1)
+
+
 CONFIGS = {
     "1gpu_naive": (1, "single_gpu.yaml", [], [], REFERENCE, 2),
     "1gpu_compile": (1, "single_gpu.yaml", [], ["--compile"], REFERENCE, 2),
@@ -114,23 +123,14 @@ CONFIGS = {
     ),
     "1gpu_memory_93x480x832_compile_cudnn": (1, "single_gpu.yaml", [], FAST, (93, 480, 832), 1),
     # NVIDIA's recipe clip, batch 1, in each checkpointing mode; a run out of memory is a result (out_of_memory)
-    "1gpu_memory_93x704x1280_full_gc_compile_cudnn": (
-        1,
-        "single_gpu.yaml",
-        [],
-        ["--gradient_checkpointing", "full", *FAST],
-        NVIDIA_720P,
-        1,
-    ),
-    "1gpu_memory_93x704x1280_selective_gc_compile_cudnn": (
-        1,
-        "single_gpu.yaml",
-        [],
-        ["--gradient_checkpointing", "selective", *FAST],
-        NVIDIA_720P,
-        1,
-    ),
-    "1gpu_memory_93x704x1280_compile_cudnn": (1, "single_gpu.yaml", [], FAST, NVIDIA_720P, 1),
+    "1gpu_memory_93x704x1280_full_gc_compile_cudnn": memory_config(NVIDIA_720P, "full"),
+    "1gpu_memory_93x704x1280_selective_gc_compile_cudnn": memory_config(NVIDIA_720P, "selective"),
+    "1gpu_memory_93x704x1280_compile_cudnn": memory_config(NVIDIA_720P, "none"),
+    # Clips between 93x480x832 and it, for the largest clip per mode on an 80 GB and a 141 GB card: NVIDIA's "480"
+    # size (768x432) and its 720p 10 fps clip (61 frames)
+    "1gpu_memory_93x432x768_compile_cudnn": memory_config((93, 432, 768), "none"),
+    "1gpu_memory_61x704x1280_selective_gc_compile_cudnn": memory_config((61, 704, 1280), "selective"),
+    "1gpu_memory_61x704x1280_compile_cudnn": memory_config((61, 704, 1280), "none"),
 }
 LOSS_WINDOW = 20  # steps per mean in loss_window_means (runs of at least two windows)
 
