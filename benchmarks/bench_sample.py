@@ -17,6 +17,9 @@ kernel category.
     python benchmarks/bench_sample.py --model /tmp/bench25/random-cosmos-predict2.5-2b --out results25/
     python benchmarks/bench_sample.py --model /tmp/bench/random-cosmos-2b --out results/ \
         --num_frames 93 --height 480 --width 832 --repeats 1 --no-latent_comparison --variants per_frame_modulation fp8
+
+At 93x704x1280 (NVIDIA's 720p) one video takes minutes: --no-full_videos --no-pipeline computes each variant's
+seconds per video from a 2-step and a 6-step run instead of timing whole videos (s_per_video_computed).
 """
 
 import argparse
@@ -24,6 +27,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -74,21 +78,46 @@ def kernel_ms_by_category(fn):
     return totals
 
 
-def ms_per_model_call(run_ours, transformer):
-    """Wall-clock ms per transformer call: a 6-step generation minus a 2-step one, over the calls between them."""
+@dataclass
+class ShortRuns:
+    """Wall-clock seconds and transformer calls of a 2-step and a 6-step generation."""
+
+    seconds: tuple[float, float]
+    calls: tuple[int, int]
+
+    def seconds_per_call(self):
+        return (self.seconds[1] - self.seconds[0]) / (self.calls[1] - self.calls[0])
+
+    def calls_for(self, steps):
+        """Transformer calls of a `steps`-step generation: linear in the steps, through the two runs' counts."""
+        return self.calls[0] + (self.calls[1] - self.calls[0]) * (steps - 2) / 4
+
+    def seconds_for(self, steps):
+        """A `steps`-step generation: the 2-step run's seconds plus its extra calls at the measured seconds per call
+        (every other cost of a run, prompt encoding, conditioning encode, decode, does not grow with the steps)."""
+        return self.seconds[0] + (self.calls_for(steps) - self.calls[0]) * self.seconds_per_call()
+
+
+def short_runs(run_ours, transformer, decode=False):
+    """A 2-step and a 6-step generation, timed, with the transformer calls of each counted."""
     calls = []
     hook = transformer.register_forward_pre_hook(lambda *_: calls.append(1))
-    seconds = []
+    seconds, counts = [], []
     for steps in (2, 6):
         calls.clear()
         torch.cuda.synchronize()
         start = time.perf_counter()
-        run_ours(steps, decode=False)
+        run_ours(steps, decode=decode)
         torch.cuda.synchronize()
-        seconds.append((time.perf_counter() - start, len(calls)))
+        seconds.append(time.perf_counter() - start)
+        counts.append(len(calls))
     hook.remove()
-    (short, short_calls), (long, long_calls) = seconds
-    return round(1e3 * (long - short) / (long_calls - short_calls), 1)
+    return ShortRuns(tuple(seconds), tuple(counts))
+
+
+def ms_per_model_call(run_ours, transformer):
+    """Wall-clock ms per transformer call: a 6-step generation minus a 2-step one, over the calls between them."""
+    return round(1e3 * short_runs(run_ours, transformer).seconds_per_call(), 1)
 
 
 def conditioning_encode_seconds(job, vae, family):
@@ -141,6 +170,23 @@ def measure_variant(run_ours, clock, components, repeats, theirs, pipeline_s):
         result["mean_abs_latent_difference"] = round(float(difference.mean()), 5)
         result["latent_std"] = round(float(theirs.float().std()), 4)
     return result
+
+
+def measure_variant_computed(run_ours, clock, components, steps):
+    """For clips where one video takes minutes: seconds per video computed (ShortRuns.seconds_for) from a 2-step and
+    a 6-step run, each decoded, after a 2-step warm-up run; no whole video is generated."""
+    run_ours(2)  # warm-up: compiles the blocks and the decode
+    runs = short_runs(run_ours, components.transformer, decode=True)
+    per_call = runs.seconds_per_call()
+    return {
+        "s_per_video_computed": round(runs.seconds_for(steps), 3),
+        "model_calls_per_video": round(runs.calls_for(steps), 1),
+        "ms_per_model_call": round(1e3 * per_call, 1),
+        "two_step_run_s": round(runs.seconds[0], 3),
+        # prompt encoding, conditioning encode, starting noise, scheduler set-up: the 2-step run less its calls
+        "fixed_s_before_decode": round(runs.seconds[0] - runs.calls[0] * per_call - clock["vae_decode_s"], 3),
+        "last_run_vae_decode_s": round(clock["vae_decode_s"], 3),
+    }
 
 
 def psnr_db(a, b):
@@ -226,6 +272,21 @@ def main():
         "by PSNR either way). At 93x480x832 that run costs 83 s.",
     )
     parser.add_argument(
+        "--full_videos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Time whole videos (default). --no-full_videos, for clips where one takes minutes, needs --no-pipeline: "
+        "each variant's seconds per video is computed, as s_per_video_computed, from a decoded 2-step and 6-step "
+        "run: the 2-step run plus the extra model calls of a whole video at the measured time per call.",
+    )
+    parser.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Profile the denoising of the default and the last variant by kernel category (default; a 5-step and a "
+        "1-step run each).",
+    )
+    parser.add_argument(
         "--variants",
         nargs="+",
         default=list(VARIANTS),
@@ -235,6 +296,8 @@ def main():
         "and the levers asked for of fp8, cuda_graph.",
     )
     cli = parser.parse_args()
+    if cli.pipeline and not cli.full_videos:
+        parser.error("--no-full_videos times no whole video, so it needs --no-pipeline")
     from cosmos_families import detect_family
 
     family = detect_family(cli.model)
@@ -285,7 +348,10 @@ def main():
             apply(components, args)
             if name not in cli.variants:
                 continue
-            results[name] = measure_variant(run_ours, clock, components, cli.repeats, theirs, pipeline_s)
+            if cli.full_videos:
+                results[name] = measure_variant(run_ours, clock, components, cli.repeats, theirs, pipeline_s)
+            else:
+                results[name] = measure_variant_computed(run_ours, clock, components, steps_default)
         except Exception as error:  # a lever that fails is reported, and the ones after it still run
             vars(components.transformer).pop("forward", None)  # a failed CUDA graph: back to the eager forward
             results[name] = {"error": f"{type(error).__name__}: {error}"}
@@ -297,7 +363,7 @@ def main():
             default_frames = clock["frames"]
         elif default_frames is not None:
             results[name]["psnr_db_vs_bf16_default"] = psnr_db(clock["frames"], default_frames)
-        if name in ("per_frame_modulation", last_variant):
+        if cli.profile and name in ("per_frame_modulation", last_variant):
             results[name]["denoise_profile_ms_per_step"] = profile_denoising(run_ours)
         print(name, results[name], flush=True)
         write_results(results, cli)

@@ -6,11 +6,15 @@
 3. writes a synthetic latent cache at the reference clip (61 frames at 256x448 -> latents [16, 16, 32, 56]);
 4. runs `accelerate launch ... train_cosmos_lora.py` for each config for --steps steps and reads its losses.jsonl;
 5. prints a table and writes results.json / results.md: samples/s, latent tokens/s, step time, peak memory per GPU,
-   useful TFLOP/s per GPU, fraction of the measured matmul peak, and the time spent waiting for data.
+   useful TFLOP/s per GPU, fraction of the measured matmul peak, and the time spent waiting for data. A run that
+   fails is a result too: its `error: ...` line, and out_of_memory when it ran out of GPU memory.
 
 `1gpu_compile_cudnn_three_buckets` trains on a cache of three clip shapes (61x256x448, 61x448x256, 93x256x448):
 against `1gpu_compile_cudnn` (one bucket) it gives what bucketing costs under --compile (compile_overhead_s: the
 excess time of the steps that compiled) and the steady rate (steady_samples_per_s, steady_latent_tokens_per_s).
+
+`1gpu_memory_93x704x1280_*` train NVIDIA's recipe clip (93x704x1280) at batch 1 in each checkpointing mode, for
+the largest clip that trains on one card per mode.
 
 Single-GPU configs run on the last GPU while multi-GPU configs run on the first three, two lanes at once.
 
@@ -25,6 +29,7 @@ transformer runs without its crossattn_proj, as a real run on such a cache does.
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,8 +48,20 @@ REFERENCE = (61, 256, 448)
 # Mixed shapes: landscape, portrait, and a longer landscape clip. Against 1gpu_compile_cudnn (one bucket) this
 # measures what bucketing costs under --compile: one static compile per bucket, then the steady rate.
 THREE_BUCKETS = ((61, 256, 448), (61, 448, 256), (93, 256, 448))
+# The clip of NVIDIA's LoRA and full post-training recipes: 93 frames at its "720" size, VIDEO_RES_SIZE_INFO["720"]
+# ["16:9"] = 1280x704 (84,480 latent tokens, 2.3x 93x480x832's 37,440).
+NVIDIA_720P = (93, 704, 1280)
 FAST = ["--compile", "--attention_backend", "_native_cudnn"]
 NO_RESHARD = ["--fsdp_reshard_after_forward", "false"]
+
+
+def memory_config(clip, checkpointing):
+    """One GPU, batch 1, --compile --attention_backend _native_cudnn, a --gradient_checkpointing mode: whether and
+    how fast a clip trains."""
+    mode = [] if checkpointing == "none" else ["--gradient_checkpointing", checkpointing]
+    return (1, "single_gpu.yaml", [], [*mode, *FAST], clip, 1)
+
+
 CONFIGS = {
     "1gpu_naive": (1, "single_gpu.yaml", [], [], REFERENCE, 2),
     "1gpu_compile": (1, "single_gpu.yaml", [], ["--compile"], REFERENCE, 2),
@@ -105,6 +122,15 @@ CONFIGS = {
         1,
     ),
     "1gpu_memory_93x480x832_compile_cudnn": (1, "single_gpu.yaml", [], FAST, (93, 480, 832), 1),
+    # NVIDIA's recipe clip, batch 1, in each checkpointing mode; a run out of memory is a result (out_of_memory)
+    "1gpu_memory_93x704x1280_full_gc_compile_cudnn": memory_config(NVIDIA_720P, "full"),
+    "1gpu_memory_93x704x1280_selective_gc_compile_cudnn": memory_config(NVIDIA_720P, "selective"),
+    "1gpu_memory_93x704x1280_compile_cudnn": memory_config(NVIDIA_720P, "none"),
+    # Clips between 93x480x832 and it, for the largest clip per mode on an 80 GB and a 141 GB card: NVIDIA's "480"
+    # size (768x432) and its 720p 10 fps clip (61 frames)
+    "1gpu_memory_93x432x768_compile_cudnn": memory_config((93, 432, 768), "none"),
+    "1gpu_memory_61x704x1280_selective_gc_compile_cudnn": memory_config((61, 704, 1280), "selective"),
+    "1gpu_memory_61x704x1280_compile_cudnn": memory_config((61, 704, 1280), "none"),
 }
 LOSS_WINDOW = 20  # steps per mean in loss_window_means (runs of at least two windows)
 
@@ -286,11 +312,9 @@ def run_config(name, args, model_dir, gpus):
     )
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
     start = time.time()
-    with open(os.path.join(args.out, f"{name}.log"), "w") as log:
-        try:
-            code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
+    log_path = os.path.join(args.out, f"{name}.log")
+    with open(log_path, "w") as log:
+        code = run_logged(cmd, env, log, args.timeout)
     result = {
         "name": name,
         "gpus": num_gpus,
@@ -300,6 +324,9 @@ def run_config(name, args, model_dir, gpus):
         "exit": code,
         "wall_s": round(time.time() - start, 1),
     }
+    if code != 0:
+        error = failure_line(log_path)
+        result.update(error=error, out_of_memory=error is not None and "out of memory" in error.lower())
     rows = []
     if os.path.isfile(os.path.join(output, "losses.jsonl")):
         rows = [json.loads(line) for line in open(os.path.join(output, "losses.jsonl"))]
@@ -330,6 +357,25 @@ def run_config(name, args, model_dir, gpus):
             export_ok=export_ok(output),
         )
     return result
+
+
+def run_logged(cmd, env, log, timeout):
+    """Run cmd with its output in log; its exit code, or "timeout" after `timeout` seconds, when its whole process
+    group is killed (the launcher and the training processes it started, which would otherwise hold the GPU)."""
+    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return "timeout"
+
+
+def failure_line(log_path):
+    """The `error: ...` line a failed training run ends with (cosmos_process.failure_line), or None."""
+    with open(log_path, errors="replace") as log:
+        lines = [line.strip() for line in log if line.startswith("error: ")]
+    return lines[-1] if lines else None
 
 
 def loss_window_means(rows):
@@ -373,9 +419,8 @@ def lane(names, args, model_dir, gpus, results, lock):
 
 def write_results(results, args):
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(
-            {"matmul_peak_tflops": args.peak, "device": torch.cuda.get_device_name(0), "results": results}, f, indent=2
-        )
+        device = {"device": torch.cuda.get_device_name(0), "device_memory_gib": device_memory_gib()}
+        json.dump({"matmul_peak_tflops": args.peak, **device, "results": results}, f, indent=2)
     header = [
         "name",
         "gpus",
@@ -392,14 +437,21 @@ def write_results(results, args):
         "data_wait_fraction",
         "export_ok",
         "exit",
+        "out_of_memory",
     ]
     lines = ["| " + " | ".join(header) + " | peak fraction |", "|" + "---|" * (len(header) + 1)]
     for r in results:
         fraction = r["useful_tflops_per_gpu"] / args.peak if "useful_tflops_per_gpu" in r else None
         lines.append("| " + " | ".join(str(r.get(h, "")) for h in header) + f" | {fraction and round(fraction, 3)} |")
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"bf16 matmul peak measured: {args.peak:.0f} TFLOP/s on {torch.cuda.get_device_name(0)}\n\n")
+        device = f"{torch.cuda.get_device_name(0)} ({device_memory_gib()} GiB)"
+        f.write(f"bf16 matmul peak measured: {args.peak:.0f} TFLOP/s on {device}\n\n")
         f.write("\n".join(lines) + "\n")
+
+
+def device_memory_gib():
+    """GPU 0's memory in GiB, above any run's peak_memory_gib (PyTorch's allocator peak) that fits on it."""
+    return round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
 
 
 def random_2b_checkpoint(workdir, family="predict2"):
