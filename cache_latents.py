@@ -297,6 +297,8 @@ class ClipEncoder:
         if reason:
             print(f"--vae_encode whole: {reason}; encoding chunked")
             mode = "chunked"
+        if vae.device.type == "cuda":  # cuDNN runs convolutions channels-last: keep the whole encode in that format
+            cosmos_vae.convolutions_channels_last(vae)
         self.vae, self.mode, self.batch_size = vae, mode, batch_size
         self.compiled = compile_vae and mode == "whole"
         encode = cosmos_vae.encode_whole_clip
@@ -307,7 +309,7 @@ class ClipEncoder:
         size = len(x)
         if self.compiled and size < self.batch_size:  # a new batch size would compile again: pad the last batch
             x = torch.cat([x, x[-1:].expand(self.batch_size - size, *x.shape[1:])])
-        if self.vae.device.type == "cuda":  # cuDNN's 3D convolutions run channels-last; this saves a copy per conv
+        if self.vae.device.type == "cuda":  # the input in the weights' format
             x = x.contiguous(memory_format=torch.channels_last_3d)
         if self.mode == "whole":
             try:

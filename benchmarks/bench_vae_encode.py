@@ -184,8 +184,10 @@ def startup_seconds(args, cache_dir):
     argv += ["--frames", str(args.frames), "--height", str(args.height), "--width", str(args.width)]
     argv += ["--batch_sizes", str(args.batch_sizes[0])]
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
-    output = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    result = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if result.returncode:
+        return {"error": result.stderr[-2000:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def startup_child(args):

@@ -31,6 +31,26 @@ def test_whole_clip_encode_equals_chunked_encode_in_float64(vae64, num_frames, b
     assert relative_error(whole, chunked) < 1e-10
 
 
+@torch.no_grad()
+def test_channels_last_weights_change_no_encoded_value(tiny_model):
+    """cache_latents.py on a GPU stores the VAE's convolution weights channels-last (one memory format through the
+    whole encode): the same latents as the channels-first VAE, in float64, from channels-last input."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(tiny_model, subfolder="vae").double().eval()
+    x = torch.rand(2, 3, 9, 32, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    expected = cosmos_vae.encode_whole_clip(vae, x)
+    cosmos_vae.convolutions_channels_last(vae)
+    convolutions = [m for m in vae.encoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    assert {m.weight.ndim for m in convolutions} == {4, 5}  # both kinds are there and converted
+    for m in convolutions:
+        layout = torch.channels_last_3d if m.weight.ndim == 5 else torch.channels_last
+        assert m.weight.is_contiguous(memory_format=layout)
+    assert sum(not m.weight.is_contiguous() for m in convolutions) > len(convolutions) // 2  # 1x1 kernels are both
+    got = cosmos_vae.encode_whole_clip(vae, x.contiguous(memory_format=torch.channels_last_3d))
+    assert relative_error(got, expected) < 1e-12
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("num_frames", NUM_FRAMES)
 @torch.no_grad()
