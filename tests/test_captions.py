@@ -149,6 +149,24 @@ def test_resume_after_sigkill_loses_nothing_and_repeats_nothing(captioned, capti
     assert rows(out) == rows(captioned)  # the same clips and captions, each once (rows() refuses a duplicate)
 
 
+def test_a_batch_out_of_gpu_memory_is_captioned_in_halves(captioned, captioner, videos, tmp_path, monkeypatch, capsys):
+    generate, sizes = caption_clips.Captioner.generate, []
+
+    def generate_within_memory(self, clips):  # as if 3 or more clips did not fit on the GPU
+        sizes.append(len(clips))
+        if len(clips) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return generate(self, clips)
+
+    monkeypatch.setattr(caption_clips.Captioner, "generate", generate_within_memory)
+    assert caption(captioner, videos, tmp_path / "halves", "--batch_size", "4") == 0
+    assert sizes[0] == 4 and set(sizes[1:]) == {2}  # the failed 4, then halves, and later batches of 2
+    assert "4 clips at once ran out of GPU memory; captioning 2 at a time from now on" in capsys.readouterr().out
+    assert {k: r["caption"] for k, r in rows(tmp_path / "halves").items()} == {
+        k: r["caption"] for k, r in rows(captioned).items()
+    }
+
+
 def test_a_rerun_with_another_instruction_or_plan_is_refused_in_one_line(captioned, captioner, videos):
     base = ["--caption_model", captioner, "--video_dir", videos, "--output_dir", captioned, *PLAN]
     line = error_line(run_script("caption_clips.py", *base, "--caption_prompt", "Say hi.", timeout=120))
