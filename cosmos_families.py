@@ -22,6 +22,7 @@ Predict2.5's transformer first projects the 100352-wide text embedding to 1024 w
     text projection     text_embed_kind/_width, take_text_projection, project_text, load_/prepare_text_projection
 """
 
+import contextlib
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,10 +55,41 @@ SIGMA_CONDITIONING = 1e-4
 
 
 def set_sampling_schedule(scheduler, num_inference_steps, device):
-    """Karras sigmas from 80 down to 0.002 as the pipeline sets them, with the last sigma repeated."""
+    """Karras sigmas from 80 down to 0.002 as the pipeline sets them, with the last sigma repeated, on `device` (the
+    timesteps stay on the CPU, see `keep_sigmas_on`). Returns how many steps change the latents: those before the
+    first repeated sigma (dt = 0), counted on the CPU before the sigmas move."""
     scheduler.register_to_config(sigma_max=SIGMA_MAX, sigma_min=0.002, sigma_data=1.0, final_sigmas_type="sigma_min")
-    scheduler.set_timesteps(sigmas=np.linspace(0, 1, num_inference_steps), device=device)
+    scheduler.set_timesteps(sigmas=np.linspace(0, 1, num_inference_steps))
     scheduler.sigmas[-1] = scheduler.sigmas[-2]
+    sigmas = scheduler.sigmas.tolist()
+    moving_steps = next((i for i in range(num_inference_steps) if sigmas[i + 1] == sigmas[i]), num_inference_steps)
+    keep_sigmas_on(scheduler, device)
+    return moving_steps
+
+
+def keep_sigmas_on(scheduler, device):
+    """Move the scheduler's sigmas to `device` once, after set_timesteps (which leaves its timesteps and, for UniPC,
+    its sigmas on the CPU), so that no step waits for the GPU.
+
+    A step reads its sigmas on the device as views; a sigma on the CPU would be copied there at every step (UniPC's
+    `.to(device)`), and a copy from pageable memory synchronizes the stream. The timesteps stay on the CPU: the
+    scheduler only looks up its first step's index in them, which on the device would read a GPU value back. The
+    values, and so the results, are the same either way.
+    """
+    scheduler.sigmas = scheduler.sigmas.to(device)
+
+
+@contextlib.contextmanager
+def solve_without_error_check():
+    """torch.linalg.solve as linalg.solve_ex's result, without its check for a singular matrix, which waits for the
+    GPU: solve is solve_ex plus that check, so the result is the same to the bit. UniPC's corrector solves for its
+    coefficients at every step; its matrices (powers of distinct log-SNR ratios) are never singular."""
+    solve = torch.linalg.solve
+    torch.linalg.solve = lambda A, B, **kwargs: torch.linalg.solve_ex(A, B, **kwargs).result
+    try:
+        yield
+    finally:
+        torch.linalg.solve = solve
 
 
 @torch.no_grad()
@@ -78,12 +110,13 @@ def denoise_video2world(
     t_cond) and the rest as latents * (1 - t); its velocity F gives x0 = (1 - t) * latents - t * F; the conditioning
     frames of x0 are replaced by the clean ones; CFG is x0_c + g * (x0_c - x0_u); Euler steps on
     (latents - x0) / sigma. The schedule ends on a repeated sigma (dt = 0), so num_inference_steps - 1 steps change
-    the latents and the model is called that many times; the result is the pipeline's to the bit.
+    the latents and the model is called that many times; the result is the pipeline's to the bit. No step waits for
+    the GPU (the sigmas are on the device, the dt = 0 step is known in advance).
     `noise` is standard normal; it is scaled by sigma_max here. The transformer is called by `predict_velocity`.
     """
     dtype = getattr(transformer, "module", transformer).dtype  # DDP wraps the model in .module
     device = noise.device
-    set_sampling_schedule(scheduler, num_inference_steps, device)
+    moving_steps = set_sampling_schedule(scheduler, num_inference_steps, device)
     latents = noise.float() * SIGMA_MAX
     cond_latents = cond_latents.float()
     batch, _, frames, _, _ = latents.shape
@@ -92,11 +125,9 @@ def denoise_video2world(
     t_cond = sigma_cond / (sigma_cond + 1)
     text = guidance_text(prompt_embeds, negative_prompt_embeds, guidance_scale)
     copies = text.shape[0] // batch
-    for i, timestep in enumerate(scheduler.timesteps):
+    # the last sigma is repeated: its Euler step (dt = 0) leaves the latents as they are, so it gets no model call
+    for i, timestep in enumerate(scheduler.timesteps[:moving_steps]):
         sigma = scheduler.sigmas[i]
-        # the last sigma is repeated: its Euler step (dt = 0) leaves the latents as they are, so skip its model call
-        if scheduler.sigmas[i + 1] == sigma:
-            break
         t = sigma / (sigma + 1)
         model_input = (cond * cond_latents + (1 - cond) * latents * (1 - t)).to(dtype)
         frame_t = (cond * t_cond + (1 - cond) * t.view(1, 1, 1, 1, 1)).expand(batch, 1, frames, 1, 1).to(dtype)
@@ -164,10 +195,11 @@ def denoise_flow_unipc(
     velocity is replaced by the true one, noise - z_cond (the starting noise); CFG is v_c + g * (v_c - v_u), both
     passes batched.
     `noise` is standard normal and is the starting latent (t = 0.995). The transformer is called by
-    `predict_velocity`, as in training.
+    `predict_velocity`, as in training. No step waits for the GPU (`keep_sigmas_on`, `solve_without_error_check`).
     """
     device = noise.device
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    scheduler.set_timesteps(num_inference_steps)
+    keep_sigmas_on(scheduler, device)
     latents = noise.float()
     cond_latents = cond_latents.float()
     batch, _, frames, _, _ = latents.shape
@@ -176,12 +208,13 @@ def denoise_flow_unipc(
     text = guidance_text(prompt_embeds, negative_prompt_embeds, guidance_scale)
     copies = text.shape[0] // batch
     for i, timestep in enumerate(scheduler.timesteps):
-        t = scheduler.sigmas[i].to(device=device, dtype=torch.float32)
+        t = scheduler.sigmas[i]
         model_input = cond * cond_latents + (1 - cond) * latents
         frame_t = (cond * PREDICT25_CONDITIONING_TIMESTEP + (1 - cond) * t).expand(batch, 1, frames, 1, 1)
         velocity = predict_velocity_per_text(transformer, model_input, frame_t, text, cond)
         velocity = guide(true_velocity.repeat(copies, 1, 1, 1, 1) + velocity * (1 - cond), guidance_scale)
-        latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0]
+        with solve_without_error_check():
+            latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0]
     return latents
 
 

@@ -6,23 +6,29 @@ Cosmos2_5_PredictBasePipeline for Predict2.5 (36 steps). Both start from the sam
 steps and guidance 7, in bf16 on the random-weight 2B checkpoint. The pipeline runs the conditional and
 unconditional passes one after the other; sample.py batches them, and adds cuDNN attention, cuDNN convolution
 autotuning, compile (regional, and the VAE decode) and per-frame AdaLN modulation one after the other (VARIANTS).
-Then, each only when asked for, levers beyond sample.py's fast path (LEVERS): --fp8, and the transformer replayed as
-a CUDA graph. Times cover
+Then, each only when asked for, levers beyond sample.py's fast path (LEVERS): --fp8, the transformer replayed as
+a CUDA graph, and `step_syncs`, the host syncs of each sampling step put back as they were before the loops ran
+without them (what that gained). Times cover
 prompt encoding, conditioning, denoising and VAE decoding, after a 2-step warm-up run each; each variant also gets
-its wall-clock ms per model call (a 6-step run minus a 2-step one), its frames' PSNR against the pipeline's and
-against the bf16 default's (per_frame_modulation). The default's and the last variant's denoising are profiled by
-kernel category.
+its wall-clock ms per model call (a 6-step run minus a 2-step one), its host syncs per sampling step (by line, from
+PyTorch's sync debug mode: a 6-step run minus a 2-step one), its frames' PSNR against the pipeline's and against
+the bf16 default's (per_frame_modulation) and whether they equal the default's. The default's and the last variant's
+denoising are profiled by kernel category. Without a GPU it runs on the CPU (a smoke test: no cuDNN attention, no
+profile, no sync counts).
 
     python benchmarks/bench_sample.py --model /tmp/bench/random-cosmos-2b --out results/      # 61x256x448
     python benchmarks/bench_sample.py --model /tmp/bench25/random-cosmos-predict2.5-2b --out results25/
     python benchmarks/bench_sample.py --model /tmp/bench/random-cosmos-2b --out results/ \
         --num_frames 93 --height 480 --width 832 --repeats 1 --no-latent_comparison --variants per_frame_modulation fp8
+    python benchmarks/bench_sample.py --model /tmp/bench/random-cosmos-2b --out results/ \
+        --repeats 1 --no-latent_comparison --variants per_frame_modulation step_syncs
 
 At 93x704x1280 (NVIDIA's 720p) one video takes minutes: --no-full_videos --no-pipeline computes each variant's
 seconds per video from a 2-step and a 6-step run instead of timing whole videos (s_per_video_computed).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -39,6 +45,12 @@ import cosmos_metrics  # noqa: E402
 import sample  # noqa: E402
 
 PROMPT = "An egocentric video of a worker's hands assembling parts at a factory bench."
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 class StandInSafetyChecker:
@@ -57,11 +69,11 @@ class StandInSafetyChecker:
 def timed(fn, repeats):
     """Mean seconds of `repeats` runs of fn(num_inference_steps=None) after a 2-step warm-up run."""
     fn(2)
-    torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         result = fn()
-    torch.cuda.synchronize()
+    synchronize()
     return result, (time.perf_counter() - start) / repeats
 
 
@@ -70,7 +82,7 @@ def kernel_ms_by_category(fn):
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
-        torch.cuda.synchronize()
+        synchronize()
     totals = {}
     for event in prof.key_averages():
         if event.device_type == torch.autograd.DeviceType.CUDA:
@@ -105,10 +117,10 @@ def short_runs(run_ours, transformer, decode=False):
     seconds, counts = [], []
     for steps in (2, 6):
         calls.clear()
-        torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         run_ours(steps, decode=decode)
-        torch.cuda.synchronize()
+        synchronize()
         seconds.append(time.perf_counter() - start)
         counts.append(len(calls))
     hook.remove()
@@ -138,10 +150,10 @@ def conditioning_encode_seconds(job, vae, family):
     seconds = {}
     for name, fn in (("conditioning_frames_only", ours), ("padded_clip", pipelines)):
         fn()
-        torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        synchronize()
         seconds[name] = round(time.perf_counter() - start, 3)
     return seconds
 
@@ -154,8 +166,19 @@ def write_results(results, cli):
         json.dump(results, f, indent=2)
 
 
+def host_syncs_per_step(run_ours):
+    """Host syncs per sampling step by line (find_host_syncs.syncs_per_step: a 6-step generation minus a 2-step one,
+    without the decode). None without a GPU."""
+    if DEVICE.type != "cuda":
+        return None
+    from find_host_syncs import syncs_per_step
+
+    return syncs_per_step(lambda steps: run_ours(steps, decode=False), (2, 6))
+
+
 def measure_variant(run_ours, clock, components, repeats, theirs, pipeline_s):
-    """Seconds per video, its denoise and decode parts, ms per model call and the latents against the pipeline's."""
+    """Seconds per video, its denoise and decode parts, ms per model call, host syncs per step and the latents
+    against the pipeline's."""
     ours, seconds = timed(run_ours, repeats)
     result = {
         "s_per_video": round(seconds, 3),
@@ -163,6 +186,7 @@ def measure_variant(run_ours, clock, components, repeats, theirs, pipeline_s):
         "last_run_denoise_s": round(clock["denoise_s"], 3),
         "last_run_vae_decode_s": round(clock["vae_decode_s"], 3),
         "ms_per_model_call": ms_per_model_call(run_ours, components.transformer),
+        "host_syncs_per_step": host_syncs_per_step(run_ours),
     }
     if theirs is not None:
         difference = (ours.float() - theirs.float()).abs()
@@ -195,7 +219,9 @@ def psnr_db(a, b):
 
 def profile_denoising(run_ours):
     """GPU kernel ms of one denoising step by category: a 5-step generation minus a 1-step one, divided by 4, so the
-    conditioning encode and prompt encoding drop out."""
+    conditioning encode and prompt encoding drop out. None without a GPU."""
+    if DEVICE.type != "cuda":
+        return None
     five = kernel_ms_by_category(lambda: run_ours(5, decode=False))
     one = kernel_ms_by_category(lambda: run_ours(1, decode=False))
     per_step = {label: (five[label] - one.get(label, 0.0)) / 4 for label in five}
@@ -209,7 +235,7 @@ def time_pipeline(cli, family, image_path, size):
     pipe = (
         getattr(diffusers, family.pipeline_class)
         .from_pretrained(cli.model, torch_dtype=torch.bfloat16, safety_checker=StandInSafetyChecker())
-        .to("cuda")
+        .to(DEVICE)
     )
     pipe.set_progress_bar_config(disable=True)
     # Predict2's pipeline rescales RoPE by its default fps=16 unless told fps=None; the 2.5 one passes no fps.
@@ -293,7 +319,7 @@ def main():
         choices=list(VARIANTS) + list(LEVERS),
         help="Which variants to time. Each one includes all before it in the list batched_cfg, cudnn_attention, "
         "cudnn_benchmark, compile, per_frame_modulation (sample.py --compile --attention_backend _native_cudnn), "
-        "and the levers asked for of fp8, cuda_graph.",
+        "and the levers asked for of fp8, cuda_graph, step_syncs (the per-step host syncs put back).",
     )
     cli = parser.parse_args()
     if cli.pipeline and not cli.full_videos:
@@ -306,7 +332,7 @@ def main():
     size = dict(height=cli.height, width=cli.width, num_frames=cli.num_frames)
     image_path = write_condition_image(cli)
     results = {
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu",
         "family": family.name,
         "pipeline": family.pipeline_class,
         "size": size,
@@ -321,7 +347,7 @@ def main():
     print(results, flush=True)
 
     args = sample_args(cli, image_path)
-    components = sample.load_pipeline_components(args, torch.device("cuda"), family)
+    components = sample.load_pipeline_components(args, DEVICE, family)
     jobs = sample.collect_jobs(args, family)
     results["conditioning_encode_s"] = conditioning_encode_seconds(jobs[0], components.vae, family)
     print(results["conditioning_encode_s"], flush=True)
@@ -332,11 +358,11 @@ def main():
         args.num_inference_steps = steps or steps_default
         start = time.perf_counter()
         latents, _ = sample.generate_latents(jobs, components, args, 0)
-        torch.cuda.synchronize()
+        synchronize()
         clock["denoise_s"] = time.perf_counter() - start
         if decode:
             clock["frames"] = sample.decode_to_frames(components.vae, latents, compiled=args.compile)[0].numpy()
-            torch.cuda.synchronize()
+            synchronize()
             clock["vae_decode_s"] = time.perf_counter() - start - clock["denoise_s"]
         return latents
 
@@ -363,6 +389,7 @@ def main():
             default_frames = clock["frames"]
         elif default_frames is not None:
             results[name]["psnr_db_vs_bf16_default"] = psnr_db(clock["frames"], default_frames)
+            results[name]["frames_equal_bf16_default"] = bool(np.array_equal(clock["frames"], default_frames))
         if cli.profile and name in ("per_frame_modulation", last_variant):
             results[name]["denoise_profile_ms_per_step"] = profile_denoising(run_ours)
         print(name, results[name], flush=True)
@@ -371,7 +398,8 @@ def main():
 
 
 def use_cudnn_attention(components, args):
-    components.transformer.set_attention_backend("_native_cudnn")
+    if DEVICE.type == "cuda":  # cuDNN attention has no CPU kernel: a CPU smoke test keeps the stock one
+        components.transformer.set_attention_backend("_native_cudnn")
 
 
 def compile_blocks(components, args):
@@ -447,8 +475,23 @@ VARIANTS = {
     "compile": compile_blocks,
     "per_frame_modulation": per_frame_modulation,
 }
+
+
+def put_back_step_syncs(components, args):
+    """The host syncs of each sampling step as they were before the loops ran without them: one before every model
+    call (Predict2's dt = 0 check read a GPU sigma there; Predict2.5's loop copied its sigma to the GPU) and UniPC's
+    own (its sigmas left on the CPU, so that every step copies them to the GPU, and linalg.solve's error check). The
+    latents are the same either way."""
+    import cosmos_families
+
+    components.transformer.register_forward_pre_hook(lambda *_: synchronize())
+    if components.family.scheduler_class == "UniPCMultistepScheduler":
+        cosmos_families.keep_sigmas_on = lambda scheduler, device: None
+        cosmos_families.solve_without_error_check = contextlib.nullcontext
+
+
 # Levers beyond it, applied in this order on top of it, each only when --variants names it.
-LEVERS = {"fp8": fp8_linears, "cuda_graph": replay_cuda_graph}
+LEVERS = {"fp8": fp8_linears, "cuda_graph": replay_cuda_graph, "step_syncs": put_back_step_syncs}
 
 
 if __name__ == "__main__":

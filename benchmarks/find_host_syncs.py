@@ -2,10 +2,11 @@
 """Where sample.py's sampler makes the host wait for the GPU: each synchronizing call of a short generation, by line.
 
 PyTorch's sync debug mode warns at every operation that synchronizes the stream with the host (.item(), a device to
-host copy, a data-dependent shape). One warning per step in the sampling loop leaves the GPU idle while the host
-launches the next step's first kernels. This runs a generation of --steps steps on --model at --num_frames x
---height x --width (after a warm-up run that is not counted) and prints the Python line behind each warning with
-its count.
+host copy, a copy from pageable host memory, a data-dependent shape). One warning per step in the sampling loop
+leaves the GPU idle while the host launches the next step's first kernels. This runs a generation of --steps steps
+on --model at --num_frames x --height x --width (after a warm-up run that is not counted) and prints the Python line
+behind each warning with its count, then the syncs per step: those of a 2 x --steps generation minus those of the
+--steps one, over the steps between them (what a generation does once drops out).
 
     python benchmarks/find_host_syncs.py --model /tmp/bench25/random-cosmos-predict2.5-2b --out results/
 """
@@ -42,6 +43,15 @@ def synchronizing_lines(generate):
     return dict(lines.most_common())
 
 
+def syncs_per_step(generate, steps):
+    """{"syncs": per step, "lines": {"file:line": per step}}: the synchronizing lines of generate(steps[1]) minus
+    those of generate(steps[0]), over steps[1] - steps[0]."""
+    short, long = (synchronizing_lines(lambda n=n: generate(n)) for n in steps)
+    lines = {line: (count - short.get(line, 0)) / (steps[1] - steps[0]) for line, count in long.items()}
+    lines = {line: round(count, 2) for line, count in lines.items() if count}
+    return {"syncs": round(sum(lines.values()), 2), "lines": lines}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Diffusers checkpoint of either family.")
@@ -53,13 +63,21 @@ def main():
     cli = parser.parse_args()
     os.makedirs(cli.out, exist_ok=True)
     args = bench_sample.sample_args(cli, bench_sample.write_condition_image(cli))
-    args.num_inference_steps = cli.steps
     family = detect_family(args.pretrained_model_name_or_path, args.revision)
     components = sample.load_pipeline_components(args, torch.device("cuda"), family)
     jobs = sample.collect_jobs(args, family)
-    sample.generate_latents(jobs, components, args, 0)  # warm-up: cuDNN plans, allocator
-    lines = synchronizing_lines(lambda: sample.generate_latents(jobs, components, args, 0))
-    result = {"family": components.family.name, "steps": cli.steps, "synchronizing_lines": lines}
+
+    def generate(steps):
+        args.num_inference_steps = steps
+        sample.generate_latents(jobs, components, args, 0)
+
+    generate(cli.steps)  # warm-up: cuDNN plans, allocator
+    result = {
+        "family": components.family.name,
+        "steps": cli.steps,
+        "synchronizing_lines": synchronizing_lines(lambda: generate(cli.steps)),
+        "per_step": syncs_per_step(generate, (cli.steps, 2 * cli.steps)),
+    }
     print(json.dumps(result, indent=2))
     with open(os.path.join(cli.out, f"host_syncs_{result['family']}.json"), "w") as f:
         json.dump(result, f, indent=2)

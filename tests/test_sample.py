@@ -18,7 +18,7 @@ from conftest import (
     run_script,
     sample_args,
 )
-from cosmos_families import FAMILIES, detect_family, load_component
+from cosmos_families import FAMILIES, detect_family, load_component, text_embed_kind, text_embed_width
 from cosmos_speed import modulate_per_frame
 
 
@@ -103,6 +103,36 @@ def test_the_last_step_is_skipped_and_the_latents_equal_the_pipelines_to_the_bit
     pipeline_calls = pipeline_calls[0]
     assert (len(our_calls), len(pipeline_calls)) == (steps - 1, steps)
     assert torch.equal(ours, theirs)
+
+
+def test_no_sampling_step_waits_for_the_device(family, monkeypatch):
+    """Each family's sampling loop, run on the "meta" device, whose tensors hold no values: a step that reads one
+    back on the host (.item(), `if tensor == ...`, .tolist(), .cpu()) raises there, as it would synchronize the host
+    with a GPU. The two other calls that synchronize on CUDA are recorded once the first model call has begun: a copy
+    of a CPU tensor onto the device (pageable memory) and torch.linalg.solve (its check for a singular matrix)."""
+    model_family = family.model_family
+    transformer = load_component(family.model, "transformer", family=model_family).to("meta")
+    scheduler = load_component(family.model, "scheduler", family=model_family)
+    width = text_embed_width(transformer.config, text_embed_kind(transformer.config, "full"))
+    noise, text = torch.randn(1, 16, 5, 8, 14, device="meta"), torch.randn(1, 512, width, device="meta")
+    calls, waits = count_calls(transformer), []
+    to, solve = torch.Tensor.to, torch.linalg.solve
+
+    def recorded_to(tensor, *args, **kwargs):
+        moved = to(tensor, *args, **kwargs)
+        if calls and tensor.device.type == "cpu" and moved.device.type == "meta":
+            waits.append("a copy from the CPU")
+        return moved
+
+    def recorded_solve(*args, **kwargs):
+        waits.append("torch.linalg.solve")
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recorded_to)
+    monkeypatch.setattr(torch.linalg, "solve", recorded_solve)
+    latents = model_family.denoise(transformer, scheduler, noise, noise, 1, text, text, 7.0, 5)
+    assert latents.shape == noise.shape and len(calls) == {"predict2": 4, "predict2.5": 5}[family.name]
+    assert waits == []
 
 
 def test_per_frame_modulation_gives_the_stock_transformers_output(tiny_model):
