@@ -139,7 +139,13 @@ def parse_args(argv=None):
         help="With per-clip captions: a clip without one stops the run naming it (error), or is captioned --prompt.",
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--batch_size", type=positive_int, default=8, help="Clips per VAE encode call.")
+    run.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=4,
+        help="Clips per VAE encode call (the compiled encode of 61x256x448 clips: 10.2 clips/s at 4, 9.2 at 8 on an "
+        "H100; benchmarks/RESULTS.md).",
+    )
     run.add_argument(
         "--num_workers",
         type=non_negative_int,

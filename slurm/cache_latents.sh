@@ -53,7 +53,7 @@ NUM_FRAMES=${NUM_FRAMES:-61}
 FPS=${FPS:-8}
 HEIGHT=${HEIGHT:-256}
 WIDTH=${WIDTH:-448}
-BATCH_SIZE=${BATCH_SIZE:-8}
+BATCH_SIZE=${BATCH_SIZE:-4}
 NUM_WORKERS=${NUM_WORKERS:-${SLURM_CPUS_PER_TASK:-8}}
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ NUM_FRAMES=${NUM_FRAMES:-61}
 FPS=${FPS:-8}
 HEIGHT=${HEIGHT:-256}
 WIDTH=${WIDTH:-448}
-BATCH_SIZE=${BATCH_SIZE:-16}
+BATCH_SIZE=${BATCH_SIZE:-128}
 NUM_WORKERS=${NUM_WORKERS:-${SLURM_CPUS_PER_TASK:-4}}
 # ---------------------------------------------------------------------------------------------------------------
 
