@@ -248,6 +248,10 @@ def main(args):
             record(f"profile_{variant}_batch{args.profile_batch}", profile_encode(encode, x))
         del encode
     if args.startup:
+        del vae
+        if DEVICE.type == "cuda":  # give the GPU memory this process cached back, for the start-up processes
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
         with tempfile.TemporaryDirectory() as cache_dir:
             record("startup_cold_cache", startup_seconds(args, cache_dir))
             record("startup_warm_cache", startup_seconds(args, cache_dir))
