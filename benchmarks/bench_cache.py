@@ -48,6 +48,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import bench_train
 from bench_decode import video_clips
+from bench_vae_encode import first_call_and_rate
 
 import cache_latents
 import cosmos_vae
@@ -167,15 +168,7 @@ def time_variant(encode, clips, batch_size, num_clips, flops, reference):
     """clips/s of one encode variant on one batch, after a first call (autotuning or compilation)."""
     x, repeats = vae_input(clips[:batch_size], DTYPE), max(1, num_clips // batch_size)
     reset_peak()
-    start = time.perf_counter()
-    latents = encode(x)
-    synchronize()
-    first_call_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(repeats):
-        encode(x)
-    synchronize()
-    rate = repeats * batch_size / (time.perf_counter() - start)
+    latents, first_call_s, rate = first_call_and_rate(encode, x, repeats)
     count = min(batch_size, len(reference))
     return {
         "clips_per_s": round(rate, 2),

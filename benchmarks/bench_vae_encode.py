@@ -125,21 +125,26 @@ def make_encode(vae, variant):
 
 
 @torch.no_grad()
+def first_call_and_rate(encode, x, repeats):
+    """encode(x)'s output and seconds on a first call (compile, autotuning), and clips/s over `repeats` more."""
+    start = time.perf_counter()
+    output = encode(x)
+    synchronize()
+    first_call_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(repeats):
+        encode(x)
+    synchronize()
+    return output, first_call_s, repeats * len(x) / (time.perf_counter() - start)
+
+
+@torch.no_grad()
 def time_variant(encode, videos, batch_size, clips, flops, peak_tflops, reference):
     x = videos[:batch_size].to(DEVICE, DTYPE)
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    means = encode(x)
-    synchronize()
-    first_call_s = time.perf_counter() - start
-    repeats = max(1, clips // batch_size)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        encode(x)
-    synchronize()
-    rate = repeats * batch_size / (time.perf_counter() - start)
+    means, first_call_s, rate = first_call_and_rate(encode, x, repeats=max(1, clips // batch_size))
     count = min(batch_size, len(reference))
     error = (means[:count].float().cpu() - reference[:count]).norm() / reference[:count].norm()
     return {
