@@ -288,7 +288,6 @@ def load_processor(source):
             video_processor=Qwen2VLVideoProcessor(),
             chat_template=tokenizer.chat_template,
         )
-    processor.tokenizer.padding_side = "left"  # generation continues every row from its last token
     return processor
 
 

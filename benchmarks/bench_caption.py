@@ -141,7 +141,6 @@ def build_processor():
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=tokenizer.chat_template,
     )
-    processor.tokenizer.padding_side = "left"
     return processor
 
 

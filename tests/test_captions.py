@@ -208,6 +208,7 @@ def test_clips_prepared_one_by_one_batch_as_the_processor_batches_them(tiny_mode
     """The workers prepare each clip alone; their batch equals the processor's own, padding on the left included."""
     processor = caption_clips.load_processor(caption_clips.captioner_source(tiny_model_25, None))
     caption_inputs = caption_clips.CaptionInputs(processor, "Describe.", caption_fps=2.0)
+    processor.tokenizer.padding_side = "left"  # the processor's own batch, padded as generation needs it
     generator = torch.Generator().manual_seed(0)
     clips = [torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8) for shape in
              [(4, 3, 56, 84), (6, 3, 28, 56), (4, 3, 56, 84)]]  # fmt: skip
