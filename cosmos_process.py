@@ -6,6 +6,7 @@ Ctrl-C itself with `StopSignal`: it saves a checkpoint and exits 75). Worker pro
 killed on every exit, so a failed run never waits on them. Files and folders are written whole or not at all.
 """
 
+import faulthandler
 import gc
 import multiprocessing
 import os
@@ -149,12 +150,18 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+# Seconds the way out may take once main has returned or failed. Past them every thread's stack is printed and the
+# process exits 1: a run never hangs on its way out, and the stacks say where it would have.
+EXIT_TIMEOUT = 120
+
+
 def run_main(main, parse_args, bad_input=(ValueError, FileNotFoundError)):
     """A script's entry point: parse, run `main`, and exit with its code (an int; anything else counts as 0).
 
     Bad input and deliberate stops end in one `error: ...` line; any other failure prints its traceback and then
     `error: STAGE: Type: message` as the last line. SIGTERM and SIGINT unwind the main thread (files being written
-    are finished or removed) and exit 128 + N. On every path the worker processes are killed before Python exits.
+    are finished or removed) and exit 128 + N. On every path the worker processes are killed before Python exits, and
+    a way out that takes longer than EXIT_TIMEOUT ends in every thread's stack and exit code 1.
     """
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
@@ -166,6 +173,7 @@ def run_main(main, parse_args, bad_input=(ValueError, FileNotFoundError)):
         ignore_stop_signals()  # the run is over: a late signal (a launcher ending the other ranks) must not cut this
         message, code = failure_message(error, bad_input)
     finally:
+        faulthandler.dump_traceback_later(EXIT_TIMEOUT, exit=True)
         stop_worker_processes()
     if message:
         gc.collect()  # the failed run's progress bars print once more as they close: before the last line, not after

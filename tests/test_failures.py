@@ -506,3 +506,28 @@ def test_sampling_a_real_video_into_auto_buckets_records_them(tiny_model, tmp_pa
     assert results["settings"]["input"] == [str(video)]
     (result,) = results["videos"]
     assert result["name"] == "wide" and "psnr" in result  # the source's next frames score it
+
+
+def test_a_way_out_that_hangs_ends_with_the_stacks(tmp_path):
+    """Should cleaning up after a failure ever block, the run still exits: every thread's stack, then exit code 1."""
+    program = tmp_path / "hangs_on_the_way_out.py"
+    program.write_text(
+        "import time\n"
+        "import cosmos_process\n"
+        "cosmos_process.EXIT_TIMEOUT = 2\n"
+        "cosmos_process.stop_worker_processes = lambda: time.sleep(600)  # a clean-up that never ends\n"
+        "def main(args):\n"
+        "    raise RuntimeError('the run failed')\n"
+        "cosmos_process.run_main(main, lambda: None)\n"
+    )
+    start = time.time()
+    result = subprocess.run(
+        [sys.executable, str(program)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
+    assert result.returncode == 1 and time.time() - start < 30
+    assert "RuntimeError: the run failed" in result.stderr  # the failure first
+    assert "Timeout (0:00:02)!" in result.stderr and "<lambda>" in result.stderr  # then where the way out hung
