@@ -273,22 +273,28 @@ def check_vision_tower(source):
 
 
 def load_processor(source):
-    """The model's own processor, or for a diffusers checkpoint its tokenizer with Qwen2.5-VL's default image and
-    video processors (patch 14, merge 2, temporal patch 2, CLIP mean and std)."""
-    from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    """The model's own processor, or for a diffusers checkpoint (which has none) its tokenizer with Qwen2.5-VL's
+    default image and video processors."""
+    from transformers import AutoProcessor, AutoTokenizer
 
     if not source.diffusers:
-        processor = AutoProcessor.from_pretrained(source.path, revision=source.revision)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, subfolder="tokenizer", revision=source.revision)
-        processor = Qwen2_5_VLProcessor(
-            image_processor=Qwen2VLImageProcessor(),
-            tokenizer=tokenizer,
-            video_processor=Qwen2VLVideoProcessor(),
-            chat_template=tokenizer.chat_template,
-        )
-    return processor
+        return AutoProcessor.from_pretrained(source.path, revision=source.revision)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, subfolder="tokenizer", revision=source.revision)
+    return qwen25_vl_processor(tokenizer)
+
+
+def qwen25_vl_processor(tokenizer):
+    """A Qwen2.5-VL processor around `tokenizer`, with the default image and video processors (patch 14, merge 2,
+    temporal patch 2, CLIP mean and std) and the tokenizer's chat template."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=tokenizer.chat_template,
+    )
 
 
 def load_captioner(source, dtype, device):

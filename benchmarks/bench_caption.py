@@ -129,19 +129,9 @@ def build_model(size, tokenizer, device):
 
 
 def build_processor():
-    """caption_clips.py's processor for a checkpoint without one: a Qwen tokenizer (here the offline one of the tiny
-    checkpoints, with the vision tokens) and Qwen2.5-VL's default image and video processors."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    tokenizer = make_random_cosmos.build_qwen_tokenizer()
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=tokenizer.chat_template,
-    )
-    return processor
+    """caption_clips.py's processor for a checkpoint without one, around the offline Qwen tokenizer of the tiny
+    checkpoints (with the vision tokens)."""
+    return caption_clips.qwen25_vl_processor(make_random_cosmos.build_qwen_tokenizer())
 
 
 def timed(function, device):
