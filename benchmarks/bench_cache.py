@@ -48,7 +48,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import bench_train
 from bench_decode import video_clips
-from bench_vae_encode import first_call_and_rate
+from bench_vae_encode import first_call_and_rate, profile_encode
 
 import cache_latents
 import cosmos_vae
@@ -212,36 +212,6 @@ def vae_only(model, clips, reference, args):
             results[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
         print(name, results[name], flush=True)
     return results
-
-
-def profile_encode(encode, x):
-    """GPU kernel time per clip of one batch encode, grouped: convolutions, layout copies, the rest."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.no_grad():
-        encode(x)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            encode(x)
-            torch.cuda.synchronize()
-    kernels = {}
-    for event in prof.key_averages():
-        if event.device_type.name == "CUDA" and event.self_device_time_total > 0:
-            kernels[event.key] = event.self_device_time_total / 1e3 / len(x)
-    groups = {
-        "convolution": ("conv", "xmma", "fprop", "implicit", "cutlass", "gemm", "nvjet", "sm90"),
-        "layout copies": ("nchw", "nhwc", "transpose", "copy", "cat", "pad"),
-    }
-    totals = {"convolution": 0.0, "layout copies": 0.0, "elementwise and other": 0.0}
-    for name, ms in kernels.items():
-        group = next(
-            (g for g, keys in groups.items() if any(k in name.lower() for k in keys)), "elementwise and other"
-        )
-        totals[group] += ms
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:8]
-    return {
-        "ms_per_clip": {k: round(v, 1) for k, v in totals.items()},
-        "top_kernels_ms": [[name[:90], round(ms, 1)] for name, ms in top],
-    }
 
 
 @torch.no_grad()
