@@ -373,9 +373,8 @@ class ClipFrames(torch.utils.data.IterableDataset):
     for n clips already captioned.
     """
 
-    def __init__(self, args, layout, done, multiple, caption_inputs):
-        self.args, self.layout, self.done, self.multiple = args, layout, done, multiple
-        self.caption_inputs = caption_inputs
+    def __init__(self, args, layout, done, caption_inputs):
+        self.args, self.layout, self.done, self.caption_inputs = args, layout, done, caption_inputs
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -425,7 +424,7 @@ class ClipFrames(torch.utils.data.IterableDataset):
             clip_frames = fit_frames(
                 torch.stack([torch.from_numpy(frames[i]) for i in indices]), bucket.height, bucket.width, a.resize_mode
             )
-            size = captioner_size(bucket.height, bucket.width, a.caption_max_pixels, self.multiple)
+            size = captioner_size(bucket.height, bucket.width, a.caption_max_pixels, self.caption_inputs.patch_grid)
             yield {
                 "clip_index": clip.index,
                 "start_seconds": clip.start_seconds,
@@ -459,6 +458,8 @@ class CaptionInputs:
 
     def __init__(self, processor, instruction, caption_fps):
         self.processor, self.caption_fps = processor, caption_fps
+        video = processor.video_processor
+        self.patch_grid = video.patch_size * video.merge_size  # frame sides are multiples of it (28 pixels)
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": instruction}]}]
         self.prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -576,7 +577,6 @@ def caption_videos(args, layout, source):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     identity = captions_identity(args)
     processor = load_processor(source)
-    multiple = processor.video_processor.patch_size * processor.video_processor.merge_size
     model = load_captioner(source, model_dtype(args.dtype, device), device)
     shard_dir = os.path.join(args.output_dir, f"shard_{args.shard_index:05d}")
     os.makedirs(shard_dir, exist_ok=True)
@@ -585,7 +585,7 @@ def caption_videos(args, layout, source):
     done = set(shard_rows(shard_dir))
     caption_inputs = CaptionInputs(processor, args.caption_prompt, args.caption_fps)
     loader = torch.utils.data.DataLoader(
-        ClipFrames(args, layout, done, multiple, caption_inputs),
+        ClipFrames(args, layout, done, caption_inputs),
         batch_size=None,
         num_workers=args.num_workers,
         worker_init_fn=ignore_stop_signals,
