@@ -9,6 +9,8 @@ convolutions. This benchmark times, on the real-size Wan2.1 VAE (random weights,
 - `input_cl`: channels-last input only (cache_latents.py until this benchmark), compiled, at each --batch_sizes;
 - `all_cl`: the convolution weights channels-last too (`cosmos_vae.convolutions_channels_last`), compiled;
 - `all_cl_eager`: the same without compile;
+- `all_cl_tuned`: `all_cl` with inductor's coordinate-descent tuning of its Triton kernels (block sizes searched per
+  kernel at compile time);
 
 each as clips/s, TFLOP/s and fraction of the bf16 matmul peak measured in the same process, first-call seconds
 (compile and cuDNN autotuning), peak memory, the relative L2 distance from a float32 chunked encode (diffusers' own)
@@ -51,6 +53,7 @@ KERNEL_GROUPS = {
     "convolutions": ("conv", "xmma", "fprop", "implicit", "cutlass", "gemm", "nvjet", "sm90", "cudnn"),
 }
 OTHER_KERNELS = "the rest"
+VARIANTS = ["input_cl", "all_cl", "all_cl_eager", "all_cl_tuned"]
 
 
 def parse_args(argv=None):
@@ -63,6 +66,14 @@ def parse_args(argv=None):
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[2, 4, 8], help="Clips per compiled call.")
     parser.add_argument("--clips", type=int, default=32, help="Clips timed per variant.")
     parser.add_argument("--profile_batch", type=int, default=4, help="Batch size profiled for each memory format.")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="Encodes to time.")
+    parser.add_argument(
+        "--cudnn_benchmark_limit",
+        type=int,
+        default=10,
+        help="Algorithms cuDNN's search tries per convolution (torch.backends.cudnn.benchmark_limit; PyTorch's "
+        "default 10; 0: all).",
+    )
     parser.add_argument(
         "--startup", action=argparse.BooleanOptionalAction, default=True, help="Time compile cold and warm."
     )
@@ -125,7 +136,9 @@ def make_encode(vae, variant):
     if variant.startswith("all_cl"):
         vae = cosmos_vae.convolutions_channels_last(build_vae_like(vae, vae.dtype))
     encode = cosmos_vae.encode_whole_clip
-    if not variant.endswith("eager"):
+    if variant == "all_cl_tuned":
+        encode = torch.compile(encode, dynamic=False, options={"coordinate_descent_tuning": True})
+    elif not variant.endswith("eager"):
         encode = torch.compile(encode, dynamic=False)
     return (lambda x: encode(vae, x.contiguous(memory_format=torch.channels_last_3d))), vae
 
@@ -193,7 +206,7 @@ def startup_seconds(args, cache_dir):
     """First-call seconds of the default encode in a fresh process with TORCHINDUCTOR_CACHE_DIR=cache_dir."""
     argv = [sys.executable, os.path.abspath(__file__), "--startup_child", "--out", args.out, "--size", args.size]
     argv += ["--frames", str(args.frames), "--height", str(args.height), "--width", str(args.width)]
-    argv += ["--batch_sizes", str(args.batch_sizes[0])]
+    argv += ["--batch_sizes", str(args.batch_sizes[0]), "--cudnn_benchmark_limit", str(args.cudnn_benchmark_limit)]
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
     result = subprocess.run(argv, env=env, capture_output=True, text=True)
     if result.returncode:
@@ -203,6 +216,8 @@ def startup_seconds(args, cache_dir):
 
 def startup_child(args):
     """Load, compile and run the default encode once; print the seconds of each part."""
+    torch.backends.cudnn.benchmark = True  # as cache_latents.py: its search is part of the start-up
+    torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     start = time.perf_counter()
     vae = build_vae(args.size, DTYPE)
     loaded = time.perf_counter()
@@ -232,13 +247,15 @@ def main(args):
             json.dump(results, f, indent=2)
 
     torch.backends.cudnn.benchmark = True  # as cache_latents.py
+    torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     vae = build_vae(args.size, DTYPE)
     videos = smooth_videos(max(args.batch_sizes + [args.profile_batch]), args.frames, args.height, args.width)
     record("bf16_matmul_peak_tflops", round(matmul_peak_tflops(), 1) if DEVICE.type == "cuda" else None)
     counts = encode_flops(vae, videos[0])
     record("tflop_per_clip", {k: round(v / 1e12, 3) for k, v in counts.items()})
     reference = reference_means(vae, videos[:2])
-    for variant, batch_sizes in [("input_cl", args.batch_sizes), ("all_cl", args.batch_sizes), ("all_cl_eager", [4])]:
+    for variant in args.variants:
+        batch_sizes = [4] if variant == "all_cl_eager" else args.batch_sizes
         encode, _ = make_encode(vae, variant)
         for batch_size in batch_sizes:
             try:
