@@ -176,14 +176,18 @@ def video_size(container):
     return context.height, context.width
 
 
-def decode_frames(container, wanted):
-    """{source index: RGB uint8 array [H, W, 3]} for the wanted indices, decoding sequentially once."""
+def decode_frames(container, wanted, src_colorspace=None):
+    """{source index: RGB uint8 array [H, W, 3]} for the wanted indices, decoding sequentially once.
+
+    The YUV -> RGB matrix is the stream's own, or BT.601 where the stream does not name one (FFmpeg's swscale
+    default); `src_colorspace` (a PyAV Colorspace name such as "itu709") overrides it.
+    """
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     last, frames = max(wanted), {}
     for index, frame in enumerate(container.decode(stream)):
         if index in wanted:
-            frames[index] = frame.to_ndarray(format="rgb24")
+            frames[index] = frame.to_ndarray(format="rgb24", src_colorspace=src_colorspace)
         if index >= last:
             break
     return frames
