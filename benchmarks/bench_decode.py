@@ -5,7 +5,8 @@ Makes a synthetic H.265 video shaped like Egocentric-100K (456x256, 30 fps) with
 measures, saving decode_results.json under --out after each measurement (a cut-off run keeps what it measured):
 
 1. whole_video: the whole video decoded to RGB with PyAV (one thread, threaded) and imageio-ffmpeg's ffmpeg
-   (one thread, auto): frames/s and CPU-seconds per frame (ffmpeg's child process included).
+   (one thread, auto; left out where imageio-ffmpeg is not installed): frames/s and CPU-seconds per frame (ffmpeg's
+   child process included).
 2. cpu_clip_path: cache_latents.py's own clip path (probe, plan the reference clips of 61 frames at 8 fps, decode
    the frames they need with PyAV, centre-crop to 256x448): clips/s, frames/s and CPU-seconds per clip of this
    process (PyAV's decode threads included), over --repeats passes.
@@ -29,6 +30,7 @@ be probed. Run this on the machine whose cores will feed the GPU:
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -298,17 +300,24 @@ def difference(clips, reference):
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------------
+def has_imageio_ffmpeg():
+    return importlib.util.find_spec("imageio_ffmpeg") is not None
+
+
 def versions():
     import av
-    import imageio_ffmpeg
 
-    return {
+    found = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "av": av.__version__,
-        "imageio_ffmpeg": imageio_ffmpeg.__version__,
     }
+    if has_imageio_ffmpeg():  # optional: its rows are left out without it
+        import imageio_ffmpeg
+
+        found["imageio_ffmpeg"] = imageio_ffmpeg.__version__
+    return found
 
 
 def device_facts():
@@ -343,13 +352,19 @@ def main(args):
         make_video(path, args.seconds)
         record("video", video_facts(path))
         # the whole video, by each CPU decoder
-        rows = []
-        for name, fn, fn_args in [
-            ("PyAV, 1 thread, decode + RGB", decode_all_pyav, (path, False)),
-            ("PyAV, threaded, decode + RGB", decode_all_pyav, (path, True)),
-            ("imageio-ffmpeg, 1 thread, decode + RGB pipe", decode_all_imageio, (path, 1)),
-            ("imageio-ffmpeg, auto threads, decode + RGB pipe", decode_all_imageio, (path, 0)),
-        ]:
+        rows, decoders = (
+            [],
+            [
+                ("PyAV, 1 thread, decode + RGB", decode_all_pyav, (path, False)),
+                ("PyAV, threaded, decode + RGB", decode_all_pyav, (path, True)),
+            ],
+        )
+        if has_imageio_ffmpeg():
+            decoders += [
+                ("imageio-ffmpeg, 1 thread, decode + RGB pipe", decode_all_imageio, (path, 1)),
+                ("imageio-ffmpeg, auto threads, decode + RGB pipe", decode_all_imageio, (path, 0)),
+            ]
+        for name, fn, fn_args in decoders:
             frames, timing = timed(fn, *fn_args)
             rows.append(
                 {
