@@ -24,7 +24,9 @@ trace in the workdir. Per step, a summary gives:
   Each GPU kernel is tied to the CPU op that launched it through the trace's `correlation` ids (kernel -> CUDA
   runtime or driver launch -> innermost `cpu_op` around the launch on that thread), whose "Input Dims" give a GEMM's
   dimensions; inductor's fused Triton kernels (triton_poi/red/per_fused_<aten ops>) are named after the aten ops they
-  fuse, never counted as attention or matmul, and a norm by those names.
+  fuse, never counted as attention or matmul, and a norm by those names. A fused kernel counts whole: a LayerNorm
+  kernel holds the AdaLN modulation (fused_add_mul_native_layer_norm), a q/k RMSNorm one may hold RoPE. LayerNorm's
+  backward is named native_layer_norm_backward; RMSNorm's is named after pow/sum/mul only and counts as other.
 - GPU busy time (some kernel on some stream) and idle time (none at all);
 - exposed communication: time when only communication kernels run, which includes waiting for a slower rank;
 - the largest idle gaps, each with the innermost CPU work running during it (data loading, a host sync, launching);
