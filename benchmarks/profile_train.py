@@ -1,16 +1,43 @@
 #!/usr/bin/env python
 """Where the real training step's time goes, on every rank: kernels by category, GPU idle time, exposed communication.
 
-For each accelerate config, runs train_cosmos_lora.py under `accelerate launch` on the reference-clip cache,
-profiles --profile_steps optimizer steps after --warmup steps with torch.profiler on every rank, and writes
-profile_<config>.json (one summary per rank) plus each rank's Chrome trace in the workdir. Per step, a summary gives:
-- wall time, and kernel time by category (attention, matmul, communication, elementwise and other);
+For each accelerate config (and each --recipes entry), runs train_cosmos_lora.py under `accelerate launch` on the
+reference-clip cache, profiles --profile_steps optimizer steps after --warmup steps with torch.profiler (shapes
+recorded) on every rank, and writes profile_<config>[_<recipe>].json (one summary per rank) plus each rank's Chrome
+trace in the workdir. Per step, a summary gives:
+- wall time, and kernel time by category, in ms and as a share of GPU-busy time (kernels of two streams that overlap
+  both count, so shares can sum past 1):
+    attention            attention kernels (cuDNN, flash, fmha) by name;
+    base matmul          GEMMs of the frozen weights, bf16 or FP8 (`_scaled_mm`), and the other full-width linears
+                         (embeddings, proj_out);
+    LoRA matmul          GEMMs whose launching aten op has a dimension equal to the LoRA rank;
+    adapter              the temporal adapters: GEMMs with a dimension equal to their bottleneck width
+                         (hidden size / --adapter_reduction_factor) and their depthwise convolution;
+    norm and AdaLN       layer and RMS norms with the AdaLN modulation inductor fuses into them (kernel or launching
+                         op named layer_norm, rms_norm, rsqrt or var_mean) and AdaLN's own GEMMs (a dimension equal to
+                         the transformer's adaln_lora_dim, one row per latent frame: no dimension above 3 x hidden);
+    optimizer            kernels launched inside torch's `Optimizer.step#...` annotation, foreach / multi_tensor /
+                         fused Adam kernels elsewhere (gradient clipping), and the EMA update (aten::lerp_);
+    data                 host-to-device copies (the batch);
+    communication        NCCL kernels;
+    elementwise and other  the rest (RoPE, GELU, residual adds, FP8 casts and scales, layout copies, memsets).
+  Each GPU kernel is tied to the CPU op that launched it through the trace's `correlation` ids (kernel -> CUDA
+  runtime or driver launch -> innermost `cpu_op` around the launch on that thread), whose "Input Dims" give a GEMM's
+  dimensions; inductor's fused Triton kernels (triton_poi/red/per_fused_<aten ops>) are named after the aten ops they
+  fuse, never counted as attention or matmul, and a norm by those names. A fused kernel counts whole: a LayerNorm
+  kernel holds the AdaLN modulation (fused_add_mul_native_layer_norm), a q/k RMSNorm one may hold RoPE. LayerNorm's
+  backward is named native_layer_norm_backward; RMSNorm's is named after pow/sum/mul only and counts as other.
 - GPU busy time (some kernel on some stream) and idle time (none at all);
 - exposed communication: time when only communication kernels run, which includes waiting for a slower rank;
 - the largest idle gaps, each with the innermost CPU work running during it (data loading, a host sync, launching);
 - host time spent in Python's garbage collector.
+The widths that sort the GEMMs (LoRA rank, adapter bottleneck, AdaLN width, hidden size) come from the run's own
+resolved flags (its --recipe) and its transformer config, and are written into the summary (`matmul_widths`).
 
     python benchmarks/profile_train.py --workdir /tmp/bench --out results/ --configs single_gpu.yaml fsdp3.yaml
+    python benchmarks/profile_train.py --workdir /tmp/b --out results/ --configs single_gpu.yaml --batch_size 4
+        --recipes default nvidia --warmup 6 --profile_steps 2
+        --train_args --compile --attention_backend _native_cudnn --fp8
 """
 
 import argparse
@@ -21,6 +48,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +57,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_train  # noqa: E402
 
+from cosmos_process import file_written_whole, run_main, stage  # noqa: E402
+
 CATEGORIES = [
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
     ("matmul", ("gemm", "matmul", "cutlass", "xmma", "nvjet", "sm90")),
@@ -36,9 +66,19 @@ CATEGORIES = [
 ]
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 CPU_CATEGORIES = ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver", "python_function")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+# aten ops whose kernels are one GEMM (cuBLAS's, and its split-K reduction or gemv when it picks one)
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "aten::matmul")
+MATMUL_OPS += ("aten::linear", "aten::_addmm_activation")
+FUSED_TRITON = ("triton_poi_", "triton_red_", "triton_per_")  # inductor's fused pointwise/reduction kernels
+NORM_KEYS = ("layer_norm", "rms_norm", "rmsnorm", "rsqrt", "var_mean")
+OPTIMIZER_KEYS = ("foreach", "multi_tensor", "fused_adam", "fusedadam")
+OPTIMIZER_ANNOTATION = "Optimizer.step#"
+OPTIMIZER_OPS = ("aten::_foreach", "aten::lerp_")  # gradient clipping's norms; the EMA update (lerp_ per weight)
 
 
 def category(name):
+    """A kernel's coarse category from its name alone (attention, matmul, communication, elementwise and other)."""
     lower = name.lower()
     for label, keys in CATEGORIES:
         if any(k in lower for k in keys):
@@ -46,29 +86,149 @@ def category(name):
     return "elementwise and other"
 
 
+@dataclass
+class MatmulWidths:
+    """The GEMM dimensions that tell fine-tuning's matmuls from the base model's."""
+
+    lora_ranks: tuple = ()  # --lora_rank of the run
+    adapter_width: int | None = None  # the temporal adapters' bottleneck (None: no adapters)
+    adaln_width: int | None = None  # the transformer's adaln_lora_dim
+    hidden: int = 0  # the transformer's hidden size (heads x head dim)
+
+
+@dataclass
+class Launch:
+    """What the host was running when it launched a kernel."""
+
+    op: str = ""  # the innermost cpu_op around the launch ("" when none)
+    dims: list = field(default_factory=list)  # its "Input Dims"
+    in_optimizer: bool = False  # inside an `Optimizer.step#...` annotation
+
+
+def matmul_dims(input_dims):
+    """The matrix dimensions of a GEMM op's operands (the last two of each operand of 2+ dims), as a set."""
+    return {d for dims in input_dims if isinstance(dims, list) and len(dims) >= 2 for d in dims[-2:]}
+
+
+def matmul_category(dims, widths):
+    """Which matmul a GEMM with these matrix dimensions is: AdaLN (its width, at most 3 x hidden in every
+    dimension, that is one row per latent frame), LoRA (a rank), adapter (the bottleneck width), else base."""
+    if widths.adaln_width in dims and widths.hidden and max(dims) <= 3 * widths.hidden:
+        return "norm and AdaLN"
+    if dims & set(widths.lora_ranks):
+        return "LoRA matmul"
+    if widths.adapter_width is not None and widths.adapter_width in dims:
+        return "adapter"
+    return "base matmul"
+
+
+def kernel_category(event, launch, widths):
+    """The category of one GPU event (kernel, memcpy, memset), given the CPU op that launched it."""
+    lower = event["name"].lower()
+    op = launch.op.lower()
+    if event.get("cat") == "gpu_memcpy" and "htod" in lower:
+        return "data"
+    if "nccl" in lower:
+        return "communication"
+    if launch.in_optimizer or any(k in lower for k in OPTIMIZER_KEYS) or launch.op.startswith(OPTIMIZER_OPS):
+        return "optimizer"
+    if any(k in lower or k in op for k in NORM_KEYS):
+        return "norm and AdaLN"
+    if lower.startswith(FUSED_TRITON) or event.get("cat") != "kernel":
+        return "elementwise and other"
+    if "conv" in op:  # the temporal adapters' depthwise Conv1d: the transformer's only convolution
+        return "adapter"
+    if launch.op in MATMUL_OPS or category(lower) == "matmul":
+        return matmul_category(matmul_dims(launch.dims), widths)
+    return category(lower)
+
+
+def innermost_spans(spans, points):
+    """For each point (tid, ts), the index of the shortest span (tid, ts, dur) on that thread containing it, or None.
+    Spans of one thread nest (a call stack), so one sweep per thread with a stack finds them."""
+    found = [None] * len(points)
+    order = sorted(
+        [(tid, ts, 0, -dur, i) for i, (tid, ts, dur) in enumerate(spans)]
+        + [(tid, ts, 1, 0, j) for j, (tid, ts) in enumerate(points)]
+    )
+    stack, current = [], None
+    for tid, ts, is_point, minus_dur, index in order:
+        if tid != current:  # the next thread's spans and points
+            stack, current = [], tid
+        while stack and stack[-1][0] < ts:  # spans that ended before this moment
+            stack.pop()
+        if is_point:
+            found[index] = stack[-1][1] if stack else None
+        else:
+            stack.append((ts - minus_dur, index))
+    return found
+
+
+def thread(event):
+    """The process and thread of a CPU event: the key that innermost_spans groups by."""
+    return f"{event.get('pid')}/{event.get('tid')}"
+
+
+def kernel_launches(events):
+    """{correlation id: Launch} for every kernel launch and copy in the trace."""
+    launches = [e for e in events if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})]
+    points = [(thread(e), e["ts"]) for e in launches]
+    ops = [e for e in events if e.get("cat") == "cpu_op" and e.get("dur", 0) > 0]
+    steps = [
+        e
+        for e in events
+        if e.get("cat") == "user_annotation" and e["name"].startswith(OPTIMIZER_ANNOTATION) and e.get("dur", 0) > 0
+    ]
+    op_of = innermost_spans([(thread(e), e["ts"], e["dur"]) for e in ops], points)
+    step_of = innermost_spans([(thread(e), e["ts"], e["dur"]) for e in steps], points)
+    result = {}
+    for e, op, step in zip(launches, op_of, step_of, strict=True):
+        inner = ops[op] if op is not None else {}
+        dims = inner.get("args", {}).get("Input Dims", [])
+        result[e["args"]["correlation"]] = Launch(inner.get("name", ""), dims, step is not None)
+    return result
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="Where the model, cache, runs and traces go.")
-    parser.add_argument("--out", required=True, help="Where profile_<config>.json goes.")
-    parser.add_argument("--model", default=None, help="Checkpoint to train. Default: build the random 2B one.")
+    parser.add_argument("--out", required=True, help="Where profile_<config>[_<recipe>].json go.")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Diffusers checkpoint to train (used as it is). Default: WORKDIR/random-cosmos-2b, the random 2B "
+        "Predict2 one, written there unless it already is.",
+    )
     parser.add_argument(
         "--configs",
         nargs="+",
         default=["single_gpu.yaml", "fsdp3.yaml"],
-        help="Files in accelerate_configs/ to profile, one run each.",
+        help="Files in accelerate_configs/ to profile, one run each (default: %(default)s).",
     )
-    parser.add_argument("--warmup", type=int, default=8, help="Optimizer steps before profiling (compile, autotune).")
-    parser.add_argument("--profile_steps", type=int, default=4, help="Optimizer steps to profile.")
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=["default", "nvidia"],
+        default=None,
+        help="Profile one run per config and recipe, passing --recipe NAME to the training script (default: one "
+        "run per config, with the recipe --train_args give, else the script's default).",
+    )
+    parser.add_argument("--batch_size", type=int, default=2, help="--train_batch_size per GPU (default: 2).")
+    parser.add_argument(
+        "--warmup", type=int, default=8, help="Optimizer steps before profiling (compile, autotune; default: 8)."
+    )
+    parser.add_argument("--profile_steps", type=int, default=4, help="Optimizer steps to profile (default: 4).")
     parser.add_argument(
         "--script",
         default=os.path.join(bench_train.REPO, "train_cosmos_lora.py"),
-        help="Training script to profile (a copy being tuned, say).",
+        help="Training script to profile (a copy being tuned, say; default: the repository's train_cosmos_lora.py).",
     )
     parser.add_argument(
         "--train_args",
         nargs=argparse.REMAINDER,
         default=bench_train.FAST,
-        help="Training-script flags (last on the command line; default: %(default)s).",
+        help="Training-script flags, e.g. --compile --attention_backend _native_cudnn --fp8 (last on the command "
+        "line; default: %(default)s).",
     )
     return parser.parse_args()
 
@@ -112,17 +272,28 @@ def launching_threads(events):
     return {tid for tid, n in counts.items() if n >= 0.05 * sum(counts.values())}
 
 
-def summarize_trace(events, steps, wall_s, top_gaps=8, min_gap_us=100):
-    """Per-step summary (milliseconds) of one rank's Chrome-trace events over `steps` optimizer steps."""
+def kernel_categories(kernels, events, widths):
+    """The category of each GPU event in `kernels`."""
+    launches = kernel_launches(events)
+    return [kernel_category(e, launches.get(e.get("args", {}).get("correlation"), Launch()), widths) for e in kernels]
+
+
+def summarize_trace(events, steps, wall_s, widths=None, top_gaps=8, min_gap_us=100):
+    """Per-step summary (milliseconds) of one rank's Chrome-trace events over `steps` optimizer steps; `widths`
+    (MatmulWidths) sort the GEMMs (none given: every GEMM is a base matmul)."""
+    widths = widths or MatmulWidths()
     kernels = [e for e in events if e.get("cat") in GPU_CATEGORIES and e.get("dur", 0) > 0]
+    labels = kernel_categories(kernels, events, widths)
     threads = launching_threads(events)
     cpu_events = [e for e in events if e.get("cat") in CPU_CATEGORIES and e.get("dur", 0) > 0]
     per_step = 1e3 * steps  # microseconds in the trace -> milliseconds per step
     by_category = {}
-    for e in kernels:
-        by_category[category(e["name"])] = by_category.get(category(e["name"]), 0) + e["dur"]
+    for e, label in zip(kernels, labels, strict=True):
+        by_category[label] = by_category.get(label, 0) + e["dur"]
     everything = [(e["ts"], e["ts"] + e["dur"]) for e in kernels]
-    compute = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if category(e["name"]) != "communication"]
+    compute = [
+        (e["ts"], e["ts"] + e["dur"]) for e, label in zip(kernels, labels, strict=True) if label != "communication"
+    ]
     merged = merge_intervals(everything)
     busy = sum(end - start for start, end in merged)
     busy_compute = sum(end - start for start, end in merge_intervals(compute))
@@ -136,10 +307,13 @@ def summarize_trace(events, steps, wall_s, top_gaps=8, min_gap_us=100):
     idle_by_host_work = {}
     for (length, _, _), name in zip(gaps, hosts, strict=True):
         idle_by_host_work[name] = idle_by_host_work.get(name, 0) + length
+    ranked = sorted(by_category.items(), key=lambda kv: -kv[1])
     return {
         "steps": steps,
         "step_ms": round(1e3 * wall_s / steps, 1),
-        "kernel_ms": {k: round(v / per_step, 1) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        "kernel_ms": {k: round(v / per_step, 2) for k, v in ranked},
+        "kernel_share_of_busy": {k: round(v / busy, 3) for k, v in ranked},
+        "matmul_widths": asdict(widths),
         "gpu_busy_ms": round(busy / per_step, 1),
         "gpu_idle_ms": round(1e3 * wall_s / steps - busy / per_step, 1),
         "exposed_communication_ms": round((busy - busy_compute) / per_step, 1),
@@ -154,6 +328,16 @@ def summarize_trace(events, steps, wall_s, top_gaps=8, min_gap_us=100):
     }
 
 
+def matmul_widths(args):
+    """The widths of a training run's arguments once its main() resolved them (--recipe) and of its transformer."""
+    from cosmos_families import load_component_config
+
+    config = load_component_config(args.pretrained_model_name_or_path, "transformer", args.revision)
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    adapter = max(1, hidden // args.adapter_reduction_factor) if args.use_temporal_adapters else None
+    return MatmulWidths((args.lora_rank,), adapter, config.get("adaln_lora_dim"), hidden)
+
+
 def probe(report_path, warmup, steps, train_argv):
     """Run the training script's main() and profile optimizer steps warmup+1 .. warmup+steps on this rank."""
     import importlib.util
@@ -163,15 +347,16 @@ def probe(report_path, warmup, steps, train_argv):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     profiler = torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA], record_shapes=True
     )
+    train_args = module.parse_args(train_argv)  # main() resolves the --recipe's values in it
     state = {"calls": 0, "gc_s": 0.0, "collections": 0}
     step_logs = module.step_logs
 
     def time_garbage_collection(phase, info):
         if phase == "start":
             state["gc_start"] = time.perf_counter()
-        elif "gc_start" in state and state["calls"] >= warmup:
+        elif "gc_start" in state and warmup <= state["calls"] < warmup + steps:  # the profiled steps only
             state["gc_s"] += time.perf_counter() - state["gc_start"]
             state["collections"] += 1
 
@@ -194,7 +379,7 @@ def probe(report_path, warmup, steps, train_argv):
             events = json.load(open(trace))["traceEvents"]
             summary = {
                 "rank": rank,
-                **summarize_trace(events, steps, wall),
+                **summarize_trace(events, steps, wall, matmul_widths(train_args)),
                 "python_gc_ms": round(1e3 * state["gc_s"] / steps, 1),
                 "python_gc_runs": state["collections"],
             }
@@ -203,18 +388,24 @@ def probe(report_path, warmup, steps, train_argv):
         return logs
 
     module.step_logs = step_logs_with_profiler
-    assert module.main(module.parse_args(train_argv)) == 0
+    assert module.main(train_args) == 0
 
 
-def profile_config(args, model, cache, config_file):
+def run_name(config_file, recipe):
+    """profile_<name>.json and the run folder's name: the config's, and the recipe's when --recipes names it."""
     name = os.path.splitext(config_file)[0]
-    output = os.path.join(args.workdir, "profile_runs", name)
+    return f"{name}_{recipe}" if recipe else name
+
+
+def profile_config(args, model, cache, config_file, recipe):
+    output = os.path.join(args.workdir, "profile_runs", run_name(config_file, recipe))
     subprocess.run(["rm", "-rf", output], check=True)
     os.makedirs(output)
     train_argv = [
         *bench_train.training_flags(model, cache, output, args.warmup + args.profile_steps),
         "--train_batch_size",
-        "2",
+        str(args.batch_size),
+        *(["--recipe", recipe] if recipe else []),
         *args.train_args,
     ]
     command = bench_train.launch_command(
@@ -232,6 +423,9 @@ def profile_config(args, model, cache, config_file):
         return {"error": (log.stdout + log.stderr)[-3000:]}
     return {
         "config_file": config_file,
+        "recipe": recipe,
+        "batch_size": args.batch_size,
+        "train_args": args.train_args,
         "ranks": [
             json.load(open(os.path.join(output, f)))
             for f in sorted(os.listdir(output))
@@ -240,20 +434,34 @@ def profile_config(args, model, cache, config_file):
     }
 
 
-def main():
-    if len(sys.argv) > 2 and sys.argv[1] == "--probe":
-        probe(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
-        return
-    args = parse_args()
+def check_args(args):
+    """One line before any expensive work for a model folder or config file that is not there."""
+    if args.model and not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        raise FileNotFoundError(f"--model {args.model}: no model_index.json there (not a diffusers checkpoint)")
+    for config_file in args.configs:
+        if not os.path.isfile(os.path.join(bench_train.REPO, "accelerate_configs", config_file)):
+            raise FileNotFoundError(f"--configs {config_file}: no such file in accelerate_configs/")
+
+
+def main(args):
+    check_args(args)
     os.makedirs(args.out, exist_ok=True)
     model = args.model or bench_train.random_2b_checkpoint(args.workdir)
     cache = bench_train.synthetic_cache_for(model, args.workdir)
     for config_file in args.configs:
-        result = profile_config(args, model, cache, config_file)
-        with open(os.path.join(args.out, f"profile_{os.path.splitext(config_file)[0]}.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        print(json.dumps(result, indent=1), flush=True)
+        # one profiled run per config and recipe
+        for recipe in args.recipes or [None]:
+            with stage(f"profiling {run_name(config_file, recipe)}"):
+                result = profile_config(args, model, cache, config_file, recipe)
+            report = os.path.join(args.out, f"profile_{run_name(config_file, recipe)}.json")
+            with file_written_whole(report) as path, open(path, "w") as f:
+                json.dump(result, f, indent=2)
+            print(json.dumps(result, indent=1), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--probe":
+        probe(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
+    else:
+        run_main(main, parse_args)

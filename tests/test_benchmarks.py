@@ -1,7 +1,8 @@
 """What the GPU benchmarks record when a run fails or is too long to run whole: bench_train.py's result of a training
 run that runs out of memory or past its timeout (through the real `accelerate launch`, on the CPU),
-bench_sample.py's seconds per video computed from a 2-step and a 6-step run, and bench_decode.py's CPU figures with
-its GPU decode probe reporting that GPU decode is unavailable."""
+bench_sample.py's seconds per video computed from a 2-step and a 6-step run, bench_decode.py's CPU figures with its
+GPU decode probe reporting that GPU decode is unavailable, and profile_train.py's kernel categories of a training
+step (a synthetic GPU trace; the real script on the CPU)."""
 
 import argparse
 import json
@@ -9,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 
@@ -17,6 +19,9 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
+import profile_train  # noqa: E402
+
+from conftest import run_script  # noqa: E402
 
 OOM_LINE = "error: training step 1: OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB."
 
@@ -120,5 +125,132 @@ def test_bench_decode_refuses_a_video_too_short_for_one_clip(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --seconds 5 is shorter than one reference clip (61 frames at 8 fps: 7.53 s)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+class Trace:
+    """A Chrome trace being written: CPU ops on the main thread, and kernels each launched by a runtime call inside
+    the innermost open op, tied to it by a correlation id. CPU times in microseconds; each kernel runs for `dur`
+    hundredths of a millisecond on the GPU, one after the other."""
+
+    def __init__(self):
+        self.events, self.now, self.gpu_now, self.correlation = [], 0, 0, 0
+
+    def op(self, name, dims=(), dur=50, cat="cpu_op"):
+        event = {"cat": cat, "name": name, "ts": self.now, "dur": dur, "tid": 1, "args": {"Input Dims": list(dims)}}
+        self.events.append(event)
+        self.now += 1
+        return event
+
+    def kernel(self, name, dur, cat="kernel", launch="cudaLaunchKernel"):
+        self.correlation += 1
+        args = {"correlation": self.correlation}
+        self.events.append({"cat": "cuda_runtime", "name": launch, "ts": self.now, "dur": 2, "tid": 1, "args": args})
+        self.events.append({"cat": cat, "name": name, "ts": self.gpu_now, "dur": 10 * dur, "tid": 7, "args": args})
+        self.now, self.gpu_now = self.now + 3, self.gpu_now + 10 * dur
+
+    def launched_by(self, op, dims, kernel, dur):
+        """`kernel` launched inside a fresh CPU op `op` of these input dims."""
+        self.op(op, dims, dur=4)
+        self.kernel(kernel, dur)
+
+
+def test_each_kernel_is_counted_by_what_launched_it():
+    widths = profile_train.MatmulWidths(lora_ranks=(16,), adapter_width=256, adaln_width=256, hidden=2048)
+    trace = Trace()
+    tokens = 4 * 7168
+    trace.launched_by("aten::_scaled_dot_product_cudnn_attention", [[4, 16, tokens, 128]] * 3, "cudnn_flash_fwd", 400)
+    # bf16 and FP8 GEMMs of a frozen weight
+    trace.launched_by("aten::mm", [[tokens, 2048], [2048, 2048], [tokens, 2048]], "nvjet_tst_128x256_h_bz_coopA", 300)
+    trace.launched_by("aten::_scaled_mm", [[tokens, 2048], [2048, 8192], [], []], "sm90_xmma_gemm_e4m3bf16", 200)
+    # LoRA A, inside aten::linear (the innermost op counts), and a LoRA B weight gradient with the rank as rows
+    trace.op("aten::linear", [[4, 7168, 2048], [2048, 2048]], dur=10)
+    trace.launched_by("aten::mm", [[tokens, 2048], [2048, 16]], "sm90_xmma_gemm_bf16bf16_tn", 30)
+    trace.launched_by("aten::mm", [[16, tokens], [tokens, 2048]], "sm90_xmma_gemm_bf16bf16_nt", 20)
+    # the temporal adapter's down projection (with its bias) and its depthwise convolution (a cuDNN kernel)
+    trace.launched_by("aten::addmm", [[256], [tokens, 2048], [2048, 256], [], []], "nvjet_tst_64x8", 40)
+    trace.launched_by("aten::cudnn_convolution", [[28672, 256, 16], [256, 1, 3]], "cudnn::depthwise_conv_fwd", 10)
+    # AdaLN's per-frame linear_1: the same width, one row per latent frame
+    trace.launched_by("aten::mm", [[64, 2048], [2048, 256]], "gemv2T_kernel_val", 5)
+    # inductor's kernels: LayerNorm fused with the AdaLN modulation; a copy for cuDNN attention is not attention
+    trace.kernel("triton_per_fused_add_mul_native_layer_norm_7", 60, launch="cuLaunchKernelEx")
+    trace.kernel("triton_poi_fused__scaled_dot_product_cudnn_attention_3", 25, launch="cuLaunchKernelEx")
+    trace.kernel("triton_poi_fused_add_gelu_mul_9", 35, launch="cuLaunchKernelEx")
+    # the same elementwise kernel inside and outside Optimizer.step, gradient clipping's foreach norm, the EMA
+    trace.op("Optimizer.step#AdamW.step", dur=20, cat="user_annotation")
+    trace.launched_by("aten::mul_", [[16, 2048], []], "vectorized_elementwise_kernel<4, mul>", 8)
+    trace.now += 20
+    trace.launched_by("aten::mul_", [[16, 2048], []], "vectorized_elementwise_kernel<4, mul>", 4)
+    trace.launched_by("aten::_foreach_norm", [], "multi_tensor_apply_kernel<LpNormFunctor>", 6)
+    trace.launched_by("aten::lerp_", [[16, 2048], [16, 2048], []], "vectorized_elementwise_kernel<4, lerp>", 2)
+    trace.launched_by("aten::copy_", [[4, 16, 16, 32, 56]], "Memcpy HtoD (Pinned -> Device)", 15)
+    trace.events[-1]["cat"] = "gpu_memcpy"
+    trace.kernel("ncclDevKernel_AllReduce_Sum_f32", 50)
+
+    summary = profile_train.summarize_trace(trace.events, steps=1, wall_s=trace.gpu_now / 1e6, widths=widths)
+    assert summary["kernel_ms"] == {
+        "base matmul": 5.0,
+        "attention": 4.0,
+        "norm and AdaLN": 0.65,
+        "elementwise and other": 0.64,  # 25 + 35 + 4
+        "LoRA matmul": 0.5,
+        "adapter": 0.5,  # 40 + 10
+        "communication": 0.5,
+        "optimizer": 0.16,  # 8 + 6 + 2
+        "data": 0.15,
+    }
+    busy = 12.1  # ms: every kernel above, one after the other
+    assert summary["gpu_busy_ms"] == busy and summary["gpu_idle_ms"] == 0
+    assert summary["kernel_share_of_busy"]["base matmul"] == round(5.0 / busy, 3)
+    assert summary["kernel_share_of_busy"]["optimizer"] == round(0.16 / busy, 3)
+    assert summary["matmul_widths"]["lora_ranks"] == (16,)
+
+
+def test_a_gemm_is_sorted_by_its_matrix_dimensions():
+    widths = profile_train.MatmulWidths(lora_ranks=(32,), adapter_width=None, adaln_width=256, hidden=2048)
+    category = profile_train.matmul_category
+    assert category({7168, 2048, 32}, widths) == "LoRA matmul"
+    assert category({7168, 2048, 256}, widths) == "base matmul"  # no adapters: the dimension is nobody's
+    assert category({32, 256, 6144}, widths) == "norm and AdaLN"  # batch x frames = 32 rows is AdaLN's, not LoRA
+    assert category({7168, 2048}, profile_train.MatmulWidths()) == "base matmul"
+    # batch dimensions of a bmm are not matrix dimensions
+    assert profile_train.matmul_dims([[32, 7168, 128], [32, 128, 512], []]) == {7168, 128, 512}
+
+
+def test_profile_train_profiles_a_recipe_at_a_batch_size_on_the_cpu(tiny_model, tmp_path):
+    """The real script on the CPU (no kernels there): one run per --recipes entry at --batch_size, the run's own
+    widths in its summary, and a trace whose CPU ops carry the shapes that sort its GEMMs."""
+    run = run_script(
+        "benchmarks/profile_train.py", "--workdir", tmp_path / "work", "--out", tmp_path / "out",
+        "--model", tiny_model, "--configs", "cpu.yaml", "--recipes", "nvidia", "--batch_size", 1,
+        "--warmup", 1, "--profile_steps", 1, "--train_args", timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "profile_cpu_nvidia.json").read_text())
+    assert (result["recipe"], result["batch_size"], result["train_args"]) == ("nvidia", 1, [])
+    (rank,) = result["ranks"]
+    # NVIDIA's Predict2 recipe: rank 16, no temporal adapters; the tiny transformer: hidden 2 x 48, adaln_lora_dim 4
+    assert rank["matmul_widths"] == {"lora_ranks": [16], "adapter_width": None, "adaln_width": 4, "hidden": 96}
+    assert rank["kernel_ms"] == {} and rank["gpu_busy_ms"] == 0
+    events = json.loads((tmp_path / "work" / "profile_runs" / "cpu_nvidia" / "trace_rank0.json").read_text())
+    events = events["traceEvents"]
+    widths = profile_train.MatmulWidths((16,), None, 4, 96)
+    matmuls = [e["args"]["Input Dims"] for e in events if e.get("cat") == "cpu_op" and e["name"] == "aten::mm"]
+    kinds = Counter(profile_train.matmul_category(profile_train.matmul_dims(dims), widths) for dims in matmuls)
+    assert set(kinds) == {"base matmul", "LoRA matmul", "norm and AdaLN"}
+    # AdaLN: 2 blocks x 3 norms x linear_1, linear_2, and norm_out's two, forward only (the timestep needs no grad)
+    assert kinds["norm and AdaLN"] == 14
+    assert any(e["name"].startswith(profile_train.OPTIMIZER_ANNOTATION) for e in events)
+
+
+def test_profile_train_refuses_a_missing_model_before_any_work(tmp_path):
+    run = run_script(
+        "benchmarks/profile_train.py", "--workdir", tmp_path, "--out", tmp_path / "out", "--model", tmp_path / "none",
+        timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: --model {tmp_path / 'none'}: no model_index.json there (not a diffusers checkpoint)"
     )
     assert not (tmp_path / "out").exists()

@@ -521,7 +521,7 @@ def test_profile_summary_splits_busy_idle_and_exposed_communication(monkeypatch)
         {"cat": "cpu_op", "name": "pin_memory", "ts": 300, "dur": 10, "tid": 99},  # not a launching thread
     ]
     summary = summarize_trace(events, steps=1, wall_s=0.0012)
-    assert summary["kernel_ms"] == {"attention": 0.4, "communication": 0.2, "matmul": 0.1}
+    assert summary["kernel_ms"] == {"attention": 0.4, "communication": 0.2, "base matmul": 0.1}
     assert summary["gpu_busy_ms"] == 0.7 and summary["gpu_idle_ms"] == 0.5
     assert summary["exposed_communication_ms"] == 0.1  # 150 us, rounded to 0.1 ms
     assert summary["largest_gaps"] == [{"ms": 0.35, "at_ms": 0.25, "host": "aten::item"}]
