@@ -26,7 +26,6 @@ Layouts these functions were not proven on (Wan2.2's residual blocks and patchif
 import functools
 
 import torch
-import torch.nn.functional as F
 
 
 def _time_conv_is(conv, stride, front_padding, channel_factor):
@@ -79,37 +78,15 @@ def encode_whole_clip(vae, x):
     if (x.shape[2] - 1) % 4:
         raise ValueError(f"the Wan VAE encodes 4k+1 frames, got {x.shape[2]}")
     encoder = vae.encoder
-    x = first_convolution(encoder.conv_in, x)
+    x = encoder.conv_in(x)
     for layer in encoder.down_blocks:
-        if getattr(layer, "mode", None) not in ("downsample2d", "downsample3d"):
-            x = layer(x)  # residual and attention blocks
-            continue
-        x = downsample_space(layer, x)
-        if layer.mode == "downsample3d" and x.shape[2] > 1:
+        x = layer(x)  # residual and attention blocks; a resample layer without a cache resamples space only
+        if getattr(layer, "mode", None) == "downsample3d" and x.shape[2] > 1:
             x = torch.cat([x[:, :, :1], layer.time_conv(x)], dim=2)  # frame 0 unchanged, stride 2 over the rest
     x = encoder.mid_block(x)
     x = encoder.conv_out(encoder.nonlinearity(encoder.norm_out(x)))
     mean, _ = vae.quant_conv(x).chunk(2, dim=1)  # the posterior's mean and log-variance
     return mean
-
-
-def first_convolution(conv_in, x):
-    """The encoder's first causal convolution with the 3 RGB channels zero-padded to 8, in the input and the weight:
-    the same sums, but cuDNN then has a tensor-core channels-last kernel for it (for 3 channels, 24 TFLOP/s on an
-    H100: 4.5 ms per reference clip, RESULTS.md run 30)."""
-    extra = -x.shape[1] % 8
-    x = F.pad(x, (*conv_in._padding, 0, extra))  # the causal padding, then the channels
-    weight = F.pad(conv_in.weight, (0, 0, 0, 0, 0, 0, 0, extra))
-    return F.conv3d(x, weight, conv_in.bias, conv_in.stride)
-
-
-def downsample_space(resample, x):
-    """A WanResample's spatial half (zero-pad right and bottom by 1, then a 3x3 stride-2 convolution of each frame)
-    as one 3D convolution with a time kernel of 1 over [B, C, T, H, W]: a channels-last clip is not reshaped into
-    frames and back around it."""
-    conv = resample.resample[1]
-    weight = conv.weight.unsqueeze(2)
-    return F.conv3d(F.pad(x, (0, 1, 0, 1)), weight, conv.bias, stride=(1, *conv.stride))
 
 
 def _double_frames(time_conv, x):
