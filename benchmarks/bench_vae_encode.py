@@ -195,7 +195,7 @@ def profile_encode(encode, x):
     for name, ms in kernels.items():
         group = next((g for g, keys in KERNEL_GROUPS.items() if any(k in name.lower() for k in keys)), OTHER_KERNELS)
         totals[group] += ms
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:16]
     return {
         "ms_per_clip": {k: round(v, 2) for k, v in totals.items()},
         "top_kernels_ms_per_clip": [[name[:100], round(ms, 2)] for name, ms in top],
