@@ -18,6 +18,10 @@ MODEL=${MODEL:-$COSMOS_ROOT/models/Cosmos-Predict2-2B-Video2World}
 # (the family, Predict2 or Predict2.5, is read from the checkpoint itself).
 # shellcheck disable=SC2034
 REVISION=${REVISION:-}
+# torch.compile's on-disk cache (compiled graphs, Triton kernels), shared by every job instead of each node's /tmp: a
+# job whose shapes an earlier job compiled loads them (cache_latents.py's start-up on an H100: 45 s with an empty
+# cache, 33 s with a filled one; benchmarks/RESULTS.md run 30).
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$COSMOS_ROOT/torchinductor}
 # ---------------------------------------------------------------------------------------------------------------
 
 log() { printf '[%s] %s\n' "$(date '+%F %T')" "$*"; }
@@ -93,7 +97,7 @@ log_job() {
   log "job ${SLURM_JOB_ID:-none} (${SLURM_JOB_NAME:-$(basename "$0")}) restart ${SLURM_RESTART_COUNT:-0}" \
       "on $(hostname -s), repo $PWD, python $(command -v python || echo none)"
   log "HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-} WANDB_MODE=${WANDB_MODE:-}" \
-      "HF_TOKEN=$([ -n "${HF_TOKEN:-}" ] && echo set || echo unset)"
+      "HF_TOKEN=$([ -n "${HF_TOKEN:-}" ] && echo set || echo unset) TORCHINDUCTOR_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR"
 }
 
 # ---------------------------------------------------------------------------------------------------------------

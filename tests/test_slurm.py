@@ -88,7 +88,15 @@ def job_env(**values):
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
-        and k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "WANDB_API_KEY", "VIRTUAL_ENV")
+        and k
+        not in (
+            "HF_HUB_OFFLINE",
+            "HF_DATASETS_OFFLINE",
+            "WANDB_MODE",
+            "WANDB_API_KEY",
+            "VIRTUAL_ENV",
+            "TORCHINDUCTOR_CACHE_DIR",
+        )
     }
     env.update(
         REPO_DIR=REPO, ENV_ACTIVATE=activate_command(), HF_TOKEN=SECRET, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"
@@ -345,6 +353,7 @@ def test_cache_script_builds_each_source_and_shard(tmp_path):
         "--max_clips_per_video",
         "2",
         MODEL=tmp_path,
+        COSMOS_ROOT="/shared/cosmos",
         CACHE_DIR="/c",
         TARS=tars,
         SLURM_ARRAY_TASK_ID=7,
@@ -357,6 +366,7 @@ def test_cache_script_builds_each_source_and_shard(tmp_path):
     assert (option(argv, "--num_shards"), option(argv, "--shard_index")) == ("4", "2")
     assert argv[-2:] == ["--max_clips_per_video", "2"]
     assert "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1" in out and SECRET not in out and "HF_TOKEN=set" in out
+    assert "TORCHINDUCTOR_CACHE_DIR=/shared/cosmos/torchinductor" in out  # compiled kernels shared by every task
 
     argv, out = run_script_dry(
         "cache_latents.sh",
