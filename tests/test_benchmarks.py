@@ -254,3 +254,51 @@ def test_profile_train_refuses_a_missing_model_before_any_work(tmp_path):
         f"error: --model {tmp_path / 'none'}: no model_index.json there (not a diffusers checkpoint)"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_vae_convs_counts_the_encode_convolutions_as_the_flop_counter_does():
+    """The convolution list behind bench_vae_convs.py's timings (recorded on the meta device) has the FLOPs that
+    torch.utils.flop_counter counts for the convolutions of a real encode."""
+    import bench_vae_convs
+    import torch
+    from diffusers import AutoencoderKLWan
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import cosmos_vae
+    import make_random_cosmos
+
+    calls = bench_vae_convs.encode_conv_calls("tiny", 9, 32, 48)
+    vae = AutoencoderKLWan(**make_random_cosmos.VAE_CONFIGS["tiny"]).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        cosmos_vae.encode_whole_clip(vae, torch.rand(2, 3, 9, 32, 48))
+    convolution_flops = counter.get_flop_counts()["Global"][torch.ops.aten.convolution]
+    assert sum(count * call.flops(2) for call, count in calls.items()) == convolution_flops
+    encoder_convolutions = sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in vae.encoder.modules())
+    assert sum(calls.values()) == encoder_convolutions + 1  # each runs once, and the VAE's quant_conv after them
+
+
+def test_bench_vae_convs_time_tap_fold_is_the_same_convolution():
+    import bench_vae_convs
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 7, 6, 5, dtype=torch.float64, generator=generator)
+    weight = torch.randn(3, 4, 3, 3, 3, dtype=torch.float64, generator=generator)
+    direct = torch.nn.functional.conv3d(x, weight, padding=(0, 1, 1))  # [2, 3, 5, 6, 5]
+    folded = torch.nn.functional.conv2d(
+        bench_vae_convs.fold_time_taps(x), bench_vae_convs.folded_weight(weight), padding=1
+    )
+    assert torch.allclose(folded, direct.transpose(1, 2).flatten(0, 1), atol=1e-12)
+
+
+def test_bench_vae_convs_runs_and_records_each_search_size(tmp_path):
+    script = os.path.join(REPO, "benchmarks", "bench_vae_convs.py")
+    argv = [sys.executable, script, "--size", "tiny", "--frames", "5", "--height", "16", "--width", "32"]
+    argv += ["--repeats", "1", "--benchmark_limits", "10", "--out", str(tmp_path)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "vae_convs_results.json") as f:
+        results = json.load(f)
+    rows = results["limit_10"]["rows"]
+    assert len(rows) == len({row["conv"] for row in rows}) > 5 and all(row["ms_per_clip"] > 0 for row in rows)
+    assert results["alternatives"]["time_folded_2d"]["max_abs_difference"] < 1e-4
