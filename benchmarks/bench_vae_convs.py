@@ -34,19 +34,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
-import cosmos_vae  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_vae_encode import DEVICE, DTYPE, add_clip_arguments, synchronize  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+import cosmos_vae  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="Folder for vae_convs_results.json.")
-    parser.add_argument("--size", choices=["2b", "tiny"], default="2b", help="The real Wan2.1 VAE, or a tiny one.")
-    parser.add_argument("--frames", type=int, default=61, help="Frames per clip (4k+1).")
-    parser.add_argument("--height", type=int, default=256, help="Clip height.")
-    parser.add_argument("--width", type=int, default=448, help="Clip width.")
+    add_clip_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=4, help="Clips per convolution call.")
     parser.add_argument("--repeats", type=int, default=10, help="Timed calls per convolution, after the first.")
     parser.add_argument(
@@ -120,11 +117,6 @@ def encode_conv_calls(size, frames, height, width):
 
 def channels_last(tensor):
     return tensor.contiguous(memory_format=torch.channels_last_3d if tensor.ndim == 5 else torch.channels_last)
-
-
-def synchronize():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def seconds_per_call(function, repeats):

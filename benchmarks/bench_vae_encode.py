@@ -59,10 +59,7 @@ VARIANTS = ["input_cl", "all_cl", "all_cl_eager", "all_cl_tuned"]
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="Folder for vae_encode_results.json.")
-    parser.add_argument("--size", choices=["2b", "tiny"], default="2b", help="The real Wan2.1 VAE, or a tiny one.")
-    parser.add_argument("--frames", type=int, default=61, help="Frames per clip (4k+1).")
-    parser.add_argument("--height", type=int, default=256, help="Clip height.")
-    parser.add_argument("--width", type=int, default=448, help="Clip width.")
+    add_clip_arguments(parser)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[2, 4, 8], help="Clips per compiled call.")
     parser.add_argument("--clips", type=int, default=32, help="Clips timed per variant.")
     parser.add_argument("--profile_batch", type=int, default=4, help="Batch size profiled for each memory format.")
@@ -79,6 +76,14 @@ def parse_args(argv=None):
     )
     parser.add_argument("--startup_child", action="store_true", help=argparse.SUPPRESS)  # one start-up measurement
     return parser.parse_args(argv)
+
+
+def add_clip_arguments(parser):
+    """The VAE (--size) and clip (--frames, --height, --width) of a VAE benchmark; the reference clip by default."""
+    parser.add_argument("--size", choices=["2b", "tiny"], default="2b", help="The real Wan2.1 VAE, or a tiny one.")
+    parser.add_argument("--frames", type=int, default=61, help="Frames per clip (4k+1).")
+    parser.add_argument("--height", type=int, default=256, help="Clip height.")
+    parser.add_argument("--width", type=int, default=448, help="Clip width.")
 
 
 def build_vae(size, dtype):
