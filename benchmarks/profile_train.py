@@ -29,6 +29,7 @@ trace in the workdir. Per step, a summary gives:
   backward is named native_layer_norm_backward; RMSNorm's is named after pow/sum/mul only and counts as other.
 - GPU busy time (some kernel on some stream) and idle time (none at all);
 - exposed communication: time when only communication kernels run, which includes waiting for a slower rank;
+- the five kernels with the most time in each category (`top_kernels_ms`), by name;
 - the largest idle gaps, each with the innermost CPU work running during it (data loading, a host sync, launching);
 - host time spent in Python's garbage collector.
 The widths that sort the GEMMs (LoRA rank, adapter bottleneck, AdaLN width, hidden size) come from the run's own
@@ -278,7 +279,13 @@ def kernel_categories(kernels, events, widths):
     return [kernel_category(e, launches.get(e.get("args", {}).get("correlation"), Launch()), widths) for e in kernels]
 
 
-def summarize_trace(events, steps, wall_s, widths=None, top_gaps=8, min_gap_us=100):
+def top_kernels(by_kernel, category, per_step, count):
+    """The `count` kernels of a category with the most time, [name (cut to 100 characters), ms per step]."""
+    times = sorted(((dur, name) for (label, name), dur in by_kernel.items() if label == category), reverse=True)
+    return [[name[:100], round(dur / per_step, 2)] for dur, name in times[:count]]
+
+
+def summarize_trace(events, steps, wall_s, widths=None, top_gaps=8, min_gap_us=100, top_kernels_per_category=5):
     """Per-step summary (milliseconds) of one rank's Chrome-trace events over `steps` optimizer steps; `widths`
     (MatmulWidths) sort the GEMMs (none given: every GEMM is a base matmul)."""
     widths = widths or MatmulWidths()
@@ -287,9 +294,10 @@ def summarize_trace(events, steps, wall_s, widths=None, top_gaps=8, min_gap_us=1
     threads = launching_threads(events)
     cpu_events = [e for e in events if e.get("cat") in CPU_CATEGORIES and e.get("dur", 0) > 0]
     per_step = 1e3 * steps  # microseconds in the trace -> milliseconds per step
-    by_category = {}
+    by_category, by_kernel = {}, {}
     for e, label in zip(kernels, labels, strict=True):
         by_category[label] = by_category.get(label, 0) + e["dur"]
+        by_kernel[label, e["name"]] = by_kernel.get((label, e["name"]), 0) + e["dur"]
     everything = [(e["ts"], e["ts"] + e["dur"]) for e in kernels]
     compute = [
         (e["ts"], e["ts"] + e["dur"]) for e, label in zip(kernels, labels, strict=True) if label != "communication"
@@ -313,6 +321,7 @@ def summarize_trace(events, steps, wall_s, widths=None, top_gaps=8, min_gap_us=1
         "step_ms": round(1e3 * wall_s / steps, 1),
         "kernel_ms": {k: round(v / per_step, 2) for k, v in ranked},
         "kernel_share_of_busy": {k: round(v / busy, 3) for k, v in ranked},
+        "top_kernels_ms": {k: top_kernels(by_kernel, k, per_step, top_kernels_per_category) for k, _ in ranked},
         "matmul_widths": asdict(widths),
         "gpu_busy_ms": round(busy / per_step, 1),
         "gpu_idle_ms": round(1e3 * wall_s / steps - busy / per_step, 1),

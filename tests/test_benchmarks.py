@@ -205,6 +205,11 @@ def test_each_kernel_is_counted_by_what_launched_it():
     assert summary["kernel_share_of_busy"]["base matmul"] == round(5.0 / busy, 3)
     assert summary["kernel_share_of_busy"]["optimizer"] == round(0.16 / busy, 3)
     assert summary["matmul_widths"]["lora_ranks"] == (16,)
+    assert summary["top_kernels_ms"]["elementwise and other"] == [
+        ["triton_poi_fused_add_gelu_mul_9", 0.35],
+        ["triton_poi_fused__scaled_dot_product_cudnn_attention_3", 0.25],
+        ["vectorized_elementwise_kernel<4, mul>", 0.04],
+    ]
 
 
 def test_a_gemm_is_sorted_by_its_matrix_dimensions():
