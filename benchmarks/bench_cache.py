@@ -249,10 +249,15 @@ def vae_decode(model, reference):
 # End to end
 # ----------------------------------------------------------------------------------------------------------------
 def decode_cost(paths):
-    """CPU-seconds and wall seconds per clip of the decode path in one process (PyAV uses its own threads)."""
+    """CPU-seconds and wall seconds per clip of the decode path in one process (PyAV uses its own threads), with torch
+    at one thread as in cache_latents.py's DataLoader workers (torch's default, a thread per core, spends about twice
+    the CPU time on the crop: 0.44 against 0.16 CPU-s per clip on an H100 machine, RESULTS.md run 30)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     cpu, wall, clips = time.process_time(), time.perf_counter(), 0
     for path in paths:
         clips += len(video_clips(path))
+    torch.set_num_threads(threads)
     return {
         "clips": clips,
         "cpu_s_per_clip": round((time.process_time() - cpu) / clips, 4),

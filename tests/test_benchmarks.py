@@ -307,3 +307,19 @@ def test_bench_vae_convs_runs_and_records_each_search_size(tmp_path):
     rows = results["limit_10"]["rows"]
     assert len(rows) == len({row["conv"] for row in rows}) > 5 and all(row["ms_per_clip"] > 0 for row in rows)
     assert results["alternatives"]["time_folded_2d"]["max_abs_difference"] < 1e-4
+
+
+def test_bench_cache_decode_cost_runs_torch_at_one_thread_as_a_dataloader_worker(monkeypatch):
+    import bench_cache
+    import torch
+
+    seen = []
+    monkeypatch.setattr(bench_cache, "video_clips", lambda path: seen.append(torch.get_num_threads()) or [path] * 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cost = bench_cache.decode_cost(["a.mp4", "b.mp4"])
+        assert seen == [1, 1] and cost["clips"] == 6
+        assert torch.get_num_threads() == 2  # given back
+    finally:
+        torch.set_num_threads(threads)
