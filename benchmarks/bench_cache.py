@@ -48,16 +48,15 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import bench_train
 from bench_decode import video_clips
-from bench_vae_encode import first_call_and_rate, profile_encode
+from bench_vae_encode import DEVICE, DTYPE, first_call_and_rate, profile_encode, synchronize
 
 import cache_latents
 import cosmos_vae
 import make_synthetic_clips
+from cosmos_process import run_main
 from cosmos_video import frames_to_vae_input
 
 STAGES = ["decode", "naive", "chunked", "vae_only", "default", "vae_decode", "text"]
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU only to try the script on tiny settings
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # bf16 convolutions crawl on CPU
 
 
 def parse_args():
@@ -65,7 +64,9 @@ def parse_args():
     parser.add_argument("--workdir", required=True, help="Scratch folder: model, videos and caches go here.")
     parser.add_argument("--out", required=True, help="Folder for cache_results.json.")
     parser.add_argument(
-        "--model", default=None, help="Checkpoint to use. Default: the random 2B checkpoint, written to --workdir."
+        "--model",
+        default=None,
+        help="Checkpoint folder to use. Default: the random 2B checkpoint, written to --workdir.",
     )
     parser.add_argument("--num_videos", type=int, default=24, help="Synthetic videos for the end-to-end runs.")
     parser.add_argument("--seconds", type=float, default=60.0, help="Length of each synthetic video.")
@@ -103,11 +104,6 @@ def load_vae(model, dtype=DTYPE):
     from diffusers import AutoencoderKLWan
 
     return AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=dtype).to(DEVICE).eval()
-
-
-def synchronize():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def peak_gib():
@@ -250,14 +246,16 @@ def vae_decode(model, reference):
 # ----------------------------------------------------------------------------------------------------------------
 def decode_cost(paths):
     """CPU-seconds and wall seconds per clip of the decode path in one process (PyAV uses its own threads), with torch
-    at one thread as in cache_latents.py's DataLoader workers (torch's default, a thread per core, spends about twice
-    the CPU time on the crop: 0.44 against 0.16 CPU-s per clip on an H100 machine, RESULTS.md run 30)."""
+    at one thread as in cache_latents.py's DataLoader workers (at torch's default, a thread per core, the same decode
+    took 0.44 CPU-s per clip against 0.16 on an H100 machine, RESULTS.md run 30)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    cpu, wall, clips = time.process_time(), time.perf_counter(), 0
-    for path in paths:
-        clips += len(video_clips(path))
-    torch.set_num_threads(threads)
+    try:
+        cpu, wall, clips = time.process_time(), time.perf_counter(), 0
+        for path in paths:
+            clips += len(video_clips(path))
+    finally:
+        torch.set_num_threads(threads)
     return {
         "clips": clips,
         "cpu_s_per_clip": round((time.process_time() - cpu) / clips, 4),
@@ -391,8 +389,9 @@ def compare_with_reference(cache_dir, names, reference, vae_config):
     return {"clips": len(errors), "max": max(errors), "mean": float(f"{sum(errors) / len(errors):.3g}")}
 
 
-def main():
-    args = parse_args()
+def main(args):
+    if args.model and not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model}: no such checkpoint folder")
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.workdir, exist_ok=True)
     model = args.model or bench_train.random_2b_checkpoint(args.workdir, args.family)
@@ -448,4 +447,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, parse_args)

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -35,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vae_encode import DEVICE, DTYPE, add_clip_arguments, synchronize  # noqa: E402
+from bench_vae_encode import DEVICE, DTYPE, add_clip_arguments, child_result, clip_flags, synchronize  # noqa: E402
 
 import cosmos_vae  # noqa: E402
 
@@ -236,16 +235,9 @@ def costliest(calls, batch_size):
 
 def run_child(args, child):
     """Measure `child` in a fresh process (cuDNN caches its algorithm choice per shape for the process)."""
-    argv = [sys.executable, os.path.abspath(__file__), "--child", child, "--out", args.out, "--size", args.size]
-    argv += ["--frames", str(args.frames), "--height", str(args.height), "--width", str(args.width)]
+    argv = [sys.executable, os.path.abspath(__file__), "--child", child, "--out", args.out, *clip_flags(args)]
     argv += ["--batch_size", str(args.batch_size), "--repeats", str(args.repeats)]
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"not done within {args.timeout} s"}
-    if result.returncode:
-        return {"error": result.stderr[-2000:]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return child_result(argv, timeout=args.timeout)
 
 
 def main(args):

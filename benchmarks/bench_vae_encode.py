@@ -42,8 +42,8 @@ from bench_train import matmul_peak_tflops  # noqa: E402
 
 import cosmos_vae  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU only to try a script on tiny settings
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # bf16 convolutions crawl on CPU
 # Profile categories by kernel name, matched in this order: inductor names its Triton kernels after every op they fuse
 # ("triton_poi_fused_..._convolution_..." is the bias add, norm and activation after a convolution), so those are
 # told apart before the convolutions are.
@@ -84,6 +84,12 @@ def add_clip_arguments(parser):
     parser.add_argument("--frames", type=int, default=61, help="Frames per clip (4k+1).")
     parser.add_argument("--height", type=int, default=256, help="Clip height.")
     parser.add_argument("--width", type=int, default=448, help="Clip width.")
+
+
+def clip_flags(args):
+    """add_clip_arguments' flags with the values in args, for a child process of a VAE benchmark."""
+    flags = {"--size": args.size, "--frames": args.frames, "--height": args.height, "--width": args.width}
+    return [str(part) for flag in flags.items() for part in flag]
 
 
 def build_vae(size, dtype):
@@ -209,11 +215,17 @@ def profile_encode(encode, x):
 
 def startup_seconds(args, cache_dir):
     """First-call seconds of the default encode in a fresh process with TORCHINDUCTOR_CACHE_DIR=cache_dir."""
-    argv = [sys.executable, os.path.abspath(__file__), "--startup_child", "--out", args.out, "--size", args.size]
-    argv += ["--frames", str(args.frames), "--height", str(args.height), "--width", str(args.width)]
+    argv = [sys.executable, os.path.abspath(__file__), "--startup_child", "--out", args.out, *clip_flags(args)]
     argv += ["--batch_sizes", str(args.batch_sizes[0]), "--cudnn_benchmark_limit", str(args.cudnn_benchmark_limit)]
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
-    result = subprocess.run(argv, env=env, capture_output=True, text=True)
+    return child_result(argv, env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir))
+
+
+def child_result(argv, env=None, timeout=None):
+    """The JSON line a child benchmark process prints last, or {"error": ...} if it fails or runs past `timeout`."""
+    try:
+        result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"not done within {timeout} s"}
     if result.returncode:
         return {"error": result.stderr[-2000:]}
     return json.loads(result.stdout.strip().splitlines()[-1])

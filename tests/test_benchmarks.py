@@ -323,3 +323,14 @@ def test_bench_cache_decode_cost_runs_torch_at_one_thread_as_a_dataloader_worker
         assert torch.get_num_threads() == 2  # given back
     finally:
         torch.set_num_threads(threads)
+
+
+def test_bench_cache_refuses_a_missing_model_folder_before_any_work(tmp_path):
+    script = os.path.join(REPO, "benchmarks", "bench_cache.py")
+    argv = [sys.executable, script, "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    result = subprocess.run([*argv, "--model", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip().splitlines()[-1] == f"error: --model {tmp_path / 'nowhere'}: no such checkpoint folder"
+    )
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
