@@ -31,7 +31,9 @@ trace in the workdir. Per step, a summary gives:
 - exposed communication: time when only communication kernels run, which includes waiting for a slower rank;
 - the five kernels with the most time in each category (`top_kernels_ms`), by name;
 - the largest idle gaps, each with the innermost CPU work running during it (data loading, a host sync, launching);
-- host time spent in Python's garbage collector.
+- host time spent in Python's garbage collector;
+- the run's own rate before the profiler starts (`unprofiled`): samples/s, step time and peak memory averaged over the
+  warm-up steps after the first two (which compile), from its losses.jsonl, since the profiler lengthens a step.
 The widths that sort the GEMMs (LoRA rank, adapter bottleneck, AdaLN width, hidden size) come from the run's own
 resolved flags (its --recipe) and its transformer config, and are written into the summary (`matmul_widths`).
 
@@ -435,11 +437,28 @@ def profile_config(args, model, cache, config_file, recipe):
         "recipe": recipe,
         "batch_size": args.batch_size,
         "train_args": args.train_args,
+        "unprofiled": unprofiled_rate(os.path.join(output, "losses.jsonl"), args.warmup),
         "ranks": [
             json.load(open(os.path.join(output, f)))
             for f in sorted(os.listdir(output))
             if f.startswith("profile.rank")
         ],
+    }
+
+
+def unprofiled_rate(loss_log, warmup):
+    """Mean samples/s, step time and peak memory of warm-up steps 3..warmup (the first two compile; the profiler
+    starts after step `warmup`), from the run's losses.jsonl. None with fewer than three warm-up steps."""
+    with open(loss_log) as f:
+        rows = [json.loads(line) for line in f]
+    steady = [row for row in rows if 3 <= row["step"] <= warmup]
+    if not steady:
+        return None
+    return {
+        "steps": len(steady),
+        "samples_per_s": round(float(np.mean([row["samples_per_s"] for row in steady])), 3),
+        "step_time_s": round(float(np.mean([row["step_time_s"] for row in steady])), 4),
+        "peak_memory_gib": round(max(row.get("peak_memory_gib", 0.0) for row in steady), 1),
     }
 
 

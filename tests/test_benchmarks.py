@@ -229,16 +229,22 @@ def test_profile_train_profiles_a_recipe_at_a_batch_size_on_the_cpu(tiny_model, 
     run = run_script(
         "benchmarks/profile_train.py", "--workdir", tmp_path / "work", "--out", tmp_path / "out",
         "--model", tiny_model, "--configs", "cpu.yaml", "--recipes", "nvidia", "--batch_size", 1,
-        "--warmup", 1, "--profile_steps", 1, "--train_args", timeout=300,
+        "--warmup", 3, "--profile_steps", 1, "--train_args", timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "profile_cpu_nvidia.json").read_text())
     assert (result["recipe"], result["batch_size"], result["train_args"]) == ("nvidia", 1, [])
+    # the rate without the profiler: warm-up step 3 only (steps 1-2 compile; step 4 is profiled)
+    run_dir = tmp_path / "work" / "profile_runs" / "cpu_nvidia"
+    rows = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert result["unprofiled"]["steps"] == 1
+    assert result["unprofiled"]["samples_per_s"] == round(rows[2]["samples_per_s"], 3)
     (rank,) = result["ranks"]
     # NVIDIA's Predict2 recipe: rank 16, no temporal adapters; the tiny transformer: hidden 2 x 48, adaln_lora_dim 4
     assert rank["matmul_widths"] == {"lora_ranks": [16], "adapter_width": None, "adaln_width": 4, "hidden": 96}
     assert rank["kernel_ms"] == {} and rank["gpu_busy_ms"] == 0
-    events = json.loads((tmp_path / "work" / "profile_runs" / "cpu_nvidia" / "trace_rank0.json").read_text())
+    events = json.loads((run_dir / "trace_rank0.json").read_text())
     events = events["traceEvents"]
     widths = profile_train.MatmulWidths((16,), None, 4, 96)
     matmuls = [e["args"]["Input Dims"] for e in events if e.get("cat") == "cpu_op" and e["name"] == "aten::mm"]
