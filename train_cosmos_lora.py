@@ -59,7 +59,14 @@ from cosmos_data import (
     load_caches,
     split_validation_clips,
 )
-from cosmos_families import PROJECT_RECIPE, RECIPE_NAMES, detect_family, load_component, prepare_text_projection
+from cosmos_families import (
+    PROJECT_RECIPE,
+    RECIPE_NAMES,
+    detect_family,
+    load_component,
+    load_component_config,
+    prepare_text_projection,
+)
 from cosmos_metrics import psnr, ssim
 from cosmos_process import RunStopped, StopSignal, run_main, stage
 from cosmos_run import (
@@ -281,6 +288,14 @@ def parse_args(argv=None):
         "elementwise work. Works under FSDP2.",
     )
     speed.add_argument(
+        "--gradient_checkpointing_blocks",
+        type=positive_int,
+        default=None,
+        help="How many transformer blocks --gradient_checkpointing wraps, counted from the first (default: all). "
+        "The others keep every activation: that fills the memory a mode leaves free, and each block left out "
+        "skips its recomputation (docs/performance.md has the figures at 93x704x1280).",
+    )
+    speed.add_argument(
         "--compile",
         action="store_true",
         help="Compile each transformer block in place with torch.compile (regional, FSDP2-safe).",
@@ -408,8 +423,22 @@ def validate_args(args):
         check_fp8_support()
     if args.push_to_hub and hub_offline():
         raise ValueError("--push_to_hub needs the network, and HF_HUB_OFFLINE is set")
+    if args.gradient_checkpointing_blocks:
+        check_checkpointed_blocks(args)
     if args.validation_metrics and not args.validation_videos:
         raise ValueError("--validation_metrics scores the validation videos: give --validation_videos N too")
+
+
+def check_checkpointed_blocks(args):
+    """--gradient_checkpointing_blocks needs a mode, and no more blocks than the transformer has."""
+    if args.gradient_checkpointing == "none":
+        raise ValueError("--gradient_checkpointing_blocks needs --gradient_checkpointing full or selective")
+    config = load_component_config(args.pretrained_model_name_or_path, "transformer", args.revision)
+    if args.gradient_checkpointing_blocks > config["num_layers"]:
+        raise ValueError(
+            f"--gradient_checkpointing_blocks {args.gradient_checkpointing_blocks}: the transformer has "
+            f"{config['num_layers']} blocks"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -680,12 +709,13 @@ def load_transformer(args, weight_dtype, family):
     if args.attention_backend:
         transformer.set_attention_backend(args.attention_backend)
     if args.gradient_checkpointing != "none":
-        apply_gradient_checkpointing(transformer, args.gradient_checkpointing)
+        apply_gradient_checkpointing(transformer, args.gradient_checkpointing, args.gradient_checkpointing_blocks)
     return transformer
 
 
-def apply_gradient_checkpointing(transformer, mode):
-    """Wrap every CosmosTransformerBlock in torch's non-reentrant checkpoint wrapper, as accelerate does for FSDP2.
+def apply_gradient_checkpointing(transformer, mode, num_blocks=None):
+    """Wrap the first num_blocks transformer blocks (all when None) in torch's non-reentrant checkpoint wrapper, as
+    accelerate does for FSDP2; the blocks after them keep their activations.
 
     diffusers' own `enable_gradient_checkpointing()` fails under FSDP2 at the first backward; wrapping the blocks
     before `prepare` works, and the exported weights keep clean names because saving goes through
@@ -693,7 +723,6 @@ def apply_gradient_checkpointing(transformer, mode):
     """
     import functools
 
-    from diffusers.models.transformers.transformer_cosmos import CosmosTransformerBlock
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
         apply_activation_checkpointing,
@@ -705,10 +734,11 @@ def apply_gradient_checkpointing(transformer, mode):
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, selective_checkpoint_policy)
+    wrapped = {id(block) for block in transformer.transformer_blocks[:num_blocks]}
     apply_activation_checkpointing(
         transformer,
         checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, **kwargs),
-        check_fn=lambda module: isinstance(module, CosmosTransformerBlock),
+        check_fn=lambda module: id(module) in wrapped,
     )
 
 

@@ -14,7 +14,8 @@ against `1gpu_compile_cudnn` (one bucket) it gives what bucketing costs under --
 excess time of the steps that compiled) and the steady rate (steady_samples_per_s, steady_latent_tokens_per_s).
 
 `1gpu_memory_93x704x1280_*` train NVIDIA's recipe clip (93x704x1280) at batch 1 in each checkpointing mode, for
-the largest clip that trains on one card per mode.
+the largest clip that trains on one card per mode; the `full_gcN` ones checkpoint only the first N blocks
+(--gradient_checkpointing_blocks N).
 
 Single-GPU configs run on the last GPU while multi-GPU configs run on the first three, two lanes at once.
 
@@ -55,10 +56,12 @@ FAST = ["--compile", "--attention_backend", "_native_cudnn"]
 NO_RESHARD = ["--fsdp_reshard_after_forward", "false"]
 
 
-def memory_config(clip, checkpointing):
-    """One GPU, batch 1, --compile --attention_backend _native_cudnn, a --gradient_checkpointing mode: whether and
-    how fast a clip trains."""
+def memory_config(clip, checkpointing, blocks=None):
+    """One GPU, batch 1, --compile --attention_backend _native_cudnn, a --gradient_checkpointing mode (on the first
+    `blocks` transformer blocks when given): whether and how fast a clip trains."""
     mode = [] if checkpointing == "none" else ["--gradient_checkpointing", checkpointing]
+    if blocks:
+        mode += ["--gradient_checkpointing_blocks", str(blocks)]
     return (1, "single_gpu.yaml", [], [*mode, *FAST], clip, 1)
 
 
@@ -112,6 +115,10 @@ CONFIGS = {
     "1gpu_memory_93x704x1280_full_gc_compile_cudnn": memory_config(NVIDIA_720P, "full"),
     "1gpu_memory_93x704x1280_selective_gc_compile_cudnn": memory_config(NVIDIA_720P, "selective"),
     "1gpu_memory_93x704x1280_compile_cudnn": memory_config(NVIDIA_720P, "none"),
+    # full checkpointing on the first 22 or 20 of the 28 blocks: the others keep their activations in the memory
+    # `full` leaves free on an 80 GB card
+    "1gpu_memory_93x704x1280_full_gc22_compile_cudnn": memory_config(NVIDIA_720P, "full", 22),
+    "1gpu_memory_93x704x1280_full_gc20_compile_cudnn": memory_config(NVIDIA_720P, "full", 20),
     # Clips between 93x480x832 and it, for the largest clip per mode on an 80 GB and a 141 GB card: NVIDIA's "480"
     # size (768x432) and its 720p 10 fps clip (61 frames)
     "1gpu_memory_93x432x768_compile_cudnn": memory_config((93, 432, 768), "none"),

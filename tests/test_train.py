@@ -340,6 +340,22 @@ def test_bad_caches_fail_before_the_model_loads(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--gradient_checkpointing_blocks", "1"], "needs --gradient_checkpointing full or selective"),
+        (["--gradient_checkpointing", "full", "--gradient_checkpointing_blocks", "3"], "the transformer has 2 blocks"),
+    ],
+)
+def test_checkpointed_blocks_are_refused_before_the_model_loads(
+    tiny_model, latent_cache, tmp_path, monkeypatch, flags, message
+):
+    no_model_may_load(monkeypatch, train)
+    with pytest.raises(ValueError, match=message):
+        train.main(train_args(tiny_model, latent_cache, tmp_path / "out", *flags))
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_script_prints_a_bad_input_in_one_error_line_and_exits_1(tiny_model, tmp_path):
     result = run_script(
         "train_cosmos_lora.py",
@@ -392,12 +408,15 @@ def test_yaml_config_sets_defaults_and_flags_win(tmp_path):
         train.parse_args(["--config", str(config)])
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, latent_cache, mode):
+@pytest.mark.parametrize("mode, blocks", [("full", None), ("selective", None), ("full", 1)])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, latent_cache, mode, blocks):
+    wrapped = {}
+
     def loss_and_grads(*extra):
         torch.manual_seed(0)  # same LoRA initialization in both models
         args = train_args(tiny_model, latent_cache, "unused", "--lora_target_modules", *ALL_LINEAR, *extra)
         model = train.load_transformer(args, torch.float32, detect_family(args.pretrained_model_name_or_path))
+        wrapped[extra] = [type(b).__name__ == "CheckpointWrapper" for b in model.transformer_blocks]
         # Non-zero up-projections, so gradients reach every trainable group.
         for name, param in model.named_parameters():
             if name.endswith("up.weight"):
@@ -418,7 +437,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, la
         return loss, grads, named
 
     loss, grads, names = loss_and_grads()
-    checkpointed_loss, checkpointed_grads, checkpointed_names = loss_and_grads("--gradient_checkpointing", mode)
+    flags = ("--gradient_checkpointing", mode, *(("--gradient_checkpointing_blocks", str(blocks)) if blocks else ()))
+    checkpointed_loss, checkpointed_grads, checkpointed_names = loss_and_grads(*flags)
+    # the tiny transformer's two blocks: both wrapped, or only the first with --gradient_checkpointing_blocks 1
+    assert wrapped == {(): [False, False], flags: [True, blocks is None]}
     assert checkpointed_names.keys() == names.keys()
     torch.testing.assert_close(checkpointed_loss, loss)
     assert grads.keys() == checkpointed_grads.keys()
