@@ -115,10 +115,11 @@ CONFIGS = {
     "1gpu_memory_93x704x1280_full_gc_compile_cudnn": memory_config(NVIDIA_720P, "full"),
     "1gpu_memory_93x704x1280_selective_gc_compile_cudnn": memory_config(NVIDIA_720P, "selective"),
     "1gpu_memory_93x704x1280_compile_cudnn": memory_config(NVIDIA_720P, "none"),
-    # full checkpointing on the first 22 or 20 of the 28 blocks: the others keep their activations in the memory
-    # `full` leaves free on an 80 GB card
+    # full checkpointing on the first 22 or 20 of the 28 blocks (12 on a 141 GB card): the others keep their
+    # activations in the memory `full` leaves free
     "1gpu_memory_93x704x1280_full_gc22_compile_cudnn": memory_config(NVIDIA_720P, "full", 22),
     "1gpu_memory_93x704x1280_full_gc20_compile_cudnn": memory_config(NVIDIA_720P, "full", 20),
+    "1gpu_memory_93x704x1280_full_gc12_compile_cudnn": memory_config(NVIDIA_720P, "full", 12),
     # Clips between 93x480x832 and it, for the largest clip per mode on an 80 GB and a 141 GB card: NVIDIA's "480"
     # size (768x432) and its 720p 10 fps clip (61 frames)
     "1gpu_memory_93x432x768_compile_cudnn": memory_config((93, 432, 768), "none"),
