@@ -484,7 +484,8 @@ def put_back_step_syncs(components, args):
     latents are the same either way."""
     import cosmos_families
 
-    components.transformer.register_forward_pre_hook(lambda *_: synchronize())
+    on_gpu = torch.ones((), device=DEVICE)
+    components.transformer.register_forward_pre_hook(lambda *_: bool(on_gpu))  # reads a GPU value, as the loops did
     if components.family.scheduler_class == "UniPCMultistepScheduler":
         cosmos_families.keep_sigmas_on = lambda scheduler, device: None
         cosmos_families.solve_without_error_check = contextlib.nullcontext
