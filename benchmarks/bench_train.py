@@ -28,6 +28,7 @@ transformer runs without its crossattn_proj, as a real run on such a cache does.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -42,6 +43,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
+from cosmos_process import run_main  # noqa: E402
 
 # name: (GPUs, accelerate config, extra launcher flags, extra train flags, (frames, height, width) or a tuple of
 # them (a bucketed cache, equal clips per bucket), batch per GPU)
@@ -353,16 +355,48 @@ def run_config(name, args, model_dir, gpus):
     return result
 
 
+RUNS = set()  # the runs under way (each the leader of its own process group)
+STOPPING = threading.Event()  # set once this benchmark is stopped: no new run starts
+
+
 def run_logged(cmd, env, log, timeout):
-    """Run cmd with its output in log; its exit code, or "timeout" after `timeout` seconds, when its whole process
-    group is killed (the launcher and the training processes it started, which would otherwise hold the GPU)."""
+    """Run cmd in its own process group with its output in log; its exit code, or "timeout" after `timeout` seconds
+    (None: no limit). However it ends (its own exit, the timeout, this benchmark stopped by a signal) the whole group
+    is killed: the launcher and the training processes it started would otherwise hold the GPU."""
+    if STOPPING.is_set():
+        raise RuntimeError("the benchmark is stopping: no new run")
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    RUNS.add(process)
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
         return "timeout"
+    finally:
+        kill_group(process)
+        RUNS.discard(process)
+
+
+def kill_group(process):
+    """SIGKILL a run's process group (whatever of it is left) and reap its leader."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def run_in_threads(*targets):
+    """Run each target in its own thread until all have ended. If this process is stopped meanwhile (SIGTERM or
+    Ctrl-C under run_main), every run under way is killed before it exits, and no new one starts."""
+    threads = [threading.Thread(target=target, daemon=True) for target in targets]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    except BaseException:
+        STOPPING.set()
+        for process in list(RUNS):
+            kill_group(process)
+        raise
 
 
 def failure_line(log_path):
@@ -477,16 +511,12 @@ def main(args):
     single = [n for n in args.configs if CONFIGS[n][0] == 1]
     multi = [n for n in args.configs if CONFIGS[n][0] > 1]
     results, lock = [], threading.Lock()
-    lanes = [
-        threading.Thread(target=lane, args=(multi, args, model_dir, list(range(3)), results, lock)),
-        threading.Thread(target=lane, args=(single, args, model_dir, [count - 1], results, lock)),
-    ]
-    for thread in lanes:
-        thread.start()
-    for thread in lanes:
-        thread.join()
+    run_in_threads(
+        lambda: lane(multi, args, model_dir, list(range(3)), results, lock),
+        lambda: lane(single, args, model_dir, [count - 1], results, lock),
+    )
     print(open(os.path.join(args.out, "results.md")).read())
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args)

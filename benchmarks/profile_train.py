@@ -429,9 +429,12 @@ def profile_config(args, model, cache, config_file, recipe):
         os.path.abspath(args.script),
         *train_argv,
     )
-    log = subprocess.run(command, capture_output=True, text=True)
-    if log.returncode:
-        return {"error": (log.stdout + log.stderr)[-3000:]}
+    log_path = os.path.join(output, "run.log")
+    with open(log_path, "w") as log:
+        code = bench_train.run_logged(command, None, log, timeout=None)  # killed with this process if it is stopped
+    if code:
+        with open(log_path, errors="replace") as log:
+            return {"error": log.read()[-3000:]}
     return {
         "config_file": config_file,
         "recipe": recipe,

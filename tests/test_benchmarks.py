@@ -7,6 +7,7 @@ step (a synthetic GPU trace; the real script on the CPU)."""
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -71,6 +72,43 @@ def test_a_run_past_its_timeout_is_killed_with_the_processes_it_started(tmp_path
     while time.time() < deadline and alive(child):
         time.sleep(0.1)
     assert not alive(child)
+
+
+def test_a_benchmark_stopped_by_sigterm_kills_its_runs_and_exits(tmp_path):
+    """A benchmark ended by SIGTERM (a time limit, scancel) takes the runs it started with it: a training run lives in
+    its own process group, which the signal sent to the benchmark alone would not reach, and would go on holding the
+    GPU beside whatever runs next."""
+    pid_file = tmp_path / "grandchild.pid"
+    run = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(600)\n"
+    )
+    benchmark = (
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.join(REPO, 'benchmarks')!r})\n"
+        "import bench_train\n"
+        "from cosmos_process import run_main\n"
+        f"log = open({str(tmp_path / 'run.log')!r}, 'w')\n"
+        f"task = lambda: bench_train.run_logged([sys.executable, '-c', {run!r}], None, log, 600)\n"
+        "run_main(lambda _: bench_train.run_in_threads(task, task), lambda: None)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", benchmark], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (pid_file.exists() and pid_file.read_text()):
+        time.sleep(0.1)
+    time.sleep(0.5)  # the other thread's run starts too
+    runs = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                                 text=True).stdout.split()]  # fmt: skip
+    grandchild = int(pid_file.read_text())
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM, process.stderr.read()[-2000:]
+    assert len(runs) == 2
+    deadline = time.time() + 5
+    while time.time() < deadline and any(alive(pid) for pid in [*runs, grandchild]):
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in [*runs, grandchild])
 
 
 def alive(pid):
