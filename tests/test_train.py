@@ -569,7 +569,8 @@ def two_process_runs(tiny_model, bucket_cache, tmp_path_factory):
     settings = [
         "--cache_dir", bucket_cache, "--max_train_steps", 4, "--checkpointing_steps", 2, "--train_batch_size", 1,
         "--dataloader_num_workers", 0, "--num_validation_clips", 0, "--report_to", "none",
-        "--gradient_checkpointing", "full", "--lr_scheduler", "constant", "--learning_rate", 1e-2,
+        "--gradient_checkpointing", "full", "--gradient_checkpointing_blocks", 1,  # one block wrapped, one not
+        "--lr_scheduler", "constant", "--learning_rate", 1e-2,
     ]  # fmt: skip
     (root / "profile").mkdir()
     full = run_script(
