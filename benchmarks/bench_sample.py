@@ -123,6 +123,7 @@ def short_runs(run_ours, transformer, decode=False):
         synchronize()
         seconds.append(time.perf_counter() - start)
         counts.append(len(calls))
+        print(f"{steps}-step run: {seconds[-1]:.1f} s, {counts[-1]} model calls", flush=True)  # a cut run still says
     hook.remove()
     return ShortRuns(tuple(seconds), tuple(counts))
 
@@ -199,7 +200,9 @@ def measure_variant(run_ours, clock, components, repeats, theirs, pipeline_s):
 def measure_variant_computed(run_ours, clock, components, steps):
     """For clips where one video takes minutes: seconds per video computed (ShortRuns.seconds_for) from a 2-step and
     a 6-step run, each decoded, after a 2-step warm-up run; no whole video is generated."""
+    start = time.perf_counter()
     run_ours(2)  # warm-up: compiles the blocks and the decode
+    print(f"warm-up 2-step run (compiles): {time.perf_counter() - start:.1f} s", flush=True)
     runs = short_runs(run_ours, components.transformer, decode=True)
     per_call = runs.seconds_per_call()
     return {
@@ -485,7 +488,11 @@ def put_back_step_syncs(components, args):
     import cosmos_families
 
     on_gpu = torch.ones((), device=DEVICE)
-    components.transformer.register_forward_pre_hook(lambda *_: bool(on_gpu))  # reads a GPU value, as the loops did
+
+    def read_a_gpu_value(*_):  # as the loops did; a pre-hook's return value would replace the call's inputs
+        bool(on_gpu)
+
+    components.transformer.register_forward_pre_hook(read_a_gpu_value)
     if components.family.scheduler_class == "UniPCMultistepScheduler":
         cosmos_families.keep_sigmas_on = lambda scheduler, device: None
         cosmos_families.solve_without_error_check = contextlib.nullcontext
