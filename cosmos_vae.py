@@ -24,6 +24,7 @@ Layouts these functions were not proven on (Wan2.2's residual blocks and patchif
 """
 
 import functools
+import warnings
 
 import torch
 
@@ -136,12 +137,26 @@ def decode(vae, z, compiled=False):
     `compiled`: that whole-clip decode compiled (sample.py --compile). On CPU the chunked decode is kept: the
     whole-clip one is no faster there."""
     if z.device.type == "cuda" and whole_clip_unsupported(vae) is None:
-        try:
-            return (compiled_decode_whole_clip() if compiled else decode_whole_clip)(vae, z)
-        except torch.OutOfMemoryError:
-            pass  # leave the except block first, so the failed attempt's tensors are freed
-        torch.cuda.empty_cache()
+        video = decode_whole_clip_if_it_fits(vae, z, compiled)
+        if video is not None:
+            return video
     return vae.decode(z, return_dict=False)[0]
+
+
+def decode_whole_clip_if_it_fits(vae, z, compiled):
+    """The whole-clip decode, or None with a warning when it runs out of GPU memory (at 93x704x1280 it holds about
+    97 GiB: benchmarks/vae_decode_memory.py); the caller then decodes frame by frame."""
+    try:
+        return (compiled_decode_whole_clip() if compiled else decode_whole_clip)(vae, z)
+    except torch.OutOfMemoryError:
+        pass  # leave the except block first, so the failed attempt's tensors are freed
+    torch.cuda.empty_cache()
+    warnings.warn(
+        f"the whole-clip VAE decode of latents {list(z.shape)} ran out of GPU memory: decoding frame by frame "
+        "instead (slower)",
+        stacklevel=3,
+    )
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -149,6 +149,39 @@ def test_bench_sample_runs_on_the_cpu_with_the_syncs_put_back(request, tmp_path,
     assert results["step_syncs"]["frames_equal_bf16_default"] is True
 
 
+def test_live_bytes_counts_storages_while_a_tensor_holds_them():
+    import torch
+    from vae_decode_memory import LiveBytes
+
+    counter = LiveBytes()
+    with counter:
+        a = torch.empty(256, device="meta")  # 1 KiB
+        b = a * 2
+        view = b.view(16, 16)  # b's storage: no new bytes
+        del a
+        c = b + 1
+        assert counter.now == 2048
+        del b
+        assert counter.now == 2048  # the view keeps b's storage
+        del view
+        assert counter.now == 1024
+        kept = [c * k for k in range(3)]  # c and three more at once: the peak
+        del c, kept
+    assert (counter.peak, counter.now) == (4096, 0)
+
+
+def test_vae_decode_memory_counts_each_clip_on_the_cpu(tmp_path):
+    run = run_script(
+        "benchmarks/vae_decode_memory.py", "--out", tmp_path, "--vae", "tiny", "--sizes", "9x32x48", "17x32x48",
+        timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    sizes = json.loads((tmp_path / "vae_decode_memory.json").read_text())["sizes"]
+    assert [row["clip"] for row in sizes] == ["9x32x48", "17x32x48"]
+    assert sizes[1]["counted_peak_bytes"] > sizes[0]["counted_peak_bytes"]
+    assert sizes[1]["counted_peak_bytes"] > 2 * 3 * 17 * 32 * 48 * 2  # more than the decoded clip, bf16, twice over
+
+
 def run_bench_decode(tmp_path, *flags, env=None):
     script = os.path.join(REPO, "benchmarks", "bench_decode.py")
     argv = [sys.executable, script, "--out", str(tmp_path / "out"), *flags]

@@ -101,3 +101,17 @@ def test_the_compiled_whole_clip_decode_equals_the_eager_one(tiny_model, monkeyp
         cosmos_vae.compiled_decode_whole_clip.cache_clear()
     assert compiled.shape == (1, 3, 9, 32, 48)
     assert relative_error(compiled, eager) < 1e-5
+
+
+@torch.no_grad()
+def test_a_whole_clip_decode_out_of_gpu_memory_warns_and_leaves_the_decode_to_the_chunked_one(vae64, monkeypatch):
+    z = torch.randn(1, 16, 3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    whole = cosmos_vae.decode_whole_clip_if_it_fits(vae64, z, compiled=False)
+    torch.testing.assert_close(whole, cosmos_vae.decode_whole_clip(vae64, z), rtol=0, atol=0)
+
+    def out_of_memory(vae, z):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB.")
+
+    monkeypatch.setattr(cosmos_vae, "decode_whole_clip", out_of_memory)
+    with pytest.warns(UserWarning, match=r"latents \[1, 16, 3, 4, 6\] ran out of GPU memory: decoding frame by frame"):
+        assert cosmos_vae.decode_whole_clip_if_it_fits(vae64, z, compiled=False) is None

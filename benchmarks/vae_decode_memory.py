@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""GPU memory of the whole-clip VAE decode per clip size, counted on the meta device: no GPU and no weights needed.
+
+sample.py decodes a video in one pass over the whole clip (cosmos_vae.decode_whole_clip) and falls back to diffusers'
+frame-by-frame decode, with a warning, when that pass runs out of GPU memory. For each --sizes clip this counts the
+peak of bytes held at once by the tensors the decode creates, following each tensor's storage from the op that
+made it until its last reference goes (`LiveBytes`), in eager bf16 at batch 1. The latents and weights are not
+included, nor are kernel workspaces or the caching allocator's rounding, so a card needs somewhat more. With
+--measure on a GPU, the real eager decode (random weights) runs too, and its torch.cuda.max_memory_allocated above
+the memory before it is reported beside the count, or out_of_memory.
+
+    python benchmarks/vae_decode_memory.py --out results/ --sizes 61x256x448 93x480x832 93x704x1280
+"""
+
+import argparse
+import json
+import os
+import sys
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import cosmos_vae  # noqa: E402
+import make_random_cosmos  # noqa: E402
+from cosmos_process import file_written_whole, run_main  # noqa: E402
+
+GIB = 2**30
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the storages that op outputs hold while any tensor still refers to them; `peak` is the
+    most at any one time. Views share their base's storage and count once."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages = {}  # storage id -> [bytes, tensors alive that use it]
+        self.now = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.track(tensor)
+        return out
+
+    def track(self, tensor):
+        key = tensor.untyped_storage()._cdata
+        if key not in self.storages:
+            self.storages[key] = [tensor.untyped_storage().nbytes(), 0]
+            self.now += self.storages[key][0]
+            self.peak = max(self.peak, self.now)
+        self.storages[key][1] += 1
+        weakref.finalize(tensor, self.release, key)
+
+    def release(self, key):
+        entry = self.storages[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.storages[key]
+
+
+def clip_size(text):
+    frames, height, width = (int(n) for n in text.split("x"))
+    if (frames - 1) % 4 or height % 8 or width % 8:
+        raise argparse.ArgumentTypeError(f"{text}: frames must be 4k+1, height and width multiples of 8")
+    return frames, height, width
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="Where vae_decode_memory.json goes.")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=clip_size,
+        default=[(61, 256, 448), (93, 480, 832), (93, 704, 1280)],
+        help="Clips as FRAMESxHEIGHTxWIDTH (default: the reference clip, 93x480x832 and NVIDIA's 93x704x1280).",
+    )
+    parser.add_argument(
+        "--vae", choices=sorted(make_random_cosmos.VAE_CONFIGS), default="2b", help="VAE config (default: 2b)."
+    )
+    parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="On a GPU, also run the real eager decode (random weights) and report its peak memory.",
+    )
+    return parser.parse_args()
+
+
+def build_vae(config, device):
+    from diffusers import AutoencoderKLWan
+
+    with torch.device(device):
+        return AutoencoderKLWan(**make_random_cosmos.VAE_CONFIGS[config]).to(torch.bfloat16).eval()
+
+
+def latents_for(vae, frames, height, width, device):
+    shape = (1, vae.config.z_dim, (frames - 1) // 4 + 1, height // 8, width // 8)
+    return torch.randn(shape, device=device, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def counted_peak_bytes(vae, latents):
+    """Peak bytes of the tensors the whole-clip decode holds at once (LiveBytes), on whatever device they are."""
+    counter = LiveBytes()
+    with counter:
+        cosmos_vae.decode_whole_clip(vae, latents)
+    return counter.peak
+
+
+@torch.no_grad()
+def measured_peak_gib(vae, latents):
+    """The real decode's torch.cuda.max_memory_allocated above the memory before it, or "out_of_memory"."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    try:
+        cosmos_vae.decode_whole_clip(vae, latents)
+    except torch.OutOfMemoryError:
+        return "out_of_memory"
+    return round((torch.cuda.max_memory_allocated() - before) / GIB, 2)
+
+
+def main(args):
+    if args.measure and not torch.cuda.is_available():
+        raise ValueError("--measure needs a GPU")
+    os.makedirs(args.out, exist_ok=True)
+    meta_vae = build_vae(args.vae, "meta")
+    gpu_vae = build_vae(args.vae, "cuda") if args.measure else None
+    results = {"vae": args.vae, "dtype": "bfloat16", "batch": 1, "sizes": []}
+    for frames, height, width in args.sizes:
+        counted = counted_peak_bytes(meta_vae, latents_for(meta_vae, frames, height, width, "meta"))
+        row = {"clip": f"{frames}x{height}x{width}", "counted_peak_bytes": counted}
+        row["counted_peak_gib"] = round(counted / GIB, 2)
+        if gpu_vae is not None:
+            row["measured_peak_gib"] = measured_peak_gib(gpu_vae, latents_for(gpu_vae, frames, height, width, "cuda"))
+        print(json.dumps(row), flush=True)
+        results["sizes"].append(row)
+    with file_written_whole(os.path.join(args.out, "vae_decode_memory.json")) as path, open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args)
