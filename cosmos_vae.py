@@ -143,13 +143,20 @@ def decode(vae, z, compiled=False):
     return vae.decode(z, return_dict=False)[0]
 
 
+OUT_OF_MEMORY_SHAPES = set()  # latent shapes whose whole-clip decode ran out of GPU memory in this process
+
+
 def decode_whole_clip_if_it_fits(vae, z, compiled):
-    """The whole-clip decode, or None with a warning when it runs out of GPU memory (at 93x704x1280 it holds about
-    97 GiB: benchmarks/vae_decode_memory.py); the caller then decodes frame by frame."""
+    """The whole-clip decode, or None when it runs out of GPU memory (at 93x704x1280 it holds about 97 GiB:
+    benchmarks/vae_decode_memory.py); the caller then decodes frame by frame. The first time a shape runs out it
+    warns; later latents of that shape are not tried again."""
+    if tuple(z.shape) in OUT_OF_MEMORY_SHAPES:
+        return None
     try:
         return (compiled_decode_whole_clip() if compiled else decode_whole_clip)(vae, z)
     except torch.OutOfMemoryError:
         pass  # leave the except block first, so the failed attempt's tensors are freed
+    OUT_OF_MEMORY_SHAPES.add(tuple(z.shape))
     torch.cuda.empty_cache()
     warnings.warn(
         f"the whole-clip VAE decode of latents {list(z.shape)} ran out of GPU memory: decoding frame by frame "

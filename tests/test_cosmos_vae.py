@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -109,9 +111,18 @@ def test_a_whole_clip_decode_out_of_gpu_memory_warns_and_leaves_the_decode_to_th
     whole = cosmos_vae.decode_whole_clip_if_it_fits(vae64, z, compiled=False)
     torch.testing.assert_close(whole, cosmos_vae.decode_whole_clip(vae64, z), rtol=0, atol=0)
 
+    tries = []
+
     def out_of_memory(vae, z):
+        tries.append(z.shape)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB.")
 
     monkeypatch.setattr(cosmos_vae, "decode_whole_clip", out_of_memory)
+    monkeypatch.setattr(cosmos_vae, "OUT_OF_MEMORY_SHAPES", set())
     with pytest.warns(UserWarning, match=r"latents \[1, 16, 3, 4, 6\] ran out of GPU memory: decoding frame by frame"):
         assert cosmos_vae.decode_whole_clip_if_it_fits(vae64, z, compiled=False) is None
+    # the next video of that shape goes straight to the frame-by-frame decode, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cosmos_vae.decode_whole_clip_if_it_fits(vae64, z, compiled=False) is None
+    assert len(tries) == 1
