@@ -135,7 +135,9 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="Where the checkpoint, caches and runs go.")
     parser.add_argument("--out", required=True, help="Where results.json and results.md go.")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="Configs to run (default: all).")
+    parser.add_argument(
+        "--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="Configs to run (default: all)."
+    )
     parser.add_argument(
         "--family", choices=["predict2", "predict2.5"], default="predict2", help="Which random 2B model to train."
     )
@@ -497,6 +499,8 @@ def random_2b_checkpoint(workdir, family="predict2"):
 
 
 def main(args):
+    if not torch.cuda.is_available():
+        raise ValueError("bench_train.py measures training on GPUs, and none is visible")
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.workdir, exist_ok=True)
     args.peak = round(matmul_peak_tflops(), 1)

@@ -22,7 +22,7 @@ import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
 import profile_train  # noqa: E402
 
-from conftest import run_script  # noqa: E402
+from conftest import error_line, run_script  # noqa: E402
 
 OOM_LINE = "error: training step 1: OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB."
 
@@ -109,6 +109,15 @@ def test_a_benchmark_stopped_by_sigterm_kills_its_runs_and_exits(tmp_path):
     while time.time() < deadline and any(alive(pid) for pid in [*runs, grandchild]):
         time.sleep(0.1)
     assert not any(alive(pid) for pid in [*runs, grandchild])
+
+
+def test_bench_train_refuses_a_machine_without_a_gpu_in_one_line_before_any_work(tmp_path):
+    run = run_script(
+        "benchmarks/bench_train.py", "--workdir", tmp_path / "work", "--out", tmp_path / "out", "--configs",
+        "1gpu_naive", env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120,
+    )  # fmt: skip
+    assert error_line(run) == "error: bench_train.py measures training on GPUs, and none is visible"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
 
 
 def alive(pid):
