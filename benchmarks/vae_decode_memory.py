@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 import cosmos_vae  # noqa: E402
 import make_random_cosmos  # noqa: E402
 from cosmos_process import file_written_whole, run_main  # noqa: E402
+from cosmos_video import parse_bucket  # noqa: E402
 
 GIB = 2**30
 
@@ -66,22 +67,14 @@ class LiveBytes(TorchDispatchMode):
             del self.storages[key]
 
 
-def clip_size(text):
-    frames, height, width = (int(n) for n in text.split("x"))
-    if (frames - 1) % 4 or height % 8 or width % 8:
-        raise argparse.ArgumentTypeError(f"{text}: frames must be 4k+1, height and width multiples of 8")
-    return frames, height, width
-
-
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="Where vae_decode_memory.json goes.")
     parser.add_argument(
         "--sizes",
         nargs="+",
-        type=clip_size,
-        default=[(61, 256, 448), (93, 480, 832), (93, 704, 1280)],
-        help="Clips as FRAMESxHEIGHTxWIDTH (default: the reference clip, 93x480x832 and NVIDIA's 93x704x1280).",
+        default=["61x256x448", "93x480x832", "93x704x1280"],
+        help="Clips as FRAMESxHEIGHTxWIDTH, checked as cache_latents.py's --buckets are (default: %(default)s).",
     )
     parser.add_argument(
         "--vae", choices=sorted(make_random_cosmos.VAE_CONFIGS), default="2b", help="VAE config (default: 2b)."
@@ -101,9 +94,8 @@ def build_vae(config, device):
         return AutoencoderKLWan(**make_random_cosmos.VAE_CONFIGS[config]).to(torch.bfloat16).eval()
 
 
-def latents_for(vae, frames, height, width, device):
-    shape = (1, vae.config.z_dim, (frames - 1) // 4 + 1, height // 8, width // 8)
-    return torch.randn(shape, device=device, dtype=torch.bfloat16)
+def latents_for(vae, bucket, device):
+    return torch.randn(1, *bucket.latent_shape(vae.config.z_dim), device=device, dtype=torch.bfloat16)
 
 
 @torch.no_grad()
@@ -129,18 +121,18 @@ def measured_peak_gib(vae, latents):
 
 
 def main(args):
+    buckets = [parse_bucket(size) for size in args.sizes]
     if args.measure and not torch.cuda.is_available():
         raise ValueError("--measure needs a GPU")
     os.makedirs(args.out, exist_ok=True)
     meta_vae = build_vae(args.vae, "meta")
     gpu_vae = build_vae(args.vae, "cuda") if args.measure else None
     results = {"vae": args.vae, "dtype": "bfloat16", "batch": 1, "sizes": []}
-    for frames, height, width in args.sizes:
-        counted = counted_peak_bytes(meta_vae, latents_for(meta_vae, frames, height, width, "meta"))
-        row = {"clip": f"{frames}x{height}x{width}", "counted_peak_bytes": counted}
-        row["counted_peak_gib"] = round(counted / GIB, 2)
+    for bucket in buckets:
+        counted = counted_peak_bytes(meta_vae, latents_for(meta_vae, bucket, "meta"))
+        row = {"clip": bucket.name, "counted_peak_bytes": counted, "counted_peak_gib": round(counted / GIB, 2)}
         if gpu_vae is not None:
-            row["measured_peak_gib"] = measured_peak_gib(gpu_vae, latents_for(gpu_vae, frames, height, width, "cuda"))
+            row["measured_peak_gib"] = measured_peak_gib(gpu_vae, latents_for(gpu_vae, bucket, "cuda"))
         print(json.dumps(row), flush=True)
         results["sizes"].append(row)
     with file_written_whole(os.path.join(args.out, "vae_decode_memory.json")) as path, open(path, "w") as f:
