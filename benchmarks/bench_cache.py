@@ -47,7 +47,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import bench_train
-from bench_decode import video_clips
+from bench_decode import one_torch_thread, video_clips
 from bench_vae_encode import DEVICE, DTYPE, first_call_and_rate, profile_encode, synchronize
 
 import cache_latents
@@ -248,14 +248,10 @@ def decode_cost(paths):
     """CPU-seconds and wall seconds per clip of the decode path in one process (PyAV uses its own threads), with torch
     at one thread as in cache_latents.py's DataLoader workers (at torch's default, a thread per core, the same decode
     took 0.44 CPU-s per clip against 0.16 on an H100 machine, RESULTS.md run 30)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         cpu, wall, clips = time.process_time(), time.perf_counter(), 0
         for path in paths:
             clips += len(video_clips(path))
-    finally:
-        torch.set_num_threads(threads)
     return {
         "clips": clips,
         "cpu_s_per_clip": round((time.process_time() - cpu) / clips, 4),

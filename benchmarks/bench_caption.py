@@ -32,6 +32,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
+from bench_decode import one_torch_thread  # noqa: E402
+
 import caption_clips  # noqa: E402
 import make_random_cosmos  # noqa: E402
 from caption_clips import DEFAULT_INSTRUCTION, Captioner, CaptionInputs  # noqa: E402
@@ -169,15 +171,11 @@ def use_variant(model, variant):
 
 def processor_ms_per_clip(caption_inputs, videos):
     """CPU milliseconds of CaptionInputs per clip on one thread, as in a DataLoader worker."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         start = time.perf_counter()
         for video in videos:
             caption_inputs(video)
         return (time.perf_counter() - start) / len(videos) * 1e3
-    finally:
-        torch.set_num_threads(threads)
 
 
 def one_call_error(model, clip):

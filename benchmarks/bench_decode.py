@@ -30,6 +30,7 @@ be probed. Run this on the machine whose cores will feed the GPU:
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -105,6 +106,17 @@ class Timing:
             "cpu_s_per_clip": round(self.cpu_s / clips, 4),
             "cpu_cores_busy": round(self.cpu_s / self.wall_s, 2),
         }
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch at one thread inside the block, as in a DataLoader worker (which torch starts at one), then given back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def cpu_seconds():
