@@ -47,7 +47,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import bench_train
-from bench_decode import one_torch_thread, video_clips
+from bench_decode import one_torch_thread, refuse_videos_shorter_than_a_clip, video_clips
 from bench_vae_encode import DEVICE, DTYPE, first_call_and_rate, profile_encode, synchronize
 
 import cache_latents
@@ -69,7 +69,9 @@ def parse_args():
         help="Checkpoint folder to use. Default: the random 2B checkpoint, written to --workdir.",
     )
     parser.add_argument("--num_videos", type=int, default=24, help="Synthetic videos for the end-to-end runs.")
-    parser.add_argument("--seconds", type=float, default=60.0, help="Length of each synthetic video.")
+    parser.add_argument(
+        "--seconds", type=float, default=60.0, help="Length of each synthetic video (at least one 7.53 s clip)."
+    )
     parser.add_argument("--naive_videos", type=int, default=4, help="Videos the (slow) naive loop caches.")
     parser.add_argument("--vae_clips", type=int, default=24, help="Clips timed per VAE-only variant.")
     parser.add_argument("--num_workers", type=int, default=8, help="cache_latents.py --num_workers.")
@@ -81,7 +83,9 @@ def parse_args():
     )
     parser.add_argument("--captions", type=int, default=32, help="Unique captions the text stage encodes.")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES, help="Stages to run.")
-    return parser.parse_args()
+    args = parser.parse_args()
+    refuse_videos_shorter_than_a_clip(args.seconds)
+    return args
 
 
 def write_video(task):

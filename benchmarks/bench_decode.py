@@ -74,12 +74,17 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats} must be at least 1")
-    if not reference_clips(round(args.seconds * SOURCE_FPS)):
+    refuse_videos_shorter_than_a_clip(args.seconds)
+    return args
+
+
+def refuse_videos_shorter_than_a_clip(seconds):
+    """A synthetic video of `seconds` at SOURCE_FPS must hold at least one reference clip."""
+    if not reference_clips(round(seconds * SOURCE_FPS)):
         need = (REFERENCE.num_frames - 1) / CLIP_FPS + 1 / SOURCE_FPS
         raise ValueError(
-            f"--seconds {args.seconds:g} is shorter than one reference clip (61 frames at 8 fps: {need:.2f} s)"
+            f"--seconds {seconds:g} is shorter than one reference clip (61 frames at 8 fps: {need:.2f} s)"
         )
-    return args
 
 
 def reference_clips(num_frames, source_fps=SOURCE_FPS):
