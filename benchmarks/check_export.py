@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 
@@ -28,6 +27,7 @@ import bench_train  # noqa: E402
 import cosmos_run  # noqa: E402
 import train_cosmos_lora as train  # noqa: E402
 from cosmos_adapters import ADAPTER_WEIGHTS, LORA_WEIGHTS, read_exported_weights
+from cosmos_process import run_main
 
 REPO = bench_train.REPO
 WRAPPER_PREFIXES = re.compile(r"(^module\.)|(_checkpoint_wrapped_module\.)|(_orig_mod\.)")
@@ -133,9 +133,12 @@ def run_mode(args, model, cache, mode):
     command = bench_train.launch_command(
         args.config_file, os.path.abspath(__file__), "--probe", os.path.join(output, "export_check"), *train_argv
     )
-    log = subprocess.run(command, capture_output=True, text=True)
-    if log.returncode:
-        return {"error": (log.stdout + log.stderr)[-1500:]}
+    log_path = os.path.join(args.out, f"export_check_{mode}.log")
+    with open(log_path, "w") as log:  # the run is killed with its launcher if this check is stopped
+        code = bench_train.run_logged(command, None, log, None)
+    if code:
+        with open(log_path, errors="replace") as log:
+            return {"error": log.read()[-1500:]}
     ranks = [
         json.load(open(os.path.join(output, name)))
         for name in sorted(os.listdir(output))
@@ -151,11 +154,7 @@ def run_mode(args, model, cache, mode):
     return {"ok": ok and len(ranks) == ranks[0]["world_size"], "ranks": ranks}
 
 
-def main():
-    if len(sys.argv) > 2 and sys.argv[1] == "--probe":
-        probe(sys.argv[3:], sys.argv[2])
-        return
-    args = parse_args()
+def main(args):
     os.makedirs(args.out, exist_ok=True)
     model = args.model or bench_train.random_2b_checkpoint(args.workdir)
     cache = bench_train.synthetic_cache_for(model, args.workdir)
@@ -168,4 +167,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--probe":  # one rank of a launched run
+        probe(sys.argv[3:], sys.argv[2])
+    else:
+        run_main(main, parse_args)

@@ -11,14 +11,17 @@ are not bitwise deterministic, so A2 (the same run again) measures how far two u
 import argparse
 import json
 import os
-import subprocess
+import shutil
 import sys
 
 import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_train  # noqa: E402
+
+from cosmos_process import run_main  # noqa: E402
 
 REPO = bench_train.REPO
 
@@ -32,10 +35,10 @@ def launch(model, cache, output, steps, log, *extra):
         "1e-3",
         *extra,
     )
-    with open(log, "a") as f:
-        subprocess.run(
-            cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0,1,2")
-        )
+    with open(log, "a") as f:  # the run is killed with its launcher if this check is stopped
+        code = bench_train.run_logged(cmd, dict(os.environ, CUDA_VISIBLE_DEVICES="0,1,2"), f, None)
+    if code:
+        raise RuntimeError(f"the training run into {output} exited with {code}: see {log}")
 
 
 def losses(output):
@@ -51,18 +54,22 @@ def weight_difference(run, other):
     return {"max": max(ratios), "mean": sum(ratios) / len(ratios)}
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="Where the checkpoint, cache and runs go.")
     parser.add_argument("--out", required=True, help="Where fsdp_resume.json and the log go.")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main(args):
     os.makedirs(args.out, exist_ok=True)
     model = bench_train.random_2b_checkpoint(args.workdir)
     cache = os.path.join(args.workdir, "cache_61x256x448")
     bench_train.write_synthetic_cache(cache, model, 61, 256, 448)
     log = os.path.join(args.out, "fsdp_resume.log")
     a, a2, b = (os.path.join(args.workdir, f"resume_{n}") for n in ("a", "a2", "b"))
-    subprocess.run(["rm", "-rf", a, a2, b], check=True)
+    for run in (a, a2, b):
+        shutil.rmtree(run, ignore_errors=True)
     launch(model, cache, a, 8, log)
     launch(model, cache, a2, 8, log)
     launch(model, cache, b, 4, log)
@@ -86,4 +93,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, parse_args)

@@ -591,7 +591,7 @@ def two_process_runs(tiny_model, bucket_cache, tmp_path_factory):
         patch.setattr(sys, "argv", ["check_export.py", *map(str, argv)])
         import check_export
 
-        check_export.main()
+        check_export.main(check_export.parse_args())
     check = json.loads((root / "export_check.json").read_text())["full"]
     assert "error" not in check, check["error"]
     return TwoProcessRuns(root, root / "full", full.stdout, root / "export_check_full")
