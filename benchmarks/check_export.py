@@ -53,7 +53,10 @@ def parse_args():
         default=[],
         help="Extra train_cosmos_lora.py flags (last on the command line).",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.model and not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model}: no such checkpoint folder")
+    return args
 
 
 def compare_rank_with_export(model, output_dir):

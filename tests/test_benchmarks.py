@@ -441,6 +441,17 @@ def test_bench_cache_refuses_a_missing_model_folder_before_any_work(tmp_path):
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
 
 
+def test_check_export_refuses_a_missing_model_folder_before_any_work(tmp_path):
+    script = os.path.join(REPO, "benchmarks", "check_export.py")
+    argv = [sys.executable, script, "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    result = subprocess.run([*argv, "--model", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip().splitlines()[-1] == f"error: --model {tmp_path / 'nowhere'}: no such checkpoint folder"
+    )
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
 def test_bench_cache_refuses_videos_too_short_for_one_clip_before_any_work(tmp_path):
     script = os.path.join(REPO, "benchmarks", "bench_cache.py")
     argv = [sys.executable, script, "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
