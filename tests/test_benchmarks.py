@@ -430,34 +430,17 @@ def test_bench_cache_decode_cost_runs_torch_at_one_thread_as_a_dataloader_worker
         torch.set_num_threads(threads)
 
 
-def test_bench_cache_refuses_a_missing_model_folder_before_any_work(tmp_path):
-    script = os.path.join(REPO, "benchmarks", "bench_cache.py")
-    argv = [sys.executable, script, "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
-    result = subprocess.run([*argv, "--model", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=90)
-    assert result.returncode == 1
-    assert (
-        result.stderr.strip().splitlines()[-1] == f"error: --model {tmp_path / 'nowhere'}: no such checkpoint folder"
-    )
-    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+MISSING_MODEL = (["--model", "{tmp}/nowhere"], "error: --model {tmp}/nowhere: no such checkpoint folder")
+TOO_SHORT = (["--seconds", "4"], "error: --seconds 4 is shorter than one reference clip (61 frames at 8 fps: 7.53 s)")
 
 
-def test_check_export_refuses_a_missing_model_folder_before_any_work(tmp_path):
-    script = os.path.join(REPO, "benchmarks", "check_export.py")
-    argv = [sys.executable, script, "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
-    result = subprocess.run([*argv, "--model", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=90)
-    assert result.returncode == 1
-    assert (
-        result.stderr.strip().splitlines()[-1] == f"error: --model {tmp_path / 'nowhere'}: no such checkpoint folder"
-    )
-    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
-
-
-def test_bench_cache_refuses_videos_too_short_for_one_clip_before_any_work(tmp_path):
-    script = os.path.join(REPO, "benchmarks", "bench_cache.py")
-    argv = [sys.executable, script, "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
-    result = subprocess.run([*argv, "--seconds", "4"], capture_output=True, text=True, timeout=90)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: --seconds 4 is shorter than one reference clip (61 frames at 8 fps: 7.53 s)"
-    )
+@pytest.mark.parametrize(
+    "script, bad_input",
+    [("bench_cache.py", MISSING_MODEL), ("check_export.py", MISSING_MODEL), ("bench_cache.py", TOO_SHORT)],
+)
+def test_benchmarks_refuse_bad_input_in_one_line_before_any_work(tmp_path, script, bad_input):
+    flags, message = ([flag.format(tmp=tmp_path) for flag in bad_input[0]], bad_input[1].format(tmp=tmp_path))
+    run = run_script(f"benchmarks/{script}", "--workdir", tmp_path / "work", "--out", tmp_path / "out", *flags,
+                     timeout=90)  # fmt: skip
+    assert error_line(run) == message
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
