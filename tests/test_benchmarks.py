@@ -434,13 +434,21 @@ MISSING_MODEL = (["--model", "{tmp}/nowhere"], "error: --model {tmp}/nowhere: no
 TOO_SHORT = (["--seconds", "4"], "error: --seconds 4 is shorter than one reference clip (61 frames at 8 fps: 7.53 s)")
 
 
+NO_GPUS = ([], "error: check_fsdp_resume.py runs on 3 GPUs, and 0 are visible")
+
+
 @pytest.mark.parametrize(
     "script, bad_input",
-    [("bench_cache.py", MISSING_MODEL), ("check_export.py", MISSING_MODEL), ("bench_cache.py", TOO_SHORT)],
+    [
+        ("bench_cache.py", MISSING_MODEL),
+        ("check_export.py", MISSING_MODEL),
+        ("bench_cache.py", TOO_SHORT),
+        ("check_fsdp_resume.py", NO_GPUS),
+    ],
 )
 def test_benchmarks_refuse_bad_input_in_one_line_before_any_work(tmp_path, script, bad_input):
     flags, message = ([flag.format(tmp=tmp_path) for flag in bad_input[0]], bad_input[1].format(tmp=tmp_path))
     run = run_script(f"benchmarks/{script}", "--workdir", tmp_path / "work", "--out", tmp_path / "out", *flags,
-                     timeout=90)  # fmt: skip
+                     env={"CUDA_VISIBLE_DEVICES": ""}, timeout=90)  # fmt: skip
     assert error_line(run) == message
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
