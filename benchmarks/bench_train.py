@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 
+import psutil
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -363,8 +364,8 @@ STOPPING = threading.Event()  # set once this benchmark is stopped: no new run s
 
 def run_logged(cmd, env, log, timeout):
     """Run cmd in its own process group with its output in log; its exit code, or "timeout" after `timeout` seconds
-    (None: no limit). However it ends (its own exit, the timeout, this benchmark stopped by a signal) the whole group
-    is killed: the launcher and the training processes it started would otherwise hold the GPU."""
+    (None: no limit). However it ends (its own exit, the timeout, this benchmark stopped by a signal) the run is
+    killed with every process it started: the launcher and its training processes would otherwise hold the GPUs."""
     if STOPPING.is_set():
         raise RuntimeError("the benchmark is stopping: no new run")
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -374,14 +375,23 @@ def run_logged(cmd, env, log, timeout):
     except subprocess.TimeoutExpired:
         return "timeout"
     finally:
-        kill_group(process)
+        kill_run(process)
         RUNS.discard(process)
 
 
-def kill_group(process):
-    """SIGKILL a run's process group (whatever of it is left) and reap its leader."""
+def kill_run(process):
+    """SIGKILL a run's process group and every process the run started (whatever of them is left), and reap its
+    leader. On several GPUs `accelerate launch` starts torch's elastic agent, which gives each training process a
+    session of its own: a signal to the run's group alone would leave them training."""
+    try:
+        started = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # the leader has ended and been reaped
+        started = []
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+    for child in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
     process.wait()
 
 
@@ -397,7 +407,7 @@ def run_in_threads(*targets):
     except BaseException:
         STOPPING.set()
         for process in list(RUNS):
-            kill_group(process)
+            kill_run(process)
         raise
 
 

@@ -58,13 +58,14 @@ def test_any_other_failure_is_not_counted_as_out_of_memory(tmp_path, monkeypatch
     assert result["out_of_memory"] is False
 
 
+# A training process as `accelerate launch` starts one on several GPUs: torch's elastic agent gives each worker a
+# session of its own, out of reach of a signal to the launcher's process group.
+SLEEPING_WORKER = "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)"
+
+
 def test_a_run_past_its_timeout_is_killed_with_the_processes_it_started(tmp_path, monkeypatch):
     pid_file = tmp_path / "child.pid"
-    body = (
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
-        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
-        "time.sleep(600)"
-    )
+    body = f"child = {SLEEPING_WORKER}\nopen({str(pid_file)!r}, 'w').write(str(child.pid))\ntime.sleep(600)"
     result = run_stand_in(tmp_path, monkeypatch, body, timeout=8)
     assert result["exit"] == "timeout"
     child = int(pid_file.read_text())
@@ -81,7 +82,7 @@ def test_a_benchmark_stopped_by_sigterm_kills_its_runs_and_exits(tmp_path):
     pid_file = tmp_path / "grandchild.pid"
     run = (
         "import subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"child = {SLEEPING_WORKER}\n"
         f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
         "time.sleep(600)\n"
     )
