@@ -383,10 +383,10 @@ def kill_run(process):
     """SIGKILL a run's process group and every process the run started (whatever of them is left), and reap its
     leader. On several GPUs `accelerate launch` starts torch's elastic agent, which gives each training process a
     session of its own: a signal to the run's group alone would leave them training."""
-    try:
-        started = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:  # the leader has ended and been reaped
-        started = []
+    started = []
+    if process.returncode is None:  # not reaped yet, so its PID is still its own
+        with contextlib.suppress(psutil.NoSuchProcess):  # reaped meanwhile by another thread
+            started = psutil.Process(process.pid).children(recursive=True)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     for child in started:
