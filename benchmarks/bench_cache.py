@@ -390,8 +390,7 @@ def compare_with_reference(cache_dir, names, reference, vae_config):
 
 
 def main(args):
-    if args.model and not os.path.isdir(args.model):
-        raise FileNotFoundError(f"--model {args.model}: no such checkpoint folder")
+    bench_train.refuse_a_missing_model_folder(args.model)
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.workdir, exist_ok=True)
     model = args.model or bench_train.random_2b_checkpoint(args.workdir, args.family)

@@ -494,6 +494,12 @@ def device_memory_gib():
     return round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
 
 
+def refuse_a_missing_model_folder(model):
+    """A benchmark's --model, when given, must be a checkpoint folder (unset: the random 2B one is written)."""
+    if model and not os.path.isdir(model):
+        raise FileNotFoundError(f"--model {model}: no such checkpoint folder")
+
+
 def random_2b_checkpoint(workdir, family="predict2"):
     """WORKDIR/random-cosmos-2b (Predict2) or WORKDIR/random-cosmos-predict2.5-2b, written by
     tools/make_random_cosmos.py --size 2b unless it is already there."""

@@ -54,8 +54,7 @@ def parse_args():
         help="Extra train_cosmos_lora.py flags (last on the command line).",
     )
     args = parser.parse_args()
-    if args.model and not os.path.isdir(args.model):
-        raise FileNotFoundError(f"--model {args.model}: no such checkpoint folder")
+    bench_train.refuse_a_missing_model_folder(args.model)
     return args
 
 

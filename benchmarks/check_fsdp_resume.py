@@ -62,8 +62,9 @@ def parse_args():
 
 
 def main(args):
-    if torch.cuda.device_count() < 3:
-        raise ValueError(f"check_fsdp_resume.py runs on 3 GPUs, and {torch.cuda.device_count()} are visible")
+    gpus = torch.cuda.device_count()
+    if gpus < 3:
+        raise ValueError(f"check_fsdp_resume.py runs on 3 GPUs, and {gpus} are visible")
     os.makedirs(args.out, exist_ok=True)
     model = bench_train.random_2b_checkpoint(args.workdir)
     cache = os.path.join(args.workdir, "cache_61x256x448")
