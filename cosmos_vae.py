@@ -24,9 +24,13 @@ Layouts these functions were not proven on (Wan2.2's residual blocks and patchif
 """
 
 import functools
+import json
 import warnings
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def _time_conv_is(conv, stride, front_padding, channel_factor):
@@ -136,34 +140,109 @@ def decode(vae, z, compiled=False):
     """vae.decode(z).sample, computed whole-clip on GPU when the VAE's layout is known and the clip fits in memory;
     `compiled`: that whole-clip decode compiled (sample.py --compile). On CPU the chunked decode is kept: the
     whole-clip one is no faster there."""
-    if z.device.type == "cuda" and whole_clip_unsupported(vae) is None:
-        video = decode_whole_clip_if_it_fits(vae, z, compiled)
+    if z.device.type == "cuda" and whole_clip_unsupported(vae) is None and whole_clip_decode_fits(vae, z):
+        video = decode_whole_clip_if_it_runs(vae, z, compiled)
         if video is not None:
             return video
     return vae.decode(z, return_dict=False)[0]
 
 
-OUT_OF_MEMORY_SHAPES = set()  # latent shapes whose whole-clip decode ran out of GPU memory in this process
+# Room left above the counted peak for what the count leaves out: kernel workspaces and the caching allocator's
+# rounding (benchmarks/vae_decode_memory.py --measure compares the two).
+DECODE_MEMORY_MARGIN = 1.1
+TOO_LARGE_SHAPES = set()  # latent shapes whose whole-clip decode did not fit or ran out of memory in this process
 
 
-def decode_whole_clip_if_it_fits(vae, z, compiled):
-    """The whole-clip decode, or None when it runs out of GPU memory (at 93x704x1280 it holds about 97 GiB:
-    benchmarks/vae_decode_memory.py); the caller then decodes frame by frame. The first time a shape runs out it
-    warns; later latents of that shape are not tried again."""
-    if tuple(z.shape) in OUT_OF_MEMORY_SHAPES:
-        return None
+def whole_clip_decode_fits(vae, z):
+    """Whether the whole-clip decode's counted peak (whole_clip_decode_peak_bytes) with DECODE_MEMORY_MARGIN fits in
+    the GPU memory free now. If not, it warns once per latent shape and the caller decodes frame by frame, without
+    first compiling or running a pass that cannot fit (at 93x704x1280 it holds about 97 GiB)."""
+    if tuple(z.shape) in TOO_LARGE_SHAPES:
+        return False
+    free, _ = torch.cuda.mem_get_info(z.device)
+    free += torch.cuda.memory_reserved(z.device) - torch.cuda.memory_allocated(z.device)  # cached by torch, unused
+    needed = DECODE_MEMORY_MARGIN * whole_clip_decode_peak_bytes(vae, z.shape)
+    if needed <= free:
+        return True
+    _too_large(z, f"needs about {needed / 2**30:.1f} GiB of GPU memory and {free / 2**30:.1f} GiB is free")
+    return False
+
+
+def decode_whole_clip_if_it_runs(vae, z, compiled):
+    """The whole-clip decode, or None (with a warning) when it runs out of GPU memory all the same."""
     try:
         return (compiled_decode_whole_clip() if compiled else decode_whole_clip)(vae, z)
     except torch.OutOfMemoryError:
         pass  # leave the except block first, so the failed attempt's tensors are freed
-    OUT_OF_MEMORY_SHAPES.add(tuple(z.shape))
     torch.cuda.empty_cache()
-    warnings.warn(
-        f"the whole-clip VAE decode of latents {list(z.shape)} ran out of GPU memory: decoding frame by frame "
-        "instead (slower)",
-        stacklevel=3,
-    )
+    _too_large(z, "ran out of GPU memory")
     return None
+
+
+def _too_large(z, why):
+    TOO_LARGE_SHAPES.add(tuple(z.shape))
+    warnings.warn(
+        f"the whole-clip VAE decode of latents {list(z.shape)} {why}: decoding frame by frame instead (slower)",
+        stacklevel=4,
+    )
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the storages that op outputs hold while any tensor still refers to them; `peak` is the
+    most at any one time. Views share their base's storage and count once."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages = {}  # storage id -> [bytes, tensors alive that use it]
+        self.now = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.track(tensor)
+        return out
+
+    def track(self, tensor):
+        key = tensor.untyped_storage()._cdata
+        if key not in self.storages:
+            self.storages[key] = [tensor.untyped_storage().nbytes(), 0]
+            self.now += self.storages[key][0]
+            self.peak = max(self.peak, self.now)
+        self.storages[key][1] += 1
+        weakref.finalize(tensor, self.release, key)
+
+    def release(self, key):
+        entry = self.storages[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.storages[key]
+
+
+@torch.no_grad()
+def counted_peak_bytes(vae, latents):
+    """Peak bytes of the tensors the eager whole-clip decode holds at once (LiveBytes), on whatever device they are.
+    The latents and weights are not included, nor are kernel workspaces or the caching allocator's rounding."""
+    counter = LiveBytes()
+    with counter:
+        decode_whole_clip(vae, latents)
+    return counter.peak
+
+
+def whole_clip_decode_peak_bytes(vae, latent_shape):
+    """counted_peak_bytes of this VAE's decode of latents of `latent_shape`, counted on a copy of it built on the
+    meta device (no memory, about 2 s on a CPU; cached per config, dtype and shape)."""
+    config = json.dumps(dict(vae.config), sort_keys=True)  # hashable, for the cache
+    return _meta_peak_bytes(type(vae), config, vae.dtype, tuple(latent_shape))
+
+
+@functools.cache
+def _meta_peak_bytes(vae_class, config, dtype, latent_shape):
+    with torch.device("meta"):
+        meta_vae = vae_class.from_config(json.loads(config)).to(dtype)
+        return counted_peak_bytes(meta_vae, torch.empty(latent_shape, dtype=dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 
 For each accelerate config (and each --recipes entry), runs train_cosmos_lora.py under `accelerate launch` on the
 reference-clip cache, profiles --profile_steps optimizer steps after --warmup steps with torch.profiler (shapes
-recorded) on every rank, and writes profile_<config>[_<recipe>].json (one summary per rank) plus each rank's Chrome
-trace in the workdir. Per step, a summary gives:
+recorded) on every rank, and writes profile_<config>[_<recipe>].json (one summary per rank) and the run's log,
+profile_<config>[_<recipe>].log, to --out (the log as the run goes, so a run that fails or is stopped leaves it
+there), plus each rank's Chrome trace in the workdir. Per step, a summary gives:
 - wall time, and kernel time by category, in ms and as a share of GPU-busy time (kernels of two streams that overlap
   both count, so shares can sum past 1):
     attention            attention kernels (cuDNN, flash, fmha) by name;
@@ -429,7 +430,7 @@ def profile_config(args, model, cache, config_file, recipe):
         os.path.abspath(args.script),
         *train_argv,
     )
-    log_path = os.path.join(output, "run.log")
+    log_path = os.path.join(args.out, f"profile_{run_name(config_file, recipe)}.log")  # kept if this is stopped
     with open(log_path, "w") as log:
         code = bench_train.run_logged(command, None, log, timeout=None)  # killed with this process if it is stopped
     if code:

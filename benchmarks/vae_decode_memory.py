@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """GPU memory of the whole-clip VAE decode per clip size, counted on the meta device: no GPU and no weights needed.
 
-sample.py decodes a video in one pass over the whole clip (cosmos_vae.decode_whole_clip) and falls back to diffusers'
-frame-by-frame decode, with a warning, when that pass runs out of GPU memory. For each --sizes clip this counts the
-peak of bytes held at once by the tensors the decode creates, following each tensor's storage from the op that
-made it until its last reference goes (`LiveBytes`), in eager bf16 at batch 1. The latents and weights are not
-included, nor are kernel workspaces or the caching allocator's rounding, so a card needs somewhat more. With
+sample.py decodes a video in one pass over the whole clip (cosmos_vae.decode_whole_clip) when that pass's counted
+peak fits in the free GPU memory, and in diffusers' frame-by-frame decode, with a warning, when it does not. For
+each --sizes clip this reports that count (`cosmos_vae.counted_peak_bytes`): the peak of bytes held at once by the
+tensors the decode creates, following each tensor's storage from the op that made it until its last reference
+goes, in eager bf16 at batch 1. The latents and weights are not included, nor are kernel workspaces or the caching
+allocator's rounding, so a card needs somewhat more (sample.py adds cosmos_vae.DECODE_MEMORY_MARGIN). With
 --measure on a GPU, the real eager decode (random weights) runs too, and its torch.cuda.max_memory_allocated above
 the memory before it is reported beside the count, or out_of_memory.
 
@@ -16,11 +17,8 @@ import argparse
 import json
 import os
 import sys
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -31,40 +29,6 @@ from cosmos_process import file_written_whole, run_main  # noqa: E402
 from cosmos_video import parse_bucket  # noqa: E402
 
 GIB = 2**30
-
-
-class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of the storages that op outputs hold while any tensor still refers to them; `peak` is the
-    most at any one time. Views share their base's storage and count once."""
-
-    def __init__(self):
-        super().__init__()
-        self.storages = {}  # storage id -> [bytes, tensors alive that use it]
-        self.now = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                self.track(tensor)
-        return out
-
-    def track(self, tensor):
-        key = tensor.untyped_storage()._cdata
-        if key not in self.storages:
-            self.storages[key] = [tensor.untyped_storage().nbytes(), 0]
-            self.now += self.storages[key][0]
-            self.peak = max(self.peak, self.now)
-        self.storages[key][1] += 1
-        weakref.finalize(tensor, self.release, key)
-
-    def release(self, key):
-        entry = self.storages[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.now -= entry[0]
-            del self.storages[key]
 
 
 def parse_args():
@@ -99,15 +63,6 @@ def latents_for(vae, bucket, device):
 
 
 @torch.no_grad()
-def counted_peak_bytes(vae, latents):
-    """Peak bytes of the tensors the whole-clip decode holds at once (LiveBytes), on whatever device they are."""
-    counter = LiveBytes()
-    with counter:
-        cosmos_vae.decode_whole_clip(vae, latents)
-    return counter.peak
-
-
-@torch.no_grad()
 def measured_peak_gib(vae, latents):
     """The real decode's torch.cuda.max_memory_allocated above the memory before it, or "out_of_memory"."""
     torch.cuda.empty_cache()
@@ -129,7 +84,7 @@ def main(args):
     gpu_vae = build_vae(args.vae, "cuda") if args.measure else None
     results = {"vae": args.vae, "dtype": "bfloat16", "batch": 1, "sizes": []}
     for bucket in buckets:
-        counted = counted_peak_bytes(meta_vae, latents_for(meta_vae, bucket, "meta"))
+        counted = cosmos_vae.counted_peak_bytes(meta_vae, latents_for(meta_vae, bucket, "meta"))
         row = {"clip": bucket.name, "counted_peak_bytes": counted, "counted_peak_gib": round(counted / GIB, 2)}
         if gpu_vae is not None:
             row["measured_peak_gib"] = measured_peak_gib(gpu_vae, latents_for(gpu_vae, bucket, "cuda"))

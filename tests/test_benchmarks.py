@@ -157,27 +157,6 @@ def test_bench_sample_runs_on_the_cpu_with_the_syncs_put_back(tiny_model_25, tmp
     assert results["step_syncs"]["frames_equal_bf16_default"] is True
 
 
-def test_live_bytes_counts_storages_while_a_tensor_holds_them():
-    import torch
-    from vae_decode_memory import LiveBytes
-
-    counter = LiveBytes()
-    with counter:
-        a = torch.empty(256, device="meta")  # 1 KiB
-        b = a * 2
-        view = b.view(16, 16)  # b's storage: no new bytes
-        del a
-        c = b + 1
-        assert counter.now == 2048
-        del b
-        assert counter.now == 2048  # the view keeps b's storage
-        del view
-        assert counter.now == 1024
-        kept = [c * k for k in range(3)]  # c and three more at once: the peak
-        del c, kept
-    assert (counter.peak, counter.now) == (4096, 0)
-
-
 def test_vae_decode_memory_counts_each_clip_on_the_cpu(tmp_path):
     run = run_script(
         "benchmarks/vae_decode_memory.py", "--out", tmp_path, "--vae", "tiny", "--sizes", "9x32x48", "17x32x48",
@@ -334,6 +313,7 @@ def test_profile_train_profiles_a_recipe_at_a_batch_size_on_the_cpu(tiny_model, 
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "profile_cpu_nvidia.json").read_text())
     assert (result["recipe"], result["batch_size"], result["train_args"]) == ("nvidia", 1, [])
+    assert "steps: 100%" in (tmp_path / "out" / "profile_cpu_nvidia.log").read_text()  # the run's log, in --out
     # the rate without the profiler: warm-up step 3 only (steps 1-2 compile; step 4 is profiled)
     run_dir = tmp_path / "work" / "profile_runs" / "cpu_nvidia"
     rows = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]

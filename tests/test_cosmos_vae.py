@@ -108,7 +108,7 @@ def test_the_compiled_whole_clip_decode_equals_the_eager_one(tiny_model, monkeyp
 @torch.no_grad()
 def test_a_whole_clip_decode_out_of_gpu_memory_warns_and_leaves_the_decode_to_the_chunked_one(vae64, monkeypatch):
     z = torch.randn(1, 16, 3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    whole = cosmos_vae.decode_whole_clip_if_it_fits(vae64, z, compiled=False)
+    whole = cosmos_vae.decode_whole_clip_if_it_runs(vae64, z, compiled=False)
     torch.testing.assert_close(whole, cosmos_vae.decode_whole_clip(vae64, z), rtol=0, atol=0)
 
     tries = []
@@ -118,11 +118,70 @@ def test_a_whole_clip_decode_out_of_gpu_memory_warns_and_leaves_the_decode_to_th
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB.")
 
     monkeypatch.setattr(cosmos_vae, "decode_whole_clip", out_of_memory)
-    monkeypatch.setattr(cosmos_vae, "OUT_OF_MEMORY_SHAPES", set())
+    monkeypatch.setattr(cosmos_vae, "TOO_LARGE_SHAPES", set())
     with pytest.warns(UserWarning, match=r"latents \[1, 16, 3, 4, 6\] ran out of GPU memory: decoding frame by frame"):
-        assert cosmos_vae.decode_whole_clip_if_it_fits(vae64, z, compiled=False) is None
-    # the next video of that shape goes straight to the frame-by-frame decode, without a warning
+        assert cosmos_vae.decode_whole_clip_if_it_runs(vae64, z, compiled=False) is None
+    # the next video of that shape goes straight to the frame-by-frame decode, without a warning or a try
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert cosmos_vae.decode_whole_clip_if_it_fits(vae64, z, compiled=False) is None
+        assert cosmos_vae.whole_clip_decode_fits(vae64, z) is False
     assert len(tries) == 1
+
+
+def gpu_memory(monkeypatch, free_gib, reserved_unused_gib=0.0):
+    """The CUDA memory queries whole_clip_decode_fits reads, answering as a card with this much free."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * gib), 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(reserved_unused_gib * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+
+
+def test_a_whole_clip_decode_counted_larger_than_the_free_gpu_memory_is_not_tried(tiny_model, monkeypatch):
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(tiny_model, subfolder="vae").to(torch.bfloat16)
+    z = torch.randn(1, 16, 5, 4, 6, dtype=torch.bfloat16)
+    needed = cosmos_vae.DECODE_MEMORY_MARGIN * cosmos_vae.whole_clip_decode_peak_bytes(vae, z.shape) / 2**30
+    monkeypatch.setattr(cosmos_vae, "TOO_LARGE_SHAPES", set())
+
+    gpu_memory(monkeypatch, free_gib=needed / 2, reserved_unused_gib=needed / 2 + 1e-6)  # torch's cache counts
+    assert cosmos_vae.whole_clip_decode_fits(vae, z) is True
+
+    gpu_memory(monkeypatch, free_gib=needed * 0.99)
+    with pytest.warns(UserWarning, match=r"latents \[1, 16, 5, 4, 6\] needs about .* GiB of GPU memory and .* free"):
+        assert cosmos_vae.whole_clip_decode_fits(vae, z) is False
+    gpu_memory(monkeypatch, free_gib=needed * 2)  # refused once, that shape stays frame by frame, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cosmos_vae.whole_clip_decode_fits(vae, z) is False
+
+
+@torch.no_grad()
+def test_the_peak_counted_on_a_meta_copy_of_the_vae_is_the_peak_of_the_real_decode(tiny_model):
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(tiny_model, subfolder="vae").to(torch.bfloat16)
+    z = torch.randn(1, 16, 5, 4, 6, dtype=torch.bfloat16)
+    real = cosmos_vae.counted_peak_bytes(vae, z)  # counted while the CPU decode really runs
+    assert real > 3 * 17 * 32 * 48 * 2  # more than the decoded clip in bf16
+    assert cosmos_vae.whole_clip_decode_peak_bytes(vae, z.shape) == real
+    longer = cosmos_vae.whole_clip_decode_peak_bytes(vae, (1, 16, 9, 4, 6))
+    assert longer > real
+
+
+def test_live_bytes_counts_storages_while_a_tensor_holds_them():
+    counter = cosmos_vae.LiveBytes()
+    with counter:
+        a = torch.empty(256, device="meta")  # 1 KiB
+        b = a * 2
+        view = b.view(16, 16)  # b's storage: no new bytes
+        del a
+        c = b + 1
+        assert counter.now == 2048
+        del b
+        assert counter.now == 2048  # the view keeps b's storage
+        del view
+        assert counter.now == 1024
+        kept = [c * k for k in range(3)]  # c and three more at once: the peak
+        del c, kept
+    assert (counter.peak, counter.now) == (4096, 0)
