@@ -144,7 +144,8 @@ def parse_args(argv=None):
         type=positive_int,
         default=4,
         help="Clips per VAE encode call (the compiled encode of 61x256x448 clips: 10.2 clips/s at 4, 9.2 at 8 on an "
-        "H100; benchmarks/RESULTS.md).",
+        "H100; benchmarks/RESULTS.md). A GPU whose free memory holds fewer clips of a shape gets fewer per call, "
+        "with a message.",
     )
     run.add_argument(
         "--num_workers",
@@ -294,8 +295,10 @@ class VideoClips(torch.utils.data.IterableDataset):
 class ClipEncoder:
     """The VAE encode: whole-clip (cosmos_vae.encode_whole_clip, compiled or eager) or diffusers' chunked encode.
 
-    A VAE layout the whole-clip encode does not know is encoded chunked, with a message; so is every batch after a
-    whole-clip batch ran out of GPU memory.
+    On a GPU the whole-clip encode takes as many of a batch's clips per call as its counted peak memory lets it
+    (cosmos_vae.whole_clips_that_fit, once per clip shape), and a clip shape that does not fit even alone is encoded
+    chunked; each case says so once. A VAE layout the whole-clip encode does not know is encoded chunked, with a
+    message; so is every batch after a whole-clip call ran out of GPU memory all the same.
     """
 
     def __init__(self, vae, mode, compile_vae, batch_size):
@@ -309,25 +312,52 @@ class ClipEncoder:
         self.compiled = compile_vae and mode == "whole"
         encode = cosmos_vae.encode_whole_clip
         self.encode_whole = torch.compile(encode, dynamic=False) if self.compiled else encode
+        self.clips_per_call = {}  # clip shape -> clips one whole-clip call takes (0: encoded chunked)
 
     def __call__(self, x):
         """VAE input [B, 3, T, H, W] -> posterior mean [B, 16, T', h, w]."""
-        size = len(x)
-        if self.compiled and size < self.batch_size:  # a new batch size would compile again: pad the last batch
-            x = torch.cat([x, x[-1:].expand(self.batch_size - size, *x.shape[1:])])
         if self.vae.device.type == "cuda":  # the input in the weights' format
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        if self.mode == "whole":
+        clips = self.whole_clips_per_call(x) if self.mode == "whole" else 0
+        if clips:
             try:
-                return self.encode_whole(self.vae, x)[:size]
+                return torch.cat([self.encode_whole_call(part, clips) for part in x.split(clips)])
             except torch.OutOfMemoryError:
                 self.mode, self.compiled = "chunked", False
                 tqdm.write(
-                    f"the whole-clip encode of {len(x)} clips ran out of GPU memory; encoding chunked from now on "
+                    f"the whole-clip encode of {clips} clips ran out of GPU memory; encoding chunked from now on "
                     "(a lower --batch_size keeps it whole)"
                 )
             torch.cuda.empty_cache()
-        return self.vae.encode(x[:size]).latent_dist.mean
+        return self.vae.encode(x).latent_dist.mean
+
+    def whole_clips_per_call(self, x):
+        """How many clips of x's shape one whole-clip call takes: the batch size, or fewer on a GPU whose free memory
+        holds fewer (0: none, so they are encoded chunked). Says so once per shape when it is fewer."""
+        shape = tuple(x.shape[1:])
+        if shape not in self.clips_per_call:
+            free = cosmos_vae.free_gpu_bytes(x.device)
+            encode = cosmos_vae.encode_whole_clip
+            clips = self.batch_size if free is None else cosmos_vae.whole_clips_that_fit(
+                self.vae, encode, shape, self.batch_size, free
+            )  # fmt: skip
+            if clips < self.batch_size:
+                clip = "x".join(map(str, shape[1:]))
+                what = f"{clips} at a time" if clips else "chunked (slower)"
+                free_gib = free / 2**30
+                tqdm.write(
+                    f"{self.batch_size} {clip} clips in one whole-clip encode do not fit in the {free_gib:.1f} GiB of "
+                    f"GPU memory free: encoding them {what}"
+                )
+            self.clips_per_call[shape] = clips
+        return self.clips_per_call[shape]
+
+    def encode_whole_call(self, x, clips):
+        """One whole-clip call; compiled, a short last part is padded to `clips`, so that no new shape compiles."""
+        size = len(x)
+        if self.compiled and size < clips:
+            x = torch.cat([x, x[-1:].expand(clips - size, *x.shape[1:])])
+        return self.encode_whole(self.vae, x)[:size]
 
 
 @torch.no_grad()

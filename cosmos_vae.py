@@ -147,21 +147,17 @@ def decode(vae, z, compiled=False):
     return vae.decode(z, return_dict=False)[0]
 
 
-# Room left above the counted peak for what the count leaves out: kernel workspaces and the caching allocator's
-# rounding (benchmarks/vae_decode_memory.py --measure compares the two).
-DECODE_MEMORY_MARGIN = 1.1
 TOO_LARGE_SHAPES = set()  # latent shapes whose whole-clip decode did not fit or ran out of memory in this process
 
 
 def whole_clip_decode_fits(vae, z):
-    """Whether the whole-clip decode's counted peak (whole_clip_decode_peak_bytes) with DECODE_MEMORY_MARGIN fits in
-    the GPU memory free now. If not, it warns once per latent shape and the caller decodes frame by frame, without
-    first compiling or running a pass that cannot fit (at 93x704x1280 it holds about 97 GiB)."""
+    """Whether the whole-clip decode's counted peak (whole_clip_peak_bytes) with MEMORY_MARGIN fits in the GPU
+    memory free now. If not, it warns once per latent shape and the caller decodes frame by frame, without first
+    compiling or running a pass that cannot fit (at 93x704x1280 it holds about 97 GiB)."""
     if tuple(z.shape) in TOO_LARGE_SHAPES:
         return False
-    free, _ = torch.cuda.mem_get_info(z.device)
-    free += torch.cuda.memory_reserved(z.device) - torch.cuda.memory_allocated(z.device)  # cached by torch, unused
-    needed = DECODE_MEMORY_MARGIN * whole_clip_decode_peak_bytes(vae, z.shape)
+    free = free_gpu_bytes(z.device)
+    needed = MEMORY_MARGIN * whole_clip_peak_bytes(vae, decode_whole_clip, z.shape)
     if needed <= free:
         return True
     _too_large(z, f"needs about {needed / 2**30:.1f} GiB of GPU memory and {free / 2**30:.1f} GiB is free")
@@ -185,6 +181,32 @@ def _too_large(z, why):
         f"the whole-clip VAE decode of latents {list(z.shape)} {why}: decoding frame by frame instead (slower)",
         stacklevel=4,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU memory of the whole-clip passes, counted before they run
+# ----------------------------------------------------------------------------------------------------------------
+# Room left above a counted peak for what the count leaves out: kernel workspaces and the caching allocator's
+# rounding. On an H100 the decode's real peak equalled its count (benchmarks/vae_memory.py --measure).
+MEMORY_MARGIN = 1.1
+
+
+def free_gpu_bytes(device):
+    """Bytes new tensors on `device` can take: the driver's free memory and what torch holds cached but unused. None
+    off the GPU (no limit)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def whole_clips_that_fit(vae, function, clip_shape, most, free):
+    """The most clips, up to `most`, of `clip_shape` (an input's shape less its batch) that one call of `function`
+    (encode_whole_clip or decode_whole_clip) can take within `free` bytes with MEMORY_MARGIN; 0 if not one."""
+    for clips in range(most, 0, -1):
+        if MEMORY_MARGIN * whole_clip_peak_bytes(vae, function, (clips, *clip_shape)) <= free:
+            return clips
+    return 0
 
 
 class LiveBytes(TorchDispatchMode):
@@ -222,27 +244,27 @@ class LiveBytes(TorchDispatchMode):
 
 
 @torch.no_grad()
-def counted_peak_bytes(vae, latents):
-    """Peak bytes of the tensors the eager whole-clip decode holds at once (LiveBytes), on whatever device they are.
-    The latents and weights are not included, nor are kernel workspaces or the caching allocator's rounding."""
+def counted_peak_bytes(function, vae, x):
+    """Peak bytes of the tensors that function(vae, x) (eager) holds at once (LiveBytes), on whatever device they are.
+    The input and weights are not included, nor are kernel workspaces or the caching allocator's rounding."""
     counter = LiveBytes()
     with counter:
-        decode_whole_clip(vae, latents)
+        function(vae, x)
     return counter.peak
 
 
-def whole_clip_decode_peak_bytes(vae, latent_shape):
-    """counted_peak_bytes of this VAE's decode of latents of `latent_shape`, counted on a copy of it built on the
-    meta device (no memory, about 2 s on a CPU; cached per config, dtype and shape)."""
+def whole_clip_peak_bytes(vae, function, input_shape):
+    """counted_peak_bytes of function(vae, input of `input_shape`), counted on a copy of the VAE built on the meta
+    device (no memory; a few seconds on a CPU the first time, then cached per config, dtype, function and shape)."""
     config = json.dumps(dict(vae.config), sort_keys=True)  # hashable, for the cache
-    return _meta_peak_bytes(type(vae), config, vae.dtype, tuple(latent_shape))
+    return _meta_peak_bytes(type(vae), config, vae.dtype, function, tuple(input_shape))
 
 
 @functools.cache
-def _meta_peak_bytes(vae_class, config, dtype, latent_shape):
+def _meta_peak_bytes(vae_class, config, dtype, function, input_shape):
     with torch.device("meta"):
         meta_vae = vae_class.from_config(json.loads(config)).to(dtype)
-        return counted_peak_bytes(meta_vae, torch.empty(latent_shape, dtype=dtype))
+        return counted_peak_bytes(function, meta_vae, torch.empty(input_shape, dtype=dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------

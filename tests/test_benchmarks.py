@@ -157,16 +157,17 @@ def test_bench_sample_runs_on_the_cpu_with_the_syncs_put_back(tiny_model_25, tmp
     assert results["step_syncs"]["frames_equal_bf16_default"] is True
 
 
-def test_vae_decode_memory_counts_each_clip_on_the_cpu(tmp_path):
+def test_vae_memory_counts_the_encode_and_decode_of_each_clip_on_the_cpu(tmp_path):
     run = run_script(
-        "benchmarks/vae_decode_memory.py", "--out", tmp_path, "--vae", "tiny", "--sizes", "9x32x48", "17x32x48",
+        "benchmarks/vae_memory.py", "--out", tmp_path, "--vae", "tiny", "--sizes", "9x32x48", "17x32x48",
         timeout=120,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    sizes = json.loads((tmp_path / "vae_decode_memory.json").read_text())["sizes"]
+    sizes = json.loads((tmp_path / "vae_memory.json").read_text())["sizes"]
     assert [row["clip"] for row in sizes] == ["9x32x48", "17x32x48"]
-    assert sizes[1]["counted_peak_bytes"] > sizes[0]["counted_peak_bytes"]
-    assert sizes[1]["counted_peak_bytes"] > 2 * 3 * 17 * 32 * 48 * 2  # more than the decoded clip, bf16, twice over
+    for name in ("encode", "decode"):
+        assert sizes[1][f"{name}_counted_peak_bytes"] > sizes[0][f"{name}_counted_peak_bytes"]
+        assert sizes[1][f"{name}_counted_peak_bytes"] > 3 * 17 * 32 * 48 * 2  # more than the clip in bf16
 
 
 def run_bench_decode(tmp_path, *flags, env=None):

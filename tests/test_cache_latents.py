@@ -1,3 +1,4 @@
+import functools
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 import cache_latents
+import cosmos_vae
 from conftest import CLIP_ARGS, REPO, cache_clips, cache_report, run_script, text_embed_files
 from cosmos_cache import list_cached_clips, read_cache_info, read_manifest
 from cosmos_vae import normalize_latents
@@ -333,6 +335,43 @@ def test_compile_vae_needs_the_whole_clip_encode(tmp_path, clips):
     )
     with pytest.raises(ValueError, match="--compile_vae needs --vae_encode whole"):
         cache_latents.validate_args(args)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("compile_vae", [False, True])
+def test_a_batch_larger_than_the_free_gpu_memory_is_encoded_in_the_calls_that_fit(
+    tiny_model, monkeypatch, capsys, compile_vae
+):
+    """The whole-clip encode of 3 clips with memory for 2 per call: two calls, the last one padded when compiled, and
+    the same latents as one call of all 3; with memory for none, the chunked encode."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(tiny_model, subfolder="vae").eval()
+    x = torch.rand(3, 3, 9, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    one_call = cosmos_vae.encode_whole_clip(vae, x)
+    encode = cosmos_vae.encode_whole_clip
+    for_two = cosmos_vae.MEMORY_MARGIN * cosmos_vae.whole_clip_peak_bytes(vae, encode, (2, *x.shape[1:]))
+    monkeypatch.setattr(cosmos_vae, "free_gpu_bytes", lambda device: for_two)
+    if compile_vae:
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    calls = []
+
+    def counted_encode(vae, x):
+        if x.device.type != "meta":  # the memory count runs it on the meta device
+            calls.append(len(x))
+        return encode(vae, x)
+
+    monkeypatch.setattr(cosmos_vae, "encode_whole_clip", counted_encode)
+
+    encoder = cache_latents.ClipEncoder(vae, "whole", compile_vae=compile_vae, batch_size=3)
+    torch.testing.assert_close(encoder(x), one_call, rtol=1e-5, atol=1e-5)
+    assert calls == ([2, 2] if compile_vae else [2, 1])
+    assert "3 9x32x48 clips in one whole-clip encode do not fit" in capsys.readouterr().out
+
+    monkeypatch.setattr(cosmos_vae, "free_gpu_bytes", lambda device: 0)
+    encoder = cache_latents.ClipEncoder(vae, "whole", compile_vae=compile_vae, batch_size=3)
+    torch.testing.assert_close(encoder(x), vae.encode(x).latent_dist.mean)
+    assert "encoding them chunked (slower)" in capsys.readouterr().out
 
 
 @torch.no_grad()

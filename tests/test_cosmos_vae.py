@@ -128,45 +128,53 @@ def test_a_whole_clip_decode_out_of_gpu_memory_warns_and_leaves_the_decode_to_th
     assert len(tries) == 1
 
 
-def gpu_memory(monkeypatch, free_gib, reserved_unused_gib=0.0):
-    """The CUDA memory queries whole_clip_decode_fits reads, answering as a card with this much free."""
-    gib = 2**30
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * gib), 80 * gib))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(reserved_unused_gib * gib))
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
-
-
 def test_a_whole_clip_decode_counted_larger_than_the_free_gpu_memory_is_not_tried(tiny_model, monkeypatch):
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan.from_pretrained(tiny_model, subfolder="vae").to(torch.bfloat16)
     z = torch.randn(1, 16, 5, 4, 6, dtype=torch.bfloat16)
-    needed = cosmos_vae.DECODE_MEMORY_MARGIN * cosmos_vae.whole_clip_decode_peak_bytes(vae, z.shape) / 2**30
+    needed = cosmos_vae.MEMORY_MARGIN * cosmos_vae.whole_clip_peak_bytes(vae, cosmos_vae.decode_whole_clip, z.shape)
     monkeypatch.setattr(cosmos_vae, "TOO_LARGE_SHAPES", set())
+    free = {"bytes": needed}
+    monkeypatch.setattr(cosmos_vae, "free_gpu_bytes", lambda device: free["bytes"])
 
-    gpu_memory(monkeypatch, free_gib=needed / 2, reserved_unused_gib=needed / 2 + 1e-6)  # torch's cache counts
     assert cosmos_vae.whole_clip_decode_fits(vae, z) is True
-
-    gpu_memory(monkeypatch, free_gib=needed * 0.99)
+    free["bytes"] = needed * 0.99
     with pytest.warns(UserWarning, match=r"latents \[1, 16, 5, 4, 6\] needs about .* GiB of GPU memory and .* free"):
         assert cosmos_vae.whole_clip_decode_fits(vae, z) is False
-    gpu_memory(monkeypatch, free_gib=needed * 2)  # refused once, that shape stays frame by frame, without a warning
+    free["bytes"] = needed * 2  # refused once, that shape stays frame by frame, without a warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cosmos_vae.whole_clip_decode_fits(vae, z) is False
 
 
-@torch.no_grad()
-def test_the_peak_counted_on_a_meta_copy_of_the_vae_is_the_peak_of_the_real_decode(tiny_model):
+def test_whole_clips_that_fit_is_the_most_clips_whose_counted_peak_fits(tiny_model):
     from diffusers import AutoencoderKLWan
 
+    vae = AutoencoderKLWan.from_pretrained(tiny_model, subfolder="vae")
+    clip = (3, 9, 32, 48)
+    encode = cosmos_vae.encode_whole_clip
+    peak = {n: cosmos_vae.MEMORY_MARGIN * cosmos_vae.whole_clip_peak_bytes(vae, encode, (n, *clip)) for n in (1, 2, 3)}
+    assert peak[1] < peak[2] < peak[3]
+    assert cosmos_vae.whole_clips_that_fit(vae, encode, clip, 3, free=peak[3]) == 3
+    assert cosmos_vae.whole_clips_that_fit(vae, encode, clip, 3, free=peak[3] - 1) == 2
+    assert cosmos_vae.whole_clips_that_fit(vae, encode, clip, 2, free=10 * peak[3]) == 2  # never more than asked
+    assert cosmos_vae.whole_clips_that_fit(vae, encode, clip, 3, free=peak[1] - 1) == 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("function", ["encode_whole_clip", "decode_whole_clip"])
+def test_the_peak_counted_on_a_meta_copy_of_the_vae_is_the_peak_of_the_real_pass(tiny_model, function):
+    from diffusers import AutoencoderKLWan
+
+    function = getattr(cosmos_vae, function)
     vae = AutoencoderKLWan.from_pretrained(tiny_model, subfolder="vae").to(torch.bfloat16)
-    z = torch.randn(1, 16, 5, 4, 6, dtype=torch.bfloat16)
-    real = cosmos_vae.counted_peak_bytes(vae, z)  # counted while the CPU decode really runs
-    assert real > 3 * 17 * 32 * 48 * 2  # more than the decoded clip in bf16
-    assert cosmos_vae.whole_clip_decode_peak_bytes(vae, z.shape) == real
-    longer = cosmos_vae.whole_clip_decode_peak_bytes(vae, (1, 16, 9, 4, 6))
-    assert longer > real
+    x = torch.randn(1, 3, 17, 32, 48) if function is cosmos_vae.encode_whole_clip else torch.randn(1, 16, 5, 4, 6)
+    x = x.to(torch.bfloat16)
+    real = cosmos_vae.counted_peak_bytes(function, vae, x)  # counted while the pass really runs on the CPU
+    assert real > 3 * 17 * 32 * 48 * 2  # more than one clip in bf16
+    assert cosmos_vae.whole_clip_peak_bytes(vae, function, x.shape) == real
+    assert cosmos_vae.whole_clip_peak_bytes(vae, function, (2, *x.shape[1:])) > real
 
 
 def test_live_bytes_counts_storages_while_a_tensor_holds_them():
