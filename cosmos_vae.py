@@ -17,7 +17,9 @@ tests/test_cosmos_vae.py):
   unchanged, then `time_conv` over frames 1.., each input frame's 2C channels becoming two output frames.
 
 The VAE's own no-cache forward is not this: without a cache, `WanResample` skips `time_conv` altogether.
-Also here: normalizing latents with the VAE's per-channel mean/std, and decoding them to uint8 frames.
+Also here: the GPU memory a whole-clip pass will hold, counted before it runs (to encode fewer clips at a time, or
+decode frame by frame, where it would not fit), normalizing latents with the VAE's per-channel mean/std, and
+decoding them to uint8 frames.
 
 Layouts these functions were not proven on (Wan2.2's residual blocks and patchify, tiling) are refused by
 `whole_clip_unsupported`.
@@ -262,9 +264,14 @@ def whole_clip_peak_bytes(vae, function, input_shape):
 
 @functools.cache
 def _meta_peak_bytes(vae_class, config, dtype, function, input_shape):
+    x = torch.empty(input_shape, dtype=dtype, device="meta")
+    return counted_peak_bytes(function, _meta_vae(vae_class, config, dtype), x)
+
+
+@functools.cache
+def _meta_vae(vae_class, config, dtype):
     with torch.device("meta"):
-        meta_vae = vae_class.from_config(json.loads(config)).to(dtype)
-        return counted_peak_bytes(function, meta_vae, torch.empty(input_shape, dtype=dtype))
+        return vae_class.from_config(json.loads(config)).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
