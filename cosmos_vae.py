@@ -139,48 +139,52 @@ def compiled_decode_whole_clip():
 
 
 def decode(vae, z, compiled=False):
-    """vae.decode(z).sample, computed whole-clip on GPU when the VAE's layout is known and the clip fits in memory;
-    `compiled`: that whole-clip decode compiled (sample.py --compile). On CPU the chunked decode is kept: the
-    whole-clip one is no faster there."""
-    if z.device.type == "cuda" and whole_clip_unsupported(vae) is None and whole_clip_decode_fits(vae, z):
-        video = decode_whole_clip_if_it_runs(vae, z, compiled)
+    """vae.decode(z).sample, computed whole-clip on GPU when the VAE's layout is known, as many videos per call as fit
+    in memory; `compiled`: that whole-clip decode compiled (sample.py --compile). On CPU the chunked decode is kept:
+    the whole-clip one is no faster there."""
+    if z.device.type == "cuda" and whole_clip_unsupported(vae) is None:
+        videos = whole_clip_decodes_that_fit(vae, z)
+        video = decode_whole_clip_if_it_runs(vae, z, videos, compiled) if videos else None
         if video is not None:
             return video
     return vae.decode(z, return_dict=False)[0]
 
 
-TOO_LARGE_SHAPES = set()  # latent shapes whose whole-clip decode did not fit or ran out of memory in this process
+TOO_LARGE_SHAPES = set()  # one video's latent shapes whose whole-clip decode did not fit or ran out of memory
 
 
-def whole_clip_decode_fits(vae, z):
-    """Whether the whole-clip decode's counted peak (whole_clip_peak_bytes) with MEMORY_MARGIN fits in the GPU
-    memory free now. If not, it warns once per latent shape and the caller decodes frame by frame, without first
-    compiling or running a pass that cannot fit (at 93x704x1280 it holds about 97 GiB)."""
-    if tuple(z.shape) in TOO_LARGE_SHAPES:
-        return False
+def whole_clip_decodes_that_fit(vae, z):
+    """How many of z's videos one whole-clip decode takes within the free GPU memory (whole_clips_that_fit). 0 when
+    not one fits: it warns once per latent shape, and the caller decodes frame by frame without first compiling or
+    running a pass that cannot fit (at 93x704x1280 one video holds about 97 GiB)."""
+    shape = tuple(z.shape[1:])
+    if shape in TOO_LARGE_SHAPES:
+        return 0
     free = free_gpu_bytes(z.device)
-    needed = MEMORY_MARGIN * whole_clip_peak_bytes(vae, decode_whole_clip, z.shape)
-    if needed <= free:
-        return True
-    _too_large(z, f"needs about {needed / 2**30:.1f} GiB of GPU memory and {free / 2**30:.1f} GiB is free")
-    return False
+    videos = whole_clips_that_fit(vae, decode_whole_clip, shape, len(z), free)
+    if not videos:
+        needed = MEMORY_MARGIN * whole_clip_peak_bytes(vae, decode_whole_clip, (1, *shape))
+        _too_large(shape, f"needs about {needed / 2**30:.1f} GiB of GPU memory and {free / 2**30:.1f} GiB is free")
+    return videos
 
 
-def decode_whole_clip_if_it_runs(vae, z, compiled):
-    """The whole-clip decode, or None (with a warning) when it runs out of GPU memory all the same."""
+def decode_whole_clip_if_it_runs(vae, z, videos, compiled):
+    """The whole-clip decode of z, `videos` at a time, or None (with a warning) when it runs out of GPU memory all
+    the same."""
+    decode_videos = compiled_decode_whole_clip() if compiled else decode_whole_clip
     try:
-        return (compiled_decode_whole_clip() if compiled else decode_whole_clip)(vae, z)
+        return torch.cat([decode_videos(vae, part) for part in z.split(videos)])
     except torch.OutOfMemoryError:
         pass  # leave the except block first, so the failed attempt's tensors are freed
     torch.cuda.empty_cache()
-    _too_large(z, "ran out of GPU memory")
+    _too_large(tuple(z.shape[1:]), "ran out of GPU memory")
     return None
 
 
-def _too_large(z, why):
-    TOO_LARGE_SHAPES.add(tuple(z.shape))
+def _too_large(shape, why):
+    TOO_LARGE_SHAPES.add(shape)
     warnings.warn(
-        f"the whole-clip VAE decode of latents {list(z.shape)} {why}: decoding frame by frame instead (slower)",
+        f"the whole-clip VAE decode of latents {[1, *shape]} {why}: decoding frame by frame instead (slower)",
         stacklevel=4,
     )
 

@@ -107,9 +107,10 @@ def test_the_compiled_whole_clip_decode_equals_the_eager_one(tiny_model, monkeyp
 
 @torch.no_grad()
 def test_a_whole_clip_decode_out_of_gpu_memory_warns_and_leaves_the_decode_to_the_chunked_one(vae64, monkeypatch):
-    z = torch.randn(1, 16, 3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    whole = cosmos_vae.decode_whole_clip_if_it_runs(vae64, z, compiled=False)
-    torch.testing.assert_close(whole, cosmos_vae.decode_whole_clip(vae64, z), rtol=0, atol=0)
+    z = torch.randn(3, 16, 3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    one_call = cosmos_vae.decode_whole_clip(vae64, z)
+    two_at_a_time = cosmos_vae.decode_whole_clip_if_it_runs(vae64, z, videos=2, compiled=False)
+    torch.testing.assert_close(two_at_a_time, one_call, rtol=0, atol=0)
 
     tries = []
 
@@ -120,11 +121,11 @@ def test_a_whole_clip_decode_out_of_gpu_memory_warns_and_leaves_the_decode_to_th
     monkeypatch.setattr(cosmos_vae, "decode_whole_clip", out_of_memory)
     monkeypatch.setattr(cosmos_vae, "TOO_LARGE_SHAPES", set())
     with pytest.warns(UserWarning, match=r"latents \[1, 16, 3, 4, 6\] ran out of GPU memory: decoding frame by frame"):
-        assert cosmos_vae.decode_whole_clip_if_it_runs(vae64, z, compiled=False) is None
+        assert cosmos_vae.decode_whole_clip_if_it_runs(vae64, z, videos=1, compiled=False) is None
     # the next video of that shape goes straight to the frame-by-frame decode, without a warning or a try
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert cosmos_vae.whole_clip_decode_fits(vae64, z) is False
+        assert cosmos_vae.whole_clip_decodes_that_fit(vae64, z[:1]) == 0
     assert len(tries) == 1
 
 
@@ -132,20 +133,23 @@ def test_a_whole_clip_decode_counted_larger_than_the_free_gpu_memory_is_not_trie
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan.from_pretrained(tiny_model, subfolder="vae").to(torch.bfloat16)
-    z = torch.randn(1, 16, 5, 4, 6, dtype=torch.bfloat16)
-    needed = cosmos_vae.MEMORY_MARGIN * cosmos_vae.whole_clip_peak_bytes(vae, cosmos_vae.decode_whole_clip, z.shape)
+    z = torch.randn(3, 16, 5, 4, 6, dtype=torch.bfloat16)
+    decode = cosmos_vae.decode_whole_clip
+    needed = {
+        n: cosmos_vae.MEMORY_MARGIN * cosmos_vae.whole_clip_peak_bytes(vae, decode, (n, 16, 5, 4, 6)) for n in (1, 2)
+    }
     monkeypatch.setattr(cosmos_vae, "TOO_LARGE_SHAPES", set())
-    free = {"bytes": needed}
+    free = {"bytes": needed[2]}
     monkeypatch.setattr(cosmos_vae, "free_gpu_bytes", lambda device: free["bytes"])
 
-    assert cosmos_vae.whole_clip_decode_fits(vae, z) is True
-    free["bytes"] = needed * 0.99
+    assert cosmos_vae.whole_clip_decodes_that_fit(vae, z) == 2  # 2 of the 3 videos per call
+    free["bytes"] = needed[1] * 0.99
     with pytest.warns(UserWarning, match=r"latents \[1, 16, 5, 4, 6\] needs about .* GiB of GPU memory and .* free"):
-        assert cosmos_vae.whole_clip_decode_fits(vae, z) is False
-    free["bytes"] = needed * 2  # refused once, that shape stays frame by frame, without a warning
+        assert cosmos_vae.whole_clip_decodes_that_fit(vae, z) == 0
+    free["bytes"] = needed[2] * 2  # refused once, that shape stays frame by frame, without a warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert cosmos_vae.whole_clip_decode_fits(vae, z) is False
+        assert cosmos_vae.whole_clip_decodes_that_fit(vae, z) == 0
 
 
 def test_whole_clips_that_fit_is_the_most_clips_whose_counted_peak_fits(tiny_model):
