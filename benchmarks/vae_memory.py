@@ -2,14 +2,14 @@
 """GPU memory of the whole-clip VAE encode and decode per clip size, counted on the meta device: no GPU and no weights.
 
 cache_latents.py encodes clips, and sample.py decodes videos, in one pass over the whole clip (cosmos_vae's
-encode_whole_clip and decode_whole_clip). Before a pass runs on a GPU, both count its peak the way this script does
-and compare it, with cosmos_vae.MEMORY_MARGIN, with the free memory: cache_latents.py encodes fewer clips per call,
-or one clip chunked, and sample.py decodes frame by frame, when it does not fit. For each --sizes clip this reports
-the count (`cosmos_vae.counted_peak_bytes`) for one clip: the peak of bytes held at once by the tensors the eager bf16
-pass creates, following each tensor's storage from the op that made it until its last reference goes. The input and
-weights are not included, nor are kernel workspaces or the caching allocator's rounding. With --measure on a GPU,
-the real eager passes (random weights) run too, and each one's torch.cuda.max_memory_allocated above the memory
-before it is reported beside its count, or out_of_memory.
+encode_whole_clip and decode_whole_clip). Before a pass runs on a GPU, both count its peak and compare it, with
+cosmos_vae.MEMORY_MARGIN, with the free memory: where a batch does not fit they take fewer clips per call, and where
+one clip does not fit they encode chunked or decode frame by frame. For each --sizes clip this reports that count
+for one clip, from the function the scripts call (`cosmos_vae.whole_clip_peak_bytes`): the peak of bytes held at once
+by the tensors the eager bf16 pass creates, following each tensor's storage from the op that made it until its last
+reference goes. The input and weights are not included, nor are kernel workspaces or the caching allocator's
+rounding. With --measure on a GPU, the real eager passes (random weights) run too, and each one's
+torch.cuda.max_memory_allocated above the memory before it is reported beside its count, or out_of_memory.
 
     python benchmarks/vae_memory.py --out results/ --sizes 61x256x448 93x480x832 93x704x1280 --measure
 """
@@ -61,17 +61,18 @@ def build_vae(config, device):
         return AutoencoderKLWan(**make_random_cosmos.VAE_CONFIGS[config]).to(torch.bfloat16).eval()
 
 
-def pass_input(name, vae, bucket, device):
-    """One clip in [-1, 1] for the encode, or its latents for the decode."""
+def pass_input_shape(name, vae, bucket):
+    """The shape of one clip, as the encode takes it, or of its latents, as the decode takes them."""
     if name == "encode":
-        shape = (1, 3, bucket.num_frames, bucket.height, bucket.width)
-        return torch.rand(shape, device=device, dtype=torch.bfloat16) * 2 - 1
-    return torch.randn(1, *bucket.latent_shape(vae.config.z_dim), device=device, dtype=torch.bfloat16)
+        return (1, 3, bucket.num_frames, bucket.height, bucket.width)
+    return (1, *bucket.latent_shape(vae.config.z_dim))
 
 
 @torch.no_grad()
-def measured_peak_gib(function, vae, x):
-    """The real pass's torch.cuda.max_memory_allocated above the memory before it, or "out_of_memory"."""
+def measured_peak_gib(function, vae, shape):
+    """The real pass's torch.cuda.max_memory_allocated above the memory before it (input of `shape` in [-1, 1]), or
+    "out_of_memory"."""
+    x = torch.rand(shape, device="cuda", dtype=torch.bfloat16) * 2 - 1
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -93,12 +94,12 @@ def main(args):
     for bucket in buckets:
         row = {"clip": bucket.name}
         for name, function in PASSES.items():
-            counted = cosmos_vae.counted_peak_bytes(function, meta_vae, pass_input(name, meta_vae, bucket, "meta"))
+            shape = pass_input_shape(name, meta_vae, bucket)
+            counted = cosmos_vae.whole_clip_peak_bytes(meta_vae, function, shape)  # as the scripts count it
             row[f"{name}_counted_peak_bytes"] = counted
             row[f"{name}_counted_peak_gib"] = round(counted / GIB, 2)
             if gpu_vae is not None:
-                x = pass_input(name, gpu_vae, bucket, "cuda")
-                row[f"{name}_measured_peak_gib"] = measured_peak_gib(function, gpu_vae, x)
+                row[f"{name}_measured_peak_gib"] = measured_peak_gib(function, gpu_vae, shape)
         print(json.dumps(row), flush=True)
         results["sizes"].append(row)
     with file_written_whole(os.path.join(args.out, "vae_memory.json")) as path, open(path, "w") as f:
