@@ -524,6 +524,7 @@ def run_training(args, family, accelerator, caches, info, validation_clips, resu
         total=max_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
     clock = StepClock()
+    memory_warned = False  # memory_full_warning is said once per run
     transformer.train()
     while state.global_step < max_steps:
         # Data: resume mid-epoch at the exact batch (accelerate ends an accumulation window at each epoch's end,
@@ -569,6 +570,9 @@ def run_training(args, family, accelerator, caches, info, validation_clips, resu
 
             # Log.
             logs = step_logs(step_loss, lr_scheduler, grad_norm, clock, samples, step_tokens)
+            if not memory_warned and (warning := memory_full_warning(logs, state.global_step)):
+                logger.warning(warning, main_process_only=False)
+                memory_warned = True
             if accelerator.is_main_process:
                 append_loss_log(loss_log, state.global_step, logs)
             accelerator.log(logs, step=state.global_step)
@@ -983,8 +987,22 @@ def step_logs(loss, lr_scheduler, grad_norm, clock, samples, tokens):
         logs["grad_norm"] = float(grad_norm)
     if torch.cuda.is_available():
         logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        logs["allocator_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     clock.restart()
     return logs
+
+
+def memory_full_warning(logs, step):
+    """One line when the CUDA allocator has had to free its cache and retry an allocation (`allocator_retries` in
+    the step's logs, counted since the run started): memory is nearly full, and each step that does so runs far
+    slower than one with room, without running out. None otherwise."""
+    retries = logs.get("allocator_retries", 0)
+    if not retries:
+        return None
+    return (
+        f"GPU memory is full at step {step}: the CUDA allocator freed its cache and retried an allocation {retries} "
+        "times so far, which slows every step that does so; lower --train_batch_size or use --gradient_checkpointing"
+    )
 
 
 POWER_EMA_SIGMA_REL = 0.1  # NVIDIA's PowerEMAConfig rate, enabled in its LoRA examples

@@ -6,8 +6,9 @@
 3. writes a synthetic latent cache at the reference clip (61 frames at 256x448 -> latents [16, 16, 32, 56]);
 4. runs `accelerate launch ... train_cosmos_lora.py` for each config for --steps steps and reads its losses.jsonl;
 5. prints a table and writes results.json / results.md: samples/s, latent tokens/s, step time, peak memory per GPU,
-   useful TFLOP/s per GPU, fraction of the measured matmul peak, and the time spent waiting for data. A run that
-   fails is a result too: its `error: ...` line, and out_of_memory when it ran out of GPU memory.
+   the CUDA allocator's retries (above 0: memory was full, and steps ran slower for it), useful TFLOP/s per GPU,
+   fraction of the measured matmul peak, and the time spent waiting for data. A run that fails is a result too: its
+   `error: ...` line, and out_of_memory when it ran out of GPU memory.
 
 `1gpu_compile_cudnn_three_buckets` trains on a cache of three clip shapes (61x256x448, 61x448x256, 93x256x448):
 against `1gpu_compile_cudnn` (one bucket) it gives what bucketing costs under --compile (compile_overhead_s: the
@@ -118,11 +119,12 @@ CONFIGS = {
     "1gpu_memory_93x704x1280_full_gc_compile_cudnn": memory_config(NVIDIA_720P, "full"),
     "1gpu_memory_93x704x1280_selective_gc_compile_cudnn": memory_config(NVIDIA_720P, "selective"),
     "1gpu_memory_93x704x1280_compile_cudnn": memory_config(NVIDIA_720P, "none"),
-    # full checkpointing on the first 22 or 20 of the 28 blocks (12 on a 141 GB card): the others keep their
+    # full checkpointing on the first 22 or 20 of the 28 blocks (12 or 10 on a 141 GB card): the others keep their
     # activations in the memory `full` leaves free
     "1gpu_memory_93x704x1280_full_gc22_compile_cudnn": memory_config(NVIDIA_720P, "full", 22),
     "1gpu_memory_93x704x1280_full_gc20_compile_cudnn": memory_config(NVIDIA_720P, "full", 20),
     "1gpu_memory_93x704x1280_full_gc12_compile_cudnn": memory_config(NVIDIA_720P, "full", 12),
+    "1gpu_memory_93x704x1280_full_gc10_compile_cudnn": memory_config(NVIDIA_720P, "full", 10),
     # Clips between 93x480x832 and it, for the largest clip per mode on an 80 GB and a 141 GB card: NVIDIA's "480"
     # size (768x432) and its 720p 10 fps clip (61 frames)
     "1gpu_memory_93x432x768_compile_cudnn": memory_config((93, 432, 768), "none"),
@@ -346,6 +348,7 @@ def run_config(name, args, model_dir, gpus):
             latent_tokens_per_s=round(samples_per_s * tokens),
             step_time_s=round(sum(r["step_time_s"] for r in measured) / len(measured), 3),
             peak_memory_gib=round(max(r.get("peak_memory_gib", 0) for r in rows), 1),
+            allocator_retries=rows[-1].get("allocator_retries", 0),
             useful_tflops_per_gpu=round(samples_per_s * flops / num_gpus / 1e12, 1),
             data_wait_fraction=round(sum(r["data_wait_fraction"] for r in measured) / len(measured), 4),
             compile_overhead_s=round(sum(max(0.0, r["step_time_s"] - median) for r in rows), 1),
@@ -473,6 +476,7 @@ def write_results(results, args):
         "steady_samples_per_s",
         "compile_overhead_s",
         "peak_memory_gib",
+        "allocator_retries",
         "useful_tflops_per_gpu",
         "data_wait_fraction",
         "export_ok",

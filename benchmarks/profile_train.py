@@ -34,7 +34,8 @@ there), plus each rank's Chrome trace in the workdir. Per step, a summary gives:
 - the largest idle gaps, each with the innermost CPU work running during it (data loading, a host sync, launching);
 - host time spent in Python's garbage collector;
 - the run's own rate before the profiler starts (`unprofiled`): samples/s, step time and peak memory averaged over the
-  warm-up steps after the first two (which compile), from its losses.jsonl, since the profiler lengthens a step.
+  warm-up steps after the first two (which compile), from its losses.jsonl, since the profiler lengthens a step, and
+  the allocator's retries by then (above 0: memory was full, and the steps ran slower for it).
 The widths that sort the GEMMs (LoRA rank, adapter bottleneck, AdaLN width, hidden size) come from the run's own
 resolved flags (its --recipe) and its transformer config, and are written into the summary (`matmul_widths`).
 
@@ -463,6 +464,7 @@ def unprofiled_rate(loss_log, warmup):
         "samples_per_s": round(float(np.mean([row["samples_per_s"] for row in steady])), 3),
         "step_time_s": round(float(np.mean([row["step_time_s"] for row in steady])), 4),
         "peak_memory_gib": round(max(row.get("peak_memory_gib", 0.0) for row in steady), 1),
+        "allocator_retries": steady[-1].get("allocator_retries", 0),
     }
 
 

@@ -1,8 +1,11 @@
 """Speed options: --fp8 (which linears become torchao Float8Linear; a short run whose export matches a plain run's;
-sampling in FP8 close to, but not equal to, bf16) and DataLoader workers that live across epochs.
+sampling in FP8 close to, but not equal to, bf16), DataLoader workers that live across epochs, and the warning when
+GPU memory is so full that steps slow down.
 
 On the CPU torchao emulates the FP8 casts, so the numbers move as FP8 moves them; the GPU speed and the loss
 curves are in benchmarks/bench_train.py (configs *_fp8) and benchmarks/RESULTS.md."""
+
+import logging
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from safetensors.torch import load_file
 
 import sample
 import train_cosmos_lora as train
-from conftest import ALL_LINEAR, losses, sample_args, train_args
+from conftest import ALL_LINEAR, loss_rows, losses, sample_args, train_args
 from cosmos_adapters import ADAPTER_WEIGHTS, LORA_WEIGHTS
 from cosmos_families import detect_family
 from cosmos_speed import convert_frozen_linears_to_fp8
@@ -53,6 +56,30 @@ def test_an_fp8_run_trains_and_exports_what_a_plain_run_exports(tiny_model, late
         plain_weights, fp8_weights = load_file(plain / name), load_file(fp8 / name)
         assert {k: v.shape for k, v in fp8_weights.items()} == {k: v.shape for k, v in plain_weights.items()}
         assert all(v.dtype == plain_weights[k].dtype for k, v in fp8_weights.items())
+
+
+def test_a_full_gpu_memory_is_named_once_with_its_step(tiny_model, latent_cache, tmp_path, monkeypatch, caplog):
+    """Memory that is nearly full makes the allocator free its cache and retry, which slows steps without stopping
+    the run: the run says so once, at the first step that counts a retry, and logs the count every step."""
+    assert train.memory_full_warning({"loss": 0.1}, 1) is None  # a CPU run counts no retries
+    measured = train.step_logs
+
+    def steps_logged():
+        log = tmp_path / "losses.jsonl"
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    def retries_from_step_two(loss, *args):
+        logs = measured(loss, *args)
+        logs["allocator_retries"] = 3 if steps_logged() >= 1 else 0  # as torch.cuda.memory_stats() counts them
+        return logs
+
+    monkeypatch.setattr(train, "step_logs", retries_from_step_two)
+    with caplog.at_level(logging.WARNING):
+        assert train.main(train_args(tiny_model, latent_cache, tmp_path, "--max_train_steps", 4)) == 0
+    warnings = [r.getMessage() for r in caplog.records if "GPU memory is full" in r.getMessage()]
+    assert len(warnings) == 1 and "GPU memory is full at step 2:" in warnings[0]
+    assert "retried an allocation 3 times" in warnings[0]
+    assert [row["allocator_retries"] for row in loss_rows(tmp_path)] == [0, 3, 3, 3]
 
 
 def test_dataloader_workers_live_across_epochs(tiny_model, latent_cache, tmp_path):
