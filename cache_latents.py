@@ -378,7 +378,8 @@ class LoopClock:
 
     start: float
     data_wait: float = 0.0
-    first_batch: float = 0.0
+    first_batch: float = 0.0  # seconds from the start until the first batch was encoded
+    first_batch_clips: int = 0
 
     def items(self, loader):
         """The loader's items, adding the time the loop waits for each to data_wait."""
@@ -506,7 +507,8 @@ def cache_videos(args, layout, captions, accelerator):
         with stage(f"encoding {len(batch)} clips of {batch[0]['key']}"):
             hashes = [text_cache.ensure(item["caption"]) for item in batch]
             latents = encode_clips(encode, [item["frames"] for item in batch], vae.config)
-        clock.first_batch = clock.first_batch or time.time() - start
+        if not clock.first_batch:
+            clock.first_batch, clock.first_batch_clips = time.time() - start, len(batch)
         pending.append(writer.submit(write_clips, list(batch), latents, hashes, shard_dir, config))
         while len(pending) > 2:
             wait_for_write(pending.popleft())
@@ -549,6 +551,8 @@ def cache_videos(args, layout, captions, accelerator):
     seconds = time.time() - start
     result = {"written": written, "skipped": skipped, "failures": failures, "seconds": seconds}
     result.update(first_batch=clock.first_batch, data_wait_share=clock.data_wait_share())
+    if written > clock.first_batch_clips:  # the rate once started and compiled
+        result["rate_after_first_batch"] = (written - clock.first_batch_clips) / (seconds - clock.first_batch)
     result.update(workers_cpu=children_cpu_seconds() - workers_cpu, vae_encode=encode.mode, compile=encode.compiled)
 
     result.update(keys=keys_captioned, clips_captioned=clips_captioned)
@@ -565,6 +569,8 @@ def cache_videos(args, layout, captions, accelerator):
         # Start-up and compilation fall in the first batch; the share of time the loop waited for decoded clips (the
         # GPU idles then) is the slowest process's; the decode workers' CPU seconds are summed over processes.
         report["first_batch_seconds"] = round(max(r["first_batch"] for r in results), 2)
+        if all("rate_after_first_batch" in r for r in results):
+            report["clips_per_second_after_first_batch"] = round(sum(r["rate_after_first_batch"] for r in results), 3)
         report["data_wait_share"] = round(max(r["data_wait_share"] for r in results), 4)
         report["decode_workers_cpu_seconds"] = round(sum(r["workers_cpu"] for r in results), 2)
         report["vae_encode"] = results[0]["vae_encode"]
@@ -577,8 +583,8 @@ def cache_videos(args, layout, captions, accelerator):
         info = write_cache_info(args.output_dir, config)
         print(
             f"shard {args.shard_index}/{args.num_shards}: wrote {report['written']} clips in {report['seconds']} s "
-            f"({report['clips_per_second']} clips/s, {report['data_wait_share']:.0%} of the time waiting for decoded "
-            f"clips), "
+            f"({report['clips_per_second']} clips/s, {report.get('clips_per_second_after_first_batch', '-')} after "
+            f"the first batch, {report['data_wait_share']:.0%} of the time waiting for decoded clips), "
             f"{report['already_cached']} already cached, {len(report['failures'])} videos skipped; "
             f"cache holds {info['num_clips']} clips ("
             + ", ".join(f"{n} {name}" for name, n in info["clips_per_bucket"].items())

@@ -315,17 +315,13 @@ def script_caching(model, video_dir, out_dir, num_workers, extra=()):
     with open(os.path.join(out_dir, "shard_00000", "report.json")) as f:
         report = json.load(f)
     stats = cache_latents.verify_cache(out_dir)[0]
-    batch = 8  # cache_latents.py's default --batch_size
-    steady = None  # too few clips to tell
-    if report["written"] > batch:
-        steady = round((report["written"] - batch) / (report["seconds"] - report["first_batch_seconds"]), 3)
     return {
         "command": " ".join(command[1:]),
         "vae_encode": report["vae_encode"],
         "compile_vae": report["compile_vae"],
         "clips": report["written"],
         "clips_per_s": report["clips_per_second"],
-        "clips_per_s_after_first_batch": steady,
+        "clips_per_s_after_first_batch": report.get("clips_per_second_after_first_batch"),  # None: too few clips
         "first_batch_s": report["first_batch_seconds"],
         "data_wait_share": report["data_wait_share"],
         "decode_worker_cores": round(report["decode_workers_cpu_seconds"] / report["seconds"], 2),

@@ -323,6 +323,10 @@ def test_whole_clip_encode_gives_the_chunked_cache(tiny_model, clips, folder_cac
     run = cache_report(tmp_path)
     assert (run["written"], run["vae_encode"], run["compile_vae"]) == (6, "whole", False)
     assert 0 < run["data_wait_share"] < 1 and 0 < run["first_batch_seconds"] < run["seconds"]
+    # The rate once started counts the clips after the first batch of 4 over the time after it (both times are
+    # rounded to 0.01 s in the report).
+    after = run["seconds"] - run["first_batch_seconds"]
+    assert (6 - 4) / (after + 0.011) <= run["clips_per_second_after_first_batch"] <= (6 - 4) / max(after - 0.011, 1e-3)
     for whole, chunked in latents_beside(tmp_path, folder_cache):
         # The same computation in float32: at most one bfloat16 rounding step apart, nearly all values identical.
         torch.testing.assert_close(whole, chunked, rtol=2**-7, atol=1e-5)
