@@ -62,15 +62,12 @@ def test_a_full_gpu_memory_is_named_once_with_its_step(tiny_model, latent_cache,
     """Memory that is nearly full makes the allocator free its cache and retry, which slows steps without stopping
     the run: the run says so once, at the first step that counts a retry, and logs the count every step."""
     assert train.memory_full_warning({"loss": 0.1}, 1) is None  # a CPU run counts no retries
-    measured = train.step_logs
-
-    def steps_logged():
-        log = tmp_path / "losses.jsonl"
-        return len(log.read_text().splitlines()) if log.exists() else 0
+    measured, steps = train.step_logs, []
 
     def retries_from_step_two(loss, *args):
+        steps.append(loss)
         logs = measured(loss, *args)
-        logs["allocator_retries"] = 3 if steps_logged() >= 1 else 0  # as torch.cuda.memory_stats() counts them
+        logs["allocator_retries"] = 3 if len(steps) >= 2 else 0  # as torch.cuda.memory_stats() counts them
         return logs
 
     monkeypatch.setattr(train, "step_logs", retries_from_step_two)
