@@ -293,7 +293,7 @@ def parse_args(argv=None):
         default=None,
         help="How many transformer blocks --gradient_checkpointing wraps, counted from the first. The others keep "
         "every activation: that fills the memory a mode leaves free, and each block left out skips its "
-        "recomputation (docs/training.md: about 6 GiB a block at 93x704x1280, batch 1). Unset: every "
+        "recomputation (docs/training.md: 5.2 GiB a block at 93x704x1280, batch 1). Unset: every "
         "block.",
     )
     speed.add_argument(
