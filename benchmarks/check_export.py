@@ -104,7 +104,9 @@ def wait_for_export(output_dir, timeout=600):
 
 
 def probe(train_argv, report_path):
-    """Run train_cosmos_lora.main and then compare this rank's final parameters with the export."""
+    """Run train_cosmos_lora.main and then compare this rank's final parameters with the export. The __main__ block
+    runs it through run_main, so a failed run prints its error line and exits instead of waiting on its DataLoader
+    workers."""
     captured = {}
     trainable_state_dict = cosmos_run.trainable_state_dict
 
@@ -138,9 +140,8 @@ def run_mode(args, model, cache, mode):
     log_path = os.path.join(args.out, f"export_check_{mode}.log")
     with open(log_path, "w") as log:  # the run is killed with its launcher if this check is stopped
         code = bench_train.run_logged(command, None, log, None)
-    if code:
-        with open(log_path, errors="replace") as log:
-            return {"error": log.read()[-1500:]}
+    if code:  # the run's error line; its whole output stays in log_path
+        return {"exit": code, "error": bench_train.failure_line(log_path), "log": log_path}
     ranks = [
         json.load(open(os.path.join(output, name)))
         for name in sorted(os.listdir(output))
@@ -170,6 +171,6 @@ def main(args):
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--probe":  # one rank of a launched run
-        probe(sys.argv[3:], sys.argv[2])
+        run_main(lambda train_argv: probe(train_argv, sys.argv[2]), lambda: sys.argv[3:])
     else:
         run_main(main, parse_args)

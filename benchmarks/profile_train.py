@@ -5,7 +5,9 @@ For each accelerate config (and each --recipes entry), runs train_cosmos_lora.py
 reference-clip cache, profiles --profile_steps optimizer steps after --warmup steps with torch.profiler (shapes
 recorded) on every rank, and writes profile_<config>[_<recipe>].json (one summary per rank) and the run's log,
 profile_<config>[_<recipe>].log, to --out (the log as the run goes, so a run that fails or is stopped leaves it
-there), plus each rank's Chrome trace in the workdir. Per step, a summary gives:
+there), plus each rank's Chrome trace in the workdir. A run that fails is a result too: its summary holds the exit
+code, the run's `error: ...` line and out_of_memory (true when it ran out of GPU memory), and the next run goes on.
+Per step, a summary gives:
 - wall time, and kernel time by category, in ms and as a share of GPU-busy time (kernels of two streams that overlap
   both count, so shares can sum past 1):
     attention            attention kernels (cuDNN, flash, fmha) by name;
@@ -352,7 +354,9 @@ def matmul_widths(args):
 
 
 def probe(report_path, warmup, steps, train_argv):
-    """Run the training script's main() and profile optimizer steps warmup+1 .. warmup+steps on this rank."""
+    """Run the training script's main() and profile optimizer steps warmup+1 .. warmup+steps on this rank. It runs
+    through run_main, as the script's own entry point does, so a failed run (out of memory, a NaN) prints its
+    error line and exits instead of waiting on its DataLoader workers."""
     import importlib.util
 
     script = train_argv.pop(0)
@@ -401,7 +405,7 @@ def probe(report_path, warmup, steps, train_argv):
         return logs
 
     module.step_logs = step_logs_with_profiler
-    assert module.main(train_args) == 0
+    run_main(module.main, lambda: train_args)
 
 
 def run_name(config_file, recipe):
@@ -434,14 +438,13 @@ def profile_config(args, model, cache, config_file, recipe):
     log_path = os.path.join(args.out, f"profile_{run_name(config_file, recipe)}.log")  # kept if this is stopped
     with open(log_path, "w") as log:
         code = bench_train.run_logged(command, None, log, timeout=None)  # killed with this process if it is stopped
-    if code:
-        with open(log_path, errors="replace") as log:
-            return {"error": log.read()[-3000:]}
+    run = {"config_file": config_file, "recipe": recipe, "batch_size": args.batch_size, "train_args": args.train_args}
+    if code:  # a failed run is a result: its error line (out of memory, say); the whole output stays in log_path
+        error = bench_train.failure_line(log_path)
+        out_of_memory = error is not None and "out of memory" in error.lower()
+        return {**run, "exit": code, "error": error, "out_of_memory": out_of_memory, "log": log_path}
     return {
-        "config_file": config_file,
-        "recipe": recipe,
-        "batch_size": args.batch_size,
-        "train_args": args.train_args,
+        **run,
         "unprofiled": unprofiled_rate(os.path.join(output, "losses.jsonl"), args.warmup),
         "ranks": [
             json.load(open(os.path.join(output, f)))

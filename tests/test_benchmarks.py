@@ -336,6 +336,35 @@ def test_profile_train_profiles_a_recipe_at_a_batch_size_on_the_cpu(tiny_model, 
     assert any(e["name"].startswith(profile_train.OPTIMIZER_ANNOTATION) for e in events)
 
 
+def test_a_profiled_run_that_fails_ends_with_its_error_line_as_a_result(tiny_model, tmp_path):
+    """A profiled run stopped by a NaN loss, with the training script's default DataLoader workers, exits (it once
+    waited on its workers forever) and is recorded by its error line; the benchmark goes on and exits 0."""
+    run = run_script(
+        "benchmarks/profile_train.py", "--workdir", tmp_path / "work", "--out", tmp_path / "out",
+        "--model", tiny_model, "--configs", "cpu.yaml", "--recipes", "nvidia", "--batch_size", 1,
+        "--warmup", 3, "--profile_steps", 1, "--train_args", "--learning_rate", "1e12", timeout=150,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "profile_cpu_nvidia.json").read_text())
+    assert result["exit"] == 1 and result["out_of_memory"] is False
+    assert result["error"] == "error: loss is nan at step 2; stopping before the update (last checkpoint: none)"
+    assert result["log"] == str(tmp_path / "out" / "profile_cpu_nvidia.log")
+
+
+def test_an_export_check_whose_run_fails_ends_with_its_error_line(tiny_model, tmp_path):
+    """The same for benchmarks/check_export.py's per-rank probe: the failed run exits and its error line is the
+    mode's result."""
+    run = run_script(
+        "benchmarks/check_export.py", "--workdir", tmp_path / "work", "--out", tmp_path / "out",
+        "--model", tiny_model, "--config_file", os.path.join(REPO, "accelerate_configs", "cpu.yaml"),
+        "--modes", "none", "--train_args", "--learning_rate", "1e12", timeout=150,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "export_check.json").read_text())["none"]
+    assert result["exit"] == 1 and result["log"] == str(tmp_path / "out" / "export_check_none.log")
+    assert result["error"] == "error: loss is nan at step 2; stopping before the update (last checkpoint: none)"
+
+
 def test_profile_train_refuses_a_missing_model_before_any_work(tmp_path):
     run = run_script(
         "benchmarks/profile_train.py", "--workdir", tmp_path, "--out", tmp_path / "out", "--model", tmp_path / "none",
