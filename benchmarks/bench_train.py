@@ -326,8 +326,7 @@ def run_config(name, args, model_dir, gpus):
         "wall_s": round(time.time() - start, 1),
     }
     if code != 0:
-        error = failure_line(log_path)
-        result.update(error=error, out_of_memory=error is not None and "out of memory" in error.lower())
+        result.update(run_failure(log_path))
     rows = []
     if os.path.isfile(os.path.join(output, "losses.jsonl")):
         rows = [json.loads(line) for line in open(os.path.join(output, "losses.jsonl"))]
@@ -419,6 +418,12 @@ def failure_line(log_path):
     with open(log_path, errors="replace") as log:
         lines = [line.strip() for line in log if line.startswith("error: ")]
     return lines[-1] if lines else None
+
+
+def run_failure(log_path):
+    """A failed run as a result: its error line, and whether it ran out of GPU memory."""
+    error = failure_line(log_path)
+    return {"error": error, "out_of_memory": error is not None and "out of memory" in error.lower()}
 
 
 def loss_window_means(rows):

@@ -440,9 +440,7 @@ def profile_config(args, model, cache, config_file, recipe):
         code = bench_train.run_logged(command, None, log, timeout=None)  # killed with this process if it is stopped
     run = {"config_file": config_file, "recipe": recipe, "batch_size": args.batch_size, "train_args": args.train_args}
     if code:  # a failed run is a result: its error line (out of memory, say); the whole output stays in log_path
-        error = bench_train.failure_line(log_path)
-        out_of_memory = error is not None and "out of memory" in error.lower()
-        return {**run, "exit": code, "error": error, "out_of_memory": out_of_memory, "log": log_path}
+        return {**run, "exit": code, **bench_train.run_failure(log_path), "log": log_path}
     return {
         **run,
         "unprofiled": unprofiled_rate(os.path.join(output, "losses.jsonl"), args.warmup),
