@@ -20,10 +20,11 @@ KEY_COLUMNS = ("__key__", "key", "id", "video_id", "uid")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the module docstring's layout and appends each flag's default to its help (not to `--no_X` aliases)."""
+    """Keeps the module docstring's layout and appends each flag's default to its help (not to `--no_X` aliases,
+    nor to required flags, which have none)."""
 
     def _get_help_string(self, action):
-        if isinstance(action, argparse._StoreFalseAction):
+        if isinstance(action, argparse._StoreFalseAction) or action.required:
             return action.help
         return super()._get_help_string(action)
 

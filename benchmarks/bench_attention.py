@@ -18,9 +18,13 @@ import argparse
 import functools
 import json
 import os
+import sys
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cosmos_cli import HelpFormatter  # noqa: E402
 
 SHAPES = {"61x256x448": 7168, "93x432x768": 31104, "93x480x832": 37440}
 BACKENDS = {
@@ -87,12 +91,15 @@ ALIGNMENTS = {
 }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="Where attention_results.json goes.")
     parser.add_argument("--repeats", type=int, default=10, help="Timed calls per backend and shape.")
     parser.add_argument("--tokens", type=int, nargs="*", default=[], help="Token counts to time besides the clips'.")
-    cli = parser.parse_args()
+    return parser.parse_args()
+
+
+def main(cli):
     batch, heads, head_dim = 2, 16, 128
     results = {"device": torch.cuda.get_device_name(0), "batch": batch, "heads": heads, "head_dim": head_dim}
     sage = sage_attention()
@@ -131,4 +138,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

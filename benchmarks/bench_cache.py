@@ -53,6 +53,7 @@ from bench_vae_encode import DEVICE, DTYPE, first_call_and_rate, profile_encode,
 import cache_latents
 import cosmos_vae
 import make_synthetic_clips
+from cosmos_cli import HelpFormatter
 from cosmos_process import run_main
 from cosmos_video import frames_to_vae_input
 
@@ -60,7 +61,7 @@ STAGES = ["decode", "naive", "chunked", "vae_only", "default", "vae_decode", "te
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--workdir", required=True, help="Scratch folder: model, videos and caches go here.")
     parser.add_argument("--out", required=True, help="Folder for cache_results.json.")
     parser.add_argument(

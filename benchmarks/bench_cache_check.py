@@ -20,10 +20,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from cosmos_cache import CACHE_INFO, MANIFEST, clip_file_name, list_cached_clips, missing_clip_files  # noqa: E402
+from cosmos_cli import HelpFormatter
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--workdir", required=True, help="Where the synthetic cache goes (deleted at the end).")
     parser.add_argument("--num_clips", type=int, default=1_000_000, help="Manifest rows (and empty clip files).")
     parser.add_argument("--num_shards", type=int, default=100, help="Shard folders the rows are spread over.")

@@ -25,13 +25,14 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cosmos_cache import clip_file_name, list_cached_clips, rebuild_manifest
+from cosmos_cli import HelpFormatter
 
 CLIPS_PER_SHARD = 1000
 FULL_DATASET_CLIPS = 47_000_000  # Egocentric-100K at the reference clip
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--workdir",
         default="/tmp/bench_cache_read",

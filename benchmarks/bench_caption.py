@@ -37,6 +37,7 @@ from bench_decode import one_torch_thread  # noqa: E402
 import caption_clips  # noqa: E402
 import make_random_cosmos  # noqa: E402
 from caption_clips import DEFAULT_INSTRUCTION, Captioner, CaptionInputs  # noqa: E402
+from cosmos_cli import HelpFormatter
 
 VARIANTS = ["per_window", "one_call", "one_call_static"]
 
@@ -82,7 +83,7 @@ TINY = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--size", choices=["7b", "tiny"], default="7b", help="Qwen2.5-VL-7B, or a tiny CPU model.")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128], help="Clips per call.")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="Caption length (every caption runs to it).")

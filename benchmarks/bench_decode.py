@@ -47,6 +47,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import make_synthetic_clips  # noqa: E402
+from cosmos_cli import HelpFormatter
 from cosmos_process import file_written_whole, run_main
 from cosmos_video import Bucket, decode_frames, fit_frames, open_video, plan_bucket_clips, probe_video
 
@@ -57,19 +58,18 @@ CLIP_FPS = 8.0
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="Folder for decode_results.json (created if missing).")
     parser.add_argument(
-        "--seconds", type=float, default=30.0, help="Length of the synthetic video (default 30: 3 reference clips)."
+        "--seconds", type=float, default=30.0, help="Seconds of synthetic video (30 holds 3 reference clips)."
     )
     parser.add_argument(
-        "--repeats", type=int, default=3, help="Timed passes over the video's clips for each clip path (default 3)."
+        "--repeats", type=int, default=3, help="Timed passes over the video's clips for each clip path."
     )
     parser.add_argument(
         "--gpu_decode",
         action="store_true",
-        help="Also decode the clips on the GPU with PyNvVideoCodec (NVDEC) and compare them with the CPU path's "
-        "(default off).",
+        help="Also decode the clips on the GPU with PyNvVideoCodec (NVDEC) and compare them with the CPU path's.",
     )
     args = parser.parse_args(argv)
     if args.repeats < 1:

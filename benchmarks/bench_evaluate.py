@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tools")]
 import make_synthetic_clips  # noqa: E402
 from cosmos_adapters import lora_config, save_finetuned_weights  # noqa: E402
+from cosmos_cli import HelpFormatter
 from cosmos_families import detect_family, load_component  # noqa: E402
 
 
@@ -106,8 +107,8 @@ def report(row, cli):
         f.write(line + "\n")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--model", required=True, help="A Predict2 diffusers checkpoint (tools/make_random_cosmos.py)."
     )
@@ -124,7 +125,10 @@ def main():
     parser.add_argument(
         "--metrics", choices=["default", "all"], default="default", help="evaluate.py's default metrics, or all four."
     )
-    cli = parser.parse_args()
+    return parser.parse_args()
+
+
+def main(cli):
     os.makedirs(cli.out, exist_ok=True)
     videos, fine_tune = write_videos(cli), write_fine_tune(cli)
     flags = common_flags(cli)
@@ -168,4 +172,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cosmos_metrics  # noqa: E402
 import sample  # noqa: E402
+from cosmos_cli import HelpFormatter
 
 PROMPT = "An egocentric video of a worker's hands assembling parts at a factory bench."
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -279,8 +280,8 @@ def sample_args(cli, image_path):
     )
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="2B diffusers checkpoint (tools/make_random_cosmos.py).")
     parser.add_argument("--out", required=True, help="Where sample_results_FxHxW.json goes.")
     parser.add_argument("--repeats", type=int, default=2, help="Timed runs per variant.")
@@ -304,7 +305,7 @@ def main():
         "--full_videos",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Time whole videos (default). --no-full_videos, for clips where one takes minutes, needs --no-pipeline: "
+        help="Time whole videos. --no-full_videos, for clips where one takes minutes, needs --no-pipeline: "
         "each variant's seconds per video is computed, as s_per_video_computed, from a decoded 2-step and 6-step "
         "run: the 2-step run plus the extra model calls of a whole video at the measured time per call.",
     )
@@ -312,8 +313,8 @@ def main():
         "--profile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Profile the denoising of the default and the last variant by kernel category (default; a 5-step and a "
-        "1-step run each).",
+        help="Profile the denoising of the default and the last variant by kernel category (a 5-step and a 1-step "
+        "run each).",
     )
     parser.add_argument(
         "--variants",
@@ -327,6 +328,10 @@ def main():
     cli = parser.parse_args()
     if cli.pipeline and not cli.full_videos:
         parser.error("--no-full_videos times no whole video, so it needs --no-pipeline")
+    return cli
+
+
+def main(cli):
     from cosmos_families import detect_family
 
     family = detect_family(cli.model)
@@ -503,4 +508,4 @@ LEVERS = {"fp8": fp8_linears, "cuda_graph": replay_cuda_graph, "step_syncs": put
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

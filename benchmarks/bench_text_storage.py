@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cosmos_cache import bf16_bits, read_text_embeds, write_text_embeds
-from cosmos_cli import check_pretrained_model
+from cosmos_cli import HelpFormatter, check_pretrained_model
 from cosmos_families import (
     QWEN_SYSTEM_PROMPT,
     detect_family,
@@ -84,7 +84,7 @@ CAPTIONS = [
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--pretrained_model_name_or_path", required=True, help="Hub id or local diffusers folder of either family."
     )

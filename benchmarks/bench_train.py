@@ -45,6 +45,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
+from cosmos_cli import HelpFormatter
 from cosmos_process import run_main  # noqa: E402
 
 # name: (GPUs, accelerate config, extra launcher flags, extra train flags, (frames, height, width) or a tuple of
@@ -135,12 +136,10 @@ LOSS_WINDOW = 20  # steps per mean in loss_window_means (runs of at least two wi
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--workdir", required=True, help="Where the checkpoint, caches and runs go.")
     parser.add_argument("--out", required=True, help="Where results.json and results.md go.")
-    parser.add_argument(
-        "--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="Configs to run (default: all)."
-    )
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="Configs to run.")
     parser.add_argument(
         "--family", choices=["predict2", "predict2.5"], default="predict2", help="Which random 2B model to train."
     )

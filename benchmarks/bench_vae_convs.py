@@ -37,10 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_vae_encode import DEVICE, DTYPE, add_clip_arguments, child_result, clip_flags, synchronize  # noqa: E402
 
 import cosmos_vae  # noqa: E402
+from cosmos_cli import HelpFormatter
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="Folder for vae_convs_results.json.")
     add_clip_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=4, help="Clips per convolution call.")

@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train import matmul_peak_tflops  # noqa: E402
 
 import cosmos_vae  # noqa: E402
+from cosmos_cli import HelpFormatter
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU only to try a script on tiny settings
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # bf16 convolutions crawl on CPU
@@ -57,7 +58,7 @@ VARIANTS = ["input_cl", "all_cl", "all_cl_eager", "all_cl_tuned"]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="Folder for vae_encode_results.json.")
     add_clip_arguments(parser)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[2, 4, 8], help="Clips per compiled call.")

@@ -27,6 +27,7 @@ import bench_train  # noqa: E402
 import cosmos_run  # noqa: E402
 import train_cosmos_lora as train  # noqa: E402
 from cosmos_adapters import ADAPTER_WEIGHTS, LORA_WEIGHTS, read_exported_weights
+from cosmos_cli import HelpFormatter
 from cosmos_process import run_main
 
 REPO = bench_train.REPO
@@ -34,7 +35,7 @@ WRAPPER_PREFIXES = re.compile(r"(^module\.)|(_checkpoint_wrapped_module\.)|(_ori
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--workdir", required=True, help="Where the model, cache and runs go.")
     parser.add_argument("--out", required=True, help="Where export_check.json goes.")
     parser.add_argument("--model", default=None, help="Checkpoint to train. Default: build the random 2B one.")

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_train  # noqa: E402
 
+from cosmos_cli import HelpFormatter
 from cosmos_process import run_main  # noqa: E402
 
 REPO = bench_train.REPO
@@ -55,7 +56,7 @@ def weight_difference(run, other):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--workdir", required=True, help="Where the checkpoint, cache and runs go.")
     parser.add_argument("--out", required=True, help="Where fsdp_resume.json and the log go.")
     return parser.parse_args()

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_sample  # noqa: E402
 
 import sample  # noqa: E402
+from cosmos_cli import HelpFormatter
 from cosmos_families import detect_family  # noqa: E402
 
 
@@ -52,15 +53,18 @@ def syncs_per_step(generate, steps):
     return {"syncs": round(sum(lines.values()), 2), "lines": lines}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="Diffusers checkpoint of either family.")
     parser.add_argument("--out", required=True, help="Where host_syncs_<family>.json goes.")
     parser.add_argument("--steps", type=int, default=4, help="Sampling steps of the counted generation.")
     parser.add_argument("--num_frames", type=int, default=61, help="Frames per video.")
     parser.add_argument("--height", type=int, default=256, help="Video height.")
     parser.add_argument("--width", type=int, default=448, help="Video width.")
-    cli = parser.parse_args()
+    return parser.parse_args()
+
+
+def main(cli):
     os.makedirs(cli.out, exist_ok=True)
     args = bench_sample.sample_args(cli, bench_sample.write_condition_image(cli))
     family = detect_family(args.pretrained_model_name_or_path, args.revision)
@@ -84,4 +88,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

@@ -64,6 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_train  # noqa: E402
 
+from cosmos_cli import HelpFormatter
 from cosmos_process import file_written_whole, run_main, stage  # noqa: E402
 
 CATEGORIES = [
@@ -197,7 +198,7 @@ def kernel_launches(events):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--workdir", required=True, help="Where the model, cache, runs and traces go.")
     parser.add_argument("--out", required=True, help="Where profile_<config>[_<recipe>].json go.")
     parser.add_argument(
@@ -210,32 +211,30 @@ def parse_args():
         "--configs",
         nargs="+",
         default=["single_gpu.yaml", "fsdp3.yaml"],
-        help="Files in accelerate_configs/ to profile, one run each (default: %(default)s).",
+        help="Files in accelerate_configs/ to profile, one run each.",
     )
     parser.add_argument(
         "--recipes",
         nargs="+",
         choices=["default", "nvidia"],
         default=None,
-        help="Profile one run per config and recipe, passing --recipe NAME to the training script (default: one "
-        "run per config, with the recipe --train_args give, else the script's default).",
+        help="Profile one run per config and recipe, passing --recipe NAME to the training script. Default: one "
+        "run per config, with the recipe --train_args give, else the script's default.",
     )
-    parser.add_argument("--batch_size", type=int, default=2, help="--train_batch_size per GPU (default: 2).")
-    parser.add_argument(
-        "--warmup", type=int, default=8, help="Optimizer steps before profiling (compile, autotune; default: 8)."
-    )
-    parser.add_argument("--profile_steps", type=int, default=4, help="Optimizer steps to profile (default: 4).")
+    parser.add_argument("--batch_size", type=int, default=2, help="--train_batch_size per GPU.")
+    parser.add_argument("--warmup", type=int, default=8, help="Optimizer steps before profiling (compile, autotune).")
+    parser.add_argument("--profile_steps", type=int, default=4, help="Optimizer steps to profile.")
     parser.add_argument(
         "--script",
         default=os.path.join(bench_train.REPO, "train_cosmos_lora.py"),
-        help="Training script to profile (a copy being tuned, say; default: the repository's train_cosmos_lora.py).",
+        help="Training script to profile (a copy being tuned, say).",
     )
     parser.add_argument(
         "--train_args",
         nargs=argparse.REMAINDER,
         default=bench_train.FAST,
         help="Training-script flags, e.g. --compile --attention_backend _native_cudnn --fp8 (last on the command "
-        "line; default: %(default)s).",
+        "line).",
     )
     return parser.parse_args()
 

@@ -26,6 +26,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import cosmos_vae  # noqa: E402
 import make_random_cosmos  # noqa: E402
+from cosmos_cli import HelpFormatter
 from cosmos_process import file_written_whole, run_main  # noqa: E402
 from cosmos_video import parse_bucket  # noqa: E402
 
@@ -34,22 +35,20 @@ PASSES = {"encode": cosmos_vae.encode_whole_clip, "decode": cosmos_vae.decode_wh
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="Where vae_memory.json goes.")
     parser.add_argument(
         "--sizes",
         nargs="+",
         default=["61x256x448", "93x480x832", "93x704x1280"],
-        help="Clips as FRAMESxHEIGHTxWIDTH, checked as cache_latents.py's --buckets are (default: %(default)s).",
+        help="Clips as FRAMESxHEIGHTxWIDTH, checked as cache_latents.py's --buckets are.",
     )
-    parser.add_argument(
-        "--vae", choices=sorted(make_random_cosmos.VAE_CONFIGS), default="2b", help="VAE config (default: 2b)."
-    )
+    parser.add_argument("--vae", choices=sorted(make_random_cosmos.VAE_CONFIGS), default="2b", help="VAE config.")
     parser.add_argument(
         "--measure",
         action="store_true",
         help="On a GPU, also run the real eager encode and decode (random weights) and report their peak memory "
-        "(default: count only).",
+        "(without it: the count only).",
     )
     return parser.parse_args()
 

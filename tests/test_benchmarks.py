@@ -5,6 +5,7 @@ GPU decode probe reporting that GPU decode is unavailable, and profile_train.py'
 step (a synthetic GPU trace; the real script on the CPU)."""
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -463,3 +464,45 @@ def test_benchmarks_refuse_bad_input_in_one_line_before_any_work(tmp_path, scrip
                      env={"CUDA_VISIBLE_DEVICES": ""}, timeout=90)  # fmt: skip
     assert error_line(run) == message
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+class Captured(Exception):
+    pass
+
+
+SCRIPTS_WITH_FLAGS = sorted(
+    os.path.relpath(os.path.join(folder, name), REPO)
+    for folder in (os.path.join(REPO, "benchmarks"), os.path.join(REPO, "tools"))
+    for name in os.listdir(folder)
+    if name.endswith(".py")
+)
+
+
+@pytest.mark.parametrize("path", SCRIPTS_WITH_FLAGS)
+def test_every_benchmark_and_tool_shows_each_flags_default_in_its_help(path, monkeypatch):
+    """Each optional flag's help entry ends with the default a command line without it gets."""
+    module = importlib.import_module(os.path.basename(path)[: -len(".py")])
+    parsers = []
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        raise Captured
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line of help per flag
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(Captured):
+        module.parse_args()
+    parser = parsers[-1]
+    entries, current = {}, None  # first option string -> its help entry
+    for line in parser.format_help().splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif line.startswith("   ") and current:
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    optional = [a for a in parser._actions if a.option_strings and not a.required and argparse.SUPPRESS not in
+                (a.default, a.help) and not isinstance(a, argparse._StoreFalseAction)]  # fmt: skip
+    for action in optional:
+        assert f"(default: {action.default})" in entries[action.option_strings[0]], (path, action.option_strings)

@@ -13,6 +13,7 @@ few sentences (Predict2.5: a byte-level BPE with a Qwen-style chat template).
 import argparse
 import json
 import os
+import sys
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -24,6 +25,9 @@ from transformers import (
     T5EncoderModel,
     T5TokenizerFast,
 )
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cosmos_cli import HelpFormatter  # noqa: E402
 
 # `2b` is the transformer of Cosmos-Predict2-2B-Video2World (diffusers' convert_cosmos_to_diffusers.py).
 # `tiny` keeps its hidden size (96) above a 2x2 patch's 64 latent values, so it can learn to denoise one clip exactly.
@@ -112,7 +116,7 @@ TOKENIZER_CORPUS = [
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--family",
         choices=["predict2", "predict2.5"],
