@@ -139,7 +139,14 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--workdir", required=True, help="Where the checkpoint, caches and runs go.")
     parser.add_argument("--out", required=True, help="Where results.json and results.md go.")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="Configs to run.")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        choices=list(CONFIGS),
+        metavar="CONFIG",
+        help=f"Configs to run, of: {', '.join(CONFIGS)}. Default: all of them.",
+    )
     parser.add_argument(
         "--family", choices=["predict2", "predict2.5"], default="predict2", help="Which random 2B model to train."
     )
@@ -151,7 +158,9 @@ def parse_args():
         default=os.path.join(REPO, "train_cosmos_lora.py"),
         help="Training script to run (a copy being tuned, say).",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.configs = args.configs or list(CONFIGS)
+    return args
 
 
 def matmul_peak_tflops(size=8192, repeats=20):
