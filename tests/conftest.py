@@ -85,6 +85,20 @@ def error_line(result):
     return lines[-1]
 
 
+def help_entries(help_text):
+    """A script's --help text as {first option string: its whole help entry, wrapped lines joined}."""
+    entries, current = {}, None
+    for line in help_text.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif line.startswith("   ") and current:
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
 # accelerate_configs/cpu_2proc.yaml starts two gloo processes only with this variable set.
 TWO_CPU_PROCESSES = {"ACCELERATE_USE_CPU": "1"}
 

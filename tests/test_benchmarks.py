@@ -23,7 +23,7 @@ import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
 import profile_train  # noqa: E402
 
-from conftest import error_line, run_script  # noqa: E402
+from conftest import error_line, help_entries, run_script  # noqa: E402
 
 OOM_LINE = "error: training step 1: OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB."
 
@@ -493,15 +493,7 @@ def test_every_benchmark_and_tool_shows_each_flags_default_in_its_help(path, mon
     with pytest.raises(Captured):
         module.parse_args()
     parser = parsers[-1]
-    entries, current = {}, None  # first option string -> its help entry
-    for line in parser.format_help().splitlines():
-        if line.startswith("  -"):
-            current = line.split()[0].rstrip(",")
-            entries[current] = line
-        elif line.startswith("   ") and current:
-            entries[current] += " " + line.strip()
-        else:
-            current = None
+    entries = help_entries(parser.format_help())
     optional = [a for a in parser._actions if a.option_strings and not a.required and argparse.SUPPRESS not in
                 (a.default, a.help) and not isinstance(a, argparse._StoreFalseAction)]  # fmt: skip
     for action in optional:

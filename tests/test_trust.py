@@ -27,6 +27,7 @@ from conftest import (
     REPO,
     StandInSafetyChecker,
     base_transformer,
+    help_entries,
     no_model_may_load,
     output,
     random_inputs,
@@ -313,15 +314,7 @@ def test_help_shows_every_flags_default_and_the_parser_gives_it(script, capsys, 
     )
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
-    entries, current = {}, None  # first option string -> its help entry
-    for line in capsys.readouterr().out.splitlines():
-        if line.startswith("  -"):
-            current = line.split()[0].rstrip(",")
-            entries[current] = line
-        elif line.startswith("   ") and current:
-            entries[current] += " " + line.strip()
-        else:
-            current = None
+    entries = help_entries(capsys.readouterr().out)
     parsed = script.parse_args([] if script is train else ["--output_dir", "o"])
     flags = [a for a in parsers[0]._actions if a.option_strings and a.default is not argparse.SUPPRESS
              and not isinstance(a, argparse._StoreFalseAction)]  # fmt: skip
