@@ -2,6 +2,7 @@
 the training runs several modules read, the scripts' argument builders, readers of what the scripts write, and the
 stand-in safety checker."""
 
+import argparse
 import json
 import os
 import shutil
@@ -83,6 +84,25 @@ def error_line(result):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert [line for line in lines if line.startswith("error: ")] == lines[-1:], result.stderr[-2000:]
     return lines[-1]
+
+
+class Captured(Exception):
+    pass
+
+
+def parser_of(module, monkeypatch, *argv):
+    """The ArgumentParser a script's parse_args builds, caught when it parses (given argv, if any)."""
+    parsers = []
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        raise Captured
+
+    with monkeypatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", capture)
+        with pytest.raises(Captured):
+            module.parse_args(list(argv)) if argv else module.parse_args()
+    return parsers[-1]
 
 
 def help_entries(help_text):

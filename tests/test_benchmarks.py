@@ -23,7 +23,7 @@ import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
 import profile_train  # noqa: E402
 
-from conftest import error_line, help_entries, run_script  # noqa: E402
+from conftest import error_line, help_entries, parser_of, run_script  # noqa: E402
 
 OOM_LINE = "error: training step 1: OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB."
 
@@ -466,10 +466,6 @@ def test_benchmarks_refuse_bad_input_in_one_line_before_any_work(tmp_path, scrip
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
 
 
-class Captured(Exception):
-    pass
-
-
 SCRIPTS_WITH_FLAGS = sorted(
     os.path.relpath(os.path.join(folder, name), REPO)
     for folder in (os.path.join(REPO, "benchmarks"), os.path.join(REPO, "tools"))
@@ -481,18 +477,8 @@ SCRIPTS_WITH_FLAGS = sorted(
 @pytest.mark.parametrize("path", SCRIPTS_WITH_FLAGS)
 def test_every_benchmark_and_tool_shows_each_flags_default_in_its_help(path, monkeypatch):
     """Each optional flag's help entry ends with the default a command line without it gets."""
-    module = importlib.import_module(os.path.basename(path)[: -len(".py")])
-    parsers = []
-
-    def capture(self, *args, **kwargs):
-        parsers.append(self)
-        raise Captured
-
     monkeypatch.setenv("COLUMNS", "1000")  # one line of help per flag
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    with pytest.raises(Captured):
-        module.parse_args()
-    parser = parsers[-1]
+    parser = parser_of(importlib.import_module(os.path.basename(path)[: -len(".py")]), monkeypatch)
     entries = help_entries(parser.format_help())
     optional = [a for a in parser._actions if a.option_strings and not a.required and argparse.SUPPRESS not in
                 (a.default, a.help) and not isinstance(a, argparse._StoreFalseAction)]  # fmt: skip

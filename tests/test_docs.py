@@ -2,7 +2,6 @@
 is parsed by that script's own `parse_args` (a flag that does not exist, a bad value or an old spelling fails here),
 every relative link points to a file (and heading) that exists, and each `configs/` example parses."""
 
-import argparse
 import contextlib
 import glob
 import importlib.util
@@ -20,6 +19,7 @@ import caption_clips
 import evaluate
 import sample
 import train_cosmos_lora
+from conftest import parser_of
 from cosmos_sources import clip_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -320,25 +320,6 @@ def test_each_script_takes_its_config_and_help_in_a_real_process(name):
 # ----------------------------------------------------------------------------------------------------------------
 # Flags several scripts share are one definition
 # ----------------------------------------------------------------------------------------------------------------
-class Captured(Exception):
-    pass
-
-
-def parser_of(module, monkeypatch):
-    """The ArgumentParser a script's parse_args builds, caught when it parses."""
-    parsers = []
-
-    def capture(self, *args, **kwargs):
-        parsers.append(self)
-        raise Captured
-
-    with monkeypatch.context() as patch:
-        patch.setattr(argparse.ArgumentParser, "parse_args", capture)
-        with pytest.raises(Captured):
-            module.parse_args(["--output_dir", "o"])
-    return parsers[-1]
-
-
 def definition(parser, flag):
     action = next(a for a in parser._actions if flag in a.option_strings)
     return (action.option_strings, action.dest, action.default, action.type, action.choices, action.nargs, action.help)
@@ -346,7 +327,9 @@ def definition(parser, flag):
 
 @pytest.mark.parametrize("flag", ["--num_frames", "--fps", "--height", "--width", "--resize_mode", "--buckets"])
 def test_clip_plan_flags_are_the_same_in_caching_and_sampling(flag, monkeypatch):
-    caching, sampling = (definition(parser_of(m, monkeypatch), flag) for m in (cache_latents, sample))
+    caching, sampling = (
+        definition(parser_of(m, monkeypatch, "--output_dir", "o"), flag) for m in (cache_latents, sample)
+    )
     assert caching == sampling
 
 
@@ -357,7 +340,9 @@ def test_clip_plan_flags_are_the_same_in_caching_and_sampling(flag, monkeypatch)
      "--key_column", "--num_shards"],
 )  # fmt: skip
 def test_source_and_clip_plan_flags_are_the_same_in_captioning_and_caching(flag, monkeypatch):
-    captioning, caching = (definition(parser_of(m, monkeypatch), flag) for m in (caption_clips, cache_latents))
+    captioning, caching = (
+        definition(parser_of(m, monkeypatch, "--output_dir", "o"), flag) for m in (caption_clips, cache_latents)
+    )
     assert captioning == caching
 
 
@@ -365,7 +350,7 @@ def test_source_and_clip_plan_flags_are_the_same_in_captioning_and_caching(flag,
 def test_model_and_config_flags_are_the_same_in_every_script(flag, monkeypatch):
     """caption_clips.py loads no Cosmos checkpoint: its --caption_model and --revision name the captioner."""
     modules = [module for module in SCRIPTS.values() if module is not caption_clips or flag == "--config"]
-    definitions = [definition(parser_of(module, monkeypatch), flag) for module in modules]
+    definitions = [definition(parser_of(module, monkeypatch, "--output_dir", "o"), flag) for module in modules]
     assert all(d == definitions[0] for d in definitions)
 
 
