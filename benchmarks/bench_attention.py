@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cosmos_cli import HelpFormatter  # noqa: E402
+from cosmos_process import run_main  # noqa: E402
 
 SHAPES = {"61x256x448": 7168, "93x432x768": 31104, "93x480x832": 37440}
 BACKENDS = {
@@ -100,6 +101,8 @@ def parse_args():
 
 
 def main(cli):
+    if not torch.cuda.is_available():
+        raise ValueError("bench_attention.py times attention on a GPU, and none is visible")
     batch, heads, head_dim = 2, 16, 128
     results = {"device": torch.cuda.get_device_name(0), "batch": batch, "heads": heads, "head_dim": head_dim}
     sage = sage_attention()
@@ -138,4 +141,4 @@ def main(cli):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args)

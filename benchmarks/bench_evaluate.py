@@ -32,6 +32,7 @@ import make_synthetic_clips  # noqa: E402
 from cosmos_adapters import lora_config, save_finetuned_weights  # noqa: E402
 from cosmos_cli import HelpFormatter
 from cosmos_families import detect_family, load_component  # noqa: E402
+from cosmos_process import run_main  # noqa: E402
 
 
 def write_videos(cli):
@@ -172,4 +173,4 @@ def main(cli):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args)

@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cosmos_metrics  # noqa: E402
 import sample  # noqa: E402
 from cosmos_cli import HelpFormatter
+from cosmos_process import run_main  # noqa: E402
 
 PROMPT = "An egocentric video of a worker's hands assembling parts at a factory bench."
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -508,4 +509,4 @@ LEVERS = {"fp8": fp8_linears, "cuda_graph": replay_cuda_graph, "step_syncs": put
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args)

@@ -26,6 +26,7 @@ import bench_sample  # noqa: E402
 import sample  # noqa: E402
 from cosmos_cli import HelpFormatter
 from cosmos_families import detect_family  # noqa: E402
+from cosmos_process import run_main  # noqa: E402
 
 
 def synchronizing_lines(generate):
@@ -65,6 +66,8 @@ def parse_args():
 
 
 def main(cli):
+    if not torch.cuda.is_available():
+        raise ValueError("find_host_syncs.py counts the host syncs of GPU sampling, and no GPU is visible")
     os.makedirs(cli.out, exist_ok=True)
     args = bench_sample.sample_args(cli, bench_sample.write_condition_image(cli))
     family = detect_family(args.pretrained_model_name_or_path, args.revision)
@@ -88,4 +91,4 @@ def main(cli):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args)

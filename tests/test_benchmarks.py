@@ -122,6 +122,21 @@ def test_bench_train_refuses_a_machine_without_a_gpu_in_one_line_before_any_work
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
 
 
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        ("bench_attention.py", [], "error: bench_attention.py times attention on a GPU, and none is visible"),
+        ("find_host_syncs.py", ["--model", "m"],
+         "error: find_host_syncs.py counts the host syncs of GPU sampling, and no GPU is visible"),
+    ],
+)  # fmt: skip
+def test_gpu_only_benchmarks_refuse_a_machine_without_a_gpu_in_one_line(tmp_path, script, flags, message):
+    run = run_script(f"benchmarks/{script}", "--out", tmp_path / "out", *flags, env={"CUDA_VISIBLE_DEVICES": ""},
+                     timeout=120)  # fmt: skip
+    assert error_line(run) == message
+    assert not (tmp_path / "out").exists()
+
+
 def alive(pid):
     """Whether pid runs (a zombie left for its dead parent's reaper counts as gone)."""
     try:
